@@ -1,0 +1,85 @@
+"""Backend selection shared by every op.
+
+Order of precedence: the explicit ``backend=`` argument, then the environment variable
+``MAWS_KERNELS_BACKEND``, then the best backend implemented for that op on that device.
+An explicitly requested backend that cannot run raises; it never silently degrades, because a
+benchmark or a parity test that quietly ran the reference would report a lie.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("triton", "cuda", "torch")
+ENV_VAR = "MAWS_KERNELS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op here (no GPU, not built, not implemented)."""
+
+
+def _triton_usable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends(op: str, implemented: tuple[str, ...], device: torch.device | str) -> list[str]:
+    """Backends of ``implemented`` that can run ``op`` on ``device``, best first."""
+    device = torch.device(device)
+    out = []
+    for name in BACKENDS:
+        if name not in implemented:
+            continue
+        if name == "torch":
+            out.append(name)
+        elif name == "triton" and _triton_usable() and (
+            device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        ):
+            out.append(name)
+        elif name == "cuda" and device.type == "cuda":
+            try:
+                from maws_kernels import _C  # noqa: F401
+            except ImportError:
+                continue
+            out.append(name)
+    return out
+
+
+def resolve_backend(
+    op: str, backend: str | None, implemented: tuple[str, ...], device: torch.device | str
+) -> str:
+    """Pick the backend for one call of ``op``.
+
+    Args:
+        op: op name, for error messages.
+        backend: explicit choice, or None to consult ``MAWS_KERNELS_BACKEND`` then pick the best.
+        implemented: backends this op has an implementation for.
+        device: device of the op's inputs.
+
+    Returns:
+        One of :data:`BACKENDS`.
+
+    Raises:
+        ValueError: ``backend`` is not a known name.
+        BackendUnavailableError: the requested backend cannot run ``op`` on ``device``.
+    """
+    requested = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    usable = available_backends(op, implemented, device)
+    if requested is None:
+        return usable[0]
+    if requested not in BACKENDS:
+        src = "backend argument" if backend is not None else f"env {ENV_VAR}"
+        raise ValueError(f"maws_kernels: unknown backend {requested!r} ({src}); choose one of {BACKENDS}")
+    if requested not in usable:
+        if requested not in implemented:
+            why = f"{op} has no {requested!r} implementation yet (implemented: {implemented})"
+        elif requested == "cuda":
+            why = "the CUDA extension maws_kernels._C is not built or the tensors are not on a GPU"
+        else:
+            why = f"it needs a CUDA device (or TRITON_INTERPRET=1), got {torch.device(device)}"
+        raise BackendUnavailableError(f"maws_kernels.{op}: backend {requested!r} is unavailable: {why}")
+    return requested

@@ -1,0 +1,400 @@
+"""Configuration: a tree of dataclasses, YAML files, and ``--section.key=value`` overrides.
+
+Every field has a one-line doc and is validated in ``__post_init__``; unknown keys and bad values
+raise :class:`~maws_fast.errors.ConfigError` naming the key. Model presets are plain functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from maws_fast.errors import ConfigError
+from maws_fast.models.attention import ATTN_BACKENDS
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config: {key}: {msg}")
+
+
+# --- model -----------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # name the other fields were filled from (informational once resolved)
+    img_size: int = 28  # input side in pixels
+    patch_size: int = 4  # patch side p
+    in_chans: int = 1  # image channels
+    embed_dim: int = 128  # encoder width D
+    depth: int = 4  # encoder blocks
+    num_heads: int = 4  # encoder heads
+    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width (encoder and decoder)
+    decoder_embed_dim: int = 64  # MAE decoder width
+    decoder_depth: int = 2  # MAE decoder blocks
+    decoder_num_heads: int = 4  # MAE decoder heads
+    attn_backend: str = "sdpa"  # attention backend: sdpa | manual
+    kernel_backend: str | None = None  # maws_kernels backend: triton | cuda | torch | None (best)
+
+    def __post_init__(self):
+        for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                  "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+            _check(int(getattr(self, k)) >= 1, f"model.{k}", "must be >= 1")
+        _check(self.img_size % self.patch_size == 0, "model.img_size",
+               f"{self.img_size} is not divisible by model.patch_size={self.patch_size}")
+        _check(self.embed_dim % self.num_heads == 0, "model.embed_dim",
+               f"{self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
+        _check(self.decoder_embed_dim % self.decoder_num_heads == 0, "model.decoder_embed_dim",
+               f"{self.decoder_embed_dim} is not divisible by model.decoder_num_heads={self.decoder_num_heads}")
+        _check(self.embed_dim % 4 == 0 and self.decoder_embed_dim % 4 == 0, "model.embed_dim",
+               "widths must be divisible by 4 for the 2D sin-cos position embedding")
+        _check(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+        _check(self.attn_backend in ATTN_BACKENDS, "model.attn_backend",
+               f"{self.attn_backend!r} is not one of {ATTN_BACKENDS}")
+        _check(self.kernel_backend in (None, "triton", "cuda", "torch"), "model.kernel_backend",
+               f"{self.kernel_backend!r} is not one of triton, cuda, torch or null")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+def _zoo(embed_dim, depth, num_heads, patch_size, img_size=224) -> dict:
+    # Every MAE / MAWS model pairs its encoder with the same 512-wide, 8-block, 16-head decoder.
+    return dict(img_size=img_size, patch_size=patch_size, in_chans=3, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, mlp_ratio=4.0, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+def preset_tiny() -> dict:
+    """Fashion-MNIST demo / test model: 28x28 grey images, 4x4 patches (49 tokens), width 128."""
+    return dict(img_size=28, patch_size=4, in_chans=1, embed_dim=128, depth=4, num_heads=4, mlp_ratio=4.0,
+                decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
+
+
+def preset_vit_b16() -> dict:
+    """ViT-B/16: 768 wide, 12 blocks, 12 heads (86M encoder params)."""
+    return _zoo(768, 12, 12, 16)
+
+
+def preset_vit_l16() -> dict:
+    """ViT-L/16: 1024 wide, 24 blocks, 16 heads (304M)."""
+    return _zoo(1024, 24, 16, 16)
+
+
+def preset_vit_h14() -> dict:
+    """ViT-H/14: 1280 wide, 32 blocks, 16 heads (632M)."""
+    return _zoo(1280, 32, 16, 14)
+
+
+def preset_vit_2b14() -> dict:
+    """ViT-2B/14: 2560 wide, 24 blocks, 32 heads, MLP 10240 (1.9B)."""
+    return _zoo(2560, 24, 32, 14)
+
+
+def preset_vit_6_5b14() -> dict:
+    """ViT-6.5B/14: 4096 wide, 32 blocks, 32 heads, MLP 16384 (6.4B)."""
+    return _zoo(4096, 32, 32, 14)
+
+
+PRESETS = {
+    "tiny": preset_tiny,
+    "vit_b16": preset_vit_b16,
+    "vit_l16": preset_vit_l16,
+    "vit_h14": preset_vit_h14,
+    "vit_2b14": preset_vit_2b14,
+    "vit_6.5b14": preset_vit_6_5b14,
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """A ModelConfig filled from preset ``name``, then ``overrides``."""
+    _check(name in PRESETS, "model.preset", f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(preset=name, **{**PRESETS[name](), **overrides})
+
+
+# --- stages ----------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    epochs: float = 1.0  # passes over the stage's training set (fractions allowed)
+    batch_size: int = 256  # global batch size
+    blr: float = 1.5e-4  # base lr; the lr is blr * batch_size / 256 (MAE's rule)
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0  # lr at the end of the cosine
+    warmup_epochs: float = 0.1  # linear warmup length, in epochs
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on 1-D params and biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2 (MAE uses 0.95)
+    clip_grad: float | None = None  # max global grad norm; null disables clipping
+
+    def __post_init__(self):
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.blr > 0 and (self.lr is None or self.lr > 0), "blr", "learning rates must be > 0")
+        _check(0 <= self.min_lr, "min_lr", "must be >= 0")
+        _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"must be in [0, epochs={self.epochs}]")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "betas must be in [0, 1)")
+        _check(self.clip_grad is None or self.clip_grad > 0, "clip_grad", "must be > 0 or null")
+
+    @property
+    def abs_lr(self) -> float:
+        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+
+@dataclass
+class MAEConfig(OptimConfig):
+    mask_ratio: float = 0.75  # fraction of patches removed
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    flip_p: float = 0.5  # horizontal flip probability
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0 < self.mask_ratio < 1, "mae.mask_ratio", "must be in (0, 1)")
+        _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "mae.crop_scale", "must satisfy 0 < lo <= hi <= 1")
+        _check(0 <= self.flip_p <= 1, "mae.flip_p", "must be in [0, 1]")
+
+
+@dataclass
+class WSPConfig(OptimConfig):
+    blr: float = 1e-3  # base lr (per 256 images)
+    weight_decay: float = 0.1  # AdamW weight decay
+    beta2: float = 0.999  # AdamW beta2
+    init: str = "mae"  # encoder init: mae (from the mae stage's checkpoint) | scratch | PATH to a .safetensors
+    compare_scratch: bool = True  # also train a from-scratch WSP model with the same budget (the demo's baseline)
+    num_samples: int = 60000  # weak-hashtag mosaics generated from the train split
+    drop_p: float = 0.3  # probability a true tag is dropped
+    wrong_p: float = 0.1  # probability a wrong tag is added
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    flip_p: float = 0.5  # horizontal flip probability
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.num_samples >= 1, "wsp.num_samples", "must be >= 1")
+        _check(0 <= self.drop_p < 1 and 0 <= self.wrong_p <= 1, "wsp.drop_p", "probabilities must be in [0, 1)")
+        _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "wsp.crop_scale", "must satisfy 0 < lo <= hi <= 1")
+
+
+@dataclass
+class EvalConfig:
+    train_subset: int = 10000  # train images whose frozen features fit the linear probe (0 = all)
+    probe_epochs: int = 30  # linear-probe epochs over the cached features
+    probe_lr: float = 0.1  # linear-probe base lr
+    probe_batch_size: int = 256  # linear-probe batch size
+    shots: list[int] = field(default_factory=lambda: [5])  # k for k-shot evaluation
+    fewshot_trials: int = 5  # random support sets per k
+    batch_size: int = 512  # feature-extraction batch size
+
+    def __post_init__(self):
+        _check(self.train_subset >= 0, "eval.train_subset", "must be >= 0")
+        _check(self.probe_epochs >= 1 and self.probe_lr > 0, "eval.probe_epochs", "epochs >= 1 and lr > 0")
+        _check(all(int(k) >= 1 for k in self.shots), "eval.shots", "every k must be >= 1")
+        _check(self.fewshot_trials >= 1, "eval.fewshot_trials", "must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fmnist"  # fmnist (the demo); folder / webdataset sources come with the DALI pipeline
+    root: str | None = None  # dataset directory; null = /usr/share/datasets/fashion-mnist
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    mean: list[float] = field(default_factory=lambda: [0.2860])  # per-channel mean of [0,1] pixels
+    std: list[float] = field(default_factory=lambda: [0.3530])  # per-channel std of [0,1] pixels
+
+    def __post_init__(self):
+        _check(self.dataset == "fmnist", "data.dataset", f"{self.dataset!r} is not supported yet; use fmnist")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(len(self.mean) == len(self.std) and all(s > 0 for s in self.std), "data.std",
+               "mean and std need one value per channel and std > 0")
+
+
+STAGES = ("mae", "wsp", "linprobe")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/demo"  # where checkpoints, metrics and results go
+    seed: int = 0  # seeds every RNG (data order, augmentation, masking, init)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    stages: list[str] = field(default_factory=lambda: list(STAGES))  # stages to run, in order
+    ckpt_every: int = 200  # steps between checkpoints (the end of a stage always writes one)
+    log_every: int = 20  # steps between metric lines (the CPU waits for the loss only here)
+    progress: bool = True  # tqdm progress bar
+    max_steps: int | None = None  # stop each training stage after this many steps (tests, smoke runs)
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        _check(not bad, "run.stages", f"unknown stage(s) {bad}; choose from {STAGES}")
+        _check(self.ckpt_every >= 1 and self.log_every >= 1, "run.ckpt_every", "intervals must be >= 1")
+        _check(self.device == "cpu" or self.device.startswith("cuda"), "run.device", f"{self.device!r}: use cpu or cuda[:N]")
+        _check(self.max_steps is None or self.max_steps >= 1, "run.max_steps", "must be >= 1 or null")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)  # where and what to run
+    data: DataConfig = field(default_factory=DataConfig)  # dataset and loader
+    model: ModelConfig = field(default_factory=ModelConfig)  # architecture
+    mae: MAEConfig = field(default_factory=MAEConfig)  # MAE pre-pretraining
+    wsp: WSPConfig = field(default_factory=WSPConfig)  # weakly supervised pretraining
+    eval: EvalConfig = field(default_factory=EvalConfig)  # linear probe and few-shot
+
+    def __post_init__(self):
+        _check(len(self.data.mean) == self.model.in_chans, "data.mean",
+               f"has {len(self.data.mean)} values but model.in_chans is {self.model.in_chans}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# --- building from dicts, YAML and overrides -----------------------------------------------
+def _coerce(value, tp, key: str):
+    """Convert a YAML / CLI value to the field's annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config: {key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"config: {key}: expected a number, got {value!r}")
+        try:
+            out = tp(value) if not (tp is int and isinstance(value, float)) else None
+        except (TypeError, ValueError):
+            out = None
+        if tp is int and isinstance(value, str):
+            try:
+                out = int(value)
+            except ValueError:
+                out = None
+        if out is None or (tp is float and not math.isfinite(out)):
+            raise ConfigError(f"config: {key}: expected {tp.__name__}, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config: {key}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config: {key}: expected a list, got {value!r}")
+        if origin is tuple:
+            if len(args) != len(value):
+                raise ConfigError(f"config: {key}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return [_coerce(v.strip() if isinstance(v, str) else v, args[0], key) for v in value]
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"config: unknown key {prefix}{unknown[0]}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            + f"; valid keys under {prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        if prefix and msg.startswith("config: ") and not msg.startswith(f"config: {prefix}"):
+            sub = msg[len("config: "):]
+            if not any(sub.startswith(f"{s}.") for s in ("model", "mae", "wsp", "eval", "data", "run")):
+                msg = f"config: {prefix}{sub}"
+        raise ConfigError(msg) from None
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config. ``model.preset`` fills the model fields first."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    model = data.get("model", {})
+    if isinstance(model, dict):
+        preset = model.get("preset", "tiny")
+        _check(isinstance(preset, str) and preset in PRESETS, "model.preset",
+               f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        data["model"] = {**PRESETS[preset](), **model, "preset": preset}
+    return _build(Config, data, "")
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--mae.epochs=2", "--run.stages", "mae,wsp"]`` -> nested dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"config: cannot parse argument {arg!r}; overrides look like --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"config: override --{key} has no value; write --{key}=VALUE")
+            value = args[i + 1]
+            i += 1
+        if "." not in key:
+            raise ConfigError(f"config: override --{key} must name a section and key, e.g. --mae.epochs=2")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config: override --{key} conflicts with an earlier override")
+        node[parts[-1]] = parsed
+        i += 1
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply CLI overrides."""
+    import yaml
+
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: file {p} does not exist; pass --config PATH to a YAML file (e.g. configs/demo_fmnist.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config: {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {p} must hold a mapping of sections (run, data, model, mae, wsp, eval)")
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))

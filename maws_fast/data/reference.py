@@ -1,0 +1,211 @@
+"""The plain-torch reference loader: in-memory uint8 images -> normalised, augmented batches.
+
+A DALI loader offers the same interface (``num_batches``, ``epoch(epoch, start_batch)``).
+
+Determinism contract: the sample order of an epoch is a function of (seed, epoch) only, and the
+augmentation of batch b a function of (seed, epoch, b) only. Each batch is built from its own
+freshly seeded generator, never from a stream shared across batches, so a run resumed at
+(epoch, start_batch) sees bit-identical batches to an uninterrupted one, whatever
+``num_workers`` is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from maws_fast.data.transforms import normalize, random_resized_crop_flip
+from maws_fast.errors import ConfigError, DataError
+
+_AUGMENT_KEYS = {"scale", "ratio", "flip_p", "out_size"}
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """Hashes integers into one 63-bit generator seed (splitmix64 finaliser per part).
+
+    Why not ``seed * P + epoch``: torch's CPU generator only uses the low 32 bits of its seed,
+    so seeds must be well mixed in those bits for (seed, epoch, batch) triples not to collide.
+    """
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (p & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+# Domain tags keep the permutation and augmentation streams apart.
+_PERM, _AUG = 1, 2
+MASK_STREAM = 3  # MAE masking noise, drawn by the training loop
+
+
+class _EpochBatches(Dataset):
+    """One epoch as a map-style dataset whose items are whole batches, from ``start_batch`` on.
+
+    Every item is computed from (seed, epoch, batch index) alone, so any worker can make any
+    batch and the DataLoader can prefetch freely.
+    """
+
+    def __init__(self, loader: BatchLoader, order: torch.Tensor, epoch: int, start_batch: int):
+        self.loader = loader
+        self.order = order  # (N,) sample indices for this epoch
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.loader.num_batches - self.start_batch
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ld = self.loader
+        b = self.start_batch + k
+        idx = self.order[b * ld.batch_size : (b + 1) * ld.batch_size]  # (B,)
+        x = normalize(ld.images[idx], ld.mean, ld.std)  # (B, C, H, W) float32
+        if ld.augment is not None:
+            g = torch.Generator().manual_seed(mix_seed(_AUG, ld.seed, self.epoch, b))
+            x = random_resized_crop_flip(x, generator=g, **ld.augment)  # (B, C, S, S)
+        y = None if ld.targets is None else ld.targets[idx]
+        return x, y
+
+
+class BatchLoader:
+    """Batches of normalised (and optionally augmented) images with their targets.
+
+    Args:
+        images: uint8 ``(N, H, W)`` or ``(N, C, H, W)``.
+        targets: ``(N, ...)`` per-sample targets (labels, soft tags) sliced alongside, or None.
+        batch_size: samples per batch.
+        seed: base seed of the permutation and the augmentation.
+        mean: per-channel mean of the [0, 1] pixels (float or C floats).
+        std: per-channel standard deviation (float or C floats).
+        augment: None for eval (normalise only), else a dict with ``out_size`` (int), ``scale``
+            (tuple) and ``flip_p`` (float), and optionally ``ratio`` (tuple), passed to
+            :func:`~maws_fast.data.transforms.random_resized_crop_flip`.
+        drop_last: drop the last, smaller batch.
+        num_workers: DataLoader worker processes building batches ahead of time.
+        shuffle: permute the samples each epoch; False keeps their order (eval, features).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor | None,
+        batch_size: int,
+        seed: int,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
+        augment: dict[str, Any] | None = None,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim not in (3, 4):
+            raise DataError(
+                f"BatchLoader needs uint8 images (N, H, W) or (N, C, H, W), got {images.dtype} "
+                f"{tuple(images.shape)}; load them with maws_fast.data.fmnist.load_fmnist."
+            )
+        n = images.shape[0]
+        if n == 0:
+            raise DataError("BatchLoader got an empty image set; check the --data path and split.")
+        if targets is not None and targets.shape[0] != n:
+            raise DataError(
+                f"BatchLoader got {n} images but {targets.shape[0]} targets; pass one target "
+                "per image."
+            )
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}.")
+        if drop_last and batch_size > n:
+            raise DataError(
+                f"batch_size {batch_size} is larger than the {n} samples, so drop_last leaves "
+                "zero batches; lower the batch size or use more data."
+            )
+        if num_workers < 0:
+            raise DataError(f"num_workers must be >= 0, got {num_workers}.")
+        if augment is not None:
+            augment = dict(augment)
+            unknown = set(augment) - _AUGMENT_KEYS
+            if unknown or "out_size" not in augment:
+                raise ConfigError(
+                    f"augment keys {sorted(augment)} are invalid: it needs 'out_size' and allows "
+                    f"only {sorted(_AUGMENT_KEYS)}."
+                )
+            augment["out_size"] = int(augment["out_size"])
+            for key in ("scale", "ratio"):
+                if key in augment:
+                    augment[key] = tuple(float(v) for v in augment[key])
+
+        self.images = images.contiguous()
+        self.targets = targets
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.mean = mean
+        self.std = std
+        self.augment = augment
+        self.drop_last = drop_last
+        self.num_workers = int(num_workers)
+        self.shuffle = shuffle
+
+    @property
+    def num_samples(self) -> int:
+        """Number of samples N."""
+        return self.images.shape[0]
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch."""
+        n, bs = self.num_samples, self.batch_size
+        return n // bs if self.drop_last else -(-n // bs)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The sample order of an epoch, a function of (seed, epoch) only.
+
+        Args:
+            epoch: epoch index.
+
+        Returns:
+            int64 ``(N,)`` sample indices.
+        """
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(mix_seed(_PERM, self.seed, epoch))
+        return torch.randperm(self.num_samples, generator=g)
+
+    def epoch(
+        self, epoch: int, start_batch: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Iterates over the batches of one epoch, from ``start_batch`` on.
+
+        Args:
+            epoch: epoch index (selects the permutation and augmentation).
+            start_batch: first batch to yield, in ``0..num_batches`` (``num_batches`` yields
+                nothing: the epoch was already finished).
+
+        Yields:
+            ``(images, targets)``: float32 ``(B, C, H, W)`` normalised (``(B, C, S, S)`` when
+            augmenting) and the matching targets slice, or None when there are no targets.
+        """
+        if not 0 <= start_batch <= self.num_batches:
+            raise DataError(
+                f"start_batch {start_batch} is outside 0..{self.num_batches} (batches per epoch "
+                "of this loader); the checkpoint was likely saved with another batch size or "
+                "data set: resume with the same data and batch_size."
+            )
+        dataset = _EpochBatches(self, self.order(epoch), epoch, start_batch)
+        # The batch is made in __getitem__, so batch_size=None (no collation); the main
+        # process just receives finished batches, num_workers of them being built ahead.
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        yield from loader

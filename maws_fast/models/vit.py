@@ -1,0 +1,237 @@
+"""Vision Transformer encoder with timm's state-dict keys.
+
+Keys: ``cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2}.*, norm.*, head.*`` -- the names every MAE / MAWS / timm checkpoint uses.
+Blocks are pre-norm with qkv bias, exact GELU, LayerNorm eps 1e-6, no drop-path, no layer-scale.
+
+Pure model code: no data, no torch.distributed. Parallelism is applied from outside.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from maws_fast.errors import CheckpointError
+from maws_fast.models.attention import attention, check_attn_backend
+from maws_fast.models.pos_embed import sincos_2d
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D channels. (B, C, H, W) -> (B, L, D)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "sdpa"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_backend = check_attn_backend(attn_backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
+        x = attention(q, k, v, self.attn_backend)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as timm's default
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa", norm_layer=LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, attn_backend)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_vit_weights(module: nn.Module) -> None:
+    """Official MAE init for one module: Linear xavier_uniform / bias 0, LayerNorm 1 / 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder (+ optional linear head) with a cls token and fixed or learned 2D sin-cos pos-embed.
+
+    Args:
+        img_size, patch_size, in_chans: input geometry.
+        embed_dim, depth, num_heads, mlp_ratio: width, blocks, heads, MLP expansion.
+        num_classes: 0 for no head (``head`` is Identity and has no keys).
+        pos_embed_learnable: False keeps the sin-cos table fixed (MAE); True trains it.
+        attn_backend: see :mod:`maws_fast.models.attention`.
+        norm_layer: LayerNorm factory (eps 1e-6 by default, as every MAE model).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        pos_embed_learnable: bool = False,
+        attn_backend: str = "sdpa",
+        norm_layer=LayerNorm,
+    ):
+        super().__init__()
+        self.in_chans, self.embed_dim, self.num_classes = in_chans, embed_dim, num_classes
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        L = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim), requires_grad=pos_embed_learnable)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, attn_backend, norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_encoder()
+
+    def _init_encoder(self) -> None:
+        g = self.patch_embed.grid_size
+        self.pos_embed.data.copy_(sincos_2d(self.embed_dim, g, g, cls_token=True).unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the (out, in*p*p) view
+        nn.init.normal_(self.cls_token, std=0.02)
+        for name, m in self.named_modules():
+            if name.startswith("decoder") or name == "head":
+                continue  # subclasses and heads initialise their own
+            init_vit_weights(m)
+        if isinstance(self.head, nn.Linear):
+            # A small head keeps the first WSP / probe steps close to the uniform prediction.
+            nn.init.normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def patch_size(self) -> int:
+        return self.patch_embed.patch_size
+
+    def set_attn_backend(self, backend: str) -> None:
+        check_attn_backend(backend)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.attn_backend = backend
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1+L, D) tokens after the final norm."""
+        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]  # (B, L, D)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D): the cls token after the final norm (timm's global_pool='token')."""
+        return self.forward_features(x)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_pooled(x))
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did with a checkpoint."""
+
+    loaded: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    initialised: list[str] = field(default_factory=list)  # in the model, kept at its fresh init
+
+    def summary(self) -> str:
+        def short(keys: list[str]) -> str:
+            prefixes = sorted({k.split(".")[0] for k in keys})
+            return ", ".join(prefixes) if prefixes else "none"
+
+        return (
+            f"loaded {len(self.loaded)} tensors; dropped {len(self.dropped)} ({short(self.dropped)}); "
+            f"initialised {len(self.initialised)} ({short(self.initialised)})"
+        )
+
+
+def unwrap_state_dict(sd: dict) -> dict:
+    """Accept ``{"model": sd}`` (official MAE checkpoints) as well as a bare state dict."""
+    if "model" in sd and isinstance(sd["model"], dict):
+        return sd["model"]
+    return sd
+
+
+def load_pretrained(model: nn.Module, state_dict: dict, strict: bool = False, source: str = "checkpoint") -> LoadReport:
+    """Load matching keys of ``state_dict`` into ``model`` and say what was dropped / initialised.
+
+    Every shared key must have the same shape: a mismatch raises CheckpointError naming the keys
+    (a silent partial load would train a different model than the one asked for).
+
+    Args:
+        model: the destination module.
+        state_dict: source tensors (a bare state dict or ``{"model": ...}``).
+        strict: also fail when a key is dropped or left initialised.
+        source: name of the checkpoint for messages.
+    """
+    sd = unwrap_state_dict(state_dict)
+    own = model.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise CheckpointError(
+            f"{source} does not fit the model; shape mismatch in {len(bad)} key(s): " + "; ".join(bad[:8])
+            + (" ..." if len(bad) > 8 else "") + ". Use the model config the checkpoint was trained with."
+        )
+    report = LoadReport(
+        loaded=[k for k in sd if k in own],
+        dropped=[k for k in sd if k not in own],
+        initialised=[k for k in own if k not in sd],
+    )
+    if strict and (report.dropped or report.initialised):
+        raise CheckpointError(
+            f"{source} does not match the model: unexpected keys {report.dropped[:8]}, missing keys {report.initialised[:8]}"
+        )
+    with torch.no_grad():
+        for k in report.loaded:
+            own[k].copy_(sd[k])
+    return report

@@ -1,0 +1,1 @@
+"""Parallelism (ZeRO, tensor parallel, engines) lands here; see DESIGN.md, section Parallelism."""

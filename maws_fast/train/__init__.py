@@ -1,0 +1,1 @@
+"""maws_fast.train"""

@@ -1,0 +1,231 @@
+"""The MAWS recipe as stages: MAE pre-pretraining -> WSP -> linear probe + few-shot.
+
+Each training stage is a :class:`~maws_fast.train.loop.Stage` handed to the shared loop; this
+module only says what data, model, loss and initialisation each stage uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import maws_kernels
+from maws_fast.config import Config
+from maws_fast.data import fmnist
+from maws_fast.data.reference import MASK_STREAM, BatchLoader, mix_seed
+from maws_fast.errors import CheckpointError, ConfigError, UserError
+from maws_fast.eval.features import extract_features
+from maws_fast.eval.fewshot import fewshot
+from maws_fast.eval.linear_probe import linear_probe
+from maws_fast.models import build_classifier, build_mae, load_pretrained
+from maws_fast.models.flops import flops_per_image
+from maws_fast.train.checkpoint import atomic_write_text, load_checkpoint, load_tensors
+from maws_fast.train.loop import Stage, run_stage
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class DemoData:
+    """Fashion-MNIST splits plus the weak-hashtag mosaics made from the train split."""
+
+    train_x: torch.Tensor  # (N, 28, 28) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    wsp_x: torch.Tensor  # (M, 28, 28) uint8 mosaics
+    wsp_tags: torch.Tensor  # (M, V) multi-hot
+
+
+def load_data(cfg: Config) -> DemoData:
+    """Load Fashion-MNIST and build the WSP hashtag set (deterministic in run.seed)."""
+    if cfg.model.img_size != 28 or cfg.model.in_chans != 1:
+        raise ConfigError(
+            f"config: model.img_size/in_chans: Fashion-MNIST is 28x28 grey; got {cfg.model.img_size}x"
+            f"{cfg.model.img_size} with {cfg.model.in_chans} channels (use --model.preset=tiny)"
+        )
+    train_x, train_y = fmnist.load_fmnist(cfg.data.root, "train")
+    test_x, test_y = fmnist.load_fmnist(cfg.data.root, "test")
+    w = cfg.wsp
+    wsp_x, wsp_tags = fmnist.make_weak_hashtags(train_x, train_y, w.num_samples, seed=cfg.run.seed, drop_p=w.drop_p, wrong_p=w.wrong_p)
+    return DemoData(train_x, train_y, test_x, test_y, wsp_x, wsp_tags)
+
+
+def _fingerprints(cfg: Config) -> dict[str, dict]:
+    """The config each stage's result depends on (a changed one must not resume an old run)."""
+    data = {"dataset": cfg.data.dataset, "mean": cfg.data.mean, "std": cfg.data.std}
+    model = dataclasses.asdict(cfg.model)
+    mae = {"seed": cfg.run.seed, "data": data, "model": model, "mae": dataclasses.asdict(cfg.mae)}
+    wsp_cfg = {k: v for k, v in dataclasses.asdict(cfg.wsp).items() if k not in ("init", "compare_scratch")}
+    wsp = {"seed": cfg.run.seed, "data": data, "model": model, "wsp": wsp_cfg}
+    return {
+        "mae": mae,
+        "wsp": {**wsp, "init": cfg.wsp.init, **({"mae": mae} if cfg.wsp.init == "mae" else {})},
+        "wsp_scratch": {**wsp, "init": "scratch"},
+    }
+
+
+def mae_stage(cfg: Config, data: DemoData, device: torch.device) -> Stage:
+    torch.manual_seed(mix_seed(cfg.run.seed, 11))  # model init
+    model = build_mae(cfg.model, norm_pix_loss=cfg.mae.norm_pix_loss).to(device)
+    m = cfg.mae
+    loader = BatchLoader(
+        data.train_x, None, m.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
+        augment={"out_size": cfg.model.img_size, "scale": m.crop_scale, "flip_p": m.flip_p},
+        num_workers=cfg.data.num_workers,
+    )
+
+    def loss_fn(model, imgs, _targets, step):
+        # Masking noise is a function of (seed, step) only: resumed runs draw the same masks.
+        g = torch.Generator(device=imgs.device).manual_seed(mix_seed(MASK_STREAM, cfg.run.seed, step))
+        loss, _, _ = model(imgs, mask_ratio=m.mask_ratio, generator=g)
+        return loss
+
+    return Stage("mae", model, loader, m, loss_fn, flops_per_image(cfg.model, "mae", mask_ratio=m.mask_ratio),
+                 _fingerprints(cfg)["mae"])
+
+
+def _mae_weights_path(cfg: Config, init: str) -> Path:
+    if init == "mae":
+        return Path(cfg.run.out_dir) / "mae" / "final" / "model.safetensors"
+    return Path(init)
+
+
+def wsp_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init: str) -> Stage:
+    torch.manual_seed(mix_seed(cfg.run.seed, 12))  # same head / encoder init for every WSP variant
+    model = build_classifier(cfg.model, num_classes=len(fmnist.VOCAB)).to(device)
+    w = cfg.wsp
+    loader = BatchLoader(
+        data.wsp_x, fmnist.tag_targets(data.wsp_tags), w.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
+        augment={"out_size": cfg.model.img_size, "scale": w.crop_scale, "flip_p": w.flip_p},
+        num_workers=cfg.data.num_workers,
+    )
+
+    def init_fn() -> str | None:
+        if init == "scratch":
+            return "encoder initialised from scratch (random init)"
+        path = _mae_weights_path(cfg, init)
+        if not path.exists():
+            hint = ("run the mae stage first (--run.stages=[mae,wsp,linprobe]) or set --wsp.init=scratch"
+                    if init == "mae" else "point --wsp.init at an MAE model.safetensors")
+            raise CheckpointError(f"wsp.init={init!r} needs {path}, which does not exist; {hint}")
+        report = load_pretrained(model, load_tensors(path), source=str(path))
+        return f"encoder initialised from {path}: {report.summary()}"
+
+    def loss_fn(model, imgs, targets, _step):
+        return maws_kernels.soft_target_cross_entropy(model(imgs), targets)
+
+    fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
+    if init not in ("mae", "scratch"):
+        fp = {**fp, "init": str(Path(init).resolve())}
+    return Stage(name, model, loader, w, loss_fn, flops_per_image(cfg.model, "wsp", len(fmnist.VOCAB)), fp, init_fn)
+
+
+def wsp_runs(cfg: Config) -> list[tuple[str, str, str]]:
+    """(stage name, init, table label) of every WSP model this config trains."""
+    label = {"mae": "MAE -> WSP", "scratch": "WSP (random init)"}.get(cfg.wsp.init, f"{cfg.wsp.init} -> WSP")
+    runs = [("wsp", cfg.wsp.init, label)]
+    if cfg.wsp.compare_scratch and cfg.wsp.init != "scratch":
+        runs.append(("wsp_scratch", "scratch", "WSP (random init)"))
+    return runs
+
+
+# --- evaluation --------------------------------------------------------------------------------
+def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> list[dict]:
+    """Linear probe and k-shot on frozen cls features of every finished encoder of this run."""
+    out = Path(cfg.run.out_dir)
+    candidates = [(name, label) for name, _, label in wsp_runs(cfg)] + [("mae", "MAE only (no WSP)")]
+    e = cfg.eval
+    g = torch.Generator().manual_seed(mix_seed(cfg.run.seed, 13))
+    n_sub = len(data.train_y) if e.train_subset == 0 else min(e.train_subset, len(data.train_y))
+    sub = torch.randperm(len(data.train_y), generator=g)[:n_sub]
+    train_x, train_y = data.train_x[sub], data.train_y[sub]
+    rows = []
+    for name, label in candidates:
+        final = out / name / "final"
+        if not final.exists():
+            continue
+        tensors, meta, _ = load_checkpoint(final)
+        model = build_classifier(cfg.model, num_classes=0).to(device)
+        report = load_pretrained(model, tensors, source=str(final))
+        if report.initialised:
+            raise CheckpointError(f"{final} lacks encoder tensors {report.initialised[:4]}; it cannot be evaluated")
+
+        def feats(x):
+            loader = BatchLoader(x, None, e.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
+                                 drop_last=False, shuffle=False)
+            return extract_features(model, loader.epoch(0), device=device)
+
+        f_train, f_test = feats(train_x), feats(data.test_x)
+        probe = linear_probe(f_train, train_y, f_test, data.test_y, num_classes=10, epochs=e.probe_epochs,
+                             batch_size=e.probe_batch_size, lr=e.probe_lr, seed=cfg.run.seed)
+        row = {"model": label, "stage": name, "train_steps": meta["step"], "linear_probe_top1": probe["top1"],
+               "linear_probe_train": probe["num_train"]}
+        for k in e.shots:
+            fs = fewshot(f_train, train_y, f_test, data.test_y, num_classes=10, shots=int(k),
+                         trials=e.fewshot_trials, seed=cfg.run.seed)
+            row[f"{k}shot_top1_mean"], row[f"{k}shot_top1_std"] = fs["top1_mean"], fs["top1_std"]
+        echo(f"[linprobe] {label}: linear probe {100 * probe['top1']:.2f}%"
+             + "".join(f", {k}-shot {100 * row[f'{k}shot_top1_mean']:.2f}%" for k in e.shots))
+        rows.append(row)
+    if not rows:
+        raise UserError(f"nothing to evaluate under {out}: run the mae and wsp stages first")
+    return rows
+
+
+def results_table(rows: list[dict], shots: list[int]) -> str:
+    """A small fixed-width table of the evaluation rows."""
+    head = ["model", "train steps", "linear probe top-1"] + [f"{k}-shot top-1 (mean ± std)" for k in shots]
+    body = [[r["model"], str(r["train_steps"]), f"{100 * r['linear_probe_top1']:.2f}%"]
+            + [f"{100 * r[f'{k}shot_top1_mean']:.2f} ± {100 * r[f'{k}shot_top1_std']:.2f}%" for k in shots] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body])
+
+
+# --- the whole recipe ----------------------------------------------------------------------------
+def check_out_dir(path: str | Path) -> Path:
+    """Create the output directory and prove it is writable, before any work is done."""
+    p = Path(path)
+    probe = p / f".write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {p} is not writable ({e.strerror or e}); pass --run.out_dir=DIR "
+                        f"pointing at a writable directory") from None
+    return p
+
+
+def run_recipe(cfg: Config, echo: Echo = print) -> dict:
+    """Run the configured stages in order; returns {"stages": {...}, "results": [...]}."""
+    out = check_out_dir(cfg.run.out_dir)
+    device = torch.device(cfg.run.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config: run.device: cuda requested but torch sees no CUDA device; use --run.device=cpu")
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    atomic_write_text(out / "config.json", cfg.to_json())
+    data = load_data(cfg)
+    summary: dict = {"stages": {}, "results": []}
+    if "mae" in cfg.run.stages:
+        summary["stages"]["mae"] = str(run_stage(mae_stage(cfg, data, device), out, cfg.run, device, echo=echo))
+    if "wsp" in cfg.run.stages:
+        for name, init, _ in wsp_runs(cfg):
+            stage = wsp_stage(cfg, data, device, name, init)
+            summary["stages"][name] = str(run_stage(stage, out, cfg.run, device, echo=echo))
+    if "linprobe" in cfg.run.stages:
+        rows = evaluate(cfg, data, device, echo)
+        summary["results"] = rows
+        atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+        table = results_table(rows, cfg.eval.shots)
+        atomic_write_text(out / "results.md", table + "\n")
+        echo("\n" + table)
+    return summary
+
