@@ -10,6 +10,7 @@ with the same weights. Nothing random is drawn from a global RNG here.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -67,7 +68,8 @@ def stage_total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
 
 
 def _check_fingerprint(saved: dict, stage: Stage, where: Path) -> None:
-    diff = config_diff(saved, stage.fingerprint)
+    current = json.loads(json.dumps(stage.fingerprint))  # tuples -> lists, as they were saved
+    diff = config_diff(saved, current)
     if diff:
         raise CheckpointError(
             f"{where} was made with a different config ({'; '.join(diff[:6])}). Resuming it would mix two runs: "

@@ -1,0 +1,76 @@
+"""Config tree: YAML + dotted overrides, presets, and one clear error per bad key or value."""
+from pathlib import Path
+
+import pytest
+
+from maws_fast.config import Config, load_config, parse_overrides
+from maws_fast.errors import ConfigError
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo_fmnist.yaml"
+
+
+def test_demo_config_loads_and_overrides_apply():
+    cfg = load_config(DEMO, ["--mae.epochs=0.5", "--run.stages", "[mae]", "--eval.shots=[1,5]", "--wsp.clip_grad=1.0"])
+    assert cfg.mae.epochs == 0.5 and cfg.run.stages == ["mae"] and cfg.eval.shots == [1, 5]
+    assert cfg.wsp.clip_grad == 1.0 and cfg.model.embed_dim == 128
+    assert cfg.mae.abs_lr == pytest.approx(1.5e-4 * 256 / 256)
+
+
+def test_preset_fills_model_and_fields_override_it():
+    cfg = load_config(None, ["--model.preset=vit_b16", "--model.depth=2", "--model.in_chans=1"])
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.patch_size, cfg.model.img_size) == (768, 2, 16, 224)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (["--mae.epoch=2"], r"unknown key mae\.epoch\b.*valid keys under mae"),
+        (["--bogus.x=1"], r"unknown key bogus"),
+        (["--mae.mask_ratio=1.5"], r"mae\.mask_ratio: must be in \(0, 1\)"),
+        (["--mae.batch_size=abc"], r"mae\.batch_size: expected int, got 'abc'"),
+        (["--mae.batch_size=2.5"], r"mae\.batch_size: expected int"),
+        (["--wsp.epochs=0"], r"wsp\.epochs: must be > 0"),
+        (["--model.num_heads=3"], r"model\.embed_dim: 128 is not divisible by model\.num_heads=3"),
+        (["--model.preset=vit_z"], r"model\.preset: unknown preset 'vit_z'"),
+        (["--model.attn_backend=flash"], r"model\.attn_backend: 'flash' is not one of"),
+        (["--run.stages=[mae,finetune]"], r"run\.stages: unknown stage\(s\) \['finetune'\]"),
+        (["--run.progress=maybe"], r"run\.progress: expected true/false"),
+        (["--data.mean=[0.5,0.5]", "--data.std=[0.5,0.5]"], r"data\.mean: has 2 values but model\.in_chans is 1"),
+        (["--mae.warmup_epochs=5"], r"mae\.warmup_epochs: must be in \[0, epochs"),
+        (["--mae=3"], r"must name a section and key"),
+        (["--mae.epochs"], r"override --mae.epochs has no value"),
+        (["mae.epochs=2"], r"overrides look like --section\.key=value"),
+    ],
+)
+def test_bad_config_names_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(DEMO, override)
+
+
+def test_bad_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "unknown.yaml").write_text("mae:\n  epochz: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key mae\.epochz"):
+        load_config(tmp_path / "unknown.yaml")
+
+
+def test_parse_overrides_nests_and_parses_values():
+    assert parse_overrides(["--a.b=1", "--a.c", "x", "--d.e.f=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": {"e": {"f": [1, 2]}}}
+
+
+def test_config_round_trips_through_json():
+    import json
+
+    from maws_fast.config import config_from_dict
+
+    cfg = load_config(DEMO)
+    again = config_from_dict(json.loads(cfg.to_json()))
+    assert again == cfg and isinstance(again, Config)

@@ -1,0 +1,155 @@
+"""The training loop: exact resume, config-mismatch refusal, MAE -> WSP initialisation, metrics."""
+import json
+
+import pytest
+import torch
+
+from maws_fast.config import load_config
+from maws_fast.data import fmnist
+from maws_fast.errors import CheckpointError, UserError
+from maws_fast.train.checkpoint import list_checkpoints, load_checkpoint
+from maws_fast.train.loop import Stage, run_stage
+from maws_fast.train.stages import DemoData, mae_stage, wsp_stage
+
+pytestmark = pytest.mark.skipif(not fmnist.os.path.isdir(fmnist.DEFAULT_ROOT), reason="needs dataset-fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = fmnist.load_fmnist(None, "train")
+    tx, ty = fmnist.load_fmnist(None, "test")
+    wx, wt = fmnist.make_weak_hashtags(x[:2000], y[:2000], 384, seed=0)
+    return DemoData(x[:512], y[:512], tx[:256], ty[:256], wx, wt)
+
+
+def small_cfg(out, *extra):
+    # 512 images / batch 64 = 8 steps per epoch; 1.5 epochs = 12 steps crossing an epoch boundary.
+    return load_config(None, [
+        f"--run.out_dir={out}", "--run.progress=false", "--run.ckpt_every=4", "--run.log_every=2",
+        "--model.embed_dim=32", "--model.depth=2", "--model.num_heads=2",
+        "--model.decoder_embed_dim=16", "--model.decoder_num_heads=2", "--model.decoder_depth=1",
+        "--mae.batch_size=64", "--mae.epochs=1.5", "--mae.warmup_epochs=0.5", "--mae.blr=1e-3",
+        "--wsp.batch_size=64", "--wsp.epochs=1.5", "--wsp.warmup_epochs=0.5", "--wsp.clip_grad=1.0", *extra,
+    ])
+
+
+def _weights(path):
+    return load_checkpoint(path)[0]
+
+
+@pytest.mark.parametrize("stop_at", [3, 5, 8])
+def test_resume_matches_uninterrupted_mae(tmp_path, data, stop_at):
+    dev = torch.device("cpu")
+    cfg_a, cfg_b = small_cfg(tmp_path / "a"), small_cfg(tmp_path / "b")
+    final_a = run_stage(mae_stage(cfg_a, data, dev), cfg_a.run.out_dir, cfg_a.run, dev, echo=lambda s: None)
+    assert run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, stop_at_step=stop_at,
+                     echo=lambda s: None) is None
+    assert list_checkpoints(tmp_path / "b" / "mae" / "ckpt")[-1].name == f"step_{stop_at:08d}"
+    assert not (tmp_path / "b" / "mae" / "final").exists()
+    # A new process would build a fresh model; the checkpoint must restore everything that matters.
+    torch.manual_seed(1234)
+    logs = []
+    final_b = run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=logs.append)
+    assert any(f"resuming from" in line and f"step {stop_at}/12" in line for line in logs)
+    wa, wb = _weights(final_a), _weights(final_b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # the metric rows of the resumed run continue where the first left off
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "mae" / "metrics.jsonl").read_text().splitlines())]
+    assert steps == sorted(steps) and steps[-1] == 12
+
+
+def test_resume_matches_uninterrupted_wsp_from_mae(tmp_path, data):
+    dev = torch.device("cpu")
+    cfgs = [small_cfg(tmp_path / n) for n in "ab"]
+    for cfg in cfgs:
+        run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    final_a = run_stage(wsp_stage(cfgs[0], data, dev, "wsp", "mae"), cfgs[0].run.out_dir, cfgs[0].run, dev, echo=lambda s: None)
+    run_stage(wsp_stage(cfgs[1], data, dev, "wsp", "mae"), cfgs[1].run.out_dir, cfgs[1].run, dev, stop_at_step=6, echo=lambda s: None)
+    final_b = run_stage(wsp_stage(cfgs[1], data, dev, "wsp", "mae"), cfgs[1].run.out_dir, cfgs[1].run, dev, echo=lambda s: None)
+    wa, wb = _weights(final_a), _weights(final_b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert "head.weight" in wa and "decoder_pred.weight" not in wa
+
+
+def test_wsp_starts_from_the_mae_encoder(tmp_path, data):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    mae_final = run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    stage = wsp_stage(cfg, data, dev, "wsp", "mae")
+    msg = stage.init_fn()
+    assert "dropped" in msg and "initialised 2 (head)" in msg
+    mae_w = _weights(mae_final)
+    for k, v in stage.model.state_dict().items():
+        if not k.startswith("head"):
+            assert torch.equal(v, mae_w[k]), k
+    scratch = wsp_stage(cfg, data, dev, "wsp_scratch", "scratch")
+    assert not torch.equal(scratch.model.blocks[0].attn.qkv.weight, mae_w["blocks.0.attn.qkv.weight"])
+
+
+def test_changed_config_refuses_to_resume_and_names_keys(tmp_path, data):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, stop_at_step=4, echo=lambda s: None)
+    changed = small_cfg(tmp_path, "--mae.mask_ratio=0.5")
+    with pytest.raises(CheckpointError, match=r"different config \(mae\.mask_ratio: 0\.75 -> 0\.5\).*new --run\.out_dir"):
+        run_stage(mae_stage(changed, data, dev), changed.run.out_dir, changed.run, dev, echo=lambda s: None)
+    assert list_checkpoints(tmp_path / "mae" / "ckpt")  # nothing was lost
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    logs = []
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=logs.append)
+    assert "already finished" in logs[0]
+    with pytest.raises(CheckpointError, match=r"model\.embed_dim: 32 -> 64"):
+        wide = small_cfg(tmp_path, "--model.embed_dim=64")
+        run_stage(mae_stage(wide, data, dev), wide.run.out_dir, wide.run, dev, echo=lambda s: None)
+
+
+def test_wsp_init_path_with_wrong_shapes_names_keys(tmp_path, data):
+    dev = torch.device("cpu")
+    other = small_cfg(tmp_path / "other", "--model.embed_dim=48", "--model.num_heads=2")
+    final = run_stage(mae_stage(other, data, dev), other.run.out_dir, other.run, dev, echo=lambda s: None)
+    cfg = small_cfg(tmp_path / "run", f"--wsp.init={final / 'model.safetensors'}")
+    stage = wsp_stage(cfg, data, dev, "wsp", cfg.wsp.init)
+    with pytest.raises(CheckpointError, match=r"shape mismatch in \d+ key\(s\): blocks\.0\.attn\.proj\.bias: checkpoint \(48,\) vs model \(32,\)"):
+        run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    missing = wsp_stage(small_cfg(tmp_path / "run2"), data, dev, "wsp", "mae")
+    with pytest.raises(CheckpointError, match=r"needs .*mae/final/model\.safetensors.*run the mae stage first"):
+        run_stage(missing, tmp_path / "run2", small_cfg(tmp_path / "run2").run, dev, echo=lambda s: None)
+
+
+def test_non_finite_loss_stops_with_advice_and_keeps_checkpoints(tmp_path, data):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    stage = mae_stage(cfg, data, dev)
+    real = stage.loss_fn
+    stage.loss_fn = lambda m, x, t, step: real(m, x, t, step) * (float("nan") if step >= 5 else 1.0)
+    with pytest.raises(UserError, match=r"loss is nan at step 6; lower the learning rate"):
+        run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    assert [p.name for p in list_checkpoints(tmp_path / "mae" / "ckpt")] == ["step_00000004"]
+
+
+def test_metrics_rows_have_throughput(tmp_path, data):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "mae" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 and r["loss"] > 0 for r in rows)
+    assert rows[0]["lr"] < rows[2]["lr"]  # warming up over the first 4 steps
+
+
+def test_custom_stage_runs_through_the_loop(tmp_path):
+    """The loop is stage-agnostic: any model + loader + loss works (what later engines plug into)."""
+    from maws_fast.config import OptimConfig
+    from maws_fast.data.reference import BatchLoader
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    x = torch.randint(0, 255, (32, 4, 4), dtype=torch.uint8)
+    y = torch.randint(0, 2, (32,))
+    loader = BatchLoader(x, y, 8, 0, [0.5], [0.5])
+    stage = Stage("toy", model, loader, OptimConfig(epochs=2, batch_size=8, lr=0.1, warmup_epochs=0),
+                  lambda m, i, t, s: torch.nn.functional.cross_entropy(m(i), t), 64.0, {"toy": 1})
+    run = load_config(None, ["--run.progress=false"]).run
+    final = run_stage(stage, tmp_path, run, torch.device("cpu"), echo=lambda s: None)
+    assert load_checkpoint(final)[1]["step"] == 8
