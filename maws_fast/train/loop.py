@@ -32,6 +32,11 @@ from maws_fast.train.metrics import MetricsWriter, Throughput
 from maws_fast.train.optim import build_optimizer
 from maws_fast.train.schedule import lr_at, set_lr
 
+def say(msg: str) -> None:
+    """Status lines go out at once, also when stdout is a pipe or a CI log."""
+    print(msg, flush=True)
+
+
 LossFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
 
 
@@ -78,7 +83,7 @@ def _check_fingerprint(saved: dict, stage: Stage, where: Path) -> None:
 
 
 def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.device,
-              stop_at_step: int | None = None, echo: Callable[[str], None] = print) -> Path | None:
+              stop_at_step: int | None = None, echo: Callable[[str], None] = say) -> Path | None:
     """Train ``stage`` to completion (resuming if a checkpoint exists) and return its final checkpoint.
 
     Args:

@@ -25,7 +25,7 @@ from maws_fast.eval.linear_probe import linear_probe
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
 from maws_fast.train.checkpoint import atomic_write_text, load_checkpoint, load_tensors
-from maws_fast.train.loop import Stage, run_stage
+from maws_fast.train.loop import Stage, run_stage, say
 
 Echo = Callable[[str], None]
 
@@ -164,7 +164,10 @@ def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> l
         f_train, f_test = feats(train_x), feats(data.test_x)
         probe = linear_probe(f_train, train_y, f_test, data.test_y, num_classes=10, epochs=e.probe_epochs,
                              batch_size=e.probe_batch_size, lr=e.probe_lr, seed=cfg.run.seed)
-        row = {"model": label, "stage": name, "train_steps": meta["step"], "linear_probe_top1": probe["top1"],
+        steps = f"{name.split('_')[0]} {meta['step']}"
+        if name == "wsp" and cfg.wsp.init == "mae":
+            steps = f"mae {load_checkpoint(out / 'mae' / 'final')[1]['step']} + {steps}"
+        row = {"model": label, "stage": name, "train_steps": steps, "linear_probe_top1": probe["top1"],
                "linear_probe_train": probe["num_train"]}
         for k in e.shots:
             fs = fewshot(f_train, train_y, f_test, data.test_y, num_classes=10, shots=int(k),
@@ -180,7 +183,7 @@ def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> l
 
 def results_table(rows: list[dict], shots: list[int]) -> str:
     """A small fixed-width table of the evaluation rows."""
-    head = ["model", "train steps", "linear probe top-1"] + [f"{k}-shot top-1 (mean ± std)" for k in shots]
+    head = ["model", "training steps", "linear probe top-1"] + [f"{k}-shot top-1 (mean ± std)" for k in shots]
     body = [[r["model"], str(r["train_steps"]), f"{100 * r['linear_probe_top1']:.2f}%"]
             + [f"{100 * r[f'{k}shot_top1_mean']:.2f} ± {100 * r[f'{k}shot_top1_std']:.2f}%" for k in shots] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
@@ -203,7 +206,7 @@ def check_out_dir(path: str | Path) -> Path:
     return p
 
 
-def run_recipe(cfg: Config, echo: Echo = print) -> dict:
+def run_recipe(cfg: Config, echo: Echo = say) -> dict:
     """Run the configured stages in order; returns {"stages": {...}, "results": [...]}."""
     out = check_out_dir(cfg.run.out_dir)
     device = torch.device(cfg.run.device)

@@ -1,0 +1,152 @@
+"""Training-step throughput benchmark (``maws-bench train``, ``benchmarks/bench_train.py``).
+
+Times full MAE and WSP training steps (forward, backward, AdamW) of a preset on synthetic
+images, for each attention backend in the same run, and reports images/s, achieved TFLOP/s
+(analytic FLOPs, see maws_fast.models.flops), MFU where the peak is known, and the ratio of
+each provider to the reference ("manual") path. Rows are appended to a JSON results file with
+the device, commit, date and command, so README tables are generated, never typed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from maws_fast.config import PRESETS, model_preset
+from maws_fast.errors import ConfigError
+from maws_fast.models import build_classifier, build_mae
+from maws_fast.models.attention import ATTN_BACKENDS
+from maws_fast.models.flops import flops_per_image
+from maws_fast.train.optim import build_optimizer
+from maws_fast.config import OptimConfig
+
+# Dense bf16 peak of the devices we report MFU for (DESIGN.md: H100 SXM 989 TFLOP/s).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env_info() -> dict:
+    """Device, commit and date for a results row."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"device": device, "commit": commit, "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+
+def append_results(path: str | Path, rows: list[dict]) -> None:
+    """Append rows to a JSON list file (created if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(old + rows, indent=1) + "\n")
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # the timer must see finished GPU work
+
+
+def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Median seconds per call of ``step_fn`` over ``steps`` timed calls after ``warmup``."""
+    for _ in range(warmup):
+        step_fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step_fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per provider")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--stages", default="mae,wsp")
+    p.add_argument("--attn", default=",".join(ATTN_BACKENDS), help="attention backends to compare")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
+    p.add_argument("--num-classes", type=int, default=14, help="WSP head size")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train.json"), help="JSON file to append to ('' = none)")
+
+
+def bench_train(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("maws-bench: --device cuda but torch sees no CUDA device")
+    backends = [b for b in args.attn.split(",") if b]
+    bad = [b for b in backends if b not in ATTN_BACKENDS]
+    if bad:
+        raise ConfigError(f"maws-bench: unknown attention backend(s) {bad}; choose from {ATTN_BACKENDS}")
+    cfg = model_preset(args.preset)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    info, rows = env_info(), []
+    peak = peak_tflops(info["device"])
+    x = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    for stage in args.stages.split(","):
+        if stage == "mae":
+            model = build_mae(cfg, norm_pix_loss=True).to(device)
+            loss_fn = lambda: model(x)[0]  # noqa: E731
+            flops = flops_per_image(cfg, "mae")
+        elif stage == "wsp":
+            model = build_classifier(cfg, args.num_classes).to(device)
+            target = torch.softmax(torch.randn(args.batch_size, args.num_classes, device=device), -1)
+            loss_fn = lambda: -(target * torch.log_softmax(model(x).float(), -1)).sum(-1).mean()  # noqa: E731
+            flops = flops_per_image(cfg, "wsp", args.num_classes)
+        else:
+            raise ConfigError(f"maws-bench: unknown stage {stage!r}; choose mae or wsp")
+        opt = build_optimizer(model, OptimConfig(batch_size=args.batch_size), device)
+
+        def step():
+            with amp:
+                loss = loss_fn()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        base = None
+        for backend in backends:
+            model.set_attn_backend(backend)
+            sec = time_steps(step, args.steps, args.warmup, device)
+            ips = args.batch_size / sec
+            tflops = ips * flops / 1e12
+            row = {"bench": "train", "stage": stage, "preset": args.preset, "provider": f"attn={backend}",
+                   "batch_size": args.batch_size, "dtype": args.dtype, "ms_per_step": round(sec * 1e3, 3),
+                   "images_per_s": round(ips, 1), "tflops": round(tflops, 4),
+                   "mfu": round(tflops / peak, 4) if peak and device.type == "cuda" else None, **info}
+            if backend == "manual":
+                base = sec
+            rows.append(row)
+        for row in rows:
+            if row["stage"] == stage and base:
+                row["speedup_vs_manual"] = round(base / (row["ms_per_step"] / 1e3), 3)
+        del model, opt
+    for r in rows:
+        ratio = f"  x{r['speedup_vs_manual']:.2f} vs manual" if r.get("speedup_vs_manual") else ""
+        print(f"{r['stage']:<4} {r['provider']:<12} {r['ms_per_step']:9.2f} ms/step {r['images_per_s']:9.1f} img/s "
+              f"{r['tflops']:8.4f} TFLOP/s{ratio}")
+    if args.out:
+        append_results(args.out, rows)
+        print(f"appended {len(rows)} rows to {args.out}")
+    return rows

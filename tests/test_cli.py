@@ -1,0 +1,130 @@
+"""The command line: one clear error line (exit 2) per user mistake, and an end-to-end demo run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maws_fast.cli import bench_main, data_main, train_main
+from maws_fast.data import fmnist
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo_fmnist.yaml")
+has_data = pytest.mark.skipif(
+    not os.path.isdir(fmnist.DEFAULT_ROOT) and not os.environ.get("CI"), reason="needs dataset-fashion-mnist"
+)
+
+# A run of seconds: tiny model, a sliver of an epoch per stage, few evaluation images.
+FAST = [
+    "--run.progress=false", "--run.log_every=2", "--model.embed_dim=32", "--model.num_heads=2", "--model.depth=1",
+    "--model.decoder_embed_dim=16", "--model.decoder_num_heads=2", "--model.decoder_depth=1",
+    "--mae.epochs=0.02", "--mae.warmup_epochs=0.01", "--wsp.num_samples=1024", "--wsp.epochs=0.5",
+    "--wsp.warmup_epochs=0.1", "--eval.train_subset=300", "--eval.probe_epochs=2", "--eval.fewshot_trials=2",
+]
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, f"expected one line, got: {err}"
+    return err
+
+
+def test_missing_dataset_says_how_to_install(tmp_path, capsys):
+    rc = train_main(["--config", DEMO, "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
+    err = _err(capsys)
+    assert rc == 2 and "apt-get install dataset-fashion-mnist" in err and "--data" in err
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--mae.epochz=1"], "unknown key mae.epochz"),
+        (["--wsp.batch_size=-3"], "wsp.batch_size: must be >= 1"),
+        (["--eval.shots=[0]"], "eval.shots: every k must be >= 1"),
+        (["--run.device=tpu"], "run.device: 'tpu'"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, args, needle):
+    rc = train_main(["--config", DEMO, "--out", str(tmp_path / "run"), *args])
+    assert rc == 2 and needle in _err(capsys)
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert train_main(["--config", str(tmp_path / "x.yaml")]) == 2
+    assert "does not exist" in _err(capsys)
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rc = train_main(["--config", DEMO, "--out", str(blocker / "run")])
+    err = _err(capsys)
+    assert rc == 2 and "is not writable" in err and "--run.out_dir" in err
+    assert blocker.read_text() == "not a directory"
+
+
+@has_data
+def test_checkpoint_that_does_not_fit_names_the_keys_and_keeps_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--config", DEMO, "--out", str(out), "--run.stages=[mae]", *FAST]) == 0
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+    rc = train_main(["--config", DEMO, "--out", str(out), "--run.stages=[mae]", *FAST, "--model.embed_dim=64"])
+    err = _err(capsys)
+    assert rc == 2 and "model.embed_dim: 32 -> 64" in err and "new --run.out_dir" in err
+    after = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert before == after  # the finished MAE checkpoint is untouched
+
+
+@has_data
+def test_wsp_init_from_foreign_checkpoint_names_keys(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--config", DEMO, "--out", str(tmp_path / "other"), "--run.stages=[mae]", *FAST]) == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "other" / "mae" / "final" / "model.safetensors"
+    rc = train_main(["--config", DEMO, "--out", str(out), "--run.stages=[wsp]", *FAST, "--model.embed_dim=64",
+                     f"--wsp.init={ckpt}", "--wsp.compare_scratch=false"])
+    err = _err(capsys)
+    assert rc == 2 and "shape mismatch" in err and "vs model" in err and "cls_token" in err
+
+
+@has_data
+def test_demo_end_to_end_through_the_console_script(tmp_path):
+    """The README's main command, shrunk: maws-train runs MAE -> WSP -> linear probe + 5-shot."""
+    exe = Path(sys.executable).with_name("maws-train")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "maws_fast.cli"]
+    res = subprocess.run([*cmd, "--config", DEMO, "--out", str(tmp_path / "run"), *FAST],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "| MAE -> WSP" in res.stdout and "| WSP (random init)" in res.stdout and "5-shot top-1" in res.stdout
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["model"] for r in rows] == ["MAE -> WSP", "WSP (random init)", "MAE only (no WSP)"]
+    for r in rows:
+        assert 0.1 <= r["linear_probe_top1"] <= 1 and 0 < r["5shot_top1_mean"] <= 1
+    for stage in ("mae", "wsp", "wsp_scratch"):
+        assert (tmp_path / "run" / stage / "final" / "model.safetensors").exists()
+        assert not (tmp_path / "run" / stage / "ckpt").exists()
+    # Running it again resumes nothing and trains nothing: every stage is finished.
+    again = subprocess.run([*cmd, "--config", DEMO, "--out", str(tmp_path / "run"), *FAST, "--run.stages=[mae,wsp]"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already finished") == 3
+
+
+@has_data
+def test_maws_data_stats(capsys):
+    assert data_main(["stats", "--num", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 60000 images" in out and "test: 10000 images" in out and "footwear" in out
+
+
+def test_maws_bench_train_compares_backends(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    rc = bench_main(["train", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert {(r["stage"], r["provider"]) for r in rows} == {(s, f"attn={b}") for s in ("mae", "wsp") for b in ("sdpa", "manual")}
+    assert all(r["images_per_s"] > 0 and r["commit"] and r["device"] and "speedup_vs_manual" in r for r in rows)
+    assert "vs manual" in capsys.readouterr().out
