@@ -13,7 +13,7 @@ def test_demo_config_loads_and_overrides_apply():
     cfg = load_config(DEMO, ["--mae.epochs=0.5", "--run.stages", "[mae]", "--eval.shots=[1,5]", "--wsp.clip_grad=1.0"])
     assert cfg.mae.epochs == 0.5 and cfg.run.stages == ["mae"] and cfg.eval.shots == [1, 5]
     assert cfg.wsp.clip_grad == 1.0 and cfg.model.embed_dim == 128
-    assert cfg.mae.abs_lr == pytest.approx(1.5e-4 * 256 / 256)
+    assert cfg.mae.abs_lr == pytest.approx(1.5e-3 * 256 / 256)  # lr = blr * batch / 256
 
 
 def test_preset_fills_model_and_fields_override_it():

@@ -216,7 +216,8 @@ def load_pretrained(model: nn.Module, state_dict: dict, strict: bool = False, so
     """
     sd = unwrap_state_dict(state_dict)
     own = model.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    # in the model's own key order, so the message starts where the model does (cls_token, ...)
+    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if bad:
         raise CheckpointError(
             f"{source} does not fit the model; shape mismatch in {len(bad)} key(s): " + "; ".join(bad[:8])
