@@ -13,8 +13,10 @@ _IMPLEMENTED = ("torch",)
 
 
 def soft_target_cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-    """Reference: (B, V) logits, (B, V) targets -> scalar mean loss (fp32 log-softmax when upcast)."""
-    logp = torch.log_softmax(logits.float() if upcast else logits, dim=-1)
+    """Reference: (B, V) logits, (B, V) targets -> scalar mean loss (fp16/bf16 upcast to fp32 when upcast)."""
+    if upcast and logits.element_size() < 4:
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
     return -(targets.to(logp.dtype) * logp).sum(dim=-1).mean()
 
 

@@ -19,17 +19,15 @@ from pathlib import Path
 
 import torch
 
-from maws_fast.config import PRESETS, model_preset
+from maws_fast.config import PRESETS, OptimConfig, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.attention import ATTN_BACKENDS
 from maws_fast.models.flops import flops_per_image
 from maws_fast.train.optim import build_optimizer
-from maws_fast.config import OptimConfig
 
 # Dense bf16 peak of the devices we report MFU for (DESIGN.md: H100 SXM 989 TFLOP/s).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
-REPO = Path(__file__).resolve().parents[1]
 
 
 def env_info() -> dict:
@@ -39,8 +37,8 @@ def env_info() -> dict:
     else:
         device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()  # of the checkout the benchmark runs in
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     return {"device": device, "commit": commit, "date": datetime.date.today().isoformat(),
@@ -88,7 +86,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
     p.add_argument("--num-classes", type=int, default=14, help="WSP head size")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train.json"), help="JSON file to append to ('' = none)")
+    p.add_argument("--out", default="benchmarks/results/train.json",
+                   help="JSON file to append to, relative to the current directory ('' = none)")
 
 
 def bench_train(args: argparse.Namespace) -> list[dict]:
