@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,7 +133,8 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.blr > 0 and (self.lr is None or self.lr > 0), "blr", "learning rates must be > 0")
+        _check(self.blr > 0, "blr", "must be > 0")
+        _check(self.lr is None or self.lr > 0, "lr", "must be > 0 or null")
         _check(0 <= self.min_lr, "min_lr", "must be >= 0")
         _check(0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", f"must be in [0, epochs={self.epochs}]")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -193,6 +195,8 @@ class EvalConfig:
         _check(self.probe_epochs >= 1 and self.probe_lr > 0, "eval.probe_epochs", "epochs >= 1 and lr > 0")
         _check(all(int(k) >= 1 for k in self.shots), "eval.shots", "every k must be >= 1")
         _check(self.fewshot_trials >= 1, "eval.fewshot_trials", "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.probe_batch_size >= 2, "eval.probe_batch_size", "must be >= 2 (the probe's BatchNorm needs 2)")
 
 
 @dataclass
@@ -223,14 +227,14 @@ class RunConfig:
     ckpt_every: int = 200  # steps between checkpoints (the end of a stage always writes one)
     log_every: int = 20  # steps between metric lines (the CPU waits for the loss only here)
     progress: bool = True  # tqdm progress bar
-    max_steps: int | None = None  # stop each training stage after this many steps (tests, smoke runs)
 
     def __post_init__(self):
+        _check(len(self.stages) > 0, "run.stages", f"is empty; choose from {STAGES}")
         bad = [s for s in self.stages if s not in STAGES]
         _check(not bad, "run.stages", f"unknown stage(s) {bad}; choose from {STAGES}")
         _check(self.ckpt_every >= 1 and self.log_every >= 1, "run.ckpt_every", "intervals must be >= 1")
-        _check(self.device == "cpu" or self.device.startswith("cuda"), "run.device", f"{self.device!r}: use cpu or cuda[:N]")
-        _check(self.max_steps is None or self.max_steps >= 1, "run.max_steps", "must be >= 1 or null")
+        _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "run.device", f"{self.device!r}: use cpu or cuda[:N]")
+        _check(self.threads >= 0, "run.threads", "must be >= 0 (0 = torch's default)")
 
 
 @dataclass
@@ -245,6 +249,9 @@ class Config:
     def __post_init__(self):
         _check(len(self.data.mean) == self.model.in_chans, "data.mean",
                f"has {len(self.data.mean)} values but model.in_chans is {self.model.in_chans}")
+        L = self.model.num_patches
+        _check(int(L * (1 - self.mae.mask_ratio)) >= 1, "mae.mask_ratio",
+               f"{self.mae.mask_ratio} keeps no patch of {L}; lower it")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -254,10 +261,27 @@ class Config:
 
 
 # --- building from dicts, YAML and overrides -----------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CliText:
+    """An override value from the command line: the raw text and its YAML reading.
+
+    String fields take the raw text (``--run.out_dir=0.10`` stays "0.10", not "0.1"); every
+    other field takes the YAML reading (numbers, booleans, lists, null).
+    """
+
+    raw: str
+    parsed: object
+
+
 def _coerce(value, tp, key: str):
     """Convert a YAML / CLI value to the field's annotated type, or raise naming the key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, CliText):
+        options = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [tp]
+        if str in options and not (value.parsed is None and type(None) in args):
+            return value.raw
+        value = value.parsed
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -291,6 +315,8 @@ def _coerce(value, tp, key: str):
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.strip("[]()").split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and origin is list:
+            value = [value]  # --eval.shots=5 means [5]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config: {key}: expected a list, got {value!r}")
         if origin is tuple:
@@ -336,6 +362,7 @@ def config_from_dict(data: dict) -> Config:
     model = data.get("model", {})
     if isinstance(model, dict):
         preset = model.get("preset", "tiny")
+        preset = preset.raw if isinstance(preset, CliText) else preset
         _check(isinstance(preset, str) and preset in PRESETS, "model.preset",
                f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         data["model"] = {**PRESETS[preset](), **model, "preset": preset}
@@ -364,6 +391,7 @@ def parse_overrides(args: list[str]) -> dict:
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
+        parsed = CliText(value, parsed)
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

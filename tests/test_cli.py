@@ -111,6 +111,18 @@ def test_demo_end_to_end_through_the_console_script(tmp_path):
     again = subprocess.run([*cmd, "--config", DEMO, "--out", str(tmp_path / "run"), *FAST, "--run.stages=[mae,wsp]"],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("already finished") == 3
+    # Evaluating the run's models under a changed training config is refused, naming the key.
+    changed = subprocess.run([*cmd, "--config", DEMO, "--out", str(tmp_path / "run"), *FAST, "--run.stages=[linprobe]",
+                              "--mae.mask_ratio=0.5"], capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 2 and "mae.mask_ratio: 0.75 -> 0.5" in changed.stderr
+
+
+@has_data
+def test_eval_that_cannot_fit_fails_before_training(tmp_path, capsys):
+    rc = train_main(["--config", DEMO, "--out", str(tmp_path / "run"), *FAST, "--eval.train_subset=20"])
+    err = _err(capsys)
+    assert rc == 2 and "eval.shots: 5-shot needs 5 images per class" in err
+    assert not (tmp_path / "run" / "mae").exists()
 
 
 @has_data

@@ -62,8 +62,34 @@ def test_bad_yaml_file_errors(tmp_path):
         load_config(tmp_path / "unknown.yaml")
 
 
-def test_parse_overrides_nests_and_parses_values():
-    assert parse_overrides(["--a.b=1", "--a.c", "x", "--d.e.f=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": {"e": {"f": [1, 2]}}}
+def test_parse_overrides_nests_and_keeps_raw_text():
+    out = parse_overrides(["--a.b=1", "--a.c", "x", "--d.e.f=[1, 2]"])
+    assert (out["a"]["b"].raw, out["a"]["b"].parsed, out["a"]["c"].parsed) == ("1", 1, "x")
+    assert out["d"]["e"]["f"].parsed == [1, 2]
+
+
+def test_string_fields_keep_the_exact_cli_text():
+    cfg = load_config(DEMO, ["--run.out_dir=0.10", "--data.root=007", "--wsp.init=1_000"])
+    assert (cfg.run.out_dir, cfg.data.root, cfg.wsp.init) == ("0.10", "007", "1_000")
+    assert load_config(DEMO, ["--data.root=null"]).data.root is None
+    assert load_config(DEMO, ["--eval.shots=5"]).eval.shots == [5]  # a scalar where a list is wanted
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (["--mae.lr=-1"], r"mae\.lr: must be > 0 or null"),
+        (["--run.device=cudafoo"], r"run\.device: 'cudafoo'"),
+        (["--run.threads=-2"], r"run\.threads: must be >= 0"),
+        (["--run.stages=[]"], r"run\.stages: is empty"),
+        (["--mae.mask_ratio=0.99"], r"mae\.mask_ratio: 0\.99 keeps no patch of 49"),
+        (["--eval.batch_size=0"], r"eval\.batch_size: must be >= 1"),
+        (["--eval.probe_batch_size=1"], r"eval\.probe_batch_size: must be >= 2"),
+    ],
+)
+def test_more_bad_values_are_caught_up_front(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(DEMO, override)
 
 
 def test_config_round_trips_through_json():

@@ -41,7 +41,7 @@ def random_masking(
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]  # (B, K)
     x_masked = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-    mask = torch.ones(B, L, device=x.device, dtype=x.dtype)
+    mask = torch.ones(B, L, device=x.device, dtype=torch.float32)  # fp32 as official, whatever x is
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)  # back to original order
     return x_masked, mask, ids_restore, ids_keep
@@ -105,6 +105,11 @@ class MaskedAutoencoderViT(VisionTransformer):
                 init_vit_weights(m)
 
     # --- official helper methods, kept for drop-in use -------------------------------------
+    def initialize_weights(self) -> None:
+        """Re-run the official MAE initialisation (encoder, then decoder)."""
+        self._init_encoder()
+        self._init_decoder()
+
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, L, p*p*C), (p, q, c) order inside a patch."""
         return maws_kernels.patchify(imgs, self.patch_size)
@@ -121,7 +126,7 @@ class MaskedAutoencoderViT(VisionTransformer):
     def forward_encoder(self, imgs, mask_ratio, noise=None, generator=None):
         """Encode the kept patches. Returns latent (B, 1+K, D), mask (B, L), ids_restore (B, L)."""
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]  # pos-embed BEFORE masking
-        x, mask, ids_restore, _ = random_masking(x, mask_ratio, noise, generator)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise, generator)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # cls prepended AFTER masking
         for blk in self.blocks:

@@ -28,14 +28,15 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
-        self.img_size, self.patch_size = img_size, patch_size
+        # tuples, as timm's PatchEmbed: official MAE code reads patch_embed.patch_size[0]
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"expected {self.img_size}x{self.img_size} images, got {tuple(x.shape[-2:])}")
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"expected {self.img_size[0]}x{self.img_size[1]} images, got {tuple(x.shape[-2:])}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D)
 
 
@@ -151,7 +152,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def patch_size(self) -> int:
-        return self.patch_embed.patch_size
+        return self.patch_embed.patch_size[0]
 
     def set_attn_backend(self, backend: str) -> None:
         check_attn_backend(backend)

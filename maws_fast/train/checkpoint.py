@@ -131,8 +131,8 @@ def save_checkpoint(
         else:
             os.rename(tmp, final)
         _fsync_dir(directory)
-    except OSError as e:
-        raise UserError(f"could not write checkpoint {final}: {e.strerror or e}; free disk space or choose "
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        raise UserError(f"could not write checkpoint {final}: {getattr(e, 'strerror', None) or e}; free disk space or choose "
                         f"another --run.out_dir (earlier checkpoints are untouched)") from None
     finally:
         if tmp.exists():

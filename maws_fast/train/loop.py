@@ -72,8 +72,9 @@ def stage_total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(optim.epochs * steps_per_epoch))
 
 
-def _check_fingerprint(saved: dict, stage: Stage, where: Path) -> None:
-    current = json.loads(json.dumps(stage.fingerprint))  # tuples -> lists, as they were saved
+def check_fingerprint(saved: dict, fingerprint: dict, where: Path) -> None:
+    """Raise CheckpointError naming the changed keys if ``where`` was made under another config."""
+    current = json.loads(json.dumps(fingerprint))  # tuples -> lists, as they were saved
     diff = config_diff(saved, current)
     if diff:
         raise CheckpointError(
@@ -101,7 +102,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     final_dir, ckpt_dir = stage_dir / "final", stage_dir / "ckpt"
     if final_dir.exists():
         _, meta, _ = load_checkpoint(final_dir)
-        _check_fingerprint(meta.get("fingerprint", {}), stage, final_dir)
+        check_fingerprint(meta.get("fingerprint", {}), stage.fingerprint, final_dir)
         echo(f"[{stage.name}] already finished at step {meta['step']} ({final_dir}); skipping")
         return final_dir
 
@@ -113,7 +114,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     ckpts = list_checkpoints(ckpt_dir)
     if ckpts:
         tensors, meta, optim_tensors = load_checkpoint(ckpts[-1])
-        _check_fingerprint(meta.get("fingerprint", {}), stage, ckpts[-1])
+        check_fingerprint(meta.get("fingerprint", {}), stage.fingerprint, ckpts[-1])
         load_pretrained(model, tensors, strict=True, source=str(ckpts[-1] / "model.safetensors"))
         if optim_tensors is None:
             raise CheckpointError(f"{ckpts[-1]} has no optimizer state; it cannot be resumed")
@@ -179,6 +180,13 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
                 running.zero_()
                 n_running = 0
             if step < total and (step % run.ckpt_every == 0 or step == stop_at_step):
+                # Never checkpoint NaN weights: keep=2 would delete the good checkpoints behind it.
+                if n_running and not torch.isfinite(running).item():  # CPU waits here, at checkpoint steps only
+                    raise UserError(
+                        f"[{stage.name}] loss became non-finite by step {step}; lower the learning rate "
+                        f"(--{stage.name.split('_')[0]}.blr) or enable --{stage.name.split('_')[0]}.clip_grad. "
+                        f"The last good checkpoint is kept under {ckpt_dir}"
+                    )
                 save_checkpoint(ckpt_dir, f"step_{step:08d}", model.state_dict(), meta_for(step), optimizer, keep=2)
             if step == stop_at_step and step < total:
                 return None

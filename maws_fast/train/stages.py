@@ -25,7 +25,7 @@ from maws_fast.eval.linear_probe import linear_probe
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
 from maws_fast.train.checkpoint import atomic_write_text, load_checkpoint, load_tensors
-from maws_fast.train.loop import Stage, run_stage, say
+from maws_fast.train.loop import Stage, check_fingerprint, run_stage, say
 
 Echo = Callable[[str], None]
 
@@ -63,9 +63,10 @@ def _fingerprints(cfg: Config) -> dict[str, dict]:
     mae = {"seed": cfg.run.seed, "data": data, "model": model, "mae": dataclasses.asdict(cfg.mae)}
     wsp_cfg = {k: v for k, v in dataclasses.asdict(cfg.wsp).items() if k not in ("init", "compare_scratch")}
     wsp = {"seed": cfg.run.seed, "data": data, "model": model, "wsp": wsp_cfg}
+    init = cfg.wsp.init if cfg.wsp.init in ("mae", "scratch") else str(Path(cfg.wsp.init).resolve())
     return {
         "mae": mae,
-        "wsp": {**wsp, "init": cfg.wsp.init, **({"mae": mae} if cfg.wsp.init == "mae" else {})},
+        "wsp": {**wsp, "init": init, **({"mae": mae} if init == "mae" else {})},
         "wsp_scratch": {**wsp, "init": "scratch"},
     }
 
@@ -115,14 +116,17 @@ def wsp_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
                     if init == "mae" else "point --wsp.init at an MAE model.safetensors")
             raise CheckpointError(f"wsp.init={init!r} needs {path}, which does not exist; {hint}")
         report = load_pretrained(model, load_tensors(path), source=str(path))
+        missing = [k for k in report.initialised if not k.startswith("head.")]
+        if missing:
+            # A file that fits nothing would silently train from scratch under an "MAE -> WSP" label.
+            raise CheckpointError(f"{path} lacks encoder tensors {missing[:6]} ({len(missing)} in all); "
+                                  f"--wsp.init must point at an MAE or ViT model.safetensors of this model config")
         return f"encoder initialised from {path}: {report.summary()}"
 
     def loss_fn(model, imgs, targets, _step):
         return maws_kernels.soft_target_cross_entropy(model(imgs), targets)
 
     fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
-    if init not in ("mae", "scratch"):
-        fp = {**fp, "init": str(Path(init).resolve())}
     return Stage(name, model, loader, w, loss_fn, flops_per_image(cfg.model, "wsp", len(fmnist.VOCAB)), fp, init_fn)
 
 
@@ -136,21 +140,38 @@ def wsp_runs(cfg: Config) -> list[tuple[str, str, str]]:
 
 
 # --- evaluation --------------------------------------------------------------------------------
+def eval_subset(cfg: Config, data: DemoData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed random subset of the train split whose frozen features fit the probes."""
+    g = torch.Generator().manual_seed(mix_seed(cfg.run.seed, 13))
+    n = len(data.train_y) if cfg.eval.train_subset == 0 else min(cfg.eval.train_subset, len(data.train_y))
+    sub = torch.randperm(len(data.train_y), generator=g)[:n]
+    return data.train_x[sub], data.train_y[sub]
+
+
+def check_eval_fits(cfg: Config, data: DemoData) -> None:
+    """Fail before any training if k-shot cannot draw k examples of every class from the subset."""
+    _, y = eval_subset(cfg, data)
+    least = int(torch.bincount(y, minlength=10).min())
+    k = max(int(s) for s in cfg.eval.shots)
+    if least < k:
+        raise ConfigError(f"config: eval.shots: {k}-shot needs {k} images per class but eval.train_subset="
+                          f"{cfg.eval.train_subset} holds only {least} of some class; raise eval.train_subset")
+
+
 def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> list[dict]:
     """Linear probe and k-shot on frozen cls features of every finished encoder of this run."""
     out = Path(cfg.run.out_dir)
     candidates = [(name, label) for name, _, label in wsp_runs(cfg)] + [("mae", "MAE only (no WSP)")]
     e = cfg.eval
-    g = torch.Generator().manual_seed(mix_seed(cfg.run.seed, 13))
-    n_sub = len(data.train_y) if e.train_subset == 0 else min(e.train_subset, len(data.train_y))
-    sub = torch.randperm(len(data.train_y), generator=g)[:n_sub]
-    train_x, train_y = data.train_x[sub], data.train_y[sub]
+    fingerprints = _fingerprints(cfg)
+    train_x, train_y = eval_subset(cfg, data)
     rows = []
     for name, label in candidates:
         final = out / name / "final"
         if not final.exists():
             continue
         tensors, meta, _ = load_checkpoint(final)
+        check_fingerprint(meta.get("fingerprint", {}), fingerprints.get(name, {}), final)
         model = build_classifier(cfg.model, num_classes=0).to(device)
         report = load_pretrained(model, tensors, source=str(final))
         if report.initialised:
@@ -216,6 +237,11 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
         torch.set_num_threads(cfg.run.threads)
     atomic_write_text(out / "config.json", cfg.to_json())
     data = load_data(cfg)
+    # Everything that can be checked before hours of training is checked here.
+    if "linprobe" in cfg.run.stages:
+        check_eval_fits(cfg, data)
+    if "wsp" in cfg.run.stages and cfg.wsp.init not in ("mae", "scratch") and not Path(cfg.wsp.init).is_file():
+        raise ConfigError(f"config: wsp.init: {cfg.wsp.init} is not a file; use mae, scratch or a model.safetensors path")
     summary: dict = {"stages": {}, "results": []}
     if "mae" in cfg.run.stages:
         summary["stages"]["mae"] = str(run_stage(mae_stage(cfg, data, device), out, cfg.run, device, echo=echo))

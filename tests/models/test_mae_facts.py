@@ -242,6 +242,43 @@ def test_state_dict_keys_match_official_mae_vit_base():
               "decoder_blocks.7.mlp.fc2.weight": (512, 2048), "decoder_pred.weight": (768, 512)}
     for k, s in shapes.items():
         assert tuple(sd[k].shape) == s, k
-    # An official full checkpoint (decoder included) loads strictly.
-    clone = {k: v.clone() for k, v in sd.items()}
-    model.load_state_dict(clone, strict=True)
+
+
+def test_mask_is_fp32_even_for_a_bf16_model():
+    """Official: mask = torch.ones([N, L]) (fp32). A bf16 mask would round mask.sum() (441 -> 440)."""
+    x = torch.randn(3, 196, 8, dtype=torch.bfloat16)
+    _, mask, _, _ = random_masking(x, 0.25)
+    assert mask.dtype == torch.float32 and mask.sum().item() == 3 * 49
+
+
+def test_decoder_unshuffles_tokens_to_original_positions():
+    """With no decoder blocks, output i depends only on the token at ORIGINAL position i:
+    the embedded latent of patch i if it was kept, else the mask token; plus its pos-embed."""
+    model = tiny_mae(decoder_depth=0).eval()
+    with torch.no_grad():
+        model.mask_token.normal_()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    with torch.no_grad():
+        latent, mask, ids_restore = model.forward_encoder(imgs, 0.75, noise=noise)
+        pred = model.forward_decoder(latent, ids_restore)
+        kept = torch.argsort(noise, 1)[:, :4]
+        emb = model.decoder_embed(latent)  # (B, 1+K, Dd)
+        for b in range(2):
+            for i in range(16):
+                hits = (kept[b] == i).nonzero()
+                tok = emb[b, 1 + hits[0, 0]] if len(hits) else model.mask_token[0, 0]
+                expect = model.decoder_pred(model.decoder_norm(tok + model.decoder_pos_embed[0, 1 + i]))
+                torch.testing.assert_close(pred[b, i], expect, rtol=1e-5, atol=1e-5)
+                assert mask[b, i].item() == (0.0 if len(hits) else 1.0)
+
+
+def test_official_helper_surface():
+    model = tiny_mae()
+    assert model.patch_embed.patch_size[0] == 8 and model.patch_embed.num_patches == 16
+    before = model.blocks[0].attn.qkv.weight.clone()
+    model.initialize_weights()
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    x = torch.randn(2, 16, 8)
+    out = model.random_masking(x, 0.75, noise=torch.rand(2, 16))
+    assert len(out) == 3 and out[0].shape == (2, 4, 8)

@@ -112,3 +112,19 @@ def test_schedule_warmup_then_cosine():
     assert lr_at(2.0, 1.0, 0.0, 2.0, 10.0) == pytest.approx(1.0)
     assert lr_at(6.0, 1.0, 0.1, 2.0, 10.0) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(10.0, 1.0, 0.1, 2.0, 10.0) == pytest.approx(0.1)
+
+
+def test_safetensors_write_error_is_one_clear_error(tmp_path, monkeypatch):
+    """safetensors reports I/O failures (a full disk) as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    model, opt = _model_and_opt()
+    ckpt.save_checkpoint(tmp_path, "step_00000001", model.state_dict(), {"step": 1}, opt)
+
+    def full_disk(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(UserError, match="could not write checkpoint .*No space left"):
+        ckpt.save_checkpoint(tmp_path, "step_00000002", model.state_dict(), {"step": 2}, opt)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]

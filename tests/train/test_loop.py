@@ -153,3 +153,28 @@ def test_custom_stage_runs_through_the_loop(tmp_path):
     run = load_config(None, ["--run.progress=false"]).run
     final = run_stage(stage, tmp_path, run, torch.device("cpu"), echo=lambda s: None)
     assert load_checkpoint(final)[1]["step"] == 8
+
+
+def test_non_finite_loss_between_log_steps_is_never_checkpointed(tmp_path, data):
+    """ckpt_every not a multiple of log_every: the NaN must be caught before the save, not after."""
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path, "--run.log_every=5", "--run.ckpt_every=3")
+    stage = mae_stage(cfg, data, dev)
+    real = stage.loss_fn
+    stage.loss_fn = lambda m, x, t, step: real(m, x, t, step) * (float("inf") if step == 5 else 1.0)
+    with pytest.raises(UserError, match=r"non-finite by step 6"):
+        run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    ckpts = list_checkpoints(tmp_path / "mae" / "ckpt")
+    assert [p.name for p in ckpts] == ["step_00000003"]
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(ckpts[0])[0].values())
+
+
+def test_wsp_init_file_that_fits_nothing_is_refused(tmp_path, data):
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"fc.weight": torch.randn(3, 3)}, str(foreign))
+    cfg = small_cfg(tmp_path / "run", f"--wsp.init={foreign}")
+    stage = wsp_stage(cfg, data, torch.device("cpu"), "wsp", cfg.wsp.init)
+    with pytest.raises(CheckpointError, match=r"lacks encoder tensors \['cls_token', 'pos_embed'"):
+        stage.init_fn()
