@@ -140,7 +140,6 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         for row in rows:
             if row["stage"] == stage and base:
                 row["speedup_vs_manual"] = round(base / (row["ms_per_step"] / 1e3), 3)
-        del model, opt
     for r in rows:
         ratio = f"  x{r['speedup_vs_manual']:.2f} vs manual" if r.get("speedup_vs_manual") else ""
         print(f"{r['stage']:<4} {r['provider']:<12} {r['ms_per_step']:9.2f} ms/step {r['images_per_s']:9.1f} img/s "

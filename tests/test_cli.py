@@ -1,6 +1,5 @@
 """The command line: one clear error line (exit 2) per user mistake, and an end-to-end demo run."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,13 +7,10 @@ from pathlib import Path
 import pytest
 
 from maws_fast.cli import bench_main, data_main, train_main
-from maws_fast.data import fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_fmnist.yaml")
-has_data = pytest.mark.skipif(
-    not os.path.isdir(fmnist.DEFAULT_ROOT) and not os.environ.get("CI"), reason="needs dataset-fashion-mnist"
-)
+from conftest import needs_fmnist as has_data  # noqa: E402
 
 # A run of seconds: tiny model, a sliver of an epoch per stage, few evaluation images.
 FAST = [

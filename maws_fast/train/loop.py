@@ -132,7 +132,8 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     model.train()
     metrics = MetricsWriter(stage_dir / "metrics.jsonl")
     meter = Throughput(stage.flops_per_image)
-    bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", disable=not run.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", disable=not run.progress, dynamic_ncols=True,
+               mininterval=1.0)  # a bar redrawn at most once a second keeps piped logs short
     running = torch.zeros((), device=device)  # loss summed on device: no host sync per step
     n_running = 0
     epoch, batch_idx = divmod(step, spe)

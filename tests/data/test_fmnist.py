@@ -22,9 +22,9 @@ from maws_fast.data.fmnist import (
 )
 from maws_fast.errors import DataError
 
-pytestmark = pytest.mark.skipif(
-    not os.path.isdir(DEFAULT_ROOT), reason="needs `apt-get install dataset-fashion-mnist`"
-)
+from conftest import needs_fmnist  # noqa: E402
+
+pytestmark = needs_fmnist
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ from maws_fast.train.checkpoint import list_checkpoints, load_checkpoint
 from maws_fast.train.loop import Stage, run_stage
 from maws_fast.train.stages import DemoData, mae_stage, wsp_stage
 
-pytestmark = pytest.mark.skipif(not fmnist.os.path.isdir(fmnist.DEFAULT_ROOT), reason="needs dataset-fashion-mnist")
+from conftest import needs_fmnist  # noqa: E402
+
+pytestmark = needs_fmnist
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_resume_matches_uninterrupted_mae(tmp_path, data, stop_at):
     torch.manual_seed(1234)
     logs = []
     final_b = run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=logs.append)
-    assert any(f"resuming from" in line and f"step {stop_at}/12" in line for line in logs)
+    assert any("resuming from" in line and f"step {stop_at}/12" in line for line in logs)
     wa, wb = _weights(final_a), _weights(final_b)
     assert wa.keys() == wb.keys()
     for k in wa:
