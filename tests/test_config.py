@@ -100,3 +100,14 @@ def test_config_round_trips_through_json():
     cfg = load_config(DEMO)
     again = config_from_dict(json.loads(cfg.to_json()))
     assert again == cfg and isinstance(again, Config)
+
+
+def test_mae_recipe_defaults_follow_the_official_recipe():
+    """DESIGN.md recipe: AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 (lr = blr * batch / 256), 75% masking,
+    RandomResizedCrop scale (0.2, 1.0) with h-flip, norm-pix loss."""
+    from maws_fast.config import MAEConfig
+
+    m = MAEConfig()
+    assert (m.beta1, m.beta2, m.weight_decay, m.blr, m.mask_ratio) == (0.9, 0.95, 0.05, 1.5e-4, 0.75)
+    assert m.crop_scale == (0.2, 1.0) and m.flip_p == 0.5 and m.norm_pix_loss
+    assert MAEConfig(batch_size=4096).abs_lr == pytest.approx(1.5e-4 * 4096 / 256)

@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +28,7 @@ from maws_fast.models.vit import load_pretrained
 from maws_fast.train.checkpoint import (
     config_diff, list_checkpoints, load_checkpoint, load_optimizer_tensors, save_checkpoint,
 )
-from maws_fast.train.metrics import MetricsWriter, Throughput
+from maws_fast.train.metrics import MetricsWriter, Throughput, drop_rows_after
 from maws_fast.train.optim import build_optimizer
 from maws_fast.train.schedule import lr_at, set_lr
 
@@ -65,7 +65,6 @@ class Stage:
     flops_per_image: float
     fingerprint: dict
     init_fn: Callable[[], str | None] | None = None
-    log: list[str] = field(default_factory=list)
 
 
 def stage_total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
@@ -120,6 +119,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             raise CheckpointError(f"{ckpts[-1]} has no optimizer state; it cannot be resumed")
         load_optimizer_tensors(optimizer, optim_tensors, meta["optimizer_param_groups"])
         step = int(meta["step"])
+        drop_rows_after(stage_dir / "metrics.jsonl", step)  # rows past the checkpoint are re-logged below
         echo(f"[{stage.name}] resuming from {ckpts[-1]} at step {step}/{total}")
     elif stage.init_fn is not None:
         msg = stage.init_fn()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -38,6 +37,20 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def drop_rows_after(path: str | Path, step: int) -> int:
+    """Remove rows logged after ``step`` (a resumed run re-does those steps); returns how many.
+
+    The file is rewritten atomically, so a crash here cannot lose the rows that are kept.
+    """
+    from maws_fast.train.checkpoint import atomic_write_text
+
+    rows = read_metrics(path)
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    if len(keep) < len(rows):
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+    return len(rows) - len(keep)
+
+
 class Throughput:
     """Images/s and achieved FLOP/s between two log points (wall clock)."""
 
@@ -56,7 +69,3 @@ class Throughput:
         out = {"images_per_s": round(ips, 2), "tflops": round(ips * self.flops_per_image / 1e12, 6)}
         self.t0, self.images = now, 0
         return out
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -180,3 +180,25 @@ def test_wsp_init_file_that_fits_nothing_is_refused(tmp_path, data):
     stage = wsp_stage(cfg, data, torch.device("cpu"), "wsp", cfg.wsp.init)
     with pytest.raises(CheckpointError, match=r"lacks encoder tensors \['cls_token', 'pos_embed'"):
         stage.init_fn()
+
+
+def test_metrics_logged_after_the_last_checkpoint_are_not_duplicated_on_resume(tmp_path, data):
+    """A crash between a checkpoint and the next one: the steps after the checkpoint run again,
+    and their metric rows must appear once, not twice."""
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)  # ckpt every 4, log every 2
+    stage = mae_stage(cfg, data, dev)
+    real = stage.loss_fn
+
+    def crash_at_7(m, x, t, step):
+        if step == 6:
+            raise KeyboardInterrupt  # the 7th step dies after step 6 was logged
+        return real(m, x, t, step)
+
+    stage.loss_fn = crash_at_7
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    path = tmp_path / "mae" / "metrics.jsonl"
+    assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [2, 4, 6]
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [2, 4, 6, 8, 10, 12]
