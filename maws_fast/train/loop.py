@@ -82,6 +82,12 @@ def check_fingerprint(saved: dict, fingerprint: dict, where: Path) -> None:
         )
 
 
+def _diverged(name: str, what: str, ckpt_dir: Path) -> UserError:
+    section = name.split("_")[0]  # wsp_scratch -> wsp
+    return UserError(f"[{name}] {what}; lower the learning rate (--{section}.blr) or enable --{section}.clip_grad. "
+                     f"The last good checkpoint is kept under {ckpt_dir}")
+
+
 def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.device,
               stop_at_step: int | None = None, echo: Callable[[str], None] = say) -> Path | None:
     """Train ``stage`` to completion (resuming if a checkpoint exists) and return its final checkpoint.
@@ -167,11 +173,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             if step % run.log_every == 0 or step == total:
                 mean_loss = (running / n_running).item()  # the CPU waits for the GPU here, at log steps only
                 if not math.isfinite(mean_loss):
-                    raise UserError(
-                        f"[{stage.name}] loss is {mean_loss} at step {step}; lower the learning rate "
-                        f"(--{stage.name.split('_')[0]}.blr) or enable --{stage.name.split('_')[0]}.clip_grad. "
-                        f"The last good checkpoint is kept under {ckpt_dir}"
-                    )
+                    raise _diverged(stage.name, f"loss is {mean_loss} at step {step}", ckpt_dir)
                 row = {"stage": stage.name, "step": step, "epoch": round(step / spe, 4), "loss": mean_loss, "lr": lr,
                        **meter.read_and_reset()}
                 metrics.write(row)
@@ -183,11 +185,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             if step < total and (step % run.ckpt_every == 0 or step == stop_at_step):
                 # Never checkpoint NaN weights: keep=2 would delete the good checkpoints behind it.
                 if n_running and not torch.isfinite(running).item():  # CPU waits here, at checkpoint steps only
-                    raise UserError(
-                        f"[{stage.name}] loss became non-finite by step {step}; lower the learning rate "
-                        f"(--{stage.name.split('_')[0]}.blr) or enable --{stage.name.split('_')[0]}.clip_grad. "
-                        f"The last good checkpoint is kept under {ckpt_dir}"
-                    )
+                    raise _diverged(stage.name, f"loss became non-finite by step {step}", ckpt_dir)
                 save_checkpoint(ckpt_dir, f"step_{step:08d}", model.state_dict(), meta_for(step), optimizer, keep=2)
             if step == stop_at_step and step < total:
                 return None
