@@ -227,6 +227,7 @@ class RunConfig:
     ckpt_every: int = 200  # steps between checkpoints (the end of a stage always writes one)
     log_every: int = 20  # steps between metric lines (the CPU waits for the loss only here)
     progress: bool = True  # tqdm progress bar
+    precision: str = "fp32"  # fp32 | bf16 (autocast of forward + loss; fp32 weights and optimizer state)
 
     def __post_init__(self):
         _check(len(self.stages) > 0, "run.stages", f"is empty; choose from {STAGES}")
@@ -235,6 +236,7 @@ class RunConfig:
         _check(self.ckpt_every >= 1 and self.log_every >= 1, "run.ckpt_every", "intervals must be >= 1")
         _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "run.device", f"{self.device!r}: use cpu or cuda[:N]")
         _check(self.threads >= 0, "run.threads", "must be >= 0 (0 = torch's default)")
+        _check(self.precision in ("fp32", "bf16"), "run.precision", f"{self.precision!r}: use fp32 or bf16")
 
 
 @dataclass

@@ -140,6 +140,8 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     meter = Throughput(stage.flops_per_image)
     bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", disable=not run.progress, dynamic_ncols=True,
                mininterval=1.0)  # a bar redrawn at most once a second keeps piped logs short
+    # bf16 autocast: matmuls in bf16, weights / grads / AdamW state stay fp32 (no loss scaling needed).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
     running = torch.zeros((), device=device)  # loss summed on device: no host sync per step
     n_running = 0
     epoch, batch_idx = divmod(step, spe)
@@ -158,7 +160,8 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             lr = lr_at(step / spe, optim_cfg.abs_lr, optim_cfg.min_lr, optim_cfg.warmup_epochs, optim_cfg.epochs)
             set_lr(optimizer, lr)
 
-            loss = stage.loss_fn(model, imgs, targets, step)
+            with autocast:
+                loss = stage.loss_fn(model, imgs, targets, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if optim_cfg.clip_grad is not None:

@@ -202,3 +202,18 @@ def test_metrics_logged_after_the_last_checkpoint_are_not_duplicated_on_resume(t
     assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [2, 4, 6]
     run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
     assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [2, 4, 6, 8, 10, 12]
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, data):
+    dev = torch.device("cpu")
+    losses = {}
+    for prec in ("fp32", "bf16"):
+        cfg = small_cfg(tmp_path / prec, f"--run.precision={prec}", "--mae.epochs=0.5")
+        run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+        rows = [json.loads(r) for r in (tmp_path / prec / "mae" / "metrics.jsonl").read_text().splitlines()]
+        losses[prec] = [r["loss"] for r in rows]
+        weights = load_checkpoint(tmp_path / prec / "mae" / "final")[0]
+        assert all(v.dtype == torch.float32 for v in weights.values())  # master weights stay fp32
+    assert losses["fp32"] != losses["bf16"]  # autocast really ran in bf16
+    for a, b in zip(losses["fp32"], losses["bf16"]):
+        assert abs(a - b) < 0.05 * a
