@@ -26,11 +26,12 @@ from maws_fast.config import OptimConfig, RunConfig
 from maws_fast.errors import CheckpointError, UserError
 from maws_fast.models.vit import load_pretrained
 from maws_fast.train.checkpoint import (
-    config_diff, list_checkpoints, load_checkpoint, load_optimizer_tensors, save_checkpoint,
+    config_diff, list_checkpoints, load_checkpoint, load_optimizer_tensors, read_meta, save_checkpoint,
 )
 from maws_fast.train.metrics import MetricsWriter, Throughput, drop_rows_after
 from maws_fast.train.optim import build_optimizer
 from maws_fast.train.schedule import lr_at, set_lr
+
 
 def say(msg: str) -> None:
     """Status lines go out at once, also when stdout is a pipe or a CI log."""
@@ -106,7 +107,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     stage_dir = Path(out_dir) / stage.name
     final_dir, ckpt_dir = stage_dir / "final", stage_dir / "ckpt"
     if final_dir.exists():
-        _, meta, _ = load_checkpoint(final_dir)
+        meta = read_meta(final_dir)  # metadata only: a finished stage's weights are not needed here
         check_fingerprint(meta.get("fingerprint", {}), stage.fingerprint, final_dir)
         echo(f"[{stage.name}] already finished at step {meta['step']} ({final_dir}); skipping")
         return final_dir

@@ -24,7 +24,7 @@ from maws_fast.eval.fewshot import fewshot
 from maws_fast.eval.linear_probe import linear_probe
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
-from maws_fast.train.checkpoint import atomic_write_text, load_checkpoint, load_tensors
+from maws_fast.train.checkpoint import atomic_write_text, load_checkpoint, load_tensors, read_meta
 from maws_fast.train.loop import Stage, check_fingerprint, run_stage, say
 
 Echo = Callable[[str], None]
@@ -171,7 +171,7 @@ def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> l
         if not final.exists():
             continue
         tensors, meta, _ = load_checkpoint(final)
-        check_fingerprint(meta.get("fingerprint", {}), fingerprints.get(name, {}), final)
+        check_fingerprint(meta.get("fingerprint", {}), fingerprints[name], final)
         model = build_classifier(cfg.model, num_classes=0).to(device)
         report = load_pretrained(model, tensors, source=str(final))
         if report.initialised:
@@ -187,7 +187,7 @@ def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> l
                              batch_size=e.probe_batch_size, lr=e.probe_lr, seed=cfg.run.seed)
         steps = f"{name.split('_')[0]} {meta['step']}"
         if name == "wsp" and cfg.wsp.init == "mae":
-            steps = f"mae {load_checkpoint(out / 'mae' / 'final')[1]['step']} + {steps}"
+            steps = f"mae {read_meta(out / 'mae' / 'final')['step']} + {steps}"
         row = {"model": label, "stage": name, "train_steps": steps, "linear_probe_top1": probe["top1"],
                "linear_probe_train": probe["num_train"]}
         for k in e.shots:
