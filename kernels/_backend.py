@@ -30,15 +30,14 @@ def _triton_usable() -> bool:
 def available_backends(op: str, implemented: tuple[str, ...], device: torch.device | str) -> list[str]:
     """Backends of ``implemented`` that can run ``op`` on ``device``, best first."""
     device = torch.device(device)
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     out = []
     for name in BACKENDS:
         if name not in implemented:
             continue
         if name == "torch":
             out.append(name)
-        elif name == "triton" and _triton_usable() and (
-            device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        ):
+        elif name == "triton" and _triton_usable() and (device.type == "cuda" or interpreting):
             out.append(name)
         elif name == "cuda" and device.type == "cuda":
             try:
@@ -46,6 +45,11 @@ def available_backends(op: str, implemented: tuple[str, ...], device: torch.devi
             except ImportError:
                 continue
             out.append(name)
+    if device.type == "cpu" and "torch" in out:
+        # Triton on CPU tensors is the interpreter: a correctness tool, ~1 ms per program. It runs
+        # when asked for by name, but the best CPU backend is the torch reference.
+        out.remove("torch")
+        out.insert(0, "torch")
     return out
 
 

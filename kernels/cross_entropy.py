@@ -1,28 +1,347 @@
 """Softmax cross-entropy against soft targets (WSP: the multi-hot divided by its tag count).
 
-``loss = mean_b( -sum_v targets[b, v] * log_softmax(logits[b])[v] )``. Rows of ``targets`` sum to
-1, so the gradient is ``(softmax(logits) - targets) / B``.
+``loss_b = -sum_v t[b, v] * log_softmax(x[b])[v] = lse_b * sum_v t[b, v] - sum_v t[b, v] x[b, v]``
+and ``d loss_b / d x[b] = softmax(x[b]) * sum_v t[b, v] - t[b]`` (``softmax - t`` when rows sum
+to 1). Targets come dense, (B, V), or sparse: tag ids (B, T) int64 (negative = padding) and their
+weights (B, T), so the dense target never has to exist.
+
+The fused forward streams each row once (online logsumexp) and keeps only lse and sum(t) per
+row; the backward streams it once more and writes the gradient in the logits' dtype -- the
+only full-size buffer, and one the caller needs anyway. torch eager instead materialises an
+fp32 log_softmax (forward), the product with the targets, and another fp32 buffer in backward.
+
+:func:`linear_soft_target_cross_entropy` fuses the classifier head too: it computes the logits
+of a chunk of rows, turns them in place into their gradient, and folds that straight into the
+input, weight and bias gradients -- the (B, V) logits exist one chunk at a time.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from maws_kernels._backend import resolve_backend
 
-_IMPLEMENTED = ("torch",)
+_IMPLEMENTED = ("triton", "torch")
+_MAX_BLOCK_V = 4096
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _soft_ce_kernel(
+    logits_ptr,  # (B, V), last dim contiguous, row stride s_x
+    tgt_ptr,  # dense: (B, V) row stride s_t, last dim contiguous; sparse: unused
+    ids_ptr,  # sparse: (B, T) int64 row stride s_i; ids outside [0, V) are padding
+    wts_ptr,  # sparse: (B, T) float row stride s_w
+    loss_ptr,  # (B,) fp32 out: per-row loss
+    lse_ptr,  # (B,) fp32: logsumexp per row (out when FORWARD, in otherwise)
+    tsum_ptr,  # (B,) fp32: sum of the row's targets (out when FORWARD, in otherwise)
+    gscale_ptr,  # (B,) fp32: d(total) / d(loss_b), the scale of each gradient row
+    grad_ptr,  # (B, V) row stride s_g, logits dtype; may alias logits_ptr (in-place gradient)
+    V, T, s_x, s_t, s_i, s_w, s_g,
+    SPARSE: tl.constexpr, FORWARD: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = logits_ptr + row * s_x
+    cols = tl.arange(0, BLOCK_V)
+    if SPARSE:
+        toff = tl.arange(0, BLOCK_T)
+        ids = tl.load(ids_ptr + row * s_i + toff, mask=toff < T, other=-1)
+        tag = (ids >= 0) & (ids < V)
+        wts = tl.where(tag, tl.load(wts_ptr + row * s_w + toff, mask=toff < T, other=0.0).to(tl.float32), 0.0)
+    if FORWARD:
+        # Per-lane online logsumexp: lanes reduce once at the end, not once per chunk.
+        m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        s_lane = tl.zeros([BLOCK_V], tl.float32)
+        tx_lane = tl.zeros([BLOCK_V], tl.float32)
+        ts_lane = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            v = start + cols
+            valid = v < V
+            x = tl.load(x_row + v, mask=valid, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m_lane, x)
+            # A lane that has seen no valid column keeps m = -inf; subtracting 0 there instead
+            # avoids inf - inf, and exp(-inf) = 0 leaves its sum at 0.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_lane = s_lane * tl.exp(m_lane - m_safe) + tl.exp(x - m_safe)
+            m_lane = m_new
+            if not SPARSE:
+                t = tl.load(tgt_ptr + row * s_t + v, mask=valid, other=0.0).to(tl.float32)
+                tx_lane += t * tl.where(valid, x, 0.0)  # masked lanes hold x = -inf
+                ts_lane += t
+        m = tl.max(m_lane, axis=0)
+        s = tl.sum(s_lane * tl.exp(m_lane - m), axis=0)  # m is finite: V >= 1
+        lse = m + tl.log(s)
+        if SPARSE:
+            xt = tl.load(x_row + ids, mask=tag, other=0.0).to(tl.float32)
+            tx = tl.sum(wts * xt, axis=0)
+            ts = tl.sum(wts, axis=0)
+        else:
+            tx = tl.sum(tx_lane, axis=0)
+            ts = tl.sum(ts_lane, axis=0)
+        tl.store(loss_ptr + row, lse * ts - tx)
+        tl.store(lse_ptr + row, lse)
+        tl.store(tsum_ptr + row, ts)
+    else:
+        lse = tl.load(lse_ptr + row)
+        ts = tl.load(tsum_ptr + row)
+    if WRITE_GRAD:
+        g = tl.load(gscale_ptr + row)
+        for start in range(0, V, BLOCK_V):
+            v = start + cols
+            valid = v < V
+            x = tl.load(x_row + v, mask=valid, other=0.0).to(tl.float32)
+            if SPARSE:
+                # scatter the few tags of this row into the chunk: (T, BLOCK_V) compares, summed
+                # over T, so repeated ids add up exactly as a dense target would
+                hit = ids[:, None] == v[None, :]
+                t = tl.sum(tl.where(hit, wts[:, None], 0.0), axis=0)
+            else:
+                t = tl.load(tgt_ptr + row * s_t + v, mask=valid, other=0.0).to(tl.float32)
+            dx = g * (tl.exp(x - lse) * ts - t)
+            tl.store(grad_ptr + row * s_g + v, dx.to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+def _blocks(V: int, T: int) -> tuple[int, int]:
+    return min(_MAX_BLOCK_V, triton.next_power_of_2(V)), triton.next_power_of_2(max(T, 1))
+
+
+def _launch(logits, targets, ids, wts, *, forward, write_grad, lse=None, tsum=None, gscale=None, grad=None):
+    """Run the kernel; returns (loss_rows, lse, tsum, grad) -- the ones it wrote."""
+    B, V = logits.shape
+    sparse = targets is None
+    T = ids.shape[1] if sparse else 0
+    dev = logits.device
+    loss = torch.empty(B, device=dev, dtype=torch.float32) if forward else None
+    if forward:
+        lse = torch.empty(B, device=dev, dtype=torch.float32)
+        tsum = torch.empty(B, device=dev, dtype=torch.float32)
+    block_v, block_t = _blocks(V, T)
+    dummy = logits  # stands in for the pointers a mode does not read; never dereferenced
+    if B:
+        _soft_ce_kernel[(B,)](
+            logits, dummy if sparse else targets, ids if sparse else dummy, wts if sparse else dummy,
+            loss if forward else dummy, lse, tsum, gscale if write_grad else dummy, grad if write_grad else dummy,
+            V, T, logits.stride(0), 0 if sparse else targets.stride(0), ids.stride(0) if sparse else 0,
+            wts.stride(0) if sparse else 0, grad.stride(0) if write_grad else 0,
+            SPARSE=sparse, FORWARD=forward, WRITE_GRAD=write_grad, BLOCK_V=block_v, BLOCK_T=block_t,
+            num_warps=_NUM_WARPS,
+        )
+    return loss, lse, tsum, grad
+
+
+@torch.library.custom_op("maws_kernels::soft_target_ce_fwd", mutates_args=())
+def _ce_fwd_op(logits: torch.Tensor, targets: torch.Tensor | None, ids: torch.Tensor | None,
+               wts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B,) per-row loss, (B,) lse, (B,) sum of targets, all fp32."""
+    loss, lse, tsum, _ = _launch(logits, targets, ids, wts, forward=True, write_grad=False)
+    return loss, lse, tsum
+
+
+@_ce_fwd_op.register_fake
+def _(logits, targets, ids, wts):
+    B = logits.shape[0]
+    return tuple(logits.new_empty(B, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("maws_kernels::soft_target_ce_bwd", mutates_args=())
+def _ce_bwd_op(grad_rows: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, tsum: torch.Tensor,
+               targets: torch.Tensor | None, ids: torch.Tensor | None, wts: torch.Tensor | None) -> torch.Tensor:
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _launch(logits, targets, ids, wts, forward=False, write_grad=True, lse=lse, tsum=tsum,
+            gscale=grad_rows.float().contiguous(), grad=grad)
+    return grad
+
+
+@_ce_bwd_op.register_fake
+def _(grad_rows, logits, lse, tsum, targets, ids, wts):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, targets, ids, wts = inputs
+    _, lse, tsum = output
+    ctx.save_for_backward(logits, lse, tsum, targets, ids, wts)
+
+
+def _ce_backward(ctx, grad_rows, _grad_lse, _grad_tsum):
+    logits, lse, tsum, targets, ids, wts = ctx.saved_tensors
+    return _ce_bwd_op(grad_rows, logits, lse, tsum, targets, ids, wts), None, None, None
+
+
+_ce_fwd_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def _check_targets(logits, targets, target_ids, target_weights, op):
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be (B, V), got {tuple(logits.shape)}")
+    if (targets is None) == (target_ids is None):
+        raise ValueError(f"{op}: pass exactly one of targets (dense (B, V)) or target_ids + target_weights (sparse)")
+    B = logits.shape[0]
+    if targets is not None:
+        if targets.shape != logits.shape:
+            raise ValueError(f"{op}: targets must match logits {tuple(logits.shape)}, got {tuple(targets.shape)}")
+        return
+    if target_weights is None or target_ids.shape != target_weights.shape or target_ids.dim() != 2 \
+            or target_ids.shape[0] != B:
+        raise ValueError(f"{op}: target_ids and target_weights must both be (B, T) with B = {B}; got "
+                         f"{None if target_ids is None else tuple(target_ids.shape)} and "
+                         f"{None if target_weights is None else tuple(target_weights.shape)}")
+    if target_ids.dtype != torch.int64:
+        raise ValueError(f"{op}: target_ids must be int64 (negative = padding), got {target_ids.dtype}")
+
+
+def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "none":
+        return rows
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _rows_contig(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def soft_target_cross_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    target_ids: torch.Tensor | None = None,
+    target_weights: torch.Tensor | None = None,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of (B, V) logits against soft targets, dense or sparse.
+
+    Args:
+        logits: (B, V) fp32 / fp16 / bf16.
+        targets: (B, V) dense targets whose rows sum to 1 (not differentiated).
+        target_ids: (B, T) int64 tag ids, negative for padding (sparse form, instead of targets).
+        target_weights: (B, T) weight of each tag id (e.g. 1 / number of tags).
+        reduction: "mean" (over rows, as WSP), "sum" or "none" (per-row fp32 losses).
+        backend: "triton" | "torch" | None (see maws_kernels._backend).
+
+    Returns:
+        fp32 loss (the per-row losses for reduction="none").
+    """
+    op = "soft_target_cross_entropy"
+    _check_targets(logits, targets, target_ids, target_weights, op)
+    backend = resolve_backend(op, backend, _IMPLEMENTED, logits.device)
+    if targets is None:
+        targets_d = None
+        ids, wts = target_ids.contiguous(), target_weights.detach().contiguous()
+    else:
+        targets_d, ids, wts = targets.detach(), None, None
+    if backend == "torch":
+        if targets_d is None:
+            targets_d = sparse_to_dense(ids, wts, logits.shape[1])
+        return _reduce(_ref_rows(logits, targets_d, upcast=True), reduction)
+    rows, _, _ = _ce_fwd_op(logits if logits.stride(-1) == 1 else logits.contiguous(),
+                            None if targets_d is None else (_rows_contig(targets_d) or targets_d), ids, wts)
+    return _reduce(rows, reduction)
+
+
+class _LinearSoftCE(torch.autograd.Function):
+    """Chunked head + CE: gradients are computed in the forward, one chunk of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, ids, wts, chunk_rows):
+        B, D = x.shape
+        V = weight.shape[0]
+        loss_rows = torch.empty(B, device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(V, D, device=x.device, dtype=torch.float32)
+        grad_b = torch.zeros(V, device=x.device, dtype=torch.float32) if bias is not None else None
+        inv_b = torch.full((B,), 1.0 / B, device=x.device, dtype=torch.float32)  # mean over rows
+        for start in range(0, B, chunk_rows):
+            sl = slice(start, min(start + chunk_rows, B))
+            logits = x[sl] @ weight.t()  # (b, V) in x's dtype, fp32 accumulation
+            if bias is not None:
+                logits += bias
+            t = None if targets is None else targets[sl]
+            i = None if ids is None else ids[sl]
+            w = None if wts is None else wts[sl]
+            rows, _, _, _ = _launch(logits, t, i, w, forward=True, write_grad=True, gscale=inv_b[sl], grad=logits)
+            loss_rows[sl] = rows
+            # logits now hold d(mean loss)/d(logits) of this chunk
+            grad_x[sl] = logits @ weight
+            grad_w += (logits.t() @ x[sl]).float()
+            if grad_b is not None:
+                grad_b += logits.float().sum(0)
+        ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return loss_rows.mean()
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        wd, bd = ctx.dtypes
+        dx = grad_x * g.to(grad_x.dtype)
+        dw = (grad_w * g).to(wd)
+        db = None if grad_b is None else (grad_b * g).to(bd)
+        return dx, dw, db, None, None, None, None
+
+
+def linear_soft_target_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    *,
+    target_ids: torch.Tensor | None = None,
+    target_weights: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Mean soft-target CE of ``x @ weight.T + bias`` without holding all (B, V) logits.
+
+    Args:
+        x: (B, D) features (the WSP head's input).
+        weight: (V, D) head weight; bias: (V,) or None.
+        targets / target_ids / target_weights: as :func:`soft_target_cross_entropy`.
+        chunk_rows: rows per chunk (default: enough that a chunk's logits stay under 2^24 elements).
+        backend: "triton" | "torch" | None.
+
+    Returns:
+        0-d fp32 mean loss; gradients flow to x, weight and bias.
+    """
+    op = "linear_soft_target_cross_entropy"
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: x must be (B, D) and weight (V, D); got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    B, V = x.shape[0], weight.shape[0]
+    _check_targets(x.new_empty(B, V, device="meta"), targets, target_ids, target_weights, op)
+    backend = resolve_backend(op, backend, _IMPLEMENTED, x.device)
+    if backend == "torch":
+        logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+        return soft_target_cross_entropy(logits, targets, target_ids=target_ids, target_weights=target_weights,
+                                         backend="torch")
+    chunk_rows = chunk_rows or max(1, (1 << 24) // max(V, 1))
+    ids = None if target_ids is None else target_ids.contiguous()
+    wts = None if target_weights is None else target_weights.detach().contiguous()
+    t = None if targets is None else targets.detach().contiguous()
+    return _LinearSoftCE.apply(x.contiguous(), weight, bias, t, ids, wts, chunk_rows)
+
+
+def sparse_to_dense(target_ids: torch.Tensor, target_weights: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, T) ids (negative = padding) + weights -> (B, V) fp32 dense targets (repeated ids add up)."""
+    keep = target_ids >= 0
+    dense = torch.zeros(target_ids.shape[0], num_classes, device=target_ids.device, dtype=torch.float32)
+    return dense.scatter_add_(1, target_ids.clamp(min=0), torch.where(keep, target_weights.float(), 0.0))
+
+
+def _ref_rows(logits: torch.Tensor, targets: torch.Tensor, upcast: bool) -> torch.Tensor:
+    if upcast and logits.element_size() < 4:
+        logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(targets.to(logp.dtype) * logp).sum(dim=-1)
 
 
 def soft_target_cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, upcast: bool = True) -> torch.Tensor:
     """Reference: (B, V) logits, (B, V) targets -> scalar mean loss (fp16/bf16 upcast to fp32 when upcast)."""
-    if upcast and logits.element_size() < 4:
-        logits = logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(targets.to(logp.dtype) * logp).sum(dim=-1).mean()
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """Soft-target cross-entropy of (B, V) logits against (B, V) targets whose rows sum to 1."""
-    if logits.dim() != 2 or targets.shape != logits.shape:
-        raise ValueError(f"logits and targets must both be (B, V); got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    resolve_backend("soft_target_cross_entropy", backend, _IMPLEMENTED, logits.device)
-    return soft_target_cross_entropy_ref(logits, targets)
+    return _ref_rows(logits, targets, upcast).mean()

@@ -1,18 +1,207 @@
-"""MAE reconstruction loss with per-patch normalised pixel targets.
+"""MAE reconstruction loss with per-patch normalised pixel targets, fused.
 
 Facts (official MAE ``forward_loss``): target per patch ``(t - mean) / sqrt(var + eps)`` with
 ``var`` UNBIASED (n - 1, torch's default) over the p*p*C values of the patch; per-patch MSE
 ``.mean(-1)``; then ``(loss * mask).sum() / mask.sum()`` so only removed patches (mask == 1)
 count.
+
+The fused kernels read each removed patch's target straight from the (B, C, H, W) image -- no
+patchified (B, L, P) copy of the images, no normalised copy, no (B, L, P) squared error -- and
+skip kept patches entirely (their loads are masked off, so they cost no memory traffic). The
+forward writes one fp32 number per patch; the backward recomputes the target in registers and
+writes d(pred) in one pass. The images are data: no gradient flows to them.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from maws_kernels._backend import resolve_backend
-from maws_kernels.patch import patchify
+from maws_kernels.patch import _check_images, patchify
 
-_IMPLEMENTED = ("torch",)
+_IMPLEMENTED = ("triton", "cuda", "torch")
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _target_and_pred(
+    pred_ptr, img_ptr, row, L, C, grid_w, s_b, s_c, s_h, s_w, w, eps,
+    p: tl.constexpr, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Load patch ``row`` = b * L + l of pred and of the image, both fp32, target normalised."""
+    b = row // L
+    patch = row % L
+    hi = patch // grid_w
+    wi = patch % grid_w
+    j = tl.arange(0, BLOCK_P)
+    P = p * p * C
+    # A patch with zero weight loads nothing: its lanes are masked off, so it moves no bytes.
+    # (w is broadcast to a block first: the interpreter cannot AND a block with a scalar bool.)
+    valid = (j < P) & ((tl.zeros([BLOCK_P], dtype=tl.float32) + w) != 0.0)
+    pi = j // (p * C)  # (p, q, c) order inside the patch
+    qi = (j // C) % p
+    c = j % C
+    src = img_ptr + b * s_b + c * s_c + (hi * p + pi) * s_h + (wi * p + qi) * s_w
+    t = tl.load(src, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(pred_ptr + row * P + j, mask=valid, other=0.0).to(tl.float32)
+    if NORM_PIX:
+        mean = tl.sum(t, axis=0) / P
+        centred = tl.where(valid, t - mean, 0.0)
+        var = tl.sum(centred * centred, axis=0) / (P - 1)  # unbiased, as torch.var and the official code
+        t = centred / tl.sqrt_rn(var + eps)
+    return x, t, j, P
+
+
+@triton.jit
+def _norm_pix_loss_fwd_kernel(
+    pred_ptr,  # (B, L, P) contiguous, P = p * p * C
+    img_ptr,  # (B, C, H, W) any strides
+    mask_ptr,  # (B, L) fp32 contiguous: 1 = removed (counts), 0 = kept
+    out_ptr,  # (B, L) fp32: mask * per-patch MSE
+    L, C, grid_w,
+    s_b, s_c, s_h, s_w,  # image strides, in elements
+    eps,
+    p: tl.constexpr, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one patch: row = b * L + l
+    w = tl.load(mask_ptr + row)
+    x, t, j, P = _target_and_pred(pred_ptr, img_ptr, row, L, C, grid_w, s_b, s_c, s_h, s_w, w, eps,
+                                  p, NORM_PIX, BLOCK_P)
+    d = x - t
+    tl.store(out_ptr + row, w * (tl.sum(d * d, axis=0) / P))
+
+
+@triton.jit
+def _norm_pix_loss_bwd_kernel(
+    gscale_ptr,  # () fp32: d(loss) / mask.sum(), read on device (no host sync)
+    pred_ptr,  # (B, L, P) contiguous
+    img_ptr,  # (B, C, H, W) any strides
+    mask_ptr,  # (B, L) fp32 contiguous
+    dpred_ptr,  # (B, L, P) contiguous, pred's dtype: written in full (zeros for kept patches)
+    L, C, grid_w,
+    s_b, s_c, s_h, s_w,
+    eps,
+    p: tl.constexpr, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    w = tl.load(mask_ptr + row)
+    x, t, j, P = _target_and_pred(pred_ptr, img_ptr, row, L, C, grid_w, s_b, s_c, s_h, s_w, w, eps,
+                                  p, NORM_PIX, BLOCK_P)
+    g = tl.load(gscale_ptr) * w * 2.0 / P
+    tl.store(dpred_ptr + row * P + j, (g * (x - t)).to(dpred_ptr.dtype.element_ty), mask=j < P)
+
+
+def _check(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int) -> None:
+    if pred.dim() != 3 or mask.shape != pred.shape[:2]:
+        raise ValueError(f"pred must be (B, L, P) and mask (B, L); got {tuple(pred.shape)}, {tuple(mask.shape)}")
+    h, w = _check_images(images, patch_size)
+    B, C = images.shape[:2]
+    expect = (B, h * w, patch_size * patch_size * C)
+    if tuple(pred.shape) != expect:
+        raise ValueError(f"pred has shape {tuple(pred.shape)} but images {tuple(images.shape)} with patch "
+                         f"{patch_size} give {expect}")
+    if pred.device != images.device or mask.device != pred.device:
+        raise ValueError(f"pred, images and mask must share a device; got {pred.device}, {images.device}, {mask.device}")
+
+
+def _launch(kernel, pred, images, mask, p, norm_pix, eps, *extra_front, out):
+    B, L, P = pred.shape
+    C = images.shape[1]
+    if B * L:
+        kernel[(B * L,)](
+            *extra_front, pred, images, mask, out, L, C, images.shape[3] // p, *images.stride(), eps,
+            p=p, NORM_PIX=norm_pix, BLOCK_P=triton.next_power_of_2(P), num_warps=_NUM_WARPS,
+        )
+    return out
+
+
+def _ext():
+    from maws_kernels import _C  # built from csrc/ only where torch has CUDA
+
+    return _C
+
+
+@torch.library.custom_op("maws_kernels::norm_pix_loss_rows", mutates_args=())
+def _rows_op(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
+             eps: float, backend: str) -> torch.Tensor:
+    """(B, L) fp32: mask * per-patch MSE."""
+    if backend == "cuda":
+        return _ext().norm_pix_loss_fwd(pred.contiguous(), images.contiguous(), mask, patch_size, norm_pix, eps)
+    out = torch.empty(mask.shape, device=pred.device, dtype=torch.float32)
+    return _launch(_norm_pix_loss_fwd_kernel, pred.contiguous(), images, mask, patch_size, norm_pix, eps, out=out)
+
+
+@_rows_op.register_fake
+def _(pred, images, mask, patch_size, norm_pix, eps, backend):
+    return pred.new_empty(mask.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("maws_kernels::norm_pix_loss_backward", mutates_args=())
+def _bwd_op(gscale: torch.Tensor, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int,
+            norm_pix: bool, eps: float, backend: str) -> torch.Tensor:
+    """d(pred) of ``sum(rows) * gscale``; gscale is a 0-d fp32 tensor."""
+    if backend == "cuda":
+        return _ext().norm_pix_loss_bwd(gscale, pred.contiguous(), images.contiguous(), mask, patch_size, norm_pix, eps)
+    dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
+    return _launch(_norm_pix_loss_bwd_kernel, pred.contiguous(), images, mask, patch_size, norm_pix, eps, gscale,
+                   out=dpred)
+
+
+@_bwd_op.register_fake
+def _(gscale, pred, images, mask, patch_size, norm_pix, eps, backend):
+    return torch.empty_like(pred)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, images, mask, patch_size, norm_pix, eps, backend = inputs
+    ctx.save_for_backward(pred, images, mask)
+    ctx.meta = (patch_size, norm_pix, eps, backend)
+
+
+def _backward(ctx, grad_rows):
+    pred, images, mask = ctx.saved_tensors
+    p, norm_pix, eps, backend = ctx.meta
+    # The caller's loss is rows.sum() / mask.sum(); every row's gradient is therefore the same
+    # scalar, which arrives here as a (B, L) tensor. Read its first element on the device.
+    gscale = grad_rows.reshape(-1)[0].float().contiguous()
+    return _bwd_op(gscale, pred, images, mask, p, norm_pix, eps, backend), None, None, None, None, None, None
+
+
+_rows_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def norm_pix_loss(
+    pred: torch.Tensor,
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool = True,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """MAE loss over removed patches, targets read straight from the image.
+
+    Args:
+        pred: (B, L, p*p*C) predicted patches (fp32 / fp16 / bf16); the only input with a gradient.
+        images: (B, C, H, W) the (normalised) input images, any strides and float dtype.
+        mask: (B, L), 1 for removed patches, 0 for kept (any weights work: loss = sum(w * mse) / sum(w)).
+        patch_size: patch side p.
+        norm_pix: normalise each target patch by its mean and unbiased std.
+        eps: added to the variance.
+        backend: "triton" | "cuda" | "torch" | None (see maws_kernels._backend).
+
+    Returns:
+        0-d fp32 loss (pred's dtype on the "torch" backend, as the official code).
+    """
+    _check(pred, images, mask, patch_size)
+    backend = resolve_backend("norm_pix_loss", backend, _IMPLEMENTED, pred.device)
+    if backend == "torch":
+        return norm_pix_loss_ref(pred, images.detach(), mask, patch_size, norm_pix=norm_pix, eps=eps)
+    mask = mask.detach().to(torch.float32).contiguous()
+    rows = _rows_op(pred, images.detach(), mask, patch_size, norm_pix, eps, backend)
+    # Divide by the same mask.sum() the official code does; the reduction stays on the device.
+    return rows.sum() / mask.sum()
 
 
 def norm_pix_loss_ref(
@@ -45,19 +234,3 @@ def norm_pix_loss_ref(
     loss = (pred - target) ** 2
     loss = loss.mean(dim=-1)  # (B, L) per-patch MSE
     return (loss * mask).sum() / mask.sum()
-
-
-def norm_pix_loss(
-    pred: torch.Tensor,
-    images: torch.Tensor,
-    mask: torch.Tensor,
-    patch_size: int,
-    norm_pix: bool = True,
-    eps: float = 1e-6,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """MAE loss over removed patches; see :func:`norm_pix_loss_ref` for the arguments."""
-    if pred.dim() != 3 or mask.shape != pred.shape[:2]:
-        raise ValueError(f"pred must be (B, L, P) and mask (B, L); got {tuple(pred.shape)}, {tuple(mask.shape)}")
-    resolve_backend("norm_pix_loss", backend, _IMPLEMENTED, pred.device)
-    return norm_pix_loss_ref(pred, images, mask, patch_size, norm_pix=norm_pix, eps=eps)

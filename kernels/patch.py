@@ -3,14 +3,75 @@
 Layout fact (official MAE): a patch is flattened in (row p, col q, channel c) order, channel
 last -- NOT the (c, p, q) order of the Conv2d patch-embed weight. Every pixel-space target,
 prediction and fused kernel in this package uses that order.
+
+``masked_patchify`` reads only the kept patches (25% at MAE's mask ratio) straight from the
+(B, C, H, W) image, so the encoder's patch-embed runs on the kept patches only. The official
+code instead convolves all L patches and then gathers: 4x the patch-embed FLOPs and a full
+(B, L, D) activation that is mostly thrown away.
 """
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from maws_kernels._backend import resolve_backend
 
-_IMPLEMENTED = ("torch",)
+_IMPLEMENTED = ("triton", "cuda", "torch")
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _masked_patchify_fwd_kernel(
+    img_ptr,  # (B, C, H, W) any strides
+    ids_ptr,  # (B, K) int64, contiguous
+    out_ptr,  # (B, K, P) contiguous, P = p * p * C
+    K, C, grid_w,
+    s_b, s_c, s_h, s_w,  # image strides, in elements
+    p: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one kept patch: row = b * K + k
+    b = row // K
+    patch = tl.load(ids_ptr + row)  # raster index l of the kept patch
+    hi = patch // grid_w
+    wi = patch % grid_w
+    j = tl.arange(0, BLOCK_P)
+    P = p * p * C
+    valid = j < P
+    pi = j // (p * C)  # (p, q, c) order inside the patch
+    qi = (j // C) % p
+    c = j % C
+    src = img_ptr + b * s_b + c * s_c + (hi * p + pi) * s_h + (wi * p + qi) * s_w
+    vals = tl.load(src, mask=valid)
+    tl.store(out_ptr + row * P + j, vals, mask=valid)
+
+
+@triton.jit
+def _masked_patchify_bwd_kernel(
+    grad_ptr,  # (B, K, P) contiguous: d(out)
+    slot_ptr,  # (B, L) int64: k of patch l if kept, else -1
+    dimg_ptr,  # (B, C, H, W) contiguous: d(images), written in full (zeros where not kept)
+    L, C, H, W, grid_w, K,
+    p: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one patch of the image: row = b * L + l
+    b = row // L
+    patch = row % L
+    slot = tl.load(slot_ptr + row)
+    hi = patch // grid_w
+    wi = patch % grid_w
+    j = tl.arange(0, BLOCK_P)
+    P = p * p * C
+    valid = j < P
+    pi = j // (p * C)
+    qi = (j // C) % p
+    c = j % C
+    # One pass over d(images): every patch writes its gradient or zeros, so no memset is needed.
+    g = tl.load(grad_ptr + (b * K + slot) * P + j, mask=valid & (slot >= 0), other=0.0)
+    dst = dimg_ptr + b * C * H * W + c * H * W + (hi * p + pi) * W + (wi * p + qi)
+    tl.store(dst, g, mask=valid)
 
 
 def _check_images(images: torch.Tensor, patch_size: int) -> tuple[int, int]:
@@ -20,6 +81,99 @@ def _check_images(images: torch.Tensor, patch_size: int) -> tuple[int, int]:
     if H % patch_size or W % patch_size:
         raise ValueError(f"image size {H}x{W} is not divisible by patch_size {patch_size}")
     return H // patch_size, W // patch_size
+
+
+def _check_ids(ids_keep: torch.Tensor, images: torch.Tensor, num_patches: int) -> None:
+    if ids_keep.dim() != 2 or ids_keep.shape[0] != images.shape[0]:
+        raise ValueError(f"ids_keep must be (B, K) with B = {images.shape[0]}, got {tuple(ids_keep.shape)}")
+    if ids_keep.dtype != torch.int64:
+        raise ValueError(f"ids_keep must be int64, got {ids_keep.dtype}")
+    if ids_keep.device != images.device:
+        raise ValueError(f"ids_keep is on {ids_keep.device} but images on {images.device}")
+    if ids_keep.shape[1] > num_patches:
+        raise ValueError(f"ids_keep keeps {ids_keep.shape[1]} patches of only {num_patches}")
+
+
+def _block_p(P: int) -> int:
+    return triton.next_power_of_2(P)
+
+
+def _fwd_triton(images: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.Tensor:
+    B, C, H, W = images.shape
+    K = ids_keep.shape[1]
+    ids_keep = ids_keep.contiguous()
+    out = torch.empty(B, K, p * p * C, device=images.device, dtype=images.dtype)
+    if B * K:
+        _masked_patchify_fwd_kernel[(B * K,)](
+            images, ids_keep, out, K, C, W // p, *images.stride(), p=p, BLOCK_P=_block_p(p * p * C),
+            num_warps=_NUM_WARPS,
+        )
+    return out
+
+
+def _bwd_triton(grad: torch.Tensor, ids_keep: torch.Tensor, p: int, C: int, H: int, W: int) -> torch.Tensor:
+    B, K, _ = grad.shape
+    L = (H // p) * (W // p)
+    # slot[b, l] = k where ids_keep[b, k] == l, else -1 (a (B, L) int64 map: tiny next to the image)
+    slot = torch.full((B, L), -1, dtype=torch.int64, device=grad.device)
+    slot.scatter_(1, ids_keep, torch.arange(K, device=grad.device).expand(B, K))
+    dimg = torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype)
+    if B * L:
+        _masked_patchify_bwd_kernel[(B * L,)](
+            grad.contiguous(), slot, dimg, L, C, H, W, W // p, K, p=p, BLOCK_P=_block_p(p * p * C),
+            num_warps=_NUM_WARPS,
+        )
+    return dimg
+
+
+def _ext():
+    from maws_kernels import _C  # built from csrc/ only where torch has CUDA
+
+    return _C
+
+
+@torch.library.custom_op("maws_kernels::masked_patchify", mutates_args=())
+def _masked_patchify_op(images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str) -> torch.Tensor:
+    if backend == "cuda":
+        return _ext().masked_patchify_fwd(images.contiguous(), ids_keep.contiguous(), patch_size)
+    return _fwd_triton(images, ids_keep, patch_size)
+
+
+@_masked_patchify_op.register_fake
+def _(images, ids_keep, patch_size, backend):
+    B, C = images.shape[:2]
+    return images.new_empty(B, ids_keep.shape[1], patch_size * patch_size * C)
+
+
+@torch.library.custom_op("maws_kernels::masked_patchify_backward", mutates_args=())
+def _masked_patchify_bwd_op(
+    grad: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, C: int, H: int, W: int, backend: str
+) -> torch.Tensor:
+    if backend == "cuda":
+        return _ext().masked_patchify_bwd(grad.contiguous(), ids_keep.contiguous(), patch_size, C, H, W)
+    return _bwd_triton(grad, ids_keep, patch_size, C, H, W)
+
+
+@_masked_patchify_bwd_op.register_fake
+def _(grad, ids_keep, patch_size, C, H, W, backend):
+    return grad.new_empty(grad.shape[0], C, H, W)
+
+
+def _setup_context(ctx, inputs, output):
+    images, ids_keep, patch_size, backend = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.meta = (patch_size, *images.shape[1:], backend)
+
+
+def _backward(ctx, grad):
+    (ids_keep,) = ctx.saved_tensors
+    p, C, H, W, backend = ctx.meta
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return _masked_patchify_bwd_op(grad, ids_keep, p, C, H, W, backend), None, None, None
+
+
+_masked_patchify_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -47,24 +201,31 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int,
     return x.reshape(B, channels, h * p, w * p)
 
 
+def masked_patchify(
+    images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str | None = None
+) -> torch.Tensor:
+    """Patchify + gather of the kept patches in one pass: (B,C,H,W), (B,K) int64 -> (B,K,p*p*C).
+
+    Only the kept patches are read from the image. Differentiable in ``images`` (the backward
+    writes every pixel once: the patch's gradient if it was kept, else zero).
+
+    Args:
+        images: (B, C, H, W) image batch, any strides, fp32 / fp16 / bf16.
+        ids_keep: (B, K) int64 indices of kept patches in raster order (MAE's ``ids_shuffle[:, :K]``).
+        patch_size: patch side p; must divide H and W.
+        backend: "triton" | "cuda" | "torch" | None (see maws_kernels._backend).
+    """
+    h, w = _check_images(images, patch_size)
+    _check_ids(ids_keep, images, h * w)
+    backend = resolve_backend("masked_patchify", backend, _IMPLEMENTED, images.device)
+    if backend == "torch":
+        return masked_patchify_ref(images, ids_keep, patch_size)
+    return _masked_patchify_op(images, ids_keep, patch_size, backend)
+
+
 def masked_patchify_ref(images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Reference: patchify every patch, then gather the kept ones. (B,C,H,W), (B,K) -> (B,K,p*p*C)."""
     patches = patchify(images, patch_size)  # (B, L, P)
     idx = ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
     return torch.gather(patches, 1, idx)
 
-
-def masked_patchify(
-    images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str | None = None
-) -> torch.Tensor:
-    """Patchify + gather of the kept patches: (B,C,H,W), (B,K) int64 -> (B,K,p*p*C).
-
-    Args:
-        images: (B, C, H, W) image batch.
-        ids_keep: (B, K) int64 indices of kept patches in raster order.
-        patch_size: patch side p.
-        backend: "triton" | "cuda" | "torch" | None (see maws_kernels._backend).
-    """
-    _check_images(images, patch_size)
-    resolve_backend("masked_patchify", backend, _IMPLEMENTED, images.device)
-    return masked_patchify_ref(images, ids_keep, patch_size)

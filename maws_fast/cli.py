@@ -80,16 +80,17 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    """maws-bench train [...]: training-step throughput; see benchmarks/bench_train.py."""
+    """maws-bench train|kernels [...]: see benchmarks/bench_train.py and benchmarks/bench_<op>.py."""
     parser = argparse.ArgumentParser(prog="maws-bench", description="Benchmarks.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="MAE and WSP training-step throughput of a preset")
-    from maws_fast.bench import add_train_args, bench_train
+    from maws_fast.bench.kernels import add_kernel_args, bench_kernels
+    from maws_fast.bench.train import add_train_args, bench_train
 
-    add_train_args(tr)
+    add_train_args(sub.add_parser("train", help="MAE and WSP training-step throughput of a preset"))
+    add_kernel_args(sub.add_parser("kernels", help="fused kernels vs torch eager and torch.compile"))
     args = parser.parse_args(argv)
     try:
-        bench_train(args)
+        (bench_train if args.cmd == "train" else bench_kernels)(args)
     except UserError as e:
         return _fail("maws-bench", e)
     return 0

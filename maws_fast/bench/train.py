@@ -9,72 +9,17 @@ the device, commit, date and command, so README tables are generated, never type
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import torch
 
 import maws_kernels
+from maws_fast.bench.common import append_results, env_info, peak_tflops, time_steps
 from maws_fast.config import PRESETS, OptimConfig, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.attention import ATTN_BACKENDS
 from maws_fast.models.flops import flops_per_image
 from maws_fast.train.optim import build_optimizer
-
-# Dense bf16 peak of the devices we report MFU for (DESIGN.md: H100 SXM 989 TFLOP/s).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
-
-
-def env_info() -> dict:
-    """Device, commit and date for a results row."""
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()  # of the checkout the benchmark runs in
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {"device": device, "commit": commit, "date": datetime.date.today().isoformat(),
-            "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-
-
-def append_results(path: str | Path, rows: list[dict]) -> None:
-    """Append rows to a JSON list file (created if missing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(old + rows, indent=1) + "\n")
-
-
-def peak_tflops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # the timer must see finished GPU work
-
-
-def time_steps(step_fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per call of ``step_fn`` over ``steps`` timed calls after ``warmup``."""
-    for _ in range(warmup):
-        step_fn()
-    _sync(device)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step_fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,184 @@
+"""Kernel micro-benchmarks (``maws-bench kernels``, ``benchmarks/bench_<op>.py``).
+
+For every op case (an op at one model's MAE/WSP shape and one dtype) and every provider
+("ours" = the Triton kernel, "cuda" = the csrc twin where one exists, "torch" = the eager
+reference, "compile" = ``torch.compile`` of that reference) it times the forward, the backward
+alone and both together with :func:`maws_fast.bench.common.bench_ms` (``triton.testing.do_bench``
+median on a GPU). It prints ms, GB/s against the minimum bytes the op must move, that as a
+percentage of the measured device copy bandwidth, and the speedup over torch eager in the same
+run, then appends one row per (case, provider, mode) to ``benchmarks/results/kernels.json``.
+
+On a CPU the same code runs with the Triton interpreter; the numbers then only prove the
+benchmark works and must not be reported as kernel speed (rows are marked ``"interpreted"``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from maws_fast.bench.common import append_results, bench_ms, copy_bandwidth_gbps, env_info
+from maws_fast.config import model_preset
+from maws_fast.errors import ConfigError
+
+OPS = ("masked_patchify", "norm_pix_loss", "layer_norm", "cross_entropy", "adamw")
+PROVIDERS = ("ours", "cuda", "torch", "compile")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MaeShape:
+    """The tensor shapes one model's MAE / WSP step feeds the memory-bound ops."""
+
+    model: str  # preset name, e.g. "vit_b16"
+    batch: int
+    img: int  # image side
+    patch: int
+    chans: int
+    width: int  # encoder width D
+    dec_width: int  # decoder width
+    num_patches: int  # L
+    keep: int  # K = int(L * (1 - 0.75))
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} b{self.batch}"
+
+
+def mae_shape(model: str, batch: int, img: int | None = None) -> MaeShape:
+    """Shapes of ``model`` (a preset name) at ``batch`` and image side ``img`` (default: preset's)."""
+    cfg = model_preset(model)
+    img = img or cfg.img_size
+    L = (img // cfg.patch_size) ** 2
+    return MaeShape(model, batch, img, cfg.patch_size, cfg.in_chans, cfg.embed_dim, 512, L, int(L * 0.25))
+
+
+@dataclass
+class Case:
+    """One op at one shape and dtype.
+
+    ``fns`` maps provider name to a function of ``*args`` returning one tensor (the forward, or
+    the whole step of an op without backward). The harness adds "compile" from ``fns["torch"]``.
+    ``bytes_fwd`` / ``bytes_bwd`` are the minimum bytes a fused implementation must read + write
+    (``bytes_bwd == 0``: no backward); GB/s is reported against them for every provider.
+    """
+
+    op: str
+    shape: str
+    dtype: str
+    args: tuple
+    fns: dict[str, Callable[..., torch.Tensor]]
+    bytes_fwd: int
+    bytes_bwd: int = 0
+    note: str = ""
+    extra: dict = field(default_factory=dict)  # op-specific columns copied into every row
+
+    @property
+    def grad_inputs(self) -> list[torch.Tensor]:
+        return [a for a in self.args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+def load_cases(op: str) -> Callable[..., Iterator[Case]]:
+    """The ``cases(shapes, dtype, device)`` generator of ``maws_fast.bench.cases.<op>``."""
+    if op not in OPS:
+        raise ConfigError(f"maws-bench kernels: unknown op {op!r}; choose from {OPS}")
+    return importlib.import_module(f"maws_fast.bench.cases.{op}").cases
+
+
+def _time_modes(fn: Callable, case: Case, device: torch.device, rep_ms: int) -> dict[str, float]:
+    args, leaves = case.args, case.grad_inputs
+    out = {"fwd": bench_ms(lambda: fn(*args), device, rep_ms=rep_ms)}
+    if case.bytes_bwd and leaves:
+        y = fn(*args)
+        dy = torch.randn_like(y) if y.dim() else torch.ones_like(y)
+        out["bwd"] = bench_ms(lambda: y.backward(dy, retain_graph=True), device, grad_to_none=leaves, rep_ms=rep_ms)
+        out["both"] = bench_ms(lambda: fn(*args).backward(dy), device, grad_to_none=leaves, rep_ms=rep_ms)
+    return out
+
+
+def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.device, rep_ms: int = 100) -> list[dict]:
+    """Time every (case, provider, mode); returns result rows (not yet written)."""
+    info = env_info()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    copy_bw = copy_bandwidth_gbps(device)
+    rows = []
+    for case in cases:
+        fns = dict(case.fns)
+        if "compile" in providers and "torch" in fns:
+            fns["compile"] = torch.compile(fns["torch"], dynamic=False)
+        base: dict[str, float] = {}
+        for name in [p for p in PROVIDERS if p in providers and p in fns]:
+            for mode, ms in _time_modes(fns[name], case, device, rep_ms).items():
+                nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_bwd if mode == "bwd" else case.bytes_fwd + case.bytes_bwd
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                if name == "torch":
+                    base[mode] = ms
+                rows.append({
+                    "bench": "kernels", "op": case.op, "provider": name, "shape": case.shape, "dtype": case.dtype,
+                    "mode": mode, "ms": round(ms, 4), "gbps": round(gbps, 1),
+                    "pct_copy_bw": round(100 * gbps / copy_bw, 1), "copy_gbps": round(copy_bw, 1),
+                    "interpreted": interpreted, **case.extra, **info,
+                })
+        for r in rows:
+            if r["op"] == case.op and r["shape"] == case.shape and r["dtype"] == case.dtype and r["mode"] in base:
+                r["speedup_vs_torch"] = round(base[r["mode"]] / r["ms"], 3)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print(f"copy bandwidth: {rows[0]['copy_gbps']:.0f} GB/s on {rows[0]['device']}"
+          + ("  (Triton INTERPRETED: timings are not kernel speed)" if rows[0]["interpreted"] else ""))
+    print(f"{'op':<16}{'shape':<34}{'dtype':<6}{'provider':<9}{'mode':<5}{'ms':>10}{'GB/s':>9}{'%copy':>7}{'vs torch':>9}")
+    for r in rows:
+        ratio = f"x{r['speedup_vs_torch']:.2f}" if "speedup_vs_torch" in r else "-"
+        print(f"{r['op']:<16}{r['shape']:<34}{r['dtype']:<6}{r['provider']:<9}{r['mode']:<5}"
+              f"{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['pct_copy_bw']:>7.1f}{ratio:>9}")
+
+
+def add_kernel_args(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> None:
+    gpu = torch.cuda.is_available()
+    p.add_argument("--ops", default=",".join(ops), help=f"comma list from {OPS}")
+    p.add_argument("--models", default="vit_b16,vit_l16,vit_h14" if gpu else "tiny",
+                   help="presets whose MAE/WSP shapes to use")
+    p.add_argument("--batch-size", type=int, default=256 if gpu else 2)
+    p.add_argument("--dtypes", default="bf16,fp32" if gpu else "fp32", help=f"comma list from {tuple(DTYPES)}")
+    p.add_argument("--providers", default="ours,cuda,torch,compile" if gpu else "ours,torch",
+                   help=f"comma list from {PROVIDERS}")
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition budget per timing (GPU)")
+    p.add_argument("--out", default="benchmarks/results/kernels.json",
+                   help="JSON file to append to, relative to the current directory ('' = none)")
+
+
+def _split(text: str, allowed, what: str) -> tuple[str, ...]:
+    items = tuple(x for x in text.split(",") if x)
+    bad = [x for x in items if x not in allowed]
+    if bad:
+        raise ConfigError(f"maws-bench kernels: unknown {what} {bad}; choose from {tuple(allowed)}")
+    return items
+
+
+def bench_kernels(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("maws-bench kernels: --device cuda but torch sees no CUDA device")
+    ops = _split(args.ops, OPS, "op(s)")
+    providers = _split(args.providers, PROVIDERS, "provider(s)")
+    dtypes = _split(args.dtypes, DTYPES, "dtype(s)")
+    shapes = [mae_shape(m, args.batch_size) for m in args.models.split(",") if m]
+    rows = []
+    for op in ops:
+        cases = [c for dt in dtypes for c in load_cases(op)(shapes, DTYPES[dt], device)]
+        op_rows = run_cases(cases, providers, device, args.rep_ms)
+        print_rows(op_rows)
+        rows += op_rows
+    if args.out and rows:
+        append_results(args.out, rows)
+        print(f"appended {len(rows)} rows to {args.out}")
+    return rows
