@@ -4,15 +4,28 @@ Importable on its own (torch, plus triton where available): it never imports maw
 torch.distributed, so other trainers can depend on it.
 
 Each op has one public function with a ``backend=`` argument and a pure-torch ``<op>_ref``.
-Backends: ``"triton"`` (CUDA), ``"cuda"`` (csrc twins), ``"torch"`` (the reference; the only
-one on CPU). Selection: explicit argument, else env ``MAWS_KERNELS_BACKEND``, else the best
-available for the tensor's device. The fused Triton/CUDA implementations land op by op; until an
-op has one, asking for it raises :class:`BackendUnavailableError` rather than falling back.
+Backends: ``"triton"`` (CUDA; on CPU only under ``TRITON_INTERPRET=1`` and only when asked for
+by name), ``"cuda"`` (the csrc twins of masked_patchify and norm_pix_loss, in ``maws_kernels._C``),
+``"torch"`` (the reference). Selection: explicit argument, else env ``MAWS_KERNELS_BACKEND``, else
+the best available for the tensor's device. A backend that cannot run raises
+:class:`BackendUnavailableError`; nothing falls back silently.
+
+Ops: masked_patchify, norm_pix_loss, layer_norm, soft_target_cross_entropy (dense or sparse
+targets), linear_soft_target_cross_entropy (fused WSP head), fused_adamw_ / FlatAdamW (flat
+fp32 master shards + bf16 model copy). Each is a torch.library custom op, so torch.compile
+traces through it.
 """
 from maws_kernels._backend import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
 from maws_kernels.patch import masked_patchify, masked_patchify_ref, patchify, unpatchify
 from maws_kernels.norm_pix_loss import norm_pix_loss, norm_pix_loss_ref
-from maws_kernels.cross_entropy import soft_target_cross_entropy, soft_target_cross_entropy_ref
+from maws_kernels.cross_entropy import (
+    linear_soft_target_cross_entropy,
+    soft_target_cross_entropy,
+    soft_target_cross_entropy_ref,
+    sparse_to_dense,
+)
+from maws_kernels.layer_norm import layer_norm, layer_norm_ref
+from maws_kernels.adamw import FlatAdamW, fused_adamw_, fused_adamw_ref
 
 __all__ = [
     "BACKENDS",
@@ -27,5 +40,12 @@ __all__ = [
     "norm_pix_loss_ref",
     "soft_target_cross_entropy",
     "soft_target_cross_entropy_ref",
+    "linear_soft_target_cross_entropy",
+    "sparse_to_dense",
+    "layer_norm",
+    "layer_norm_ref",
+    "fused_adamw_",
+    "fused_adamw_ref",
+    "FlatAdamW",
 ]
 __version__ = "0.1.0"

@@ -54,7 +54,8 @@ def mae_shape(model: str, batch: int, img: int | None = None) -> MaeShape:
     cfg = model_preset(model)
     img = img or cfg.img_size
     L = (img // cfg.patch_size) ** 2
-    return MaeShape(model, batch, img, cfg.patch_size, cfg.in_chans, cfg.embed_dim, 512, L, int(L * 0.25))
+    return MaeShape(model, batch, img, cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.decoder_embed_dim, L,
+                    int(L * 0.25))
 
 
 @dataclass
@@ -100,6 +101,26 @@ def _time_modes(fn: Callable, case: Case, device: torch.device, rep_ms: int) -> 
     return out
 
 
+def _peak_mb(fn: Callable, case: Case, device: torch.device) -> float | None:
+    """Peak CUDA memory one forward + backward adds on top of the inputs, in MiB (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    for a in case.grad_inputs:
+        a.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y = fn(*case.args)
+    if case.bytes_bwd and case.grad_inputs:
+        y.backward(torch.ones_like(y))
+    del y
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for a in case.grad_inputs:
+        a.grad = None
+    return round(peak / 2**20, 2)
+
+
 def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.device, rep_ms: int = 100) -> list[dict]:
     """Time every (case, provider, mode); returns result rows (not yet written)."""
     info = env_info()
@@ -112,6 +133,7 @@ def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.devic
             fns["compile"] = torch.compile(fns["torch"], dynamic=False)
         base: dict[str, float] = {}
         for name in [p for p in PROVIDERS if p in providers and p in fns]:
+            peak = _peak_mb(fns[name], case, device)
             for mode, ms in _time_modes(fns[name], case, device, rep_ms).items():
                 nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_bwd if mode == "bwd" else case.bytes_fwd + case.bytes_bwd
                 gbps = nbytes / (ms * 1e-3) / 1e9
@@ -121,7 +143,7 @@ def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.devic
                     "bench": "kernels", "op": case.op, "provider": name, "shape": case.shape, "dtype": case.dtype,
                     "mode": mode, "ms": round(ms, 4), "gbps": round(gbps, 1),
                     "pct_copy_bw": round(100 * gbps / copy_bw, 1), "copy_gbps": round(copy_bw, 1),
-                    "interpreted": interpreted, **case.extra, **info,
+                    "peak_mb": peak, "note": case.note, "interpreted": interpreted, **case.extra, **info,
                 })
         for r in rows:
             if r["op"] == case.op and r["shape"] == case.shape and r["dtype"] == case.dtype and r["mode"] in base:
@@ -134,11 +156,13 @@ def print_rows(rows: list[dict]) -> None:
         return
     print(f"copy bandwidth: {rows[0]['copy_gbps']:.0f} GB/s on {rows[0]['device']}"
           + ("  (Triton INTERPRETED: timings are not kernel speed)" if rows[0]["interpreted"] else ""))
-    print(f"{'op':<16}{'shape':<34}{'dtype':<6}{'provider':<9}{'mode':<5}{'ms':>10}{'GB/s':>9}{'%copy':>7}{'vs torch':>9}")
+    print(f"{'op':<22}{'shape':<48}{'dtype':<9}{'provider':<9}{'mode':<5}{'ms':>10}{'GB/s':>9}{'%copy':>7}"
+          f"{'vs torch':>9}{'peak MiB':>10}")
     for r in rows:
         ratio = f"x{r['speedup_vs_torch']:.2f}" if "speedup_vs_torch" in r else "-"
-        print(f"{r['op']:<16}{r['shape']:<34}{r['dtype']:<6}{r['provider']:<9}{r['mode']:<5}"
-              f"{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['pct_copy_bw']:>7.1f}{ratio:>9}")
+        peak = "-" if r.get("peak_mb") is None or r["mode"] != "fwd" else f"{r['peak_mb']:.1f}"
+        print(f"{r['op']:<22}{r['shape']:<48}{r['dtype']:<9}{r['provider']:<9}{r['mode']:<5}"
+              f"{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['pct_copy_bw']:>7.1f}{ratio:>9}{peak:>10}")
 
 
 def add_kernel_args(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> None:
@@ -170,6 +194,10 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
         raise ConfigError("maws-bench kernels: --device cuda but torch sees no CUDA device")
     ops = _split(args.ops, OPS, "op(s)")
     providers = _split(args.providers, PROVIDERS, "provider(s)")
+    if device.type == "cpu" and "ours" in providers and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("maws-bench kernels: Triton runs on a CPU only under its interpreter; set TRITON_INTERPRET=1 "
+                          "before starting (the timings then prove the benchmark runs, not kernel speed), or pass "
+                          "--providers torch,compile")
     dtypes = _split(args.dtypes, DTYPES, "dtype(s)")
     shapes = [mae_shape(m, args.batch_size) for m in args.models.split(",") if m]
     rows = []

@@ -9,16 +9,30 @@ Pure model code: no data, no torch.distributed. Parallelism is applied from outs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 import torch.nn as nn
 
+import maws_kernels
 from maws_fast.errors import CheckpointError
 from maws_fast.models.attention import attention, check_attn_backend
 from maws_fast.models.pos_embed import sincos_2d
 
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same keys, eps 1e-6 by default) that runs maws_kernels.layer_norm.
+
+    ``kernel_backend`` picks the maws_kernels backend (None = best for the device: the fused
+    Triton kernel on a GPU, torch's native kernel on a CPU).
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-6, kernel_backend: str | None = None, **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+        self.kernel_backend = kernel_backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        return maws_kernels.layer_norm(x, self.weight, self.bias, self.eps, backend=self.kernel_backend)
 
 
 class PatchEmbed(nn.Module):
@@ -106,6 +120,8 @@ class VisionTransformer(nn.Module):
         pos_embed_learnable: False keeps the sin-cos table fixed (MAE); True trains it.
         attn_backend: see :mod:`maws_fast.models.attention`.
         norm_layer: LayerNorm factory (eps 1e-6 by default, as every MAE model).
+        kernel_backend: maws_kernels backend of the fused ops (LayerNorm here; patch gather and
+            loss in the MAE); None = best available for the device.
     """
 
     def __init__(
@@ -121,6 +137,7 @@ class VisionTransformer(nn.Module):
         pos_embed_learnable: bool = False,
         attn_backend: str = "sdpa",
         norm_layer=LayerNorm,
+        kernel_backend: str | None = None,
     ):
         super().__init__()
         self.in_chans, self.embed_dim, self.num_classes = in_chans, embed_dim, num_classes
@@ -133,6 +150,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.set_kernel_backend(kernel_backend)
         self._init_encoder()
 
     def _init_encoder(self) -> None:
@@ -153,6 +171,15 @@ class VisionTransformer(nn.Module):
     @property
     def patch_size(self) -> int:
         return self.patch_embed.patch_size[0]
+
+    def set_kernel_backend(self, backend: str | None) -> None:
+        """Route every fused op of this model (LayerNorms, and the MAE's patch gather / loss) to ``backend``."""
+        if backend not in (None, *maws_kernels.BACKENDS):
+            raise ValueError(f"kernel backend {backend!r} is not one of {maws_kernels.BACKENDS} or None")
+        self.kernel_backend = backend
+        for m in self.modules():
+            if isinstance(m, LayerNorm):
+                m.kernel_backend = backend
 
     def set_attn_backend(self, backend: str) -> None:
         check_attn_backend(backend)
