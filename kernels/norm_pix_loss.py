@@ -127,7 +127,7 @@ def _rows_op(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch
              eps: float, backend: str) -> torch.Tensor:
     """(B, L) fp32: mask * per-patch MSE."""
     if backend == "cuda":
-        return _ext().norm_pix_loss_fwd(pred.contiguous(), images.contiguous(), mask, patch_size, norm_pix, eps)
+        return _ext().norm_pix_loss_fwd(pred, images, mask, patch_size, norm_pix, eps)
     out = torch.empty(mask.shape, device=pred.device, dtype=torch.float32)
     return _launch(_norm_pix_loss_fwd_kernel, pred.contiguous(), images, mask, patch_size, norm_pix, eps, out=out)
 
@@ -142,7 +142,7 @@ def _bwd_op(gscale: torch.Tensor, pred: torch.Tensor, images: torch.Tensor, mask
             norm_pix: bool, eps: float, backend: str) -> torch.Tensor:
     """d(pred) of ``sum(rows) * gscale``; gscale is a 0-d fp32 tensor."""
     if backend == "cuda":
-        return _ext().norm_pix_loss_bwd(gscale, pred.contiguous(), images.contiguous(), mask, patch_size, norm_pix, eps)
+        return _ext().norm_pix_loss_bwd(gscale, pred, images, mask, patch_size, norm_pix, eps)
     dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
     return _launch(_norm_pix_loss_bwd_kernel, pred.contiguous(), images, mask, patch_size, norm_pix, eps, gscale,
                    out=dpred)

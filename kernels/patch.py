@@ -135,7 +135,7 @@ def _ext():
 @torch.library.custom_op("maws_kernels::masked_patchify", mutates_args=())
 def _masked_patchify_op(images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str) -> torch.Tensor:
     if backend == "cuda":
-        return _ext().masked_patchify_fwd(images.contiguous(), ids_keep.contiguous(), patch_size)
+        return _ext().masked_patchify_fwd(images, ids_keep, patch_size)  # any image strides
     return _fwd_triton(images, ids_keep, patch_size)
 
 
