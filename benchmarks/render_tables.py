@@ -29,6 +29,18 @@ def _train_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _kernels_table(rows: list[dict]) -> list[str]:
+    out = ["| op | shape | dtype | mode | provider | ms | GB/s | % of copy BW | vs torch | peak MiB | device | commit | date |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"x{r['speedup_vs_torch']:.2f}" if r.get("speedup_vs_torch") else "-"
+        peak = f"{r['peak_mb']:.1f}" if r.get("peak_mb") is not None else "-"
+        dev = r["device"] + (" (Triton interpreted)" if r.get("interpreted") else "")
+        out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | "
+                   f"{r['gbps']:.0f} | {r['pct_copy_bw']:.0f}% | {ratio} | {peak} | {dev} | {r['commit']} | {r['date']} |")
+    return out
+
+
 def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
     lines = []
     for path in sorted(results_dir.glob("*.json")):
@@ -38,6 +50,8 @@ def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
         lines += [f"**{path.name}** ({len(rows)} rows; command: `{rows[-1].get('command', '?')}`)", ""]
         if path.stem == "train":
             lines += _train_table(rows)
+        elif path.stem == "kernels":
+            lines += _kernels_table(rows)
         else:
             keys = sorted({k for r in rows for k in r if k != "command"})
             lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

@@ -1,0 +1,103 @@
+"""Run every fused kernel once, forward and backward, on the GPU: the workload for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  python benchmarks/sanitize_kernels.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_kernels.py
+
+Shapes are real but small (ragged tails, patch 14 and 16, bf16 and fp32) so a sanitizer run
+takes minutes, not hours. Each backend ("triton", and "cuda" where maws_kernels._C is built)
+is exercised; the script exits non-zero if any result differs from its torch reference, so a
+sanitizer run also checks the numbers.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import maws_kernels as mk
+
+
+def _close(a, b, what, tol):
+    err = (a.double() - b.double()).abs().max().item()
+    scale = b.double().abs().max().item() + 1e-12
+    ok = err <= tol * scale
+    print(f"{'ok  ' if ok else 'FAIL'} {what}: max err {err:.3g} (scale {scale:.3g})")
+    return ok
+
+
+def main(argv: list[str]) -> int:
+    dev = argv[0] if argv else "cuda"  # "cpu" (with TRITON_INTERPRET=1) only checks that the script runs
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("sanitize_kernels: needs a CUDA device (or pass cpu with TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    ok = True
+    torch.manual_seed(0)
+    patch_backends = [b for b in ("triton", "cuda") if b in mk.available_backends("masked_patchify", ("triton", "cuda"), dev)]
+    for dtype in (torch.float32, torch.bfloat16):
+        tol = 1e-6 if dtype == torch.float32 else 2e-2
+        for img, p in ((224, 16), (224, 14)):
+            L = (img // p) ** 2
+            x = torch.randn(3, 3, img, img, device=dev, dtype=dtype, requires_grad=True)
+            ids = torch.argsort(torch.rand(3, L, device=dev), 1)[:, : L // 4]
+            pred = torch.randn(3, L, p * p * 3, device=dev, dtype=dtype, requires_grad=True)
+            mask = (torch.rand(3, L, device=dev) < 0.75).float()
+            ref = mk.norm_pix_loss_ref(pred, x.detach(), mask, p, upcast=True)
+            gref = torch.autograd.grad(ref, pred)[0]
+            for be in patch_backends:
+                y = mk.masked_patchify(x, ids, p, backend=be)
+                ok &= _close(y, mk.masked_patchify_ref(x, ids, p), f"masked_patchify {be} {dtype} p{p}", 0)
+                g = torch.autograd.grad(y, x, torch.ones_like(y))[0]
+                ok &= _close(g, torch.autograd.grad(mk.masked_patchify_ref(x, ids, p), x, torch.ones_like(y))[0],
+                             f"masked_patchify bwd {be} {dtype} p{p}", 0)
+                loss = mk.norm_pix_loss(pred, x.detach(), mask, p, backend=be)
+                ok &= _close(loss, ref, f"norm_pix_loss {be} {dtype} p{p}", tol)
+                ok &= _close(torch.autograd.grad(loss, pred)[0], gref, f"norm_pix_loss bwd {be} {dtype} p{p}", tol)
+        for D in (512, 768, 1280, 4096):
+            x = torch.randn(197 * 3, D, device=dev, dtype=dtype, requires_grad=True)
+            w = torch.randn(D, device=dev, requires_grad=True)
+            b = torch.randn(D, device=dev, requires_grad=True)
+            y = mk.layer_norm(x, w, b, 1e-6, backend="triton")
+            r = mk.layer_norm_ref(x, w, b, 1e-6, upcast=True)
+            ok &= _close(y, r, f"layer_norm {dtype} D={D}", tol)
+            gy = torch.randn_like(y)
+            for a, c, n in zip(torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(r, (x, w, b), gy.float()),
+                               "xwb"):
+                ok &= _close(a, c, f"layer_norm bwd d{n} {dtype} D={D}", tol * 10)
+        V = 30011
+        logits = (torch.randn(67, V, device=dev) * 3).to(dtype).requires_grad_()
+        ids = torch.randint(0, V, (67, 5), device=dev)
+        wts = torch.full((67, 5), 0.2, device=dev)
+        dense = mk.sparse_to_dense(ids, wts, V)
+        ref = mk.soft_target_cross_entropy_ref(logits, dense.to(dtype))
+        gref = torch.autograd.grad(ref, logits)[0]
+        for kw in (dict(targets=dense.to(dtype)), dict(target_ids=ids, target_weights=wts)):
+            loss = mk.soft_target_cross_entropy(logits, backend="triton", **kw)
+            ok &= _close(loss, ref, f"soft_target_ce {dtype} {'dense' if 'targets' in kw else 'sparse'}", tol)
+            ok &= _close(torch.autograd.grad(loss, logits)[0], gref, f"soft_target_ce bwd {dtype}", max(tol, 1e-5))
+        feats = torch.randn(67, 768, device=dev, dtype=dtype, requires_grad=True)
+        W = (torch.randn(V, 768, device=dev) * 0.03).to(dtype).requires_grad_()
+        loss = mk.linear_soft_target_cross_entropy(feats, W, None, target_ids=ids, target_weights=wts, chunk_rows=16,
+                                                   backend="triton")
+        ref = mk.soft_target_cross_entropy_ref(feats.float() @ W.float().t(), dense)
+        ok &= _close(loss, ref, f"linear_soft_target_ce {dtype}", tol)
+    n = 1_000_003
+    for gdt in (torch.float32, torch.bfloat16):
+        p0 = torch.randn(n, device=dev)
+        grads = torch.randn(n, device=dev).to(gdt)
+        state = [p0.clone(), torch.zeros(n, device=dev), torch.zeros(n, device=dev)]
+        ref_state = [p0.clone(), torch.zeros(n, device=dev), torch.zeros(n, device=dev)]
+        copy = torch.empty(n, device=dev, dtype=torch.bfloat16)
+        for step in (1, 2, 3):
+            kw = dict(step=step, lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.05)
+            mk.fused_adamw_(*state[:1], grads, *state[1:], model_copy=copy, backend="triton", **kw)
+            mk.fused_adamw_ref(*ref_state[:1], grads, *ref_state[1:], **kw)
+        ok &= _close(state[0], ref_state[0], f"fused_adamw_ grad {gdt}", 1e-6)
+        ok &= _close(copy.float(), ref_state[0].bfloat16().float(), f"fused_adamw_ bf16 copy grad {gdt}", 1e-2)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print("all kernels match their references" if ok else "SOME KERNELS DIFFER")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
