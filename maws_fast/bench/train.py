@@ -29,6 +29,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--stages", default="mae,wsp")
     p.add_argument("--attn", default=",".join(ATTN_BACKENDS), help="attention backends to compare")
+    p.add_argument("--kernels", default="auto",
+                   help="maws_kernels backends to compare (auto = best for the device, triton, cuda, torch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
     p.add_argument("--num-classes", type=int, default=14, help="WSP head size")
@@ -44,6 +46,10 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     bad = [b for b in backends if b not in ATTN_BACKENDS]
     if bad:
         raise ConfigError(f"maws-bench: unknown attention backend(s) {bad}; choose from {ATTN_BACKENDS}")
+    kernel_opts = [k for k in args.kernels.split(",") if k]
+    bad = [k for k in kernel_opts if k not in ("auto", *maws_kernels.BACKENDS)]
+    if bad:
+        raise ConfigError(f"maws-bench: unknown kernel backend(s) {bad}; choose from auto, {', '.join(maws_kernels.BACKENDS)}")
     cfg = model_preset(args.preset)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     info, rows = env_info(), []
@@ -57,7 +63,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         elif stage == "wsp":
             model = build_classifier(cfg, args.num_classes).to(device)
             target = torch.softmax(torch.randn(args.batch_size, args.num_classes, device=device), -1)
-            loss_fn = lambda: maws_kernels.soft_target_cross_entropy(model(x), target)  # noqa: E731
+            loss_fn = lambda: maws_kernels.soft_target_cross_entropy(model(x), target,  # noqa: E731
+                                                                     backend=model.kernel_backend)
             flops = flops_per_image(cfg, "wsp", args.num_classes)
         else:
             raise ConfigError(f"maws-bench: unknown stage {stage!r}; choose mae or wsp")
@@ -70,25 +77,30 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
             loss.backward()
             opt.step()
 
-        base = None
-        for backend in backends:
-            model.set_attn_backend(backend)
-            sec = time_steps(step, args.steps, args.warmup, device)
-            ips = args.batch_size / sec
-            tflops = ips * flops / 1e12
-            row = {"bench": "train", "stage": stage, "preset": args.preset, "provider": f"attn={backend}",
-                   "batch_size": args.batch_size, "dtype": args.dtype, "ms_per_step": round(sec * 1e3, 3),
-                   "images_per_s": round(ips, 1), "tflops": round(tflops, 4),
-                   "mfu": round(tflops / peak, 4) if peak and device.type == "cuda" else None, **info}
-            if backend == "manual":
-                base = sec
-            rows.append(row)
+        base, base_name = None, None
+        for kb in kernel_opts:
+            model.set_kernel_backend(None if kb == "auto" else kb)
+            for backend in backends:
+                model.set_attn_backend(backend)
+                sec = time_steps(step, args.steps, args.warmup, device)
+                ips = args.batch_size / sec
+                tflops = ips * flops / 1e12
+                name = f"attn={backend}" + (f" kernels={kb}" if kernel_opts != ["auto"] else "")
+                row = {"bench": "train", "stage": stage, "preset": args.preset, "provider": name,
+                       "batch_size": args.batch_size, "dtype": args.dtype, "ms_per_step": round(sec * 1e3, 3),
+                       "images_per_s": round(ips, 1), "tflops": round(tflops, 4),
+                       "mfu": round(tflops / peak, 4) if peak and device.type == "cuda" else None, **info}
+                # baseline: the reference path (manual attention; torch kernels where those are compared)
+                if backend == "manual" and kb in ("torch", kernel_opts[-1]) and (base is None or kb == "torch"):
+                    base, base_name = sec, name
+                rows.append(row)
         for row in rows:
             if row["stage"] == stage and base:
                 row["speedup_vs_manual"] = round(base / (row["ms_per_step"] / 1e3), 3)
+                row["baseline"] = base_name
     for r in rows:
-        ratio = f"  x{r['speedup_vs_manual']:.2f} vs manual" if r.get("speedup_vs_manual") else ""
-        print(f"{r['stage']:<4} {r['provider']:<12} {r['ms_per_step']:9.2f} ms/step {r['images_per_s']:9.1f} img/s "
+        ratio = f"  x{r['speedup_vs_manual']:.2f} vs {r['baseline']}" if r.get("speedup_vs_manual") else ""
+        print(f"{r['stage']:<4} {r['provider']:<28} {r['ms_per_step']:9.2f} ms/step {r['images_per_s']:9.1f} img/s "
               f"{r['tflops']:8.4f} TFLOP/s{ratio}")
     if args.out:
         append_results(args.out, rows)

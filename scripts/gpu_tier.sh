@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU tier, in as few device calls as possible (each call may run 10 minutes).
+#
+#   bash scripts/gpu_tier.sh build      # build maws_kernels._C (kept between calls on a warm machine)
+#   bash scripts/gpu_tier.sh test       # build + every GPU-marked test
+#   bash scripts/gpu_tier.sh sanitize   # build + compute-sanitizer memcheck and racecheck on every fused kernel
+#   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step
+#   bash scripts/gpu_tier.sh all        # all of the above
+#
+# Logs and results go to $OUT (default ./gpu_out): <step>.log, kernels.json, train.json. Copy the
+# JSON rows into benchmarks/results/ and run benchmarks/render_tables.py to update the README.
+# Uses the machine's own torch (a CUDA build); installs nothing from the network.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-gpu_out}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+status=0
+
+step() {  # step NAME CMD...: run, log to $OUT/NAME.log, show the tail, remember a failure
+    local name=$1; shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "   rc=$rc in $((SECONDS - t0)) s"; tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+    [ "$rc" -eq 0 ] || status=1
+}
+
+build() {
+    nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+        | tee "$OUT/versions.txt"
+    # --no-build-isolation: the extension build needs the machine's CUDA torch (see setup.py)
+    step build "$PY" -m pip install --no-deps --no-build-isolation -e .
+    "$PY" -c "from maws_kernels import _C; print('maws_kernels._C:', _C.__file__)" || status=1
+}
+
+bench_main() { "$PY" -c "import sys; from maws_fast.cli import bench_main; sys.exit(bench_main(sys.argv[1:]))" "$@"; }
+
+build
+case "$what" in build) ;; test | all) step gpu_tests "$PY" -m pytest -q -m gpu tests -p no:cacheprovider ;; esac
+case "$what" in sanitize | all)
+    for tool in memcheck racecheck; do
+        step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
+    done ;;
+esac
+case "$what" in bench | all)
+    step bench_kernels bench_main kernels --out "$OUT/kernels.json"
+    step bench_train bench_main train --preset vit_b16 --batch-size 128 --attn sdpa --kernels triton,torch \
+        --out "$OUT/train.json" ;;
+esac
+echo "gpu_tier $what: $([ $status -eq 0 ] && echo OK || echo FAILED) (logs in $OUT)"
+exit $status
