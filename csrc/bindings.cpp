@@ -154,9 +154,11 @@ at::Tensor norm_pix_loss_bwd(const at::Tensor& gscale, const at::Tensor& pred, c
   constexpr const char* fn = "maws_kernels._C.norm_pix_loss_bwd";
   check_loss_inputs(pred, images, mask, p, fn);
   check_device(gscale, images, fn, "gscale");
-  TORCH_CHECK_VALUE(gscale.scalar_type() == at::kFloat && gscale.numel() == 1, fn,
-                    ": gscale must be a one-element float32 tensor, got ", gscale.scalar_type(), " of shape ",
-                    gscale.sizes());
+  TORCH_CHECK_VALUE(gscale.scalar_type() == at::kFloat && (gscale.numel() == 1 || gscale.numel() == mask.numel()), fn,
+                    ": gscale must be a float32 tensor of one element or one per patch (", mask.numel(), "), got ",
+                    gscale.scalar_type(), " of shape ", gscale.sizes());
+  const at::Tensor gs = gscale.contiguous();
+  const int64_t g_stride = gscale.numel() == 1 ? 0 : 1;
   const int pred_dtype = dtype_code(pred, fn, "pred");
   const int img_dtype = dtype_code(images, fn, "images");
   const at::Tensor x = pred.contiguous();
@@ -164,11 +166,11 @@ at::Tensor norm_pix_loss_bwd(const at::Tensor& gscale, const at::Tensor& pred, c
 
   const c10::cuda::CUDAGuard guard(images.device());
   at::Tensor dpred = at::empty_like(x, at::MemoryFormat::Contiguous);
-  check_launch(maws::launch_norm_pix_loss_bwd(gscale.data_ptr<float>(), x.data_ptr(), pred_dtype, images.data_ptr(),
+  check_launch(maws::launch_norm_pix_loss_bwd(gs.data_ptr<float>(), x.data_ptr(), pred_dtype, images.data_ptr(),
                                               img_dtype, images.stride(0), images.stride(1), images.stride(2),
                                               images.stride(3), m.data_ptr<float>(), images.size(0), images.size(1),
                                               images.size(2), images.size(3), p, norm_pix, static_cast<float>(eps),
-                                              dpred.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                                              g_stride, dpred.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                fn);
   return dpred;
 }
@@ -183,7 +185,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad"), py::arg("ids_keep"), py::arg("p"), py::arg("C"), py::arg("H"), py::arg("W"));
   m.def("norm_pix_loss_fwd", &norm_pix_loss_fwd, "per-patch masked MSE (B,L) fp32 against normalised image patches",
         py::arg("pred"), py::arg("images"), py::arg("mask"), py::arg("p"), py::arg("norm_pix"), py::arg("eps"));
-  m.def("norm_pix_loss_bwd", &norm_pix_loss_bwd, "dpred = gscale * mask * 2 * (pred - target) / P",
+  m.def("norm_pix_loss_bwd", &norm_pix_loss_bwd, "dpred = gscale[row] * mask * 2 * (pred - target) / P; gscale has 1 or B*L elements",
         py::arg("gscale"), py::arg("pred"), py::arg("images"), py::arg("mask"), py::arg("p"), py::arg("norm_pix"),
         py::arg("eps"));
 }

@@ -64,13 +64,14 @@ cudaError_t launch_norm_pix_loss_fwd(const void* pred, int pred_dtype, const voi
                                      int64_t B, int64_t C, int64_t H, int64_t W, int64_t p, bool norm_pix,
                                      float eps, float* loss, cudaStream_t stream);
 
-// dpred[b, l, j] = gscale * mask[b, l] * 2 * (pred[b, l, j] - t[b, l, j]) / P, in one pass
-// (t recomputed from the image). `gscale` is a device pointer to one fp32 (the upstream gradient
-// divided by mask.sum()), read on the device so that the caller needs no host sync.
+// dpred[b, l, j] = gscale[b, l] * mask[b, l] * 2 * (pred[b, l, j] - t[b, l, j]) / P, in one pass
+// (t recomputed from the image). `gscale` is a device pointer to the upstream gradient of each
+// loss[b, l]: B*L fp32 values (g_stride = 1), or one value for every row (g_stride = 0). It is read
+// on the device, so the caller needs no host sync.
 //   dpred: (B, L, P) contiguous, dtype `pred_dtype`; other arguments as in the forward.
 cudaError_t launch_norm_pix_loss_bwd(const float* gscale, const void* pred, int pred_dtype, const void* images,
                                      int img_dtype, int64_t s_b, int64_t s_c, int64_t s_h, int64_t s_w,
                                      const float* mask, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p,
-                                     bool norm_pix, float eps, void* dpred, cudaStream_t stream);
+                                     bool norm_pix, float eps, int64_t g_stride, void* dpred, cudaStream_t stream);
 
 }  // namespace maws

@@ -81,13 +81,13 @@ __global__ void norm_pix_loss_fwd_kernel(const TP* __restrict__ pred,     // (B,
 // One block per patch; recomputes t_hat instead of saving it in the forward (P floats per
 // patch of extra traffic both ways would cost more than re-reading the image patch).
 template <typename TP, typename TI>
-__global__ void norm_pix_loss_bwd_kernel(const float* __restrict__ gscale,  // () upstream grad / mask.sum()
+__global__ void norm_pix_loss_bwd_kernel(const float* __restrict__ gscale,  // (1,) or (B, L): d(out)/d(loss[b, l])
                                          const TP* __restrict__ pred,       // (B, L, P)
                                          const TI* __restrict__ images,     // (B, C, H, W), strides s_*
                                          const float* __restrict__ mask,    // (B, L)
                                          TP* __restrict__ dpred,            // (B, L, P)
                                          int64_t L, int C, int p, int w, int64_t s_b, int64_t s_c, int64_t s_h,
-                                         int64_t s_w, bool norm_pix, float eps) {
+                                         int64_t s_w, bool norm_pix, float eps, int64_t g_stride) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* target = reinterpret_cast<float*>(smem_raw);  // (P,) fp32, (pi, qi, c) order
   __shared__ float red[32];
@@ -104,7 +104,7 @@ __global__ void norm_pix_loss_bwd_kernel(const float* __restrict__ gscale,  // (
 
   // Same association as autograd: (gscale * mask) / P from mean's backward, then * (2 * diff)
   // from pow's backward.
-  const float coef = (*gscale * m) / static_cast<float>(P);
+  const float coef = (gscale[row * g_stride] * m) / static_cast<float>(P);
   const TP* x = pred + row * P;
   for (int j = threadIdx.x; j < P; j += blockDim.x) {
     const float d = to_float(x[j]) - (target[j] - st.x) / st.y;
@@ -147,7 +147,7 @@ cudaError_t launch_norm_pix_loss_fwd(const void* pred, int pred_dtype, const voi
 cudaError_t launch_norm_pix_loss_bwd(const float* gscale, const void* pred, int pred_dtype, const void* images,
                                      int img_dtype, int64_t s_b, int64_t s_c, int64_t s_h, int64_t s_w,
                                      const float* mask, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p,
-                                     bool norm_pix, float eps, void* dpred, cudaStream_t stream) {
+                                     bool norm_pix, float eps, int64_t g_stride, void* dpred, cudaStream_t stream) {
   if (B < 0 || !detail::patch_args_ok(C, H, W, p)) return cudaErrorInvalidValue;
   const int64_t L = (H / p) * (W / p);
   if (B == 0) return cudaSuccess;
@@ -161,7 +161,7 @@ cudaError_t launch_norm_pix_loss_bwd(const float* gscale, const void* pred, int 
     using TI = typename decltype(itag)::type;
     norm_pix_loss_bwd_kernel<TP, TI><<<static_cast<unsigned>(rows), threads, smem, stream>>>(
         gscale, static_cast<const TP*>(pred), static_cast<const TI*>(images), mask, static_cast<TP*>(dpred), L,
-        static_cast<int>(C), static_cast<int>(p), static_cast<int>(W / p), s_b, s_c, s_h, s_w, norm_pix, eps);
+        static_cast<int>(C), static_cast<int>(p), static_cast<int>(W / p), s_b, s_c, s_h, s_w, norm_pix, eps, g_stride);
     return cudaGetLastError();
   });
 }

@@ -7,6 +7,8 @@ benchmark or a parity test that quietly ran the reference would report a lie.
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 
 import torch
@@ -17,6 +19,24 @@ ENV_VAR = "MAWS_KERNELS_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this op here (no GPU, not built, not implemented)."""
+
+
+def _probe_extension() -> str | None:
+    """None if ``maws_kernels._C`` imports, else why not.
+
+    Probed once, at import: a per-call import attempt inside ``torch.compile``'d code would make
+    Dynamo trace an ImportError and break the graph wherever the extension is not built.
+    """
+    if importlib.util.find_spec("maws_kernels._C") is None:
+        return "no _C*.so next to the package"
+    try:
+        importlib.import_module("maws_kernels._C")
+    except ImportError as e:  # built, but for another torch / CUDA: say what the loader said
+        return str(e)
+    return None
+
+
+_EXT_ERROR = _probe_extension()
 
 
 def _triton_usable() -> bool:
@@ -39,11 +59,7 @@ def available_backends(op: str, implemented: tuple[str, ...], device: torch.devi
             out.append(name)
         elif name == "triton" and _triton_usable() and (device.type == "cuda" or interpreting):
             out.append(name)
-        elif name == "cuda" and device.type == "cuda":
-            try:
-                from maws_kernels import _C  # noqa: F401
-            except ImportError:
-                continue
+        elif name == "cuda" and device.type == "cuda" and _EXT_ERROR is None:
             out.append(name)
     if device.type == "cpu" and "torch" in out:
         # Triton on CPU tensors is the interpreter: a correctness tool, ~1 ms per program. It runs
@@ -81,8 +97,11 @@ def resolve_backend(
     if requested not in usable:
         if requested not in implemented:
             why = f"{op} has no {requested!r} implementation yet (implemented: {implemented})"
+        elif requested == "cuda" and torch.device(device).type != "cuda":
+            why = f"the tensors are on {torch.device(device)}, not a GPU"
         elif requested == "cuda":
-            why = "the CUDA extension maws_kernels._C is not built or the tensors are not on a GPU"
+            why = (f"the CUDA extension maws_kernels._C cannot be loaded ({_EXT_ERROR}); build it on a CUDA "
+                   "machine with: pip install --no-build-isolation -e .")
         else:
             why = f"it needs a CUDA device (or TRITON_INTERPRET=1), got {torch.device(device)}"
         raise BackendUnavailableError(f"maws_kernels.{op}: backend {requested!r} is unavailable: {why}")

@@ -202,8 +202,9 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _rows_contig(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None or t.stride(-1) == 1 else t.contiguous()
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """t itself when rows are contiguous (any row stride), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def soft_target_cross_entropy(
@@ -220,7 +221,7 @@ def soft_target_cross_entropy(
     Args:
         logits: (B, V) fp32 / fp16 / bf16.
         targets: (B, V) dense targets whose rows sum to 1 (not differentiated).
-        target_ids: (B, T) int64 tag ids, negative for padding (sparse form, instead of targets).
+        target_ids: (B, T) int64 tag ids; ids outside [0, V) (use -1) are padding (sparse form, instead of targets).
         target_weights: (B, T) weight of each tag id (e.g. 1 / number of tags).
         reduction: "mean" (over rows, as WSP), "sum" or "none" (per-row fp32 losses).
         backend: "triton" | "torch" | None (see maws_kernels._backend).
@@ -240,50 +241,77 @@ def soft_target_cross_entropy(
         if targets_d is None:
             targets_d = sparse_to_dense(ids, wts, logits.shape[1])
         return _reduce(_ref_rows(logits, targets_d, upcast=True), reduction)
-    rows, _, _ = _ce_fwd_op(logits if logits.stride(-1) == 1 else logits.contiguous(),
-                            None if targets_d is None else (_rows_contig(targets_d) or targets_d), ids, wts)
+    rows, _, _ = _ce_fwd_op(_unit_last_stride(logits), None if targets_d is None else _unit_last_stride(targets_d),
+                            ids, wts)
     return _reduce(rows, reduction)
 
 
-class _LinearSoftCE(torch.autograd.Function):
-    """Chunked head + CE: gradients are computed in the forward, one chunk of rows at a time."""
+@torch.library.custom_op("maws_kernels::linear_soft_target_ce", mutates_args=())
+def _linear_ce_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor | None,
+                  ids: torch.Tensor | None, wts: torch.Tensor | None, chunk_rows: int,
+                  need_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean loss and, when ``need_grad``, its gradients for x, weight and bias (empty otherwise).
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, ids, wts, chunk_rows):
-        B, D = x.shape
-        V = weight.shape[0]
-        loss_rows = torch.empty(B, device=x.device, dtype=torch.float32)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(V, D, device=x.device, dtype=torch.float32)
-        grad_b = torch.zeros(V, device=x.device, dtype=torch.float32) if bias is not None else None
-        inv_b = torch.full((B,), 1.0 / B, device=x.device, dtype=torch.float32)  # mean over rows
-        for start in range(0, B, chunk_rows):
-            sl = slice(start, min(start + chunk_rows, B))
-            logits = x[sl] @ weight.t()  # (b, V) in x's dtype, fp32 accumulation
-            if bias is not None:
-                logits += bias
-            t = None if targets is None else targets[sl]
-            i = None if ids is None else ids[sl]
-            w = None if wts is None else wts[sl]
-            rows, _, _, _ = _launch(logits, t, i, w, forward=True, write_grad=True, gscale=inv_b[sl], grad=logits)
-            loss_rows[sl] = rows
-            # logits now hold d(mean loss)/d(logits) of this chunk
+    The gradients are computed here, in the forward, one chunk of rows at a time: each chunk's
+    logits are turned in place into d(mean loss)/d(logits) and folded into the three gradients,
+    so the (B, V) logits never exist at once. The backward only scales them by the upstream grad.
+    """
+    B, D = x.shape
+    V = weight.shape[0]
+    dev = x.device
+    loss_rows = torch.empty(B, device=dev, dtype=torch.float32)
+    inv_b = torch.full((B,), 1.0 / B, device=dev, dtype=torch.float32)  # d(mean)/d(row)
+    single = chunk_rows >= B
+    grad_x = torch.empty_like(x) if need_grad else x.new_empty(0)
+    # One chunk: the weight gradient is one GEMM straight into its dtype. Several: accumulate in fp32.
+    grad_w = weight.new_empty(0) if not need_grad or single else torch.zeros(V, D, device=dev, dtype=torch.float32)
+    grad_b = torch.zeros(V, device=dev, dtype=torch.float32) if need_grad and bias is not None else x.new_empty(0)
+    for start in range(0, B, chunk_rows):
+        sl = slice(start, min(start + chunk_rows, B))
+        logits = x[sl] @ weight.t()  # (b, V) in x's dtype, fp32 accumulation
+        if bias is not None:
+            logits += bias
+        rows, _, _, _ = _launch(logits, None if targets is None else targets[sl], None if ids is None else ids[sl],
+                                None if wts is None else wts[sl], forward=True, write_grad=need_grad,
+                                gscale=inv_b[sl], grad=logits if need_grad else None)
+        loss_rows[sl] = rows
+        if need_grad:  # logits now hold d(mean loss)/d(logits) of this chunk
             grad_x[sl] = logits @ weight
-            grad_w += (logits.t() @ x[sl]).float()
-            if grad_b is not None:
-                grad_b += logits.float().sum(0)
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return loss_rows.mean()
+            if single:
+                grad_w = (logits.t() @ x[sl]).to(weight.dtype)
+            else:
+                grad_w += (logits.t() @ x[sl]).float()
+            if bias is not None:
+                grad_b += logits.sum(0, dtype=torch.float32)
+    if need_grad:
+        grad_w = grad_w.to(weight.dtype)
+        grad_b = grad_b.to(bias.dtype) if bias is not None else grad_b
+    return loss_rows.mean(), grad_x, grad_w, grad_b
 
-    @staticmethod
-    def backward(ctx, g):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
-        wd, bd = ctx.dtypes
-        dx = grad_x * g.to(grad_x.dtype)
-        dw = (grad_w * g).to(wd)
-        db = None if grad_b is None else (grad_b * g).to(bd)
-        return dx, dw, db, None, None, None, None
+
+@_linear_ce_op.register_fake
+def _(x, weight, bias, targets, ids, wts, chunk_rows, need_grad):
+    if not need_grad:
+        return x.new_empty((), dtype=torch.float32), x.new_empty(0), weight.new_empty(0), x.new_empty(0)
+    grad_b = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return x.new_empty((), dtype=torch.float32), x.new_empty(x.shape), weight.new_empty(weight.shape), grad_b
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    _, grad_x, grad_w, grad_b = output
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(grad_x, grad_w, grad_b)
+
+
+def _linear_ce_backward(ctx, g, _gx, _gw, _gb):
+    grad_x, grad_w, grad_b = ctx.saved_tensors
+    if grad_x.numel() == 0 and grad_w.numel() == 0:
+        raise RuntimeError("linear_soft_target_cross_entropy: called under no_grad, so it kept no gradients")
+    db = grad_b * g.to(grad_b.dtype) if ctx.has_bias else None
+    return grad_x * g.to(grad_x.dtype), grad_w * g.to(grad_w.dtype), db, None, None, None, None, None
+
+
+_linear_ce_op.register_autograd(_linear_ce_backward, setup_context=_linear_ce_setup)
 
 
 def linear_soft_target_cross_entropy(
@@ -325,14 +353,20 @@ def linear_soft_target_cross_entropy(
     ids = None if target_ids is None else target_ids.contiguous()
     wts = None if target_weights is None else target_weights.detach().contiguous()
     t = None if targets is None else targets.detach().contiguous()
-    return _LinearSoftCE.apply(x.contiguous(), weight, bias, t, ids, wts, chunk_rows)
+    # Under no_grad (evaluation) only the loss is computed: no gradient GEMMs, no (V, D) buffer.
+    need_grad = torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (x, weight, bias))
+    loss, _, _, _ = _linear_ce_op(x.contiguous(), weight, bias, t, ids, wts, chunk_rows, need_grad)
+    return loss
 
 
 def sparse_to_dense(target_ids: torch.Tensor, target_weights: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, T) ids (negative = padding) + weights -> (B, V) fp32 dense targets (repeated ids add up)."""
-    keep = target_ids >= 0
+    """(B, T) ids + weights -> (B, V) fp32 dense targets (repeated ids add up).
+
+    Ids outside [0, V) are padding, as in the Triton kernel (use -1).
+    """
+    keep = (target_ids >= 0) & (target_ids < num_classes)
     dense = torch.zeros(target_ids.shape[0], num_classes, device=target_ids.device, dtype=torch.float32)
-    return dense.scatter_add_(1, target_ids.clamp(min=0), torch.where(keep, target_weights.float(), 0.0))
+    return dense.scatter_add_(1, torch.where(keep, target_ids, 0), torch.where(keep, target_weights.float(), 0.0))
 
 
 def _ref_rows(logits: torch.Tensor, targets: torch.Tensor, upcast: bool) -> torch.Tensor:

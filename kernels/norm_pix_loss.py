@@ -26,7 +26,7 @@ _NUM_WARPS = 4
 
 @triton.jit
 def _target_and_pred(
-    pred_ptr, img_ptr, row, L, C, grid_w, s_b, s_c, s_h, s_w, w, eps,
+    pred_ptr, img_ptr, row, L, C, grid_w, s_pb, s_pl, s_b, s_c, s_h, s_w, w, eps,
     p: tl.constexpr, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Load patch ``row`` = b * L + l of pred and of the image, both fp32, target normalised."""
@@ -44,7 +44,7 @@ def _target_and_pred(
     c = j % C
     src = img_ptr + b * s_b + c * s_c + (hi * p + pi) * s_h + (wi * p + qi) * s_w
     t = tl.load(src, mask=valid, other=0.0).to(tl.float32)
-    x = tl.load(pred_ptr + row * P + j, mask=valid, other=0.0).to(tl.float32)
+    x = tl.load(pred_ptr + b * s_pb + patch * s_pl + j, mask=valid, other=0.0).to(tl.float32)
     if NORM_PIX:
         mean = tl.sum(t, axis=0) / P
         centred = tl.where(valid, t - mean, 0.0)
@@ -55,18 +55,19 @@ def _target_and_pred(
 
 @triton.jit
 def _norm_pix_loss_fwd_kernel(
-    pred_ptr,  # (B, L, P) contiguous, P = p * p * C
+    pred_ptr,  # (B, L, P) row strides s_pb, s_pl, unit last stride; P = p * p * C
     img_ptr,  # (B, C, H, W) any strides
     mask_ptr,  # (B, L) fp32 contiguous: 1 = removed (counts), 0 = kept
     out_ptr,  # (B, L) fp32: mask * per-patch MSE
     L, C, grid_w,
+    s_pb, s_pl,  # pred strides, in elements (MAE's pred is a view that drops the cls row)
     s_b, s_c, s_h, s_w,  # image strides, in elements
     eps,
     p: tl.constexpr, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # one patch: row = b * L + l
     w = tl.load(mask_ptr + row)
-    x, t, j, P = _target_and_pred(pred_ptr, img_ptr, row, L, C, grid_w, s_b, s_c, s_h, s_w, w, eps,
+    x, t, j, P = _target_and_pred(pred_ptr, img_ptr, row, L, C, grid_w, s_pb, s_pl, s_b, s_c, s_h, s_w, w, eps,
                                   p, NORM_PIX, BLOCK_P)
     d = x - t
     tl.store(out_ptr + row, w * (tl.sum(d * d, axis=0) / P))
@@ -74,21 +75,22 @@ def _norm_pix_loss_fwd_kernel(
 
 @triton.jit
 def _norm_pix_loss_bwd_kernel(
-    gscale_ptr,  # () fp32: d(loss) / mask.sum(), read on device (no host sync)
-    pred_ptr,  # (B, L, P) contiguous
+    gscale_ptr,  # (B, L) fp32, or one value when g_stride = 0: d(out) / d(rows[b, l]), read on device
+    pred_ptr,  # (B, L, P) row strides s_pb, s_pl, unit last stride
     img_ptr,  # (B, C, H, W) any strides
     mask_ptr,  # (B, L) fp32 contiguous
     dpred_ptr,  # (B, L, P) contiguous, pred's dtype: written in full (zeros for kept patches)
     L, C, grid_w,
+    s_pb, s_pl,
     s_b, s_c, s_h, s_w,
-    eps,
+    eps, g_stride,
     p: tl.constexpr, NORM_PIX: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     w = tl.load(mask_ptr + row)
-    x, t, j, P = _target_and_pred(pred_ptr, img_ptr, row, L, C, grid_w, s_b, s_c, s_h, s_w, w, eps,
+    x, t, j, P = _target_and_pred(pred_ptr, img_ptr, row, L, C, grid_w, s_pb, s_pl, s_b, s_c, s_h, s_w, w, eps,
                                   p, NORM_PIX, BLOCK_P)
-    g = tl.load(gscale_ptr) * w * 2.0 / P
+    g = tl.load(gscale_ptr + row * g_stride) * w * 2.0 / P
     tl.store(dpred_ptr + row * P + j, (g * (x - t)).to(dpred_ptr.dtype.element_ty), mask=j < P)
 
 
@@ -105,13 +107,20 @@ def _check(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_s
         raise ValueError(f"pred, images and mask must share a device; got {pred.device}, {images.device}, {mask.device}")
 
 
-def _launch(kernel, pred, images, mask, p, norm_pix, eps, *extra_front, out):
+def _rows_view(pred: torch.Tensor) -> torch.Tensor:
+    """pred with a unit last stride (MAE's ``pred[:, 1:]`` view qualifies: no copy)."""
+    return pred if pred.stride(-1) == 1 else pred.contiguous()
+
+
+def _launch(kernel, pred, images, mask, p, norm_pix, eps, *front, out, g_stride=None):
     B, L, P = pred.shape
     C = images.shape[1]
+    tail = () if g_stride is None else (g_stride,)
     if B * L:
         kernel[(B * L,)](
-            *extra_front, pred, images, mask, out, L, C, images.shape[3] // p, *images.stride(), eps,
-            p=p, NORM_PIX=norm_pix, BLOCK_P=triton.next_power_of_2(P), num_warps=_NUM_WARPS,
+            *front, pred, images, mask, out, L, C, images.shape[3] // p, pred.stride(0), pred.stride(1),
+            *images.stride(), eps, *tail, p=p, NORM_PIX=norm_pix, BLOCK_P=triton.next_power_of_2(P),
+            num_warps=_NUM_WARPS,
         )
     return out
 
@@ -129,7 +138,7 @@ def _rows_op(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch
     if backend == "cuda":
         return _ext().norm_pix_loss_fwd(pred, images, mask, patch_size, norm_pix, eps)
     out = torch.empty(mask.shape, device=pred.device, dtype=torch.float32)
-    return _launch(_norm_pix_loss_fwd_kernel, pred.contiguous(), images, mask, patch_size, norm_pix, eps, out=out)
+    return _launch(_norm_pix_loss_fwd_kernel, _rows_view(pred), images, mask, patch_size, norm_pix, eps, out=out)
 
 
 @_rows_op.register_fake
@@ -140,17 +149,18 @@ def _(pred, images, mask, patch_size, norm_pix, eps, backend):
 @torch.library.custom_op("maws_kernels::norm_pix_loss_backward", mutates_args=())
 def _bwd_op(gscale: torch.Tensor, pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int,
             norm_pix: bool, eps: float, backend: str) -> torch.Tensor:
-    """d(pred) of ``sum(rows) * gscale``; gscale is a 0-d fp32 tensor."""
+    """d(pred) of ``sum(rows * gscale)``; gscale is fp32, (B, L) or one element for every row."""
     if backend == "cuda":
         return _ext().norm_pix_loss_bwd(gscale, pred, images, mask, patch_size, norm_pix, eps)
     dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
-    return _launch(_norm_pix_loss_bwd_kernel, pred.contiguous(), images, mask, patch_size, norm_pix, eps, gscale,
-                   out=dpred)
+    g_stride = 0 if gscale.numel() == 1 else 1
+    return _launch(_norm_pix_loss_bwd_kernel, _rows_view(pred), images, mask, patch_size, norm_pix, eps,
+                   gscale.contiguous(), out=dpred, g_stride=g_stride)
 
 
 @_bwd_op.register_fake
 def _(gscale, pred, images, mask, patch_size, norm_pix, eps, backend):
-    return torch.empty_like(pred)
+    return pred.new_empty(pred.shape)  # contiguous, as both real implementations
 
 
 def _setup_context(ctx, inputs, output):
@@ -162,9 +172,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_rows):
     pred, images, mask = ctx.saved_tensors
     p, norm_pix, eps, backend = ctx.meta
-    # The caller's loss is rows.sum() / mask.sum(); every row's gradient is therefore the same
-    # scalar, which arrives here as a (B, L) tensor. Read its first element on the device.
-    gscale = grad_rows.reshape(-1)[0].float().contiguous()
+    # Per-row upstream gradients (B, L): for the public loss, rows.sum() / mask.sum(), every
+    # entry is the same, but the op is public (torch.ops.maws_kernels) and may be used otherwise.
+    gscale = grad_rows.float().contiguous()
     return _bwd_op(gscale, pred, images, mask, p, norm_pix, eps, backend), None, None, None, None, None, None
 
 

@@ -26,7 +26,7 @@ def _masked_patchify_fwd_kernel(
     img_ptr,  # (B, C, H, W) any strides
     ids_ptr,  # (B, K) int64, contiguous
     out_ptr,  # (B, K, P) contiguous, P = p * p * C
-    K, C, grid_w,
+    K, L, C, grid_w,
     s_b, s_c, s_h, s_w,  # image strides, in elements
     p: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -38,13 +38,16 @@ def _masked_patchify_fwd_kernel(
     wi = patch % grid_w
     j = tl.arange(0, BLOCK_P)
     P = p * p * C
-    valid = j < P
+    # An id outside [0, L) reads nothing (its row comes out as zeros) instead of reading out of
+    # bounds. (The id is broadcast first: the interpreter cannot AND a block with a scalar bool.)
+    pv = tl.zeros([BLOCK_P], dtype=tl.int64) + patch
+    valid = (j < P) & (pv >= 0) & (pv < L)
     pi = j // (p * C)  # (p, q, c) order inside the patch
     qi = (j // C) % p
     c = j % C
     src = img_ptr + b * s_b + c * s_c + (hi * p + pi) * s_h + (wi * p + qi) * s_w
-    vals = tl.load(src, mask=valid)
-    tl.store(out_ptr + row * P + j, vals, mask=valid)
+    vals = tl.load(src, mask=valid, other=0.0)
+    tl.store(out_ptr + row * P + j, vals, mask=j < P)
 
 
 @triton.jit
@@ -105,8 +108,8 @@ def _fwd_triton(images: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.T
     out = torch.empty(B, K, p * p * C, device=images.device, dtype=images.dtype)
     if B * K:
         _masked_patchify_fwd_kernel[(B * K,)](
-            images, ids_keep, out, K, C, W // p, *images.stride(), p=p, BLOCK_P=_block_p(p * p * C),
-            num_warps=_NUM_WARPS,
+            images, ids_keep, out, K, (H // p) * (W // p), C, W // p, *images.stride(), p=p,
+            BLOCK_P=_block_p(p * p * C), num_warps=_NUM_WARPS,
         )
     return out
 
@@ -211,7 +214,9 @@ def masked_patchify(
 
     Args:
         images: (B, C, H, W) image batch, any strides, fp32 / fp16 / bf16.
-        ids_keep: (B, K) int64 indices of kept patches in raster order (MAE's ``ids_shuffle[:, :K]``).
+        ids_keep: (B, K) int64 indices of kept patches in raster order (MAE's ``ids_shuffle[:, :K]``),
+            distinct within a row and in [0, L). The kernels do not check this on the device (that
+            would cost a host sync): an id out of range yields a zero patch, never an out-of-bounds read.
         patch_size: patch side p; must divide H and W.
         backend: "triton" | "cuda" | "torch" | None (see maws_kernels._backend).
     """

@@ -179,8 +179,10 @@ class MaskedAutoencoderViT(VisionTransformer):
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:, :]
+        x = self.decoder_norm(x)
+        # Dropping the cls row BEFORE the (row-wise) projection gives the official result, skips
+        # one row of the GEMM, and leaves pred contiguous for the fused loss.
+        return self.decoder_pred(x[:, 1:, :])
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean per-patch MSE over removed patches (normalised-pixel targets if norm_pix_loss)."""

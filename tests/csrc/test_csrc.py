@@ -297,6 +297,13 @@ def test_norm_pix_loss_matches_torch(seeded, B, C, H, W, p, pred_dtype, img_dtyp
         torch.testing.assert_close(dpred.float(), ref_grad, rtol=ulp, atol=1e-3 * ref_grad.abs().max().item())
     assert torch.equal(dpred[mask == 0], torch.zeros_like(dpred[mask == 0]))
 
+    # A different upstream gradient per patch (gscale of shape (B, L)).
+    gw = torch.rand(B, L, device="cuda") + 0.1
+    (ref_w,) = torch.autograd.grad((row_loss_ref(leaf, images, mask, p, norm_pix, eps) * gw).sum(), leaf)
+    dpred_w = _C.norm_pix_loss_bwd(gw, pred, images, mask, p, norm_pix, eps).float()
+    torch.testing.assert_close(dpred_w, ref_w, rtol=2e-5 if pred_dtype == torch.float32 else 2.0**-7,
+                               atol=1e-3 * ref_w.abs().max().item())
+
 
 @pytest.mark.gpu
 def test_norm_pix_loss_strided_deterministic_and_checked(seeded):
@@ -316,7 +323,7 @@ def test_norm_pix_loss_strided_deterministic_and_checked(seeded):
         _C.norm_pix_loss_fwd(pred, images, mask.bool(), p, True, 1e-6)
     with pytest.raises(ValueError, match=r"pred must be \(B, L, p\*p\*C\)"):
         _C.norm_pix_loss_fwd(pred[:, :-1], images, mask, p, True, 1e-6)
-    with pytest.raises(ValueError, match="gscale must be a one-element float32"):
+    with pytest.raises(ValueError, match="gscale must be a float32 tensor of one element or one per patch"):
         _C.norm_pix_loss_bwd(gscale.double(), pred, images, mask, p, True, 1e-6)
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         _C.norm_pix_loss_fwd(pred, images, mask.cpu(), p, True, 1e-6)

@@ -139,6 +139,43 @@ def test_soft_target_ce_compiles_without_graph_break(seeded):
     torch.testing.assert_close(torch.autograd.grad(y, x)[0], torch.autograd.grad(r, x)[0], rtol=1e-5, atol=1e-7)
 
 
+def test_soft_target_ce_transposed_targets(seeded):
+    x = _logits(4, 30, torch.float32)
+    t = torch.softmax(torch.randn(30, 4), 0).t()  # last stride 4
+    torch.testing.assert_close(mk.soft_target_cross_entropy(x, t, backend="triton"),
+                               mk.soft_target_cross_entropy_ref(x, t), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_soft_target_ce_compiles_and_skips_gradients_under_no_grad(seeded):
+    B, D, V = 5, 16, 300
+    x = torch.randn(B, D, requires_grad=True)
+    W = (torch.randn(V, D) * 0.2).requires_grad_()
+    b = torch.zeros(V, requires_grad=True)
+    ids, w = _sparse(B, V)
+    f = torch.compile(lambda *a: linear_soft_target_cross_entropy(*a, target_ids=ids, target_weights=w, chunk_rows=2,
+                                                                  backend="triton"), backend="aot_eager", fullgraph=True)
+    y = f(x, W, b)
+    ref = mk.soft_target_cross_entropy_ref(x @ W.t() + b, sparse_to_dense(ids, w, V))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    for a, r in zip(torch.autograd.grad(y, (x, W, b)), torch.autograd.grad(ref, (x, W, b))):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        out = torch.ops.maws_kernels.linear_soft_target_ce(x, W, b, None, ids, w, 2, False)
+        torch.testing.assert_close(linear_soft_target_cross_entropy(x, W, b, target_ids=ids, target_weights=w,
+                                                                    backend="triton"), ref.detach(), rtol=1e-5, atol=1e-6)
+    assert [t.numel() for t in out[1:]] == [0, 0, 0]  # no gradient GEMMs, no (V, D) buffer
+
+
+def test_ids_outside_the_vocabulary_are_padding_in_every_backend(seeded):
+    x = _logits(2, 20, torch.float32)
+    ids = torch.tensor([[3, 25, -1], [7, 20, 19]])
+    w = torch.full((2, 3), 0.5)
+    a = mk.soft_target_cross_entropy(x, target_ids=ids, target_weights=w, backend="triton")
+    b = mk.soft_target_cross_entropy(x, target_ids=ids, target_weights=w, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert sparse_to_dense(ids, w, 20).sum().item() == 1.5  # only ids 3, 7 and 19 count
+
+
 def test_soft_target_ce_torch_backend_accepts_sparse(seeded):
     x = _logits(3, 40, torch.float32)
     ids, w = _sparse(3, 40)

@@ -62,6 +62,31 @@ def test_norm_pix_loss_weighted_mask_and_strided_images(seeded):
     torch.testing.assert_close(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(ref, pred)[0], rtol=1e-5, atol=1e-9)
 
 
+def test_norm_pix_loss_pred_view_without_cls_row(seeded):
+    """MAE's pred is decoder_pred(x)[:, 1:]: a strided view, read in place."""
+    _, images, mask = _inputs(2, 3, 32, 48, 16, torch.float32)
+    full = torch.randn(2, 7, 768, requires_grad=True)
+    pred = full[:, 1:]
+    assert not pred.is_contiguous()
+    loss = mk.norm_pix_loss(pred, images, mask, 16, backend="triton")
+    ref = mk.norm_pix_loss_ref(pred, images, mask, 16)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, full)[0], torch.autograd.grad(ref, full)[0], rtol=1e-5, atol=1e-9)
+
+
+def test_rows_op_gradient_with_a_different_upstream_per_patch(seeded):
+    """The custom op is public (torch.ops.maws_kernels): any use of its (B, L) rows differentiates right."""
+    pred, images, mask = _inputs(2, 3, 32, 48, 16, torch.float32)
+    rows = torch.ops.maws_kernels.norm_pix_loss_rows(pred, images, mask, 16, True, 1e-6, "triton")
+    t = mk.patchify(images, 16)
+    t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+    ref_rows = ((pred - t) ** 2).mean(-1) * mask
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-6, atol=1e-7)
+    w = torch.rand(2, 6) + 0.1
+    torch.testing.assert_close(torch.autograd.grad((rows * w).sum(), pred)[0],
+                               torch.autograd.grad((ref_rows * w).sum(), pred)[0], rtol=1e-5, atol=1e-9)
+
+
 def test_norm_pix_loss_uses_unbiased_variance(seeded):
     """A biased-variance target gives a measurably different loss: the kernel must not be it."""
     pred, images, mask = _inputs(1, 1, 8, 8, 2, torch.float32)  # P = 4: n vs n-1 differs by 25%

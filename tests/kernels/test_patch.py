@@ -53,6 +53,16 @@ def test_masked_patchify_equals_official_patchify_then_gather(seeded):
     assert torch.equal(mk.masked_patchify(x, ids_keep, p, backend="triton"), expect)
 
 
+def test_out_of_range_ids_read_nothing(seeded):
+    """Ids are not checked on the device (a host sync); a bad one gives zeros, never a wild read."""
+    x = torch.randn(1, 3, 16, 16)
+    ids = torch.tensor([[2, 16, -1, 5]])
+    out = mk.masked_patchify(x, ids, 4, backend="triton")
+    full = mk.patchify(x, 4)
+    assert torch.equal(out[0, 0], full[0, 2]) and torch.equal(out[0, 3], full[0, 5])
+    assert (out[0, 1:3] == 0).all()
+
+
 def test_masked_patchify_compiles_without_graph_break(seeded):
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
     ids = _ids(2, 16, 4)
