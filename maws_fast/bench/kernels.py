@@ -202,8 +202,12 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
     shapes = [mae_shape(m, args.batch_size) for m in args.models.split(",") if m]
     rows = []
     for op in ops:
-        cases = [c for dt in dtypes for c in load_cases(op)(shapes, DTYPES[dt], device)]
-        op_rows = run_cases(cases, providers, device, args.rep_ms)
+        op_rows = []
+        for dt in dtypes:
+            # one case at a time: an H/14 AdamW case alone holds ~11 GB of buffers
+            for case in load_cases(op)(shapes, DTYPES[dt], device):
+                op_rows += run_cases([case], providers, device, args.rep_ms)
+                del case
         print_rows(op_rows)
         rows += op_rows
     if args.out and rows:
