@@ -346,7 +346,7 @@ def linear_soft_target_cross_entropy(
     _check_targets(x.new_empty(B, V, device="meta"), targets, target_ids, target_weights, op)
     backend = resolve_backend(op, backend, _IMPLEMENTED, x.device)
     if backend == "torch":
-        logits = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+        logits = torch.nn.functional.linear(x, weight, bias)  # exactly what an nn.Linear head computes
         return soft_target_cross_entropy(logits, targets, target_ids=target_ids, target_weights=target_weights,
                                          backend="torch")
     chunk_rows = chunk_rows or max(1, (1 << 24) // max(V, 1))

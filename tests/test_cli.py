@@ -135,4 +135,18 @@ def test_maws_bench_train_compares_backends(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert {(r["stage"], r["provider"]) for r in rows} == {(s, f"attn={b}") for s in ("mae", "wsp") for b in ("sdpa", "manual")}
     assert all(r["images_per_s"] > 0 and r["commit"] and r["device"] and "speedup_vs_manual" in r for r in rows)
-    assert "vs manual" in capsys.readouterr().out
+    assert all(r["baseline"] == "attn=manual" for r in rows)
+    assert "vs attn=manual" in capsys.readouterr().out
+
+
+def test_maws_bench_train_compares_kernel_backends(tmp_path, capsys):
+    """--kernels triton,torch: the Triton kernels (interpreted here) against the torch references."""
+    out = tmp_path / "train.json"
+    rc = bench_main(["train", "--preset", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--stages", "wsp",
+                     "--attn", "manual", "--kernels", "triton,torch", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [r["provider"] for r in rows] == ["attn=manual kernels=triton", "attn=manual kernels=torch"]
+    assert all(r["baseline"] == "attn=manual kernels=torch" for r in rows)
+    assert bench_main(["train", "--kernels", "tpu", "--out", ""]) == 2
+    assert "unknown kernel backend(s) ['tpu']" in capsys.readouterr().err

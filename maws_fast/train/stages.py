@@ -124,7 +124,10 @@ def wsp_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
         return f"encoder initialised from {path}: {report.summary()}"
 
     def loss_fn(model, imgs, targets, _step):
-        return maws_kernels.soft_target_cross_entropy(model(imgs), targets)
+        # Head and loss fused: at hashtag-vocabulary scale the (B, V) logits then exist one chunk
+        # of rows at a time (same math as soft_target_cross_entropy(model(imgs), targets)).
+        return maws_kernels.linear_soft_target_cross_entropy(model.forward_pooled(imgs), model.head.weight,
+                                                             model.head.bias, targets, backend=model.kernel_backend)
 
     fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
     return Stage(name, model, loader, w, loss_fn, flops_per_image(cfg.model, "wsp", len(fmnist.VOCAB)), fp, init_fn)
