@@ -38,7 +38,8 @@ class ModelConfig:
     decoder_depth: int = 2  # MAE decoder blocks
     decoder_num_heads: int = 4  # MAE decoder heads
     attn_backend: str = "sdpa"  # attention backend: sdpa | manual
-    kernel_backend: str | None = None  # maws_kernels backend: triton | cuda | torch | None (best)
+    # maws_kernels backend: triton | cuda (csrc twins of patch gather + loss; other ops: best) | torch | None (best)
+    kernel_backend: str | None = None
 
     def __post_init__(self):
         for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",

@@ -19,6 +19,7 @@ from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.attention import ATTN_BACKENDS
 from maws_fast.models.flops import flops_per_image
+from maws_fast.models.vit import op_backend
 from maws_fast.train.optim import build_optimizer
 
 
@@ -64,7 +65,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
             model = build_classifier(cfg, args.num_classes).to(device)
             target = torch.softmax(torch.randn(args.batch_size, args.num_classes, device=device), -1)
             loss_fn = lambda: maws_kernels.soft_target_cross_entropy(model(x), target,  # noqa: E731
-                                                                     backend=model.kernel_backend)
+                                                                     backend=op_backend(model.kernel_backend, False))
             flops = flops_per_image(cfg, "wsp", args.num_classes)
         else:
             raise ConfigError(f"maws-bench: unknown stage {stage!r}; choose mae or wsp")

@@ -18,6 +18,16 @@ from maws_fast.errors import CheckpointError
 from maws_fast.models.attention import attention, check_attn_backend
 from maws_fast.models.pos_embed import sincos_2d
 
+def op_backend(model_backend: str | None, has_cuda_twin: bool) -> str | None:
+    """The maws_kernels backend one op of a model runs with.
+
+    A model-level ``"cuda"`` selects the CUDA C++ twins (patch gather and loss); ops without a
+    twin (LayerNorm, cross-entropy) then use their best backend for the device, as documented for
+    ``model.kernel_backend``. Any other choice applies to every op as given.
+    """
+    return None if model_backend == "cuda" and not has_cuda_twin else model_backend
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same keys, eps 1e-6 by default) that runs maws_kernels.layer_norm.
 
@@ -32,7 +42,8 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.normalized_shape) != 1:
             return super().forward(x)
-        return maws_kernels.layer_norm(x, self.weight, self.bias, self.eps, backend=self.kernel_backend)
+        return maws_kernels.layer_norm(x, self.weight, self.bias, self.eps,
+                                       backend=op_backend(self.kernel_backend, has_cuda_twin=False))
 
 
 class PatchEmbed(nn.Module):

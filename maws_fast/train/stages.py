@@ -24,6 +24,7 @@ from maws_fast.eval.fewshot import fewshot
 from maws_fast.eval.linear_probe import linear_probe
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
+from maws_fast.models.vit import op_backend
 from maws_fast.train.checkpoint import atomic_write_text, load_checkpoint, load_tensors, read_meta
 from maws_fast.train.loop import Stage, check_fingerprint, run_stage, say
 
@@ -127,7 +128,8 @@ def wsp_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
         # Head and loss fused: at hashtag-vocabulary scale the (B, V) logits then exist one chunk
         # of rows at a time (same math as soft_target_cross_entropy(model(imgs), targets)).
         return maws_kernels.linear_soft_target_cross_entropy(model.forward_pooled(imgs), model.head.weight,
-                                                             model.head.bias, targets, backend=model.kernel_backend)
+                                                             model.head.bias, targets,
+                                                             backend=op_backend(model.kernel_backend, False))
 
     fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
     return Stage(name, model, loader, w, loss_fn, flops_per_image(cfg.model, "wsp", len(fmnist.VOCAB)), fp, init_fn)

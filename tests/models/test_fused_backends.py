@@ -60,6 +60,37 @@ def test_wsp_step_triton_matches_torch(seeded):
         torch.testing.assert_close(g_fused[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_model_backend_cuda_selects_twins_only_where_they_exist():
+    from maws_fast.models.vit import op_backend
+
+    assert op_backend("cuda", has_cuda_twin=True) == "cuda"
+    assert op_backend("cuda", has_cuda_twin=False) is None  # LayerNorm / CE: best for the device
+    assert op_backend("triton", has_cuda_twin=False) == "triton"
+    assert op_backend(None, has_cuda_twin=True) is None
+
+
 def test_set_kernel_backend_rejects_unknown_names():
     with pytest.raises(ValueError, match="kernel backend 'tpu'"):
         _mae().set_kernel_backend("tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_mae_step_on_gpu_matches_torch(backend):
+    if backend == "cuda" and "cuda" not in mk.available_backends("masked_patchify", ("cuda",), "cuda"):
+        pytest.skip("maws_kernels._C is not built (pip install --no-build-isolation -e . on a CUDA machine)")
+    torch.manual_seed(0)
+    ref = MaskedAutoencoderViT(img_size=224, patch_size=16, embed_dim=192, depth=2, num_heads=3, decoder_embed_dim=128,
+                               decoder_depth=1, decoder_num_heads=4, norm_pix_loss=True, kernel_backend="torch").cuda()
+    fused = copy.deepcopy(ref)
+    fused.set_kernel_backend(backend)  # "cuda": patch gather + loss in csrc; LayerNorm uses its best (Triton)
+    imgs = torch.randn(8, 3, 224, 224, device="cuda")
+    noise = torch.rand(8, 196, device="cuda")
+    l_ref, g_ref = _step(ref, lambda m: m(imgs, 0.75, noise=noise)[0])
+    l_fused, g_fused = _step(fused, lambda m: m(imgs, 0.75, noise=noise)[0])
+    torch.testing.assert_close(l_fused, l_ref, rtol=1e-5, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g_fused[name], g_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # the training precision: close, not equal
+        a, b = fused(imgs, 0.75, noise=noise)[0], ref(imgs, 0.75, noise=noise)[0]
+    assert abs(a.item() - b.item()) < 2e-2 * abs(b.item())
