@@ -40,7 +40,10 @@ build() {
 bench_main() { "$PY" -c "import sys; from maws_fast.cli import bench_main; sys.exit(bench_main(sys.argv[1:]))" "$@"; }
 
 build
-case "$what" in build) ;; test | all) step gpu_tests "$PY" -m pytest -q -m gpu tests -p no:cacheprovider ;; esac
+case "$what" in build) ;; test | all)
+    step gpu_tests "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
+    step compile "$PY" benchmarks/compile_kernels.py --full --json "$OUT/compile_sm90.json" ;;
+esac
 case "$what" in sanitize | all)
     for tool in memcheck racecheck; do
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py

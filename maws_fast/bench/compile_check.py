@@ -538,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compile_kernels: {e}", file=sys.stderr)
         return 2
     uncovered = [] if args.only else uncovered
+    if not cases:
+        print(f"compile_kernels: no case label contains {args.only!r}", file=sys.stderr)
+        return 1
     print(f"triton {triton.__version__}, torch {torch.__version__}, target sm_{args.arch}, "
           f"{len(cases)} cases ({'full' if args.full else 'model-zoo'} set)", flush=True)
     results = compile_all(cases, args.arch, args.jobs, args.asm_dir or None)
