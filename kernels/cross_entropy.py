@@ -176,6 +176,13 @@ _ce_fwd_op.register_autograd(_ce_backward, setup_context=_ce_setup)
 def _check_targets(logits, targets, target_ids, target_weights, op):
     if logits.dim() != 2:
         raise ValueError(f"{op}: logits must be (B, V), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{op}: logits must be floating point, got {logits.dtype}")
+    for name, t in (("targets", targets), ("target_ids", target_ids), ("target_weights", target_weights)):
+        if t is not None and t.device != logits.device and logits.device.type != "meta":
+            raise ValueError(f"{op}: {name} is on {t.device} but the logits on {logits.device}; move it there")
+    if targets is not None and not targets.is_floating_point():
+        raise ValueError(f"{op}: targets must be floating point, got {targets.dtype}")
     if (targets is None) == (target_ids is None):
         raise ValueError(f"{op}: pass exactly one of targets (dense (B, V)) or target_ids + target_weights (sparse)")
     B = logits.shape[0]
@@ -342,8 +349,16 @@ def linear_soft_target_cross_entropy(
         raise ValueError(f"{op}: x must be (B, D) and weight (V, D); got {tuple(x.shape)}, {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias must be (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        mixed = t is not None and t.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type)
+        if t is not None and (t.device != x.device or mixed):
+            raise ValueError(f"{op}: {name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; they must "
+                             "match (or run under torch.autocast)")
     B, V = x.shape[0], weight.shape[0]
     _check_targets(x.new_empty(B, V, device="meta"), targets, target_ids, target_weights, op)
+    for name, t in (("targets", targets), ("target_ids", target_ids), ("target_weights", target_weights)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x on {x.device}; move it there")
     backend = resolve_backend(op, backend, _IMPLEMENTED, x.device)
     if backend == "torch":
         logits = torch.nn.functional.linear(x, weight, bias)  # exactly what an nn.Linear head computes

@@ -97,6 +97,8 @@ def _norm_pix_loss_bwd_kernel(
 def _check(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int) -> None:
     if pred.dim() != 3 or mask.shape != pred.shape[:2]:
         raise ValueError(f"pred must be (B, L, P) and mask (B, L); got {tuple(pred.shape)}, {tuple(mask.shape)}")
+    if not pred.is_floating_point():
+        raise ValueError(f"pred must be floating point, got {pred.dtype}")
     h, w = _check_images(images, patch_size)
     B, C = images.shape[:2]
     expect = (B, h * w, patch_size * patch_size * C)

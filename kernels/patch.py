@@ -38,15 +38,16 @@ def _masked_patchify_fwd_kernel(
     wi = patch % grid_w
     j = tl.arange(0, BLOCK_P)
     P = p * p * C
-    # An id outside [0, L) reads nothing (its row comes out as zeros) instead of reading out of
-    # bounds. (The id is broadcast first: the interpreter cannot AND a block with a scalar bool.)
+    # An id outside [0, L) reads nothing and comes out as a NaN patch: the bug shows downstream
+    # (the loss turns NaN) without an out-of-bounds read or a device trap, as in the CUDA twin.
+    # (The id is broadcast first: the interpreter cannot AND a block with a scalar bool.)
     pv = tl.zeros([BLOCK_P], dtype=tl.int64) + patch
     valid = (j < P) & (pv >= 0) & (pv < L)
     pi = j // (p * C)  # (p, q, c) order inside the patch
     qi = (j // C) % p
     c = j % C
     src = img_ptr + b * s_b + c * s_c + (hi * p + pi) * s_h + (wi * p + qi) * s_w
-    vals = tl.load(src, mask=valid, other=0.0)
+    vals = tl.load(src, mask=valid, other=float("nan"))
     tl.store(out_ptr + row * P + j, vals, mask=j < P)
 
 
@@ -80,6 +81,10 @@ def _masked_patchify_bwd_kernel(
 def _check_images(images: torch.Tensor, patch_size: int) -> tuple[int, int]:
     if images.dim() != 4:
         raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(images.shape)}")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point (normalise uint8 images first), got {images.dtype}")
     _, _, H, W = images.shape
     if H % patch_size or W % patch_size:
         raise ValueError(f"image size {H}x{W} is not divisible by patch_size {patch_size}")
@@ -117,9 +122,13 @@ def _fwd_triton(images: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.T
 def _bwd_triton(grad: torch.Tensor, ids_keep: torch.Tensor, p: int, C: int, H: int, W: int) -> torch.Tensor:
     B, K, _ = grad.shape
     L = (H // p) * (W // p)
-    # slot[b, l] = k where ids_keep[b, k] == l, else -1 (a (B, L) int64 map: tiny next to the image)
-    slot = torch.full((B, L), -1, dtype=torch.int64, device=grad.device)
-    slot.scatter_(1, ids_keep, torch.arange(K, device=grad.device).expand(B, K))
+    # slot[b, l] = k where ids_keep[b, k] == l, else -1 (a (B, L) int64 map: tiny next to the image).
+    # Ids outside [0, L) land in a spare column L that is dropped: they get no gradient, and the
+    # scatter never indexes out of bounds (a device-side assert would kill the CUDA context).
+    ids = torch.where((ids_keep >= 0) & (ids_keep < L), ids_keep, L)
+    slot = torch.full((B, L + 1), -1, dtype=torch.int64, device=grad.device)
+    slot.scatter_(1, ids, torch.arange(K, device=grad.device).expand(B, K))
+    slot = slot[:, :L].contiguous()
     dimg = torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype)
     if B * L:
         _masked_patchify_bwd_kernel[(B * L,)](
@@ -215,8 +224,9 @@ def masked_patchify(
     Args:
         images: (B, C, H, W) image batch, any strides, fp32 / fp16 / bf16.
         ids_keep: (B, K) int64 indices of kept patches in raster order (MAE's ``ids_shuffle[:, :K]``),
-            distinct within a row and in [0, L). The kernels do not check this on the device (that
-            would cost a host sync): an id out of range yields a zero patch, never an out-of-bounds read.
+            distinct within a row and in [0, L). The kernels do not check this (that would cost a
+            host sync): an id out of range yields a NaN patch and no gradient, never an
+            out-of-bounds access (the torch backend raises instead).
         patch_size: patch side p; must divide H and W.
         backend: "triton" | "cuda" | "torch" | None (see maws_kernels._backend).
     """

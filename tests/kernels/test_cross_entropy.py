@@ -202,6 +202,20 @@ def test_soft_target_ce_rejects_bad_inputs():
         linear_soft_target_cross_entropy(torch.randn(2, 4), torch.randn(5, 3), targets=torch.rand(2, 5))
     with pytest.raises(mk.BackendUnavailableError):
         mk.soft_target_cross_entropy(x, torch.rand(2, 5), backend="cuda")
+    for backend in ("triton", "torch"):  # one clear message on every backend, never a garbage loss
+        with pytest.raises(ValueError, match="floating point"):
+            mk.soft_target_cross_entropy(x.long(), torch.rand(2, 5), backend=backend)
+        with pytest.raises(ValueError, match="targets is on meta"):
+            mk.soft_target_cross_entropy(x, torch.rand(2, 5, device="meta"), backend=backend)
+        with pytest.raises(ValueError, match="target_weights is on meta"):
+            mk.soft_target_cross_entropy(x, target_ids=ids, target_weights=torch.rand(2, 3, device="meta"),
+                                         backend=backend)
+        with pytest.raises(ValueError, match="weight is torch.float32 on meta"):
+            linear_soft_target_cross_entropy(torch.randn(2, 4), torch.randn(5, 4, device="meta"),
+                                             targets=torch.rand(2, 5), backend=backend)
+        with pytest.raises(ValueError, match="weight is torch.float32 on cpu but x is torch.bfloat16"):
+            linear_soft_target_cross_entropy(torch.randn(2, 4).bfloat16(), torch.randn(5, 4),
+                                             targets=torch.rand(2, 5), backend=backend)
 
 
 @pytest.mark.gpu

@@ -116,6 +116,11 @@ def test_norm_pix_loss_rejects_bad_inputs():
         mk.norm_pix_loss(pred, images, mask[:, :3], 4, backend="triton")
     with pytest.raises(mk.BackendUnavailableError):
         mk.norm_pix_loss(pred, images, mask, 4, backend="cuda")
+    for backend in ("triton", "torch"):  # one clear message on every backend, not a torch internal
+        with pytest.raises(ValueError, match="floating point"):
+            mk.norm_pix_loss(pred, images.to(torch.uint8), mask, 4, backend=backend)
+        with pytest.raises(ValueError, match="share a device"):
+            mk.norm_pix_loss(pred, images.to("meta"), mask, 4, backend=backend)
 
 
 @pytest.mark.gpu

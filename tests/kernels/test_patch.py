@@ -54,13 +54,19 @@ def test_masked_patchify_equals_official_patchify_then_gather(seeded):
 
 
 def test_out_of_range_ids_read_nothing(seeded):
-    """Ids are not checked on the device (a host sync); a bad one gives zeros, never a wild read."""
-    x = torch.randn(1, 3, 16, 16)
+    """Ids are not checked on the device (a host sync): a bad one gives a NaN patch in the forward
+    (as the CUDA twin) and no gradient in the backward, never an out-of-bounds access."""
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
     ids = torch.tensor([[2, 16, -1, 5]])
     out = mk.masked_patchify(x, ids, 4, backend="triton")
     full = mk.patchify(x, 4)
     assert torch.equal(out[0, 0], full[0, 2]) and torch.equal(out[0, 3], full[0, 5])
-    assert (out[0, 1:3] == 0).all()
+    assert torch.isnan(out[0, 1:3]).all()
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    good = torch.tensor([[2, 5]])
+    (gr,) = torch.autograd.grad(mk.masked_patchify_ref(x, good, 4), x, g[:, [0, 3]])
+    assert torch.equal(gx, gr)  # the two valid patches get their gradient, nothing else
 
 
 def test_masked_patchify_compiles_without_graph_break(seeded):
@@ -80,6 +86,11 @@ def test_masked_patchify_rejects_bad_inputs():
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(ValueError, match="not divisible"):
         mk.masked_patchify(x, torch.zeros(2, 1, dtype=torch.int64), 5, backend="triton")
+    for p in (0, -4):
+        with pytest.raises(ValueError, match="patch_size must be a positive int"):
+            mk.masked_patchify(x, torch.zeros(2, 1, dtype=torch.int64), p, backend="triton")
+    with pytest.raises(ValueError, match="floating point"):
+        mk.masked_patchify(x.to(torch.uint8), torch.zeros(2, 1, dtype=torch.int64), 4, backend="triton")
     with pytest.raises(ValueError, match="int64"):
         mk.masked_patchify(x, torch.zeros(2, 1, dtype=torch.int32), 4, backend="triton")
     with pytest.raises(ValueError, match=r"\(B, K\)"):
