@@ -46,8 +46,9 @@ def main(argv: list[str]) -> int:
             for be in patch_backends:
                 y = mk.masked_patchify(x, ids, p, backend=be)
                 ok &= _close(y, mk.masked_patchify_ref(x, ids, p), f"masked_patchify {be} {dtype} p{p}", 0)
-                g = torch.autograd.grad(y, x, torch.ones_like(y))[0]
-                ok &= _close(g, torch.autograd.grad(mk.masked_patchify_ref(x, ids, p), x, torch.ones_like(y))[0],
+                gy = torch.randn_like(y)  # not ones: a permuted gradient must show
+                g = torch.autograd.grad(y, x, gy)[0]
+                ok &= _close(g, torch.autograd.grad(mk.masked_patchify_ref(x, ids, p), x, gy)[0],
                              f"masked_patchify bwd {be} {dtype} p{p}", 0)
                 loss = mk.norm_pix_loss(pred, x.detach(), mask, p, backend=be)
                 ok &= _close(loss, ref, f"norm_pix_loss {be} {dtype} p{p}", tol)

@@ -39,6 +39,16 @@ def _probe_extension() -> str | None:
 _EXT_ERROR = _probe_extension()
 
 
+def extension():
+    """The ``maws_kernels._C`` module; call only once the "cuda" backend has been resolved."""
+    return importlib.import_module("maws_kernels._C")
+
+
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is contiguous (any other strides: kernels take them), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _triton_usable() -> bool:
     try:
         import triton  # noqa: F401

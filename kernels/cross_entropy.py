@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from maws_kernels._backend import resolve_backend
+from maws_kernels._backend import resolve_backend, unit_last_stride
 
 _IMPLEMENTED = ("triton", "torch")
 _MAX_BLOCK_V = 4096
@@ -209,11 +209,6 @@ def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    """t itself when rows are contiguous (any row stride), else a contiguous copy."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def soft_target_cross_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor | None = None,
@@ -248,7 +243,7 @@ def soft_target_cross_entropy(
         if targets_d is None:
             targets_d = sparse_to_dense(ids, wts, logits.shape[1])
         return _reduce(_ref_rows(logits, targets_d, upcast=True), reduction)
-    rows, _, _ = _ce_fwd_op(_unit_last_stride(logits), None if targets_d is None else _unit_last_stride(targets_d),
+    rows, _, _ = _ce_fwd_op(unit_last_stride(logits), None if targets_d is None else unit_last_stride(targets_d),
                             ids, wts)
     return _reduce(rows, reduction)
 

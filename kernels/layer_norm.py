@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from maws_kernels._backend import resolve_backend
+from maws_kernels._backend import resolve_backend, unit_last_stride
 
 _IMPLEMENTED = ("triton", "torch")
 _MAX_D = 16384  # a row must fit in registers; beyond this use backend="torch"
@@ -174,16 +174,11 @@ def _layer_norm_bwd_reduce_kernel(
     tl.store(db_ptr + cols, tl.sum(db, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
-def _rows_view(t: torch.Tensor) -> torch.Tensor:
-    """(M, D) with unit column stride; any row stride is kept (no copy for row-strided views)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _fwd_triton(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, D = x.shape
-    x = _rows_view(x)
+    x = unit_last_stride(x)
     y = torch.empty((M, D), device=x.device, dtype=x.dtype)
     mean = torch.empty((M,), device=x.device, dtype=torch.float32)
     rstd = torch.empty((M,), device=x.device, dtype=torch.float32)
@@ -203,7 +198,7 @@ def _bwd_triton(
     db_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     M, D = x.shape
-    x, dy = _rows_view(x), _rows_view(dy)
+    x, dy = unit_last_stride(x), unit_last_stride(dy)
     dx = torch.empty((M, D), device=x.device, dtype=x.dtype)
     dw = torch.empty((D,), device=x.device, dtype=weight.dtype if weight is not None else x.dtype)
     db = torch.empty((D,), device=x.device, dtype=db_dtype)

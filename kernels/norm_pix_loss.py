@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from maws_kernels._backend import resolve_backend
+from maws_kernels._backend import extension, resolve_backend, unit_last_stride
 from maws_kernels.patch import _check_images, patchify
 
 _IMPLEMENTED = ("triton", "cuda", "torch")
@@ -109,11 +109,6 @@ def _check(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_s
         raise ValueError(f"pred, images and mask must share a device; got {pred.device}, {images.device}, {mask.device}")
 
 
-def _rows_view(pred: torch.Tensor) -> torch.Tensor:
-    """pred with a unit last stride (MAE's ``pred[:, 1:]`` view qualifies: no copy)."""
-    return pred if pred.stride(-1) == 1 else pred.contiguous()
-
-
 def _launch(kernel, pred, images, mask, p, norm_pix, eps, *front, out, g_stride=None):
     B, L, P = pred.shape
     C = images.shape[1]
@@ -127,20 +122,15 @@ def _launch(kernel, pred, images, mask, p, norm_pix, eps, *front, out, g_stride=
     return out
 
 
-def _ext():
-    from maws_kernels import _C  # built from csrc/ only where torch has CUDA
-
-    return _C
-
 
 @torch.library.custom_op("maws_kernels::norm_pix_loss_rows", mutates_args=())
 def _rows_op(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix: bool,
              eps: float, backend: str) -> torch.Tensor:
     """(B, L) fp32: mask * per-patch MSE."""
     if backend == "cuda":
-        return _ext().norm_pix_loss_fwd(pred, images, mask, patch_size, norm_pix, eps)
+        return extension().norm_pix_loss_fwd(pred, images, mask, patch_size, norm_pix, eps)
     out = torch.empty(mask.shape, device=pred.device, dtype=torch.float32)
-    return _launch(_norm_pix_loss_fwd_kernel, _rows_view(pred), images, mask, patch_size, norm_pix, eps, out=out)
+    return _launch(_norm_pix_loss_fwd_kernel, unit_last_stride(pred), images, mask, patch_size, norm_pix, eps, out=out)
 
 
 @_rows_op.register_fake
@@ -153,10 +143,10 @@ def _bwd_op(gscale: torch.Tensor, pred: torch.Tensor, images: torch.Tensor, mask
             norm_pix: bool, eps: float, backend: str) -> torch.Tensor:
     """d(pred) of ``sum(rows * gscale)``; gscale is fp32, (B, L) or one element for every row."""
     if backend == "cuda":
-        return _ext().norm_pix_loss_bwd(gscale, pred, images, mask, patch_size, norm_pix, eps)
+        return extension().norm_pix_loss_bwd(gscale, pred, images, mask, patch_size, norm_pix, eps)
     dpred = torch.empty(pred.shape, device=pred.device, dtype=pred.dtype)
     g_stride = 0 if gscale.numel() == 1 else 1
-    return _launch(_norm_pix_loss_bwd_kernel, _rows_view(pred), images, mask, patch_size, norm_pix, eps,
+    return _launch(_norm_pix_loss_bwd_kernel, unit_last_stride(pred), images, mask, patch_size, norm_pix, eps,
                    gscale.contiguous(), out=dpred, g_stride=g_stride)
 
 
@@ -174,9 +164,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_rows):
     pred, images, mask = ctx.saved_tensors
     p, norm_pix, eps, backend = ctx.meta
-    # Per-row upstream gradients (B, L): for the public loss, rows.sum() / mask.sum(), every
-    # entry is the same, but the op is public (torch.ops.maws_kernels) and may be used otherwise.
-    gscale = grad_rows.float().contiguous()
+    # Per-row upstream gradients (B, L). For the public loss, rows.sum() / mask.sum(), they are one
+    # scalar expanded (stride 0), passed as one value; the op is public (torch.ops.maws_kernels),
+    # so any other use gets the general per-row path.
+    if grad_rows.stride() == (0, 0):  # the scalar loss's gradient, expanded: pass its one value
+        gscale = grad_rows.as_strided((1,), (1,)).float()
+    else:
+        gscale = grad_rows.float().contiguous()
     return _bwd_op(gscale, pred, images, mask, p, norm_pix, eps, backend), None, None, None, None, None, None
 
 

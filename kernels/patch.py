@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from maws_kernels._backend import resolve_backend
+from maws_kernels._backend import extension, resolve_backend
 
 _IMPLEMENTED = ("triton", "cuda", "torch")
 _NUM_WARPS = 4
@@ -54,16 +54,16 @@ def _masked_patchify_fwd_kernel(
 @triton.jit
 def _masked_patchify_bwd_kernel(
     grad_ptr,  # (B, K, P) contiguous: d(out)
-    slot_ptr,  # (B, L) int64: k of patch l if kept, else -1
+    slot_ptr,  # (B, >= L) int64, row stride s_slot: k of patch l if kept, else -1
     dimg_ptr,  # (B, C, H, W) contiguous: d(images), written in full (zeros where not kept)
-    L, C, H, W, grid_w, K,
+    L, C, H, W, grid_w, K, s_slot,
     p: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # one patch of the image: row = b * L + l
     b = row // L
     patch = row % L
-    slot = tl.load(slot_ptr + row)
+    slot = tl.load(slot_ptr + b * s_slot + patch)
     hi = patch // grid_w
     wi = patch % grid_w
     j = tl.arange(0, BLOCK_P)
@@ -125,29 +125,23 @@ def _bwd_triton(grad: torch.Tensor, ids_keep: torch.Tensor, p: int, C: int, H: i
     # slot[b, l] = k where ids_keep[b, k] == l, else -1 (a (B, L) int64 map: tiny next to the image).
     # Ids outside [0, L) land in a spare column L that is dropped: they get no gradient, and the
     # scatter never indexes out of bounds (a device-side assert would kill the CUDA context).
-    ids = torch.where((ids_keep >= 0) & (ids_keep < L), ids_keep, L)
+    ids = ids_keep.masked_fill((ids_keep < 0) | (ids_keep >= L), L)
     slot = torch.full((B, L + 1), -1, dtype=torch.int64, device=grad.device)
-    slot.scatter_(1, ids, torch.arange(K, device=grad.device).expand(B, K))
-    slot = slot[:, :L].contiguous()
+    slot.scatter_(1, ids, torch.arange(K, device=grad.device).expand(B, K))  # column L: never read
     dimg = torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype)
     if B * L:
         _masked_patchify_bwd_kernel[(B * L,)](
-            grad.contiguous(), slot, dimg, L, C, H, W, W // p, K, p=p, BLOCK_P=_block_p(p * p * C),
+            grad.contiguous(), slot, dimg, L, C, H, W, W // p, K, slot.stride(0), p=p, BLOCK_P=_block_p(p * p * C),
             num_warps=_NUM_WARPS,
         )
     return dimg
 
 
-def _ext():
-    from maws_kernels import _C  # built from csrc/ only where torch has CUDA
-
-    return _C
-
 
 @torch.library.custom_op("maws_kernels::masked_patchify", mutates_args=())
 def _masked_patchify_op(images: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str) -> torch.Tensor:
     if backend == "cuda":
-        return _ext().masked_patchify_fwd(images, ids_keep, patch_size)  # any image strides
+        return extension().masked_patchify_fwd(images, ids_keep, patch_size)  # any image strides
     return _fwd_triton(images, ids_keep, patch_size)
 
 
@@ -162,7 +156,7 @@ def _masked_patchify_bwd_op(
     grad: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, C: int, H: int, W: int, backend: str
 ) -> torch.Tensor:
     if backend == "cuda":
-        return _ext().masked_patchify_bwd(grad.contiguous(), ids_keep.contiguous(), patch_size, C, H, W)
+        return extension().masked_patchify_bwd(grad.contiguous(), ids_keep.contiguous(), patch_size, C, H, W)
     return _bwd_triton(grad, ids_keep, patch_size, C, H, W)
 
 

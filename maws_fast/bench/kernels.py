@@ -30,6 +30,11 @@ PROVIDERS = ("ours", "cuda", "torch", "compile")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bf16" for torch.bfloat16: the names of ``--dtypes``, used in every results row."""
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
 @dataclass(frozen=True)
 class MaeShape:
     """The tensor shapes one model's MAE / WSP step feeds the memory-bound ops."""

@@ -19,8 +19,8 @@ from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.attention import ATTN_BACKENDS
 from maws_fast.models.flops import flops_per_image
-from maws_fast.models.vit import op_backend
 from maws_fast.train.optim import build_optimizer
+from maws_fast.train.stages import wsp_loss
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -64,8 +64,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         elif stage == "wsp":
             model = build_classifier(cfg, args.num_classes).to(device)
             target = torch.softmax(torch.randn(args.batch_size, args.num_classes, device=device), -1)
-            loss_fn = lambda: maws_kernels.soft_target_cross_entropy(model(x), target,  # noqa: E731
-                                                                     backend=op_backend(model.kernel_backend, False))
+            loss_fn = lambda: wsp_loss(model, x, target)  # noqa: E731  (the loss training runs)
             flops = flops_per_image(cfg, "wsp", args.num_classes)
         else:
             raise ConfigError(f"maws-bench: unknown stage {stage!r}; choose mae or wsp")
@@ -78,6 +77,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
             loss.backward()
             opt.step()
 
+        # baseline: the reference path (manual attention; torch kernels where those are compared)
+        base_kb = "torch" if "torch" in kernel_opts else kernel_opts[-1]
         base, base_name = None, None
         for kb in kernel_opts:
             model.set_kernel_backend(None if kb == "auto" else kb)
@@ -91,8 +92,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
                        "batch_size": args.batch_size, "dtype": args.dtype, "ms_per_step": round(sec * 1e3, 3),
                        "images_per_s": round(ips, 1), "tflops": round(tflops, 4),
                        "mfu": round(tflops / peak, 4) if peak and device.type == "cuda" else None, **info}
-                # baseline: the reference path (manual attention; torch kernels where those are compared)
-                if backend == "manual" and kb in ("torch", kernel_opts[-1]) and (base is None or kb == "torch"):
+                if backend == "manual" and kb == base_kb:
                     base, base_name = sec, name
                 rows.append(row)
         for row in rows:

@@ -98,6 +98,16 @@ def _mae_weights_path(cfg: Config, init: str) -> Path:
     return Path(init)
 
 
+def wsp_loss(model: torch.nn.Module, imgs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """WSP loss of a classifier: soft-target CE of its head, with head and loss fused.
+
+    At hashtag-vocabulary scale the (B, V) logits then exist one chunk of rows at a time; the
+    math is soft_target_cross_entropy(model(imgs), targets).
+    """
+    return maws_kernels.linear_soft_target_cross_entropy(model.forward_pooled(imgs), model.head.weight, model.head.bias,
+                                                         targets, backend=op_backend(model.kernel_backend, False))
+
+
 def wsp_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init: str) -> Stage:
     torch.manual_seed(mix_seed(cfg.run.seed, 12))  # same head / encoder init for every WSP variant
     model = build_classifier(cfg.model, num_classes=len(fmnist.VOCAB)).to(device)
@@ -125,11 +135,7 @@ def wsp_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
         return f"encoder initialised from {path}: {report.summary()}"
 
     def loss_fn(model, imgs, targets, _step):
-        # Head and loss fused: at hashtag-vocabulary scale the (B, V) logits then exist one chunk
-        # of rows at a time (same math as soft_target_cross_entropy(model(imgs), targets)).
-        return maws_kernels.linear_soft_target_cross_entropy(model.forward_pooled(imgs), model.head.weight,
-                                                             model.head.bias, targets,
-                                                             backend=op_backend(model.kernel_backend, False))
+        return wsp_loss(model, imgs, targets)
 
     fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
     return Stage(name, model, loader, w, loss_fn, flops_per_image(cfg.model, "wsp", len(fmnist.VOCAB)), fp, init_fn)

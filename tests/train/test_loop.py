@@ -217,3 +217,21 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path, data):
     assert losses["fp32"] != losses["bf16"]  # autocast really ran in bf16
     for a, b in zip(losses["fp32"], losses["bf16"]):
         assert abs(a - b) < 0.05 * a
+
+
+def test_wsp_loss_is_bitwise_the_unfused_head_and_loss():
+    """The WSP stage fuses head and loss; on the torch path that is exactly CE(model(imgs))."""
+    import maws_kernels
+    from maws_fast.models import VisionTransformer
+    from maws_fast.train.stages import wsp_loss
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=14)
+    imgs, targets = torch.randn(8, 1, 28, 28), torch.softmax(torch.randn(8, 14), -1)
+    fused = wsp_loss(model, imgs, targets)
+    plain = maws_kernels.soft_target_cross_entropy(model(imgs), targets)
+    assert torch.equal(fused, plain)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g1 = torch.autograd.grad(fused, params, allow_unused=True)
+    g2 = torch.autograd.grad(plain, params, allow_unused=True)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2))

@@ -19,12 +19,11 @@ from typing import Iterator
 import torch
 from torch.optim.adamw import adamw as functional_adamw
 
-from maws_fast.bench.kernels import Case, MaeShape
+from maws_fast.bench.kernels import Case, MaeShape, dtype_name
 from maws_kernels import available_backends
 from maws_kernels.adamw import _IMPLEMENTED, fused_adamw_
 
 _STEP, _LR, _WD = 10, 1e-4, 0.05  # a mid-warmup step; values do not change the work done
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +74,7 @@ def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
         step_t = torch.tensor(float(_STEP), device=device)  # torch's per-param step (fp32, on device)
         nbytes = n * (3 * 2 * 4 + grad.element_size() + model_copy.element_size())
         yield Case(
-            op="adamw", shape=f"{model} {n / 1e6:.1f}M params", dtype=_DTYPE_NAMES[dtype],
+            op="adamw", shape=f"{model} {n / 1e6:.1f}M params", dtype=dtype_name(dtype),
             args=(param, grad, exp_avg, exp_avg_sq, model_copy, step_t), fns=fns, bytes_fwd=nbytes, bytes_bwd=0,
             note="fp32 master + m + v, bf16 model copy", extra={"numel": n},
         )

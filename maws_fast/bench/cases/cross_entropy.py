@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 import maws_kernels as mk
-from maws_fast.bench.kernels import Case, MaeShape
+from maws_fast.bench.kernels import Case, MaeShape, dtype_name
 from maws_kernels.cross_entropy import linear_soft_target_cross_entropy, sparse_to_dense
 
 VOCAB = 30000
@@ -18,8 +18,8 @@ TAGS = 8
 
 
 def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
-    es = torch.finfo(dtype).bits // 8
-    dt = str(dtype).replace("torch.", "")
+    es = dtype.itemsize
+    dt = dtype_name(dtype)
     V = VOCAB if torch.device(device).type == "cuda" else 1000  # interpreted on CPU: keep it small
     done_ce = False
     for s in shapes:

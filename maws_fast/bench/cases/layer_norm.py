@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from maws_fast.bench.kernels import DTYPES, Case, MaeShape
+from maws_fast.bench.kernels import Case, MaeShape, dtype_name
 from maws_kernels.layer_norm import layer_norm
 
 EPS = 1e-6
@@ -35,7 +35,7 @@ def _case(label: str, where: str, M: int, D: int, dtype: torch.dtype, device) ->
     return Case(
         op="layer_norm",
         shape=f"{label} {where} {M}x{D}",
-        dtype=next(k for k, v in DTYPES.items() if v == dtype),  # "bf16", as on the command line
+        dtype=dtype_name(dtype),
         args=(x, w, b),
         fns={"ours": _ours, "torch": _torch},
         bytes_fwd=2 * M * D * e + 2 * D * e + stats,

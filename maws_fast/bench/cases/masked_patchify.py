@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import maws_kernels as mk
-from maws_fast.bench.kernels import Case, MaeShape
+from maws_fast.bench.kernels import Case, MaeShape, dtype_name
 
 
 def _ids_keep(s: MaeShape, device) -> torch.Tensor:
@@ -28,8 +28,8 @@ def _providers(op, device, **kw):
 
 
 def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
-    es = torch.finfo(dtype).bits // 8
-    dt = str(dtype).replace("torch.", "")
+    es = dtype.itemsize
+    dt = dtype_name(dtype)
     seen = set()
     for s in shapes:
         if (s.img, s.patch) in seen:  # B/16 and L/16 share these shapes

@@ -6,12 +6,12 @@ from typing import Iterator
 import torch
 
 import maws_kernels as mk
-from maws_fast.bench.kernels import Case, MaeShape
+from maws_fast.bench.kernels import Case, MaeShape, dtype_name
 
 
 def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
-    es = torch.finfo(dtype).bits // 8
-    dt = str(dtype).replace("torch.", "")
+    es = dtype.itemsize
+    dt = dtype_name(dtype)
     seen = set()
     for s in shapes:
         if (s.img, s.patch) in seen:
