@@ -27,11 +27,8 @@ import torch
 
 from maws_kernels._backend import resolve_backend
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch-only install: the "torch" backend still works
-    triton = None
+import triton
+import triton.language as tl
 
 _IMPLEMENTED = ("triton", "torch")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -52,54 +49,52 @@ def _launch_config(device: torch.device) -> tuple[int, int]:
 
 
 # --- kernel ---------------------------------------------------------------------------------
-if triton is not None:
+@triton.jit
+def _adamw_fwd_kernel(
+    param_ptr,  # (N,) fp32, updated in place
+    grad_ptr,  # (N,) fp32 / bf16 / fp16, read only
+    exp_avg_ptr,  # (N,) fp32, updated in place
+    exp_avg_sq_ptr,  # (N,) fp32, updated in place
+    copy_ptr,  # (N,) bf16 / fp16 model copy, written when HAS_COPY (else any valid pointer)
+    n_elements,
+    grad_scale,  # fp32 multiplier of the grad (1.0 = none; exact)
+    decay,  # fp32 1 - lr * weight_decay
+    lerp_w,  # fp32 1 - beta1, torch's lerp weight
+    beta2,
+    one_minus_beta2,
+    neg_step_size,  # fp32 -lr / (1 - beta1**step)
+    bc2_sqrt,  # fp32 sqrt(1 - beta2**step)
+    eps,
+    LERP_SMALL_W: tl.constexpr,  # lerp_w < 0.5: torch's lerp picks its first formula
+    HAS_COPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # The AdamW step (there is no backward). int64 offsets: a 6.5B-param shard passes 2**31.
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
 
-    @triton.jit
-    def _adamw_fwd_kernel(
-        param_ptr,  # (N,) fp32, updated in place
-        grad_ptr,  # (N,) fp32 / bf16 / fp16, read only
-        exp_avg_ptr,  # (N,) fp32, updated in place
-        exp_avg_sq_ptr,  # (N,) fp32, updated in place
-        copy_ptr,  # (N,) bf16 / fp16 model copy, written when HAS_COPY (else any valid pointer)
-        n_elements,
-        grad_scale,  # fp32 multiplier of the grad (1.0 = none; exact)
-        decay,  # fp32 1 - lr * weight_decay
-        lerp_w,  # fp32 1 - beta1, torch's lerp weight
-        beta2,
-        one_minus_beta2,
-        neg_step_size,  # fp32 -lr / (1 - beta1**step)
-        bc2_sqrt,  # fp32 sqrt(1 - beta2**step)
-        eps,
-        LERP_SMALL_W: tl.constexpr,  # lerp_w < 0.5: torch's lerp picks its first formula
-        HAS_COPY: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        # The AdamW step (there is no backward). int64 offsets: a 6.5B-param shard passes 2**31.
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_elements
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    p = tl.load(param_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
 
-        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
-        p = tl.load(param_ptr + offs, mask=mask, other=0.0)
-        m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+    p = p * decay
+    # torch's lerp (one fma, based at the end the weight is closer to): exact at w = 0 and 1.
+    if LERP_SMALL_W:
+        m = tl.fma(lerp_w, g - m, m)
+    else:
+        m = tl.fma(lerp_w - 1.0, g - m, g)
+    v = v * beta2 + one_minus_beta2 * g * g  # addcmul order: (value * g) * g
+    # sqrt_rn / div_rn: IEEE rounding like torch (tl.sqrt and "/" are approximate on GPU).
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)  # addcdiv order: (value * m) / denom
 
-        p = p * decay
-        # torch's lerp (one fma, based at the end the weight is closer to): exact at w = 0 and 1.
-        if LERP_SMALL_W:
-            m = tl.fma(lerp_w, g - m, m)
-        else:
-            m = tl.fma(lerp_w - 1.0, g - m, g)
-        v = v * beta2 + one_minus_beta2 * g * g  # addcmul order: (value * g) * g
-        # sqrt_rn / div_rn: IEEE rounding like torch (tl.sqrt and "/" are approximate on GPU).
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p + tl.div_rn(neg_step_size * m, denom)  # addcdiv order: (value * m) / denom
-
-        tl.store(param_ptr + offs, p, mask=mask)
-        tl.store(exp_avg_ptr + offs, m, mask=mask)
-        tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
-        if HAS_COPY:
-            tl.store(copy_ptr + offs, p.to(copy_ptr.dtype.element_ty), mask=mask)
+    tl.store(param_ptr + offs, p, mask=mask)
+    tl.store(exp_avg_ptr + offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    if HAS_COPY:
+        tl.store(copy_ptr + offs, p.to(copy_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launch ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from maws_kernels._backend import extension, resolve_backend, unit_last_stride
-from maws_kernels.patch import _check_images, patchify
+from maws_kernels.patch import _check_images, _patch_pixel_offsets, patchify
 
 _IMPLEMENTED = ("triton", "cuda", "torch")
 _NUM_WARPS = 4
@@ -32,17 +32,12 @@ def _target_and_pred(
     """Load patch ``row`` = b * L + l of pred and of the image, both fp32, target normalised."""
     b = row // L
     patch = row % L
-    hi = patch // grid_w
-    wi = patch % grid_w
     j = tl.arange(0, BLOCK_P)
     P = p * p * C
     # A patch with zero weight loads nothing: its lanes are masked off, so it moves no bytes.
     # (w is broadcast to a block first: the interpreter cannot AND a block with a scalar bool.)
     valid = (j < P) & ((tl.zeros([BLOCK_P], dtype=tl.float32) + w) != 0.0)
-    pi = j // (p * C)  # (p, q, c) order inside the patch
-    qi = (j // C) % p
-    c = j % C
-    src = img_ptr + b * s_b + c * s_c + (hi * p + pi) * s_h + (wi * p + qi) * s_w
+    src = img_ptr + _patch_pixel_offsets(b, patch, j, C, grid_w, s_b, s_c, s_h, s_w, p)
     t = tl.load(src, mask=valid, other=0.0).to(tl.float32)
     x = tl.load(pred_ptr + b * s_pb + patch * s_pl + j, mask=valid, other=0.0).to(tl.float32)
     if NORM_PIX:

@@ -22,6 +22,18 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _patch_pixel_offsets(b, patch, j, C, grid_w, s_b, s_c, s_h, s_w, p: tl.constexpr):
+    """Element offsets, in a (B, C, H, W) image with strides s_*, of entries ``j`` of patch
+    ``patch`` (raster index) of image ``b``, the entries in MAE's (p, q, c) order."""
+    hi = patch // grid_w
+    wi = patch % grid_w
+    pi = j // (p * C)
+    qi = (j // C) % p
+    c = j % C
+    return b * s_b + c * s_c + (hi * p + pi) * s_h + (wi * p + qi) * s_w
+
+
+@triton.jit
 def _masked_patchify_fwd_kernel(
     img_ptr,  # (B, C, H, W) any strides
     ids_ptr,  # (B, K) int64, contiguous
@@ -34,8 +46,6 @@ def _masked_patchify_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)  # one kept patch: row = b * K + k
     b = row // K
     patch = tl.load(ids_ptr + row)  # raster index l of the kept patch
-    hi = patch // grid_w
-    wi = patch % grid_w
     j = tl.arange(0, BLOCK_P)
     P = p * p * C
     # An id outside [0, L) reads nothing and comes out as a NaN patch: the bug shows downstream
@@ -43,10 +53,7 @@ def _masked_patchify_fwd_kernel(
     # (The id is broadcast first: the interpreter cannot AND a block with a scalar bool.)
     pv = tl.zeros([BLOCK_P], dtype=tl.int64) + patch
     valid = (j < P) & (pv >= 0) & (pv < L)
-    pi = j // (p * C)  # (p, q, c) order inside the patch
-    qi = (j // C) % p
-    c = j % C
-    src = img_ptr + b * s_b + c * s_c + (hi * p + pi) * s_h + (wi * p + qi) * s_w
+    src = img_ptr + _patch_pixel_offsets(b, patch, j, C, grid_w, s_b, s_c, s_h, s_w, p)
     vals = tl.load(src, mask=valid, other=float("nan"))
     tl.store(out_ptr + row * P + j, vals, mask=j < P)
 
@@ -64,17 +71,12 @@ def _masked_patchify_bwd_kernel(
     b = row // L
     patch = row % L
     slot = tl.load(slot_ptr + b * s_slot + patch)
-    hi = patch // grid_w
-    wi = patch % grid_w
     j = tl.arange(0, BLOCK_P)
     P = p * p * C
     valid = j < P
-    pi = j // (p * C)
-    qi = (j // C) % p
-    c = j % C
     # One pass over d(images): every patch writes its gradient or zeros, so no memset is needed.
     g = tl.load(grad_ptr + (b * K + slot) * P + j, mask=valid & (slot >= 0), other=0.0)
-    dst = dimg_ptr + b * C * H * W + c * H * W + (hi * p + pi) * W + (wi * p + qi)
+    dst = dimg_ptr + _patch_pixel_offsets(b, patch, j, C, grid_w, C * H * W, H * W, W, 1, p)
     tl.store(dst, g, mask=valid)
 
 
