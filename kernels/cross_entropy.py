@@ -28,115 +28,163 @@ _NUM_WARPS = 8
 
 
 @triton.jit
-def _soft_ce_kernel(
+def _sparse_tags(ids_ptr, wts_ptr, row, V, T, s_i, s_w, BLOCK_T: tl.constexpr):
+    """(BLOCK_T,) tag ids of ``row`` and their fp32 weights; padding (ids outside [0, V)) weighs 0."""
+    toff = tl.arange(0, BLOCK_T)
+    ids = tl.load(ids_ptr + row * s_i + toff, mask=toff < T, other=-1)
+    tag = (ids >= 0) & (ids < V)
+    wts = tl.where(tag, tl.load(wts_ptr + row * s_w + toff, mask=toff < T, other=0.0).to(tl.float32), 0.0)
+    return ids, tag, wts
+
+
+@triton.jit
+def _grad_chunk(x_row, tgt_row, grad_row, v, V, ids, wts, lse, ts, g, SPARSE: tl.constexpr):
+    """Write g * (softmax * sum(t) - t) for the columns ``v`` of one row."""
+    valid = v < V
+    x = tl.load(x_row + v, mask=valid, other=0.0).to(tl.float32)
+    if SPARSE:
+        # scatter the few tags of this row into the chunk: (T, BLOCK_V) compares, summed over T,
+        # so repeated ids add up exactly as a dense target would
+        t = tl.sum(tl.where(ids[:, None] == v[None, :], wts[:, None], 0.0), axis=0)
+    else:
+        t = tl.load(tgt_row + v, mask=valid, other=0.0).to(tl.float32)
+    dx = g * (tl.exp(x - lse) * ts - t)
+    tl.store(grad_row + v, dx.to(grad_row.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _soft_ce_fwd_kernel(
     logits_ptr,  # (B, V), last dim contiguous, row stride s_x
     tgt_ptr,  # dense: (B, V) row stride s_t, last dim contiguous; sparse: unused
     ids_ptr,  # sparse: (B, T) int64 row stride s_i; ids outside [0, V) are padding
     wts_ptr,  # sparse: (B, T) float row stride s_w
     loss_ptr,  # (B,) fp32 out: per-row loss
-    lse_ptr,  # (B,) fp32: logsumexp per row (out when FORWARD, in otherwise)
-    tsum_ptr,  # (B,) fp32: sum of the row's targets (out when FORWARD, in otherwise)
-    gscale_ptr,  # (B,) fp32: d(total) / d(loss_b), the scale of each gradient row
-    grad_ptr,  # (B, V) row stride s_g, logits dtype; may alias logits_ptr (in-place gradient)
+    lse_ptr,  # (B,) fp32 out: logsumexp per row
+    tsum_ptr,  # (B,) fp32 out: sum of the row's targets
+    gscale_ptr,  # (B,) fp32, WRITE_GRAD: d(total) / d(loss_b), the scale of each gradient row
+    grad_ptr,  # (B, V) row stride s_g, logits dtype, WRITE_GRAD; may alias logits_ptr (in place)
     V, T, s_x, s_t, s_i, s_w, s_g,
-    SPARSE: tl.constexpr, FORWARD: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    SPARSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = logits_ptr + row * s_x
     cols = tl.arange(0, BLOCK_V)
     if SPARSE:
-        toff = tl.arange(0, BLOCK_T)
-        ids = tl.load(ids_ptr + row * s_i + toff, mask=toff < T, other=-1)
-        tag = (ids >= 0) & (ids < V)
-        wts = tl.where(tag, tl.load(wts_ptr + row * s_w + toff, mask=toff < T, other=0.0).to(tl.float32), 0.0)
-    if FORWARD:
-        # Per-lane online logsumexp: lanes reduce once at the end, not once per chunk.
-        m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        s_lane = tl.zeros([BLOCK_V], tl.float32)
-        tx_lane = tl.zeros([BLOCK_V], tl.float32)
-        ts_lane = tl.zeros([BLOCK_V], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            v = start + cols
-            valid = v < V
-            x = tl.load(x_row + v, mask=valid, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m_lane, x)
-            # A lane that has seen no valid column keeps m = -inf; subtracting 0 there instead
-            # avoids inf - inf, and exp(-inf) = 0 leaves its sum at 0.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_lane = s_lane * tl.exp(m_lane - m_safe) + tl.exp(x - m_safe)
-            m_lane = m_new
-            if not SPARSE:
-                t = tl.load(tgt_ptr + row * s_t + v, mask=valid, other=0.0).to(tl.float32)
-                tx_lane += t * tl.where(valid, x, 0.0)  # masked lanes hold x = -inf
-                ts_lane += t
-        m = tl.max(m_lane, axis=0)
-        s = tl.sum(s_lane * tl.exp(m_lane - m), axis=0)  # m is finite: V >= 1
-        lse = m + tl.log(s)
-        if SPARSE:
-            xt = tl.load(x_row + ids, mask=tag, other=0.0).to(tl.float32)
-            tx = tl.sum(wts * xt, axis=0)
-            ts = tl.sum(wts, axis=0)
-        else:
-            tx = tl.sum(tx_lane, axis=0)
-            ts = tl.sum(ts_lane, axis=0)
-        tl.store(loss_ptr + row, lse * ts - tx)
-        tl.store(lse_ptr + row, lse)
-        tl.store(tsum_ptr + row, ts)
+        ids, tag, wts = _sparse_tags(ids_ptr, wts_ptr, row, V, T, s_i, s_w, BLOCK_T)
     else:
-        lse = tl.load(lse_ptr + row)
-        ts = tl.load(tsum_ptr + row)
-    if WRITE_GRAD:
+        ids, wts = 0, 0  # unused by the dense path
+    # Per-lane online logsumexp: lanes reduce once at the end, not once per chunk.
+    m_lane = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s_lane = tl.zeros([BLOCK_V], tl.float32)
+    tx_lane = tl.zeros([BLOCK_V], tl.float32)
+    ts_lane = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        v = start + cols
+        valid = v < V
+        x = tl.load(x_row + v, mask=valid, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_lane, x)
+        # A lane that has seen no valid column keeps m = -inf; subtracting 0 there instead
+        # avoids inf - inf, and exp(-inf) = 0 leaves its sum at 0.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_lane = s_lane * tl.exp(m_lane - m_safe) + tl.exp(x - m_safe)
+        m_lane = m_new
+        if not SPARSE:
+            t = tl.load(tgt_ptr + row * s_t + v, mask=valid, other=0.0).to(tl.float32)
+            tx_lane += t * tl.where(valid, x, 0.0)  # masked lanes hold x = -inf
+            ts_lane += t
+    m = tl.max(m_lane, axis=0)
+    s = tl.sum(s_lane * tl.exp(m_lane - m), axis=0)  # m is finite: V >= 1
+    lse = m + tl.log(s)
+    if SPARSE:
+        xt = tl.load(x_row + ids, mask=tag, other=0.0).to(tl.float32)
+        tx = tl.sum(wts * xt, axis=0)
+        ts = tl.sum(wts, axis=0)
+    else:
+        tx = tl.sum(tx_lane, axis=0)
+        ts = tl.sum(ts_lane, axis=0)
+    tl.store(loss_ptr + row, lse * ts - tx)
+    tl.store(lse_ptr + row, lse)
+    tl.store(tsum_ptr + row, ts)
+    if WRITE_GRAD:  # the fused head: turn the row into its gradient while it is hot in L2
         g = tl.load(gscale_ptr + row)
         for start in range(0, V, BLOCK_V):
-            v = start + cols
-            valid = v < V
-            x = tl.load(x_row + v, mask=valid, other=0.0).to(tl.float32)
-            if SPARSE:
-                # scatter the few tags of this row into the chunk: (T, BLOCK_V) compares, summed
-                # over T, so repeated ids add up exactly as a dense target would
-                hit = ids[:, None] == v[None, :]
-                t = tl.sum(tl.where(hit, wts[:, None], 0.0), axis=0)
-            else:
-                t = tl.load(tgt_ptr + row * s_t + v, mask=valid, other=0.0).to(tl.float32)
-            dx = g * (tl.exp(x - lse) * ts - t)
-            tl.store(grad_ptr + row * s_g + v, dx.to(grad_ptr.dtype.element_ty), mask=valid)
+            _grad_chunk(x_row, tgt_ptr + row * s_t, grad_ptr + row * s_g, start + cols, V, ids, wts, lse, ts, g,
+                        SPARSE)
+
+
+@triton.jit
+def _soft_ce_bwd_kernel(
+    logits_ptr,  # (B, V), last dim contiguous, row stride s_x
+    tgt_ptr,  # dense: (B, V) row stride s_t; sparse: unused
+    ids_ptr,  # sparse: (B, T) int64 row stride s_i
+    wts_ptr,  # sparse: (B, T) float row stride s_w
+    lse_ptr,  # (B,) fp32 from the forward
+    tsum_ptr,  # (B,) fp32 from the forward
+    gscale_ptr,  # (B,) fp32: d(total) / d(loss_b)
+    grad_ptr,  # (B, V) contiguous, logits dtype
+    V, T, s_x, s_t, s_i, s_w,
+    SPARSE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # A (row, chunk) grid: every column's gradient is independent once lse is known, so a batch
+    # of a few rows per GPU still fills the machine (one program per row would not).
+    row = tl.program_id(0).to(tl.int64)
+    v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    if SPARSE:
+        ids, tag, wts = _sparse_tags(ids_ptr, wts_ptr, row, V, T, s_i, s_w, BLOCK_T)
+    else:
+        ids, wts = 0, 0
+    _grad_chunk(logits_ptr + row * s_x, tgt_ptr + row * s_t, grad_ptr + row * V, v, V, ids, wts,
+                tl.load(lse_ptr + row), tl.load(tsum_ptr + row), tl.load(gscale_ptr + row), SPARSE)
 
 
 def _blocks(V: int, T: int) -> tuple[int, int]:
     return min(_MAX_BLOCK_V, triton.next_power_of_2(V)), triton.next_power_of_2(max(T, 1))
 
 
-def _launch(logits, targets, ids, wts, *, forward, write_grad, lse=None, tsum=None, gscale=None, grad=None):
-    """Run the kernel; returns (loss_rows, lse, tsum, grad) -- the ones it wrote."""
+def _launch(logits, targets, ids, wts, *, write_grad, gscale=None, grad=None):
+    """Forward kernel (optionally writing the gradient too); returns (loss_rows, lse, tsum)."""
     B, V = logits.shape
     sparse = targets is None
     T = ids.shape[1] if sparse else 0
     dev = logits.device
-    loss = torch.empty(B, device=dev, dtype=torch.float32) if forward else None
-    if forward:
-        lse = torch.empty(B, device=dev, dtype=torch.float32)
-        tsum = torch.empty(B, device=dev, dtype=torch.float32)
+    loss, lse, tsum = (torch.empty(B, device=dev, dtype=torch.float32) for _ in range(3))
     block_v, block_t = _blocks(V, T)
     dummy = logits  # stands in for the pointers a mode does not read; never dereferenced
     if B:
-        _soft_ce_kernel[(B,)](
+        _soft_ce_fwd_kernel[(B,)](
             logits, dummy if sparse else targets, ids if sparse else dummy, wts if sparse else dummy,
-            loss if forward else dummy, lse, tsum, gscale if write_grad else dummy, grad if write_grad else dummy,
+            loss, lse, tsum, gscale if write_grad else dummy, grad if write_grad else dummy,
             V, T, logits.stride(0), 0 if sparse else targets.stride(0), ids.stride(0) if sparse else 0,
             wts.stride(0) if sparse else 0, grad.stride(0) if write_grad else 0,
-            SPARSE=sparse, FORWARD=forward, WRITE_GRAD=write_grad, BLOCK_V=block_v, BLOCK_T=block_t,
-            num_warps=_NUM_WARPS,
+            SPARSE=sparse, WRITE_GRAD=write_grad, BLOCK_V=block_v, BLOCK_T=block_t, num_warps=_NUM_WARPS,
         )
-    return loss, lse, tsum, grad
+    return loss, lse, tsum
+
+
+def _launch_bwd(grad_rows, logits, lse, tsum, targets, ids, wts):
+    B, V = logits.shape
+    sparse = targets is None
+    T = ids.shape[1] if sparse else 0
+    grad = torch.empty((B, V), device=logits.device, dtype=logits.dtype)
+    block_v, block_t = _blocks(V, T)
+    dummy = logits
+    if B:
+        _soft_ce_bwd_kernel[(B, triton.cdiv(V, block_v))](
+            logits, dummy if sparse else targets, ids if sparse else dummy, wts if sparse else dummy,
+            lse, tsum, grad_rows.float().contiguous(), grad,
+            V, T, logits.stride(0), 0 if sparse else targets.stride(0), ids.stride(0) if sparse else 0,
+            wts.stride(0) if sparse else 0,
+            SPARSE=sparse, BLOCK_V=block_v, BLOCK_T=block_t, num_warps=_NUM_WARPS,
+        )
+    return grad
 
 
 @torch.library.custom_op("maws_kernels::soft_target_ce_fwd", mutates_args=())
 def _ce_fwd_op(logits: torch.Tensor, targets: torch.Tensor | None, ids: torch.Tensor | None,
                wts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B,) per-row loss, (B,) lse, (B,) sum of targets, all fp32."""
-    loss, lse, tsum, _ = _launch(logits, targets, ids, wts, forward=True, write_grad=False)
-    return loss, lse, tsum
+    return _launch(logits, targets, ids, wts, write_grad=False)
 
 
 @_ce_fwd_op.register_fake
@@ -148,15 +196,12 @@ def _(logits, targets, ids, wts):
 @torch.library.custom_op("maws_kernels::soft_target_ce_bwd", mutates_args=())
 def _ce_bwd_op(grad_rows: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, tsum: torch.Tensor,
                targets: torch.Tensor | None, ids: torch.Tensor | None, wts: torch.Tensor | None) -> torch.Tensor:
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    _launch(logits, targets, ids, wts, forward=False, write_grad=True, lse=lse, tsum=tsum,
-            gscale=grad_rows.float().contiguous(), grad=grad)
-    return grad
+    return _launch_bwd(grad_rows, logits, lse, tsum, targets, ids, wts)
 
 
 @_ce_bwd_op.register_fake
 def _(grad_rows, logits, lse, tsum, targets, ids, wts):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return logits.new_empty(logits.shape)
 
 
 def _ce_setup(ctx, inputs, output):
@@ -273,9 +318,9 @@ def _linear_ce_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         logits = x[sl] @ weight.t()  # (b, V) in x's dtype, fp32 accumulation
         if bias is not None:
             logits += bias
-        rows, _, _, _ = _launch(logits, None if targets is None else targets[sl], None if ids is None else ids[sl],
-                                None if wts is None else wts[sl], forward=True, write_grad=need_grad,
-                                gscale=inv_b[sl], grad=logits if need_grad else None)
+        rows, _, _ = _launch(logits, None if targets is None else targets[sl], None if ids is None else ids[sl],
+                             None if wts is None else wts[sl], write_grad=need_grad, gscale=inv_b[sl],
+                             grad=logits if need_grad else None)
         loss_rows[sl] = rows
         if need_grad:  # logits now hold d(mean loss)/d(logits) of this chunk
             grad_x[sl] = logits @ weight

@@ -6,6 +6,11 @@ import maws_kernels as mk
 from tests.kernels.tolerance import LOWP, assert_rule
 
 # (B, C, H, W, p): B=1, patch 14 and 16, L = 6 / 15 / 3 (not powers of two), P = 16 .. 768
+def _close_grad(a, b):
+    """fp32 gradients: 1e-5 relative, plus 1e-6 of the largest entry for entries that cancel to ~0."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
 SHAPES = [(1, 3, 28, 28, 14), (3, 3, 32, 48, 16), (2, 1, 20, 12, 4), (2, 3, 42, 14, 14)]
 
 
@@ -29,7 +34,7 @@ def test_norm_pix_loss_fp32_matches_official_formula(seeded, shape, norm_pix):
     g = torch.rand(()) + 0.5  # a non-unit upstream gradient
     (gp,) = torch.autograd.grad(loss * g, pred)
     (gr,) = torch.autograd.grad(ref * g, pred)
-    torch.testing.assert_close(gp, gr, rtol=1e-5, atol=1e-9)
+    _close_grad(gp, gr)
     kept = mask == 0
     assert (gp[kept] == 0).all()  # kept patches get exactly zero gradient
 
@@ -59,7 +64,7 @@ def test_norm_pix_loss_weighted_mask_and_strided_images(seeded):
     loss = mk.norm_pix_loss(pred, images, mask, 16, backend="triton")
     ref = mk.norm_pix_loss_ref(pred, images, mask, 16)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(ref, pred)[0], rtol=1e-5, atol=1e-9)
+    _close_grad(torch.autograd.grad(loss, pred)[0], torch.autograd.grad(ref, pred)[0])
 
 
 def test_norm_pix_loss_pred_view_without_cls_row(seeded):
@@ -71,7 +76,7 @@ def test_norm_pix_loss_pred_view_without_cls_row(seeded):
     loss = mk.norm_pix_loss(pred, images, mask, 16, backend="triton")
     ref = mk.norm_pix_loss_ref(pred, images, mask, 16)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(loss, full)[0], torch.autograd.grad(ref, full)[0], rtol=1e-5, atol=1e-9)
+    _close_grad(torch.autograd.grad(loss, full)[0], torch.autograd.grad(ref, full)[0])
 
 
 def test_rows_op_gradient_with_a_different_upstream_per_patch(seeded):
@@ -83,8 +88,7 @@ def test_rows_op_gradient_with_a_different_upstream_per_patch(seeded):
     ref_rows = ((pred - t) ** 2).mean(-1) * mask
     torch.testing.assert_close(rows, ref_rows, rtol=1e-6, atol=1e-7)
     w = torch.rand(2, 6) + 0.1
-    torch.testing.assert_close(torch.autograd.grad((rows * w).sum(), pred)[0],
-                               torch.autograd.grad((ref_rows * w).sum(), pred)[0], rtol=1e-5, atol=1e-9)
+    _close_grad(torch.autograd.grad((rows * w).sum(), pred)[0], torch.autograd.grad((ref_rows * w).sum(), pred)[0])
 
 
 def test_norm_pix_loss_uses_unbiased_variance(seeded):
@@ -105,7 +109,7 @@ def test_norm_pix_loss_compiles_without_graph_break(seeded):
     y = f(pred, images, mask)
     r = mk.norm_pix_loss_ref(pred, images, mask, 4) * 2.0
     torch.testing.assert_close(y, r, rtol=1e-6, atol=0)
-    torch.testing.assert_close(torch.autograd.grad(y, pred)[0], torch.autograd.grad(r, pred)[0], rtol=1e-5, atol=1e-9)
+    _close_grad(torch.autograd.grad(y, pred)[0], torch.autograd.grad(r, pred)[0])
 
 
 def test_norm_pix_loss_rejects_bad_inputs():
@@ -141,7 +145,7 @@ def test_norm_pix_loss_gpu(backend, model, dtype):
     (g32,) = torch.autograd.grad(ref32, pred)
     if dtype == torch.float32:
         torch.testing.assert_close(loss, ref32, rtol=1e-6, atol=0)
-        torch.testing.assert_close(gp, g32, rtol=1e-5, atol=1e-10)
+        _close_grad(gp, g32)
     else:
         lowp = mk.norm_pix_loss_ref(pred, images, mask, p)
         assert_rule(loss, ref32, lowp, dtype, "loss")
