@@ -30,14 +30,16 @@ def _train_table(rows: list[dict]) -> list[str]:
 
 
 def _kernels_table(rows: list[dict]) -> list[str]:
-    out = ["| op | shape | dtype | mode | provider | ms | GB/s | % of copy BW | vs torch | peak MiB | device | commit | date |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| op | shape | dtype | mode | provider | ms | GB/s | % of copy BW | TFLOP/s | vs torch | peak MiB | device | "
+           "commit | date |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"x{r['speedup_vs_torch']:.2f}" if r.get("speedup_vs_torch") else "-"
         peak = f"{r['peak_mb']:.1f}" if r.get("peak_mb") is not None else "-"
+        tf = f"{r['tflops']:.1f}" if r.get("tflops") is not None else "-"
         dev = r["device"] + (" (Triton interpreted)" if r.get("interpreted") else "")
         out.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | "
-                   f"{r['gbps']:.0f} | {r['pct_copy_bw']:.0f}% | {ratio} | {peak} | {dev} | {r['commit']} | {r['date']} |")
+                   f"{r['gbps']:.0f} | {r['pct_copy_bw']:.0f}% | {tf} | {ratio} | {peak} | {dev} | {r['commit']} | "
+                   f"{r['date']} |")
     return out
 
 
@@ -50,7 +52,7 @@ def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
         lines += [f"**{path.name}** ({len(rows)} rows; command: `{rows[-1].get('command', '?')}`)", ""]
         if path.stem == "train":
             lines += _train_table(rows)
-        elif path.stem == "kernels":
+        elif path.stem in ("kernels", "attention"):
             lines += _kernels_table(rows)
         else:
             keys = sorted({k for r in rows for k in r if k != "command"})

@@ -81,6 +81,19 @@ def main(argv: list[str]) -> int:
                                                    backend="triton")
         ref = mk.soft_target_cross_entropy_ref(feats.float() @ W.float().t(), dense)
         ok &= _close(loss, ref, f"linear_soft_target_ce {dtype}", tol)
+    for dtype in (torch.bfloat16, torch.float16):
+        for N, D in ((50, 64), (65, 80), (197, 32), (257, 128)):
+            q, k, v = (torch.randn(2, 4, N, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+            out = mk.attention(q, k, v, backend="triton")
+            ref = mk.attention_ref(q, k, v, upcast=True)
+            ok &= _close(out, ref, f"attention {dtype} N={N} D={D}", 2e-2)
+            g = torch.randn_like(out)
+            for name, a, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+                ok &= _close(a, r, f"attention bwd d{name} {dtype} N={N} D={D}", 5e-2)
+        lens = torch.tensor([0, 5, 6, 23, 73], device=dev, dtype=torch.int32)
+        q, k, v = (torch.randn(73, 4, 64, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        out = mk.attention_varlen(q, k, v, lens, 50, backend="triton")
+        ok &= _close(out, mk.attention_varlen_ref(q, k, v, lens, upcast=True), f"attention_varlen {dtype}", 2e-2)
     n = 1_000_003
     for gdt in (torch.float32, torch.bfloat16):
         p0 = torch.randn(n, device=dev)

@@ -37,7 +37,7 @@ class ModelConfig:
     decoder_embed_dim: int = 64  # MAE decoder width
     decoder_depth: int = 2  # MAE decoder blocks
     decoder_num_heads: int = 4  # MAE decoder heads
-    attn_backend: str = "sdpa"  # attention backend: sdpa | manual
+    attn_backend: str = "sdpa"  # attention backend: triton | sdpa | xformers (GPU) | manual
     # maws_kernels backend: triton | cuda (csrc twins of patch gather + loss; other ops: best) | torch | None (best)
     kernel_backend: str | None = None
 

@@ -50,7 +50,7 @@ case "$what" in sanitize | all)
     done ;;
 esac
 case "$what" in bench | all)
-    step bench_kernels bench_main kernels --out "$OUT/kernels.json"
+    step bench_kernels bench_main kernels --out "$OUT/{group}.json"
     step bench_train bench_main train --preset vit_b16 --batch-size 128 --attn sdpa --kernels triton,torch \
         --out "$OUT/train.json" ;;
 esac

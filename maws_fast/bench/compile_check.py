@@ -41,10 +41,12 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
 
 from maws_fast.bench.common import env_info
 from maws_fast.bench.kernels import MaeShape, mae_shape
+from maws_fast.config import model_preset
 
 F32, F16, BF16, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int64
 # (activation dtype, data / parameter dtype): "bf16+fp32" is bf16 autocast -- bf16 activations,
@@ -103,10 +105,16 @@ def kernel_modules() -> dict[str, object]:
     return out
 
 
-def find_kernels(mod) -> dict[str, JITFunction]:
-    """The ``*_kernel`` Triton kernels of a module (``@triton.jit`` helpers are not launched)."""
+def _jit(kernel):
+    """The JITFunction of a kernel, itself or under a ``@triton.autotune`` wrapper."""
+    return kernel.fn if isinstance(kernel, Autotuner) else kernel
+
+
+def find_kernels(mod) -> dict[str, JITFunction | Autotuner]:
+    """The ``*_kernel`` Triton kernels of a module (``@triton.jit`` helpers are not launched);
+    autotuned kernels come as their Autotuner (every config of theirs is compiled)."""
     found = {n: v for n, v in vars(mod).items() if n.endswith("_kernel") and hasattr(v, "fn")}
-    interpreted = [n for n, v in found.items() if not isinstance(v, JITFunction)]
+    interpreted = [n for n, v in found.items() if not isinstance(_jit(v), JITFunction)]
     if interpreted:
         raise RuntimeError(f"{mod.__name__}.{interpreted[0]} is an interpreter function: maws_kernels was imported "
                            "with TRITON_INTERPRET=1, and interpreted kernels cannot be compiled. Run "
@@ -117,7 +125,7 @@ def find_kernels(mod) -> dict[str, JITFunction]:
 def kernel_params(kernel) -> tuple[list[str], list[str]]:
     """(runtime parameter names, constexpr parameter names) in signature order."""
     runtime, const = [], []
-    for name, p in inspect.signature(kernel.fn).parameters.items():
+    for name, p in inspect.signature(_jit(kernel).fn).parameters.items():
         # annotations are strings under `from __future__ import annotations`
         is_const = p.annotation is triton.language.constexpr or "constexpr" in str(p.annotation)
         (const if is_const else runtime).append(name)
@@ -138,22 +146,36 @@ def check_launch(name: str, kernel, args: tuple, kwargs: dict, where: str) -> No
 
 
 # --- capturing what the launchers pass --------------------------------------------------------
+def _autotune_configs(tuner: Autotuner, args: tuple, kwargs: dict) -> list:
+    """The configs an autotuned launch would benchmark (after the kernel's own early pruning)."""
+    configs = tuner.configs
+    if len(configs) > 1 and tuner.early_config_prune:
+        configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args)), **kwargs)
+    return list(configs)
+
+
 class _Recorder:
-    """Stands in for a kernel: ``rec[grid](*args, **kwargs)`` records the launch instead of running it."""
+    """Stands in for a kernel: ``rec[grid](*args, **kwargs)`` records the launch instead of running it.
+    An autotuned kernel records one launch per config it could pick."""
 
     def __init__(self, module: str, name: str, kernel, sink: list):
         self.module, self.name, self.kernel, self.sink = module, name, kernel, sink
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            try:
-                check_launch(self.name, self.kernel, args, kwargs, f"the launcher in kernels/{self.module}.py")
-                error = None
-            except ValueError as e:  # becomes a failed case; the other kernels still get compiled
-                error = str(e)
-            args = tuple(_Ptr(a.dtype, a.storage_offset() * a.element_size()) if isinstance(a, torch.Tensor) else a
-                         for a in args)
-            self.sink.append((self.module, self.name, args, dict(kwargs), error))
+            if isinstance(self.kernel, Autotuner):
+                launches = [{**kwargs, **c.all_kwargs()} for c in _autotune_configs(self.kernel, args, kwargs)]
+            else:
+                launches = [dict(kwargs)]
+            ptr_args = tuple(_Ptr(a.dtype, a.storage_offset() * a.element_size()) if isinstance(a, torch.Tensor)
+                             else a for a in args)
+            for kw in launches:
+                try:
+                    check_launch(self.name, self.kernel, args, kw, f"the launcher in kernels/{self.module}.py")
+                    error = None
+                except ValueError as e:  # becomes a failed case; the other kernels still get compiled
+                    error = str(e)
+                self.sink.append((self.module, self.name, ptr_args, kw, error))
 
         return launch
 
@@ -271,6 +293,32 @@ def _adamw(n: int, grad_dt, copy_dt, beta1) -> Callable[[str], None]:
     return run
 
 
+def _attention(B: int, H: int, N: int, D: int, act, varlen: bool) -> Callable[[str], None]:
+    """Forward + backward as the ViT calls it: q, k, v are (B, H, N, D) views of one packed
+    (B, N, 3, H, D) qkv; varlen packs B sequences of N tokens as (B * N, H, D) slices of (T, 3, H, D)."""
+    def run(dev):
+        m = importlib.import_module("maws_kernels.attention")
+        if varlen:
+            q, k, v = _empty((B * N, 3, H, D), act, dev).unbind(1)
+            cu = _empty((B + 1,), torch.int32, dev)
+        else:
+            q, k, v = _empty((B, N, 3, H, D), act, dev).permute(2, 0, 3, 1, 4).unbind(0)
+            cu = None
+        o, lse = _impl(m, "_attention_fwd_op")(q, k, v, cu, N, D ** -0.5)
+        _impl(m, "_attention_bwd_op")(o, q, k, v, o, lse, cu, N, D ** -0.5)
+    return run
+
+
+def _attention_shapes(model: str, B: int) -> Iterator[tuple[str, int, int, int]]:
+    """(where, heads, N, head dim) of every attention in a model's MAE / WSP / fine-tune steps."""
+    cfg, s = model_preset(model), mae_shape(model, B)
+    enc_d, dec_d = cfg.embed_dim // cfg.num_heads, cfg.decoder_embed_dim // cfg.decoder_num_heads
+    yield "enc", cfg.num_heads, s.keep + 1, enc_d  # MAE encoder: kept patches + cls
+    yield "dec", cfg.decoder_num_heads, s.num_patches + 1, dec_d  # MAE decoder
+    yield "wsp", cfg.num_heads, s.num_patches + 1, enc_d  # WSP / fine-tuning, every patch
+    yield "ft-hires", cfg.num_heads, 1025, enc_d  # high-resolution fine-tuning (e.g. 448 at /14)
+
+
 _DT_NAMES = {F32: "fp32", F16: "fp16", BF16: "bf16"}
 
 
@@ -281,6 +329,7 @@ def _dt(d: torch.dtype) -> str:
 def _scenarios(batches, precs, vocabs, variants: bool, spill_free: bool) -> Iterator[Scenario]:
     """Every op at every zoo preset x batch x precision; ``variants`` adds the layouts, views and
     sizes that training does not use but the launchers accept."""
+    seen_attn: set = set()
     for model in ZOO:
         for B in batches:
             s = mae_shape(model, B)
@@ -298,6 +347,16 @@ def _scenarios(batches, precs, vocabs, variants: bool, spill_free: bool) -> Iter
                     for affine in (True, False):
                         yield Scenario(f"{tag} {where} M={M} D={D} {pn}{'' if affine else ' no-affine'}",
                                        _layer_norm(M, D, act, data, affine), spill_free=spill_free)
+                for where, H, N, D in _attention_shapes(model, B):
+                    for varlen in (False, True) if where == "enc" else (False,):
+                        # The model-zoo set compiles each (head dim, dtype) once and varlen once per
+                        # dtype (5 autotune configs x 3 kernels each; N and H barely change the binary).
+                        key = (act, varlen) if varlen else (act, D)
+                        if not variants and (key in seen_attn or (act == F32 and where != "enc")):
+                            continue
+                        seen_attn.add(key)
+                        yield Scenario(f"{tag} attn {where} H={H} N={N} D={D} {_dt(act)}{' varlen' if varlen else ''}",
+                                       _attention(B, H, N, D, act, varlen), spill_free=spill_free)
     for pn in precs:
         act, data = PRECISIONS[pn]
         for V, T in vocabs:
@@ -388,7 +447,7 @@ def collect_cases(full: bool = False, arch: int = 90, only: str = "") -> tuple[l
                     cases[label] = CompileCase(label, mod, name, args, kwargs, sc.spill_free, error=error)
                     continue
                 if name not in binders:
-                    k = everything[f"{mod}.{name}"]
+                    k = _jit(everything[f"{mod}.{name}"])
                     binders[name] = create_function_from_signature(k.signature, k.params, backend)
                 _, spec, _ = binders[name](*args, **kwargs)
                 key = (mod, name, repr(spec), repr(sorted(kwargs.items())))
@@ -428,7 +487,7 @@ def compile_case(case: CompileCase, arch: int = 90, asm_dir: str | None = None) 
     if case.error:
         return {**res, "status": "FAIL", "error": case.error}
     try:
-        kernel = getattr(importlib.import_module(f"maws_kernels.{case.module}"), case.kernel)
+        kernel = _jit(getattr(importlib.import_module(f"maws_kernels.{case.module}"), case.kernel))
         target = GPUTarget("cuda", arch, 32)
         backend = make_backend(target)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)

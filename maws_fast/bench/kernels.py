@@ -25,7 +25,7 @@ from maws_fast.bench.common import append_results, bench_ms, copy_bandwidth_gbps
 from maws_fast.config import model_preset
 from maws_fast.errors import ConfigError
 
-OPS = ("masked_patchify", "norm_pix_loss", "layer_norm", "cross_entropy", "adamw")
+OPS = ("masked_patchify", "norm_pix_loss", "layer_norm", "cross_entropy", "adamw", "attention")
 PROVIDERS = ("ours", "cuda", "torch", "compile")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -82,6 +82,8 @@ class Case:
     bytes_bwd: int = 0
     note: str = ""
     extra: dict = field(default_factory=dict)  # op-specific columns copied into every row
+    flops_fwd: int = 0  # matmul FLOPs of the forward (compute-bound ops: TFLOP/s is reported)
+    flops_bwd: int = 0
 
     @property
     def grad_inputs(self) -> list[torch.Tensor]:
@@ -137,17 +139,21 @@ def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.devic
         if "compile" in providers and "torch" in fns:
             fns["compile"] = torch.compile(fns["torch"], dynamic=False)
         base: dict[str, float] = {}
-        for name in [p for p in PROVIDERS if p in providers and p in fns]:
+        # the standard providers as selected, then any op-specific ones (e.g. each SDPA backend)
+        names = [p for p in PROVIDERS if p in providers and p in fns] + [p for p in fns if p not in PROVIDERS]
+        for name in names:
             peak = _peak_mb(fns[name], case, device)
             for mode, ms in _time_modes(fns[name], case, device, rep_ms).items():
                 nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_bwd if mode == "bwd" else case.bytes_fwd + case.bytes_bwd
                 gbps = nbytes / (ms * 1e-3) / 1e9
+                flops = {"fwd": case.flops_fwd, "bwd": case.flops_bwd}.get(mode, case.flops_fwd + case.flops_bwd)
                 if name == "torch":
                     base[mode] = ms
                 rows.append({
                     "bench": "kernels", "op": case.op, "provider": name, "shape": case.shape, "dtype": case.dtype,
                     "mode": mode, "ms": round(ms, 4), "gbps": round(gbps, 1),
                     "pct_copy_bw": round(100 * gbps / copy_bw, 1), "copy_gbps": round(copy_bw, 1),
+                    "tflops": round(flops / (ms * 1e-3) / 1e12, 2) if flops else None,
                     "peak_mb": peak, "note": case.note, "interpreted": interpreted, **case.extra, **info,
                 })
         for r in rows:
@@ -161,13 +167,14 @@ def print_rows(rows: list[dict]) -> None:
         return
     print(f"copy bandwidth: {rows[0]['copy_gbps']:.0f} GB/s on {rows[0]['device']}"
           + ("  (Triton INTERPRETED: timings are not kernel speed)" if rows[0]["interpreted"] else ""))
-    print(f"{'op':<22}{'shape':<48}{'dtype':<9}{'provider':<9}{'mode':<5}{'ms':>10}{'GB/s':>9}{'%copy':>7}"
-          f"{'vs torch':>9}{'peak MiB':>10}")
+    print(f"{'op':<22}{'shape':<48}{'dtype':<9}{'provider':<15}{'mode':<5}{'ms':>10}{'GB/s':>9}{'%copy':>7}"
+          f"{'TFLOP/s':>9}{'vs torch':>9}{'peak MiB':>10}")
     for r in rows:
         ratio = f"x{r['speedup_vs_torch']:.2f}" if "speedup_vs_torch" in r else "-"
         peak = "-" if r.get("peak_mb") is None or r["mode"] != "fwd" else f"{r['peak_mb']:.1f}"
-        print(f"{r['op']:<22}{r['shape']:<48}{r['dtype']:<9}{r['provider']:<9}{r['mode']:<5}"
-              f"{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['pct_copy_bw']:>7.1f}{ratio:>9}{peak:>10}")
+        tf = "-" if r.get("tflops") is None else f"{r['tflops']:.1f}"
+        print(f"{r['op']:<22}{r['shape']:<48}{r['dtype']:<9}{r['provider']:<15}{r['mode']:<5}"
+              f"{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['pct_copy_bw']:>7.1f}{tf:>9}{ratio:>9}{peak:>10}")
 
 
 def add_kernel_args(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> None:
@@ -181,8 +188,9 @@ def add_kernel_args(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> N
                    help=f"comma list from {PROVIDERS}")
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition budget per timing (GPU)")
-    p.add_argument("--out", default="benchmarks/results/kernels.json",
-                   help="JSON file to append to, relative to the current directory ('' = none)")
+    p.add_argument("--out", default="benchmarks/results/{group}.json",
+                   help="JSON file to append to, relative to the current directory ('' = none); {group} is "
+                        "'attention' for the attention op and 'kernels' for the memory-bound ones")
 
 
 def _split(text: str, allowed, what: str) -> tuple[str, ...]:
@@ -215,7 +223,10 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
                 del case
         print_rows(op_rows)
         rows += op_rows
-    if args.out and rows:
-        append_results(args.out, rows)
-        print(f"appended {len(rows)} rows to {args.out}")
+    for group in ("kernels", "attention"):
+        group_rows = [r for r in rows if (r["op"] == "attention") == (group == "attention")]
+        if args.out and group_rows:
+            path = args.out.format(group=group)
+            append_results(path, group_rows)
+            print(f"appended {len(group_rows)} rows to {path}")
     return rows

@@ -17,7 +17,7 @@ from maws_fast.bench.common import append_results, env_info, peak_tflops, time_s
 from maws_fast.config import PRESETS, OptimConfig, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
-from maws_fast.models.attention import ATTN_BACKENDS
+from maws_fast.models.attention import ATTN_BACKENDS, available_attn_backends
 from maws_fast.models.flops import flops_per_image
 from maws_fast.train.optim import build_optimizer
 from maws_fast.train.stages import wsp_loss
@@ -29,7 +29,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per provider")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--stages", default="mae,wsp")
-    p.add_argument("--attn", default=",".join(ATTN_BACKENDS), help="attention backends to compare")
+    p.add_argument("--attn", default=None,
+                   help=f"attention backends to compare, from {ATTN_BACKENDS} (default: those this device can run)")
     p.add_argument("--kernels", default="auto",
                    help="maws_kernels backends to compare (auto = best for the device, triton, cuda, torch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -43,7 +44,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("maws-bench: --device cuda but torch sees no CUDA device")
-    backends = [b for b in args.attn.split(",") if b]
+    attn = args.attn if args.attn is not None else ",".join(available_attn_backends(device))
+    backends = [b for b in attn.split(",") if b]
     bad = [b for b in backends if b not in ATTN_BACKENDS]
     if bad:
         raise ConfigError(f"maws-bench: unknown attention backend(s) {bad}; choose from {ATTN_BACKENDS}")

@@ -2,20 +2,25 @@
 
 ``attention(q, k, v, backend)`` with q, k, v of shape (B, H, N, Dh). Backends:
 
-* ``"sdpa"``   -- torch.nn.functional.scaled_dot_product_attention (picks flash / efficient /
+* ``"triton"``   -- ``maws_kernels.attention``: our flash attention (any N, head dim <= 128). On a
+  CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), a correctness tool.
+* ``"sdpa"``     -- torch.nn.functional.scaled_dot_product_attention (picks flash / efficient /
   cuDNN / math itself).
-* ``"manual"`` -- plain matmul-softmax-matmul in the input dtype with an fp32 softmax; the
+* ``"xformers"`` -- ``xformers.ops.memory_efficient_attention`` (BMHK layout; GPU only).
+* ``"manual"``   -- plain matmul-softmax-matmul in the input dtype with an fp32 softmax; the
   reference the others are tested against.
 
-The fused Triton kernel (``"triton"``) and xformers plug in here. A backend that cannot run
-raises; it never falls back silently.
+A backend that cannot run raises :class:`maws_kernels.BackendUnavailableError` naming why; it
+never falls back silently.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-ATTN_BACKENDS = ("sdpa", "manual")
+import maws_kernels
+
+ATTN_BACKENDS = ("triton", "sdpa", "xformers", "manual")
 
 
 def attention_manual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -26,13 +31,49 @@ def attention_manual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return probs @ v
 
 
+def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    try:
+        import xformers.ops as xops
+    except ImportError as e:
+        raise maws_kernels.BackendUnavailableError(
+            f"attention backend 'xformers' is unavailable: xformers is not installed ({e}); "
+            "pip install xformers (built for your torch) or choose triton / sdpa") from None
+    if q.device.type != "cuda":
+        raise maws_kernels.BackendUnavailableError(
+            f"attention backend 'xformers' is unavailable: it has no operator for {q.device.type} tensors; "
+            "choose triton / sdpa / manual")
+    # xformers wants BMHK = (B, N, H, Dh): a transposed view, no copy
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """Non-causal multi-head attention over (B, H, N, Dh) inputs with the chosen backend."""
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
+    if backend == "triton":
+        return maws_kernels.attention(q, k, v, backend="triton")
     if backend == "manual":
         return attention_manual(q, k, v)
+    if backend == "xformers":
+        return _xformers_attention(q, k, v)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTN_BACKENDS}")
+
+
+def available_attn_backends(device: torch.device | str) -> list[str]:
+    """The backends worth running on ``device`` here, for benchmark defaults. Triton on a CPU is the
+    interpreter (a correctness tool, ~1 ms per program): it runs when named, but is not listed."""
+    device = torch.device(device)
+    out = ["sdpa", "manual"]
+    if device.type == "cuda":
+        out.insert(0, "triton")
+    if device.type == "cuda":
+        try:
+            import xformers.ops  # noqa: F401
+            out.insert(-1, "xformers")
+        except ImportError:
+            pass
+    return out
 
 
 def check_attn_backend(backend: str) -> str:

@@ -1,0 +1,82 @@
+"""Attention cases: the MAE encoder / decoder and WSP sequence lengths of each model, plus 1025.
+
+Providers in one run: ours (maws_kernels Triton flash attention), torch = the manual reference
+(matmul-softmax-matmul, softmax in fp32), and on a GPU each SDPA backend pinned on its own
+(flash, efficient, cuDNN) and xformers where installed. TFLOP/s counts the matmul FLOPs:
+4 B H N^2 D forward, 2.5x that backward (dS, dP, dQ, dK, dV with P recomputed).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+import maws_kernels as mk
+from maws_fast.bench.kernels import Case, MaeShape, dtype_name
+from maws_fast.config import model_preset
+from maws_fast.models.attention import attention_manual
+
+
+def _sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def _providers(device, dtype) -> dict:
+    fns = {"ours": lambda q, k, v: mk.attention(q, k, v, backend="triton"), "torch": attention_manual}
+    if torch.device(device).type == "cuda":
+        names = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
+                 "sdpa-cudnn": "CUDNN_ATTENTION"}
+        for label, name in names.items():
+            if name == "FLASH_ATTENTION" and dtype == torch.float32:
+                continue  # flash has no fp32 kernel
+            fns[label] = _sdpa(name)
+        try:
+            import xformers.ops as xops
+
+            fns["xformers"] = lambda q, k, v: xops.memory_efficient_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        except ImportError:
+            pass
+    return fns
+
+
+def _sequences(shapes: list[MaeShape]) -> list[tuple[str, int, int, int, int]]:
+    """(label, batch, heads, N, head dim) per model: encoder (kept + cls), decoder / WSP (all + cls)."""
+    out, seen = [], set()
+    for s in shapes:
+        cfg = model_preset(s.model)
+        for where, heads, n, width in (("mae-enc", cfg.num_heads, s.keep + 1, s.width),
+                                       ("mae-dec", cfg.decoder_num_heads, s.num_patches + 1, s.dec_width),
+                                       ("wsp", cfg.num_heads, s.num_patches + 1, s.width)):
+            key = (s.batch, heads, n, width // heads)
+            if key not in seen:
+                seen.add(key)
+                out.append((f"{s.model} {where}", s.batch, heads, n, width // heads))
+    if shapes:  # high-resolution fine-tuning: 1025 tokens (B/16 at 512 px), a quarter of the batch
+        s = shapes[0]
+        cfg = model_preset(s.model)
+        out.append((f"{s.model} ft-512px", max(1, s.batch // 4), cfg.num_heads, 1025, cfg.embed_dim // cfg.num_heads))
+    return out
+
+
+def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
+    es = dtype.itemsize
+    cpu = torch.device(device).type == "cpu"
+    for label, B, H, N, D in _sequences(shapes):
+        if cpu:  # interpreted: a smoke run, not a measurement
+            B, N = min(B, 1), min(N, 65)
+        q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        io = 4 * B * H * N * D * es  # q, k, v in, o out
+        fwd = 4 * B * H * N * N * D
+        yield Case("attention", f"{label} b{B} h{H} N={N} d{D}", dtype_name(dtype), (q, k, v), _providers(device, dtype),
+                   bytes_fwd=io, bytes_bwd=2 * io, flops_fwd=fwd, flops_bwd=int(2.5 * fwd),
+                   extra={"N": N, "head_dim": D})
