@@ -80,3 +80,43 @@ def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
         yield Case("attention", f"{label} b{B} h{H} N={N} d{D}", dtype_name(dtype), (q, k, v), _providers(device, dtype),
                    bytes_fwd=io, bytes_bwd=2 * io, flops_fwd=fwd, flops_bwd=int(2.5 * fwd),
                    extra={"N": N, "head_dim": D})
+    yield from varlen_cases(shapes, dtype, device)
+
+
+def varlen_cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
+    """Packed sequences of different lengths (samples keeping different token counts), no padding:
+    ours (varlen kernel) against the per-sequence reference loop and against padding every sequence
+    to the longest and running dense SDPA."""
+    es = dtype.itemsize
+    cpu = torch.device(device).type == "cpu"
+    gen = torch.Generator().manual_seed(0)
+    for s in shapes[:1]:
+        cfg = model_preset(s.model)
+        H, D = cfg.num_heads, s.width // cfg.num_heads
+        B, n_max = (2, 17) if cpu else (s.batch, s.num_patches + 1)
+        lens = torch.randint(max(1, n_max // 4), n_max + 1, (B,), generator=gen)
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(lens, 0)
+        cu = cu.to(device)
+        T = int(cu[-1])
+        q, k, v = (torch.randn(T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        n_max = int(lens.max())
+
+        def padded_sdpa(q, k, v):
+            # what a padded batch costs: scatter into (B, H, n_max, D), mask the padding, dense SDPA
+            idx = torch.cat([torch.arange(n, device=device) + i * n_max for i, n in enumerate(lens.tolist())])
+            def pad(t):
+                out = t.new_zeros(B * n_max, H, D).index_copy(0, idx, t)
+                return out.view(B, n_max, H, D).transpose(1, 2)
+            keep = torch.zeros(B, n_max, dtype=torch.bool, device=device).view(-1).index_fill(0, idx, True)
+            mask = keep.view(B, 1, 1, n_max)
+            o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask)
+            return o.transpose(1, 2).reshape(B * n_max, H, D).index_select(0, idx)
+
+        fwd = int(4 * H * D * (lens.double() ** 2).sum().item())
+        yield Case("attention", f"{s.model} varlen b{B} h{H} N<={n_max} d{D} T={T}", dtype_name(dtype), (q, k, v),
+                   {"ours": lambda q, k, v: mk.attention_varlen(q, k, v, cu, n_max, backend="triton"),
+                    "torch": lambda q, k, v: mk.attention_varlen_ref(q, k, v, cu),
+                    "sdpa-padded": padded_sdpa},
+                   bytes_fwd=4 * T * H * D * es, bytes_bwd=8 * T * H * D * es, flops_fwd=fwd, flops_bwd=int(2.5 * fwd),
+                   note="FLOPs count only the real (block-diagonal) tokens", extra={"N": n_max, "head_dim": D})
