@@ -21,8 +21,8 @@ _ATTEMPTS = 10  # as torchvision's RandomResizedCrop.get_params
 
 def sample_crop_boxes(
     batch: int,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     generator: torch.Generator,
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -38,8 +38,8 @@ def sample_crop_boxes(
 
     Args:
         batch: number of boxes B.
-        height: image height H.
-        width: image width W.
+        height: image height H, or int ``(B,)`` heights of images of different sizes.
+        width: image width W, or int ``(B,)`` widths.
         generator: source of randomness.
         scale: range of the crop's area as a fraction of the image's.
         ratio: range of the crop's aspect ratio w / h.
@@ -47,7 +47,9 @@ def sample_crop_boxes(
     Returns:
         int64 ``(B, 4)`` boxes ``(top, left, h, w)`` in pixels.
     """
-    area = float(height * width)
+    hh = torch.as_tensor(height, dtype=torch.int64).expand(batch)  # (B,)
+    ww = torch.as_tensor(width, dtype=torch.int64).expand(batch)  # (B,)
+    area = (hh * ww).to(torch.float64).unsqueeze(1)  # (B, 1)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     u_area = torch.rand(batch, _ATTEMPTS, generator=generator, dtype=torch.float64)
     u_ratio = torch.rand(batch, _ATTEMPTS, generator=generator, dtype=torch.float64)
@@ -58,16 +60,25 @@ def sample_crop_boxes(
     # torch.round rounds half to even, like Python's round() in torchvision.
     w = torch.round(torch.sqrt(target_area * aspect)).to(torch.int64)  # (B, A)
     h = torch.round(torch.sqrt(target_area / aspect)).to(torch.int64)  # (B, A)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (B, A)
+    fits = (w > 0) & (w <= ww.unsqueeze(1)) & (h > 0) & (h <= hh.unsqueeze(1))  # (B, A)
     ok = fits.any(dim=1)  # (B,)
     first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1): first True attempt
     w = w.gather(1, first).squeeze(1)  # (B,)
     h = h.gather(1, first).squeeze(1)  # (B,)
     # randint(0, H - h + 1) via floor(u * (H - h + 1)); min() guards u's rounding to 1.0.
-    top = torch.minimum((u_pos[:, 0] * (height - h + 1)).floor().to(torch.int64), height - h)
-    left = torch.minimum((u_pos[:, 1] * (width - w + 1)).floor().to(torch.int64), width - w)
+    top = torch.minimum((u_pos[:, 0] * (hh - h + 1)).floor().to(torch.int64), hh - h)
+    left = torch.minimum((u_pos[:, 1] * (ww - w + 1)).floor().to(torch.int64), ww - w)
 
-    # Fallback: central crop with the ratio clamped into range.
+    # Fallback: central crop with the ratio clamped into range (per image, in exact integers
+    # of Python's round so that one size gives the same box as torchvision).
+    sizes = list(zip(hh.tolist(), ww.tolist()))
+    by_size = {hw: _fallback_box(hw[0], hw[1], ratio) for hw in set(sizes)}
+    fallback = torch.tensor([by_size[hw] for hw in sizes], dtype=torch.int64).reshape(batch, 4)  # (B, 4)
+    boxes = torch.stack([top, left, h, w], dim=1)  # (B, 4)
+    return torch.where(ok.unsqueeze(1), boxes, fallback)
+
+
+def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
     in_ratio = width / height
     if in_ratio < min(ratio):
         fw, fh = width, int(round(width / min(ratio)))
@@ -75,9 +86,7 @@ def sample_crop_boxes(
         fw, fh = int(round(height * max(ratio))), height
     else:
         fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.int64)
-    boxes = torch.stack([top, left, h, w], dim=1)  # (B, 4)
-    return torch.where(ok.unsqueeze(1), boxes, fallback)
+    return (height - fh) // 2, (width - fw) // 2, fh, fw
 
 
 def boxes_to_theta(
