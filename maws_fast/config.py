@@ -200,17 +200,48 @@ class EvalConfig:
         _check(self.probe_batch_size >= 2, "eval.probe_batch_size", "must be >= 2 (the probe's BatchNorm needs 2)")
 
 
+LOADERS = ("reference", "pil", "dali")
+FORMATS = ("webdataset", "folder", "filelist")
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "fmnist"  # fmnist (the demo); folder / webdataset sources come with the DALI pipeline
-    root: str | None = None  # dataset directory; null = /usr/share/datasets/fashion-mnist
-    num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    dataset: str = "fmnist"  # fmnist (the demo: eval data, and training data for loader=reference) | jpeg (data.train)
+    root: str | None = None  # Fashion-MNIST directory; null = /usr/share/datasets/fashion-mnist
+    loader: str = "reference"  # reference (in-memory Fashion-MNIST) | pil (PIL/DataLoader JPEG) | dali (NVIDIA DALI)
+    format: str = "webdataset"  # JPEG source of the pil / dali loaders: webdataset | folder | filelist
+    train: str | None = None  # MAE (and WSP) training data for pil / dali: shard dir, image folder or file list
+    wsp_train: str | None = None  # WSP training data if not data.train (e.g. hashtag shards)
+    tags: str | None = None  # hashtag JSONL of a file list ({"file": ..., "tags": [...]})
+    vocab: str | None = None  # hashtag vocabulary (vocab.json); shards name theirs in their manifest
+    num_workers: int = 0  # DataLoader worker processes (reference / pil; 0 = load in the training process)
+    max_bad_samples: int = 100  # distinct corrupt images tolerated (each logged by name) before the run stops
+    max_tags: int = 0  # pad width of WSP tag ids (0 = the longest list in the batch)
+    dali_threads: int = 4  # DALI CPU threads per pipeline
+    hw_decoder_load: float = 0.65  # share of JPEGs decoded by the GPU's hardware JPEG decoder (mixed decode)
+    device_memory_padding: int = 16777216  # nvJPEG device buffer over-allocation (bytes)
+    host_memory_padding: int = 8388608  # nvJPEG pinned host buffer over-allocation (bytes)
+    preallocate_width_hint: int = 0  # nvJPEG preallocation: expected max width (0 = none)
+    preallocate_height_hint: int = 0  # nvJPEG preallocation: expected max height (0 = none)
+    shuffle_buffer: int = 4096  # DALI reader shuffle buffer, samples (shards are shuffled when written)
+    dali_output: str = "float32"  # float32 (normalised by DALI) | uint8 (normalised on the device after the copy)
     mean: list[float] = field(default_factory=lambda: [0.2860])  # per-channel mean of [0,1] pixels
     std: list[float] = field(default_factory=lambda: [0.3530])  # per-channel std of [0,1] pixels
 
     def __post_init__(self):
-        _check(self.dataset == "fmnist", "data.dataset", f"{self.dataset!r} is not supported yet; use fmnist")
+        _check(self.dataset in ("fmnist", "jpeg"), "data.dataset", f"{self.dataset!r}: use fmnist or jpeg")
+        _check(self.loader in LOADERS, "data.loader", f"{self.loader!r}: choose from {LOADERS}")
+        _check(self.format in FORMATS, "data.format", f"{self.format!r}: choose from {FORMATS}")
+        _check(self.loader == "reference" or self.train is not None, "data.train",
+               f"data.loader={self.loader} reads JPEGs: set --data.train=PATH (shards from `maws-data shards`, "
+               "an image folder or a file list)")
+        _check(self.loader != "reference" or self.dataset == "fmnist", "data.loader",
+               "the reference loader holds Fashion-MNIST in memory; JPEG data needs --data.loader=pil or dali")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.max_bad_samples >= 0 and self.max_tags >= 0, "data.max_bad_samples", "must be >= 0")
+        _check(self.dali_threads >= 1 and self.shuffle_buffer >= 1, "data.dali_threads", "threads and shuffle_buffer >= 1")
+        _check(0 <= self.hw_decoder_load <= 1, "data.hw_decoder_load", "must be in [0, 1]")
+        _check(self.dali_output in ("float32", "uint8"), "data.dali_output", f"{self.dali_output!r}: use float32 or uint8")
         _check(len(self.mean) == len(self.std) and all(s > 0 for s in self.std), "data.std",
                "mean and std need one value per channel and std > 0")
 

@@ -41,6 +41,9 @@ def _import_torchvision_with_shim() -> None:
 _import_torchvision_with_shim()
 
 
+# Real-photo fixtures (real_images, broken_images) for the data tests.
+pytest_plugins = ["tests.data.photos"]
+
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 # Tests on the real Fashion-MNIST skip on a dev machine without Debian's package, but never in CI
 # (CI=true), where scripts/setup.sh installs it: there a missing dataset must fail, not skip.

@@ -68,6 +68,13 @@ class Stage:
     init_fn: Callable[[], str | None] | None = None
 
 
+def _to_device(targets, device: torch.device):
+    """Targets: None, a tensor, or a tuple of tensors (sparse tag ids + weights)."""
+    if isinstance(targets, (tuple, list)):
+        return tuple(t.to(device, non_blocking=True) for t in targets)
+    return targets.to(device, non_blocking=True) if targets is not None else None
+
+
 def stage_total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(optim.epochs * steps_per_epoch))
 
@@ -126,6 +133,8 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             raise CheckpointError(f"{ckpts[-1]} has no optimizer state; it cannot be resumed")
         load_optimizer_tensors(optimizer, optim_tensors, meta["optimizer_param_groups"])
         step = int(meta["step"])
+        if meta.get("data_state") is not None and hasattr(stage.loader, "load_state_dict"):
+            stage.loader.load_state_dict(meta["data_state"])  # the reader resumes where it stopped
         drop_rows_after(stage_dir / "metrics.jsonl", step)  # rows past the checkpoint are re-logged below
         echo(f"[{stage.name}] resuming from {ckpts[-1]} at step {step}/{total}")
     elif stage.init_fn is not None:
@@ -134,7 +143,10 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             echo(f"[{stage.name}] {msg}")
 
     def meta_for(s: int) -> dict:
-        return {"stage": stage.name, "step": s, "total_steps": total, "steps_per_epoch": spe, "fingerprint": stage.fingerprint}
+        meta = {"stage": stage.name, "step": s, "total_steps": total, "steps_per_epoch": spe, "fingerprint": stage.fingerprint}
+        if hasattr(stage.loader, "state_dict"):  # reader position + bad-sample record: exact resume
+            meta["data_state"] = stage.loader.state_dict()
+        return meta
 
     model.train()
     metrics = MetricsWriter(stage_dir / "metrics.jsonl")
@@ -157,7 +169,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
                 batches = iter(stage.loader.epoch(epoch, 0))
                 continue
             imgs = imgs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True) if targets is not None else None
+            targets = _to_device(targets, device)
             lr = lr_at(step / spe, optim_cfg.abs_lr, optim_cfg.min_lr, optim_cfg.warmup_epochs, optim_cfg.epochs)
             set_lr(optimizer, lr)
 
@@ -180,6 +192,8 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
                     raise _diverged(stage.name, f"loss is {mean_loss} at step {step}", ckpt_dir)
                 row = {"stage": stage.name, "step": step, "epoch": round(step / spe, 4), "loss": mean_loss, "lr": lr,
                        **meter.read_and_reset()}
+                if hasattr(stage.loader, "bad"):  # corrupt images replaced so far (each was logged by name)
+                    row["bad_samples"] = len(stage.loader.bad.found)
                 metrics.write(row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 if not run.progress:

@@ -43,8 +43,14 @@ class DemoData:
     wsp_tags: torch.Tensor  # (M, V) multi-hot
 
 
-def load_data(cfg: Config) -> DemoData:
-    """Load Fashion-MNIST and build the WSP hashtag set (deterministic in run.seed)."""
+def load_data(cfg: Config) -> DemoData | None:
+    """Load Fashion-MNIST and build the WSP hashtag set (deterministic in run.seed).
+
+    None when no stage needs it: JPEG loaders train from data.train, and there is no linprobe.
+    """
+    jpeg = cfg.data.loader != "reference"
+    if cfg.data.dataset != "fmnist" or (jpeg and "linprobe" not in cfg.run.stages):
+        return None
     if cfg.model.img_size != 28 or cfg.model.in_chans != 1:
         raise ConfigError(
             f"config: model.img_size/in_chans: Fashion-MNIST is 28x28 grey; got {cfg.model.img_size}x"
@@ -53,13 +59,20 @@ def load_data(cfg: Config) -> DemoData:
     train_x, train_y = fmnist.load_fmnist(cfg.data.root, "train")
     test_x, test_y = fmnist.load_fmnist(cfg.data.root, "test")
     w = cfg.wsp
+    if jpeg:  # only the eval splits are needed
+        return DemoData(train_x, train_y, test_x, test_y, train_x[:0], torch.zeros(0, len(fmnist.VOCAB)))
     wsp_x, wsp_tags = fmnist.make_weak_hashtags(train_x, train_y, w.num_samples, seed=cfg.run.seed, drop_p=w.drop_p, wrong_p=w.wrong_p)
     return DemoData(train_x, train_y, test_x, test_y, wsp_x, wsp_tags)
 
 
 def _fingerprints(cfg: Config) -> dict[str, dict]:
     """The config each stage's result depends on (a changed one must not resume an old run)."""
-    data = {"dataset": cfg.data.dataset, "mean": cfg.data.mean, "std": cfg.data.std}
+    d = cfg.data
+    data = {"dataset": d.dataset, "mean": d.mean, "std": d.std}
+    if d.loader != "reference":  # another loader reads other samples in another order
+        resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
+        data.update(loader=d.loader, format=d.format, train=resolve(d.train), wsp_train=resolve(d.wsp_train),
+                    tags=resolve(d.tags), vocab=resolve(d.vocab), max_tags=d.max_tags)
     model = dataclasses.asdict(cfg.model)
     mae = {"seed": cfg.run.seed, "data": data, "model": model, "mae": dataclasses.asdict(cfg.mae)}
     wsp_cfg = {k: v for k, v in dataclasses.asdict(cfg.wsp).items() if k not in ("init", "compare_scratch")}
@@ -72,15 +85,45 @@ def _fingerprints(cfg: Config) -> dict[str, dict]:
     }
 
 
-def mae_stage(cfg: Config, data: DemoData, device: torch.device) -> Stage:
+def jpeg_loader(cfg: Config, path: str, batch_size: int, scale, flip_p: float, targets: str, device: torch.device):
+    """A PIL or DALI loader of JPEG training data (one process: rank 0 of 1)."""
+    from maws_fast.data.batching import TrainAugment
+    from maws_fast.data.sources import open_source
+
+    d = cfg.data
+    source = open_source(d.format, path, d.tags, d.vocab)
+    if targets == "tags" and source.num_classes == 0:
+        raise ConfigError(f"config: data: WSP needs hashtags, but {path} has no vocabulary or classes; write shards "
+                          "with their vocab (`maws-data shards ... --tags T.jsonl`) or pass --data.vocab")
+    aug = TrainAugment(cfg.model.img_size, tuple(scale), flip_p=flip_p)
+    kw = dict(batch_size=batch_size, seed=cfg.run.seed, mean=d.mean, std=d.std, transform=aug, targets=targets,
+              channels=cfg.model.in_chans, max_bad=d.max_bad_samples, max_tags=d.max_tags, log=say)
+    if d.loader == "pil":
+        from maws_fast.data.pil_loader import PilLoader
+
+        return PilLoader(source, num_workers=d.num_workers, **kw)
+    from maws_fast.data.dali import DaliLoader, DaliSettings
+
+    settings = DaliSettings(threads=d.dali_threads, hw_decoder_load=d.hw_decoder_load,
+                            device_memory_padding=d.device_memory_padding, host_memory_padding=d.host_memory_padding,
+                            preallocate_width_hint=d.preallocate_width_hint,
+                            preallocate_height_hint=d.preallocate_height_hint, shuffle_buffer=d.shuffle_buffer,
+                            output=d.dali_output)
+    return DaliLoader(source, device=device, settings=settings, **kw)
+
+
+def mae_stage(cfg: Config, data: DemoData | None, device: torch.device) -> Stage:
     torch.manual_seed(mix_seed(cfg.run.seed, 11))  # model init
     model = build_mae(cfg.model, norm_pix_loss=cfg.mae.norm_pix_loss).to(device)
     m = cfg.mae
-    loader = BatchLoader(
-        data.train_x, None, m.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-        augment={"out_size": cfg.model.img_size, "scale": m.crop_scale, "flip_p": m.flip_p},
-        num_workers=cfg.data.num_workers,
-    )
+    if cfg.data.loader != "reference":
+        loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.crop_scale, m.flip_p, "none", device)
+    else:
+        loader = BatchLoader(
+            data.train_x, None, m.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
+            augment={"out_size": cfg.model.img_size, "scale": m.crop_scale, "flip_p": m.flip_p},
+            num_workers=cfg.data.num_workers,
+        )
 
     def loss_fn(model, imgs, _targets, step):
         # Masking noise is a function of (seed, step) only: resumed runs draw the same masks.
@@ -104,19 +147,31 @@ def wsp_loss(model: torch.nn.Module, imgs: torch.Tensor, targets: torch.Tensor) 
     At hashtag-vocabulary scale the (B, V) logits then exist one chunk of rows at a time; the
     math is soft_target_cross_entropy(model(imgs), targets).
     """
+    backend = op_backend(model.kernel_backend, False)
+    if isinstance(targets, (tuple, list)):  # sparse: (B, T) tag ids padded with -1, (B, T) weights
+        ids, weights = targets
+        return maws_kernels.linear_soft_target_cross_entropy(model.forward_pooled(imgs), model.head.weight,
+                                                             model.head.bias, target_ids=ids, target_weights=weights,
+                                                             backend=backend)
     return maws_kernels.linear_soft_target_cross_entropy(model.forward_pooled(imgs), model.head.weight, model.head.bias,
-                                                         targets, backend=op_backend(model.kernel_backend, False))
+                                                         targets, backend=backend)
 
 
-def wsp_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init: str) -> Stage:
-    torch.manual_seed(mix_seed(cfg.run.seed, 12))  # same head / encoder init for every WSP variant
-    model = build_classifier(cfg.model, num_classes=len(fmnist.VOCAB)).to(device)
+def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: str, init: str) -> Stage:
     w = cfg.wsp
-    loader = BatchLoader(
-        data.wsp_x, fmnist.tag_targets(data.wsp_tags), w.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-        augment={"out_size": cfg.model.img_size, "scale": w.crop_scale, "flip_p": w.flip_p},
-        num_workers=cfg.data.num_workers,
-    )
+    if cfg.data.loader != "reference":
+        loader = jpeg_loader(cfg, cfg.data.wsp_train or cfg.data.train, w.batch_size, w.crop_scale, w.flip_p, "tags",
+                             device)
+        num_tags = loader.source.num_classes
+    else:
+        loader = BatchLoader(
+            data.wsp_x, fmnist.tag_targets(data.wsp_tags), w.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
+            augment={"out_size": cfg.model.img_size, "scale": w.crop_scale, "flip_p": w.flip_p},
+            num_workers=cfg.data.num_workers,
+        )
+        num_tags = len(fmnist.VOCAB)
+    torch.manual_seed(mix_seed(cfg.run.seed, 12))  # same head / encoder init for every WSP variant
+    model = build_classifier(cfg.model, num_classes=num_tags).to(device)
 
     def init_fn() -> str | None:
         if init == "scratch":
@@ -138,7 +193,7 @@ def wsp_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
         return wsp_loss(model, imgs, targets)
 
     fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
-    return Stage(name, model, loader, w, loss_fn, flops_per_image(cfg.model, "wsp", len(fmnist.VOCAB)), fp, init_fn)
+    return Stage(name, model, loader, w, loss_fn, flops_per_image(cfg.model, "wsp", num_tags), fp, init_fn)
 
 
 def wsp_runs(cfg: Config) -> list[tuple[str, str, str]]:
@@ -249,6 +304,9 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
     atomic_write_text(out / "config.json", cfg.to_json())
     data = load_data(cfg)
     # Everything that can be checked before hours of training is checked here.
+    if "linprobe" in cfg.run.stages and data is None:
+        raise ConfigError("config: run.stages: linprobe evaluates on Fashion-MNIST (data.dataset=fmnist); with "
+                          "data.dataset=jpeg run only [mae, wsp]")
     if "linprobe" in cfg.run.stages:
         check_eval_fits(cfg, data)
     if "wsp" in cfg.run.stages and cfg.wsp.init not in ("mae", "scratch") and not Path(cfg.wsp.init).is_file():

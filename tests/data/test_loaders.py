@@ -24,7 +24,7 @@ from maws_fast.errors import DataError
 dali = pytest.importorskip("nvidia.dali")
 from maws_fast.data.dali import DaliLoader  # noqa: E402
 
-from tests.data.conftest import decode_reference, write_folder  # noqa: E402
+from tests.data.photos import decode_reference, write_folder  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -1,5 +1,8 @@
 """Real photographs for the data tests, taken from wheels the tests install.
 
+A pytest plugin (``pytest_plugins`` in tests/conftest.py), so its fixtures reach every test;
+import the helpers with ``from tests.data.photos import write_folder, decode_reference``.
+
 * scikit-learn ``datasets/images/china.jpg`` and ``flower.jpg`` (427x640 colour JPEGs);
 * scikit-image ``data/``: ``rocket.jpg``, ``retina.jpg`` (JPEG) and ``astronaut.png`` (PNG);
 * derived with PIL: a progressive JPEG, a grayscale JPEG, an odd-sized crop;
