@@ -43,6 +43,16 @@ def _kernels_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _data_table(rows: list[dict]) -> list[str]:
+    out = ["| provider | decode | images/s | vs PIL | size | batch | threads | images | device | commit | date |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"x{r['vs_pil']:.2f}" if r.get("vs_pil") else "-"
+        out.append(f"| {r['provider']} | {r['decode']} | {r['images_per_s']:.0f} | {ratio} | {r['size']} | "
+                   f"{r['batch_size']} | {r['threads']} | {r['images']} | {r['device']} | {r['commit']} | {r['date']} |")
+    return out
+
+
 def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
     lines = []
     for path in sorted(results_dir.glob("*.json")):
@@ -52,6 +62,8 @@ def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
         lines += [f"**{path.name}** ({len(rows)} rows; command: `{rows[-1].get('command', '?')}`)", ""]
         if path.stem == "train":
             lines += _train_table(rows)
+        elif path.stem == "data":
+            lines += _data_table(rows)
         elif path.stem in ("kernels", "attention"):
             lines += _kernels_table(rows)
         else:

@@ -51,46 +51,26 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def data_main(argv: list[str] | None = None) -> int:
-    """maws-data stats [--data DIR] [--num N] [--seed S]: Fashion-MNIST and weak-hashtag statistics."""
-    parser = argparse.ArgumentParser(prog="maws-data", description="Dataset tools.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    st = sub.add_parser("stats", help="counts, class histogram and the weak-hashtag histogram")
-    st.add_argument("--data", help="Fashion-MNIST directory (default: Debian's package location)")
-    st.add_argument("--num", type=int, default=60000, help="weak-hashtag mosaics to generate")
-    st.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        import torch
+    """maws-data shards|verify|stats|vocab [...]: see maws_fast/data/tools.py."""
+    from maws_fast.data.tools import data_main as run
 
-        from maws_fast.data import fmnist
-
-        for split in ("train", "test"):
-            x, y = fmnist.load_fmnist(args.data, split)
-            counts = torch.bincount(y, minlength=10).tolist()
-            print(f"{split}: {len(y)} images of {tuple(x.shape[1:])} uint8; per class {counts}")
-        x, y = fmnist.load_fmnist(args.data, "train")
-        _, tags = fmnist.make_weak_hashtags(x, y, args.num, seed=args.seed)
-        per_tag = tags.sum(0).long().tolist()
-        print(f"weak hashtags: {args.num} mosaics, {tags.sum(1).mean():.2f} tags per image on average")
-        for name, n in zip(fmnist.VOCAB, per_tag):
-            print(f"  {name:<14} {n}")
-    except UserError as e:
-        return _fail("maws-data", e)
-    return 0
+    return run(argv)
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    """maws-bench train|kernels [...]: see benchmarks/bench_train.py and benchmarks/bench_<op>.py."""
+    """maws-bench train|kernels|data [...]: see benchmarks/bench_train.py, bench_<op>.py and bench_data.py."""
     parser = argparse.ArgumentParser(prog="maws-bench", description="Benchmarks.")
     sub = parser.add_subparsers(dest="cmd", required=True)
+    from maws_fast.bench.data import add_data_args, bench_data
     from maws_fast.bench.kernels import add_kernel_args, bench_kernels
     from maws_fast.bench.train import add_train_args, bench_train
 
     add_train_args(sub.add_parser("train", help="MAE and WSP training-step throughput of a preset"))
     add_kernel_args(sub.add_parser("kernels", help="fused kernels vs torch eager and torch.compile"))
+    add_data_args(sub.add_parser("data", help="DALI input pipeline vs the PIL / DataLoader reference"))
     args = parser.parse_args(argv)
     try:
-        (bench_train if args.cmd == "train" else bench_kernels)(args)
+        {"train": bench_train, "kernels": bench_kernels, "data": bench_data}[args.cmd](args)
     except UserError as e:
         return _fail("maws-bench", e)
     return 0
