@@ -4,10 +4,10 @@
 #   bash scripts/gpu_tier.sh build      # build maws_kernels._C (kept between calls on a warm machine)
 #   bash scripts/gpu_tier.sh test       # build + every GPU-marked test
 #   bash scripts/gpu_tier.sh sanitize   # build + compute-sanitizer memcheck and racecheck on every fused kernel
-#   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step
+#   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step + data
 #   bash scripts/gpu_tier.sh all        # all of the above
 #
-# Logs and results go to $OUT (default ./gpu_out): <step>.log, kernels.json, train.json. Copy the
+# Logs and results go to $OUT (default ./gpu_out): <step>.log, kernels.json, train.json, data.json. Copy the
 # JSON rows into benchmarks/results/ and run benchmarks/render_tables.py to update the README.
 # Uses the machine's own torch (a CUDA build); installs nothing from the network.
 set -uo pipefail
@@ -52,7 +52,11 @@ esac
 case "$what" in bench | all)
     step bench_kernels bench_main kernels --out "$OUT/{group}.json"
     step bench_train bench_main train --preset vit_b16 --batch-size 128 --attn sdpa --kernels triton,torch \
-        --out "$OUT/train.json" ;;
+        --out "$OUT/train.json"
+    # DALI mixed decode where the wheel is installed (it is ~200 MB: a device call carries 64 MiB),
+    # else the nvJPEG row (torchvision decode_jpeg on the GPU) stands in; PIL is the baseline.
+    step bench_data bench_main data --device cuda --providers dali,dali_uint8,pil,nvjpeg --images 4096 \
+        --batch-size 256 --threads 16 --out "$OUT/data.json" ;;
 esac
 echo "gpu_tier $what: $([ $status -eq 0 ] && echo OK || echo FAILED) (logs in $OUT)"
 exit $status

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,35 +48,36 @@ def sample_crop_boxes(
     Returns:
         int64 ``(B, 4)`` boxes ``(top, left, h, w)`` in pixels.
     """
-    hh = torch.as_tensor(height, dtype=torch.int64).expand(batch)  # (B,)
-    ww = torch.as_tensor(width, dtype=torch.int64).expand(batch)  # (B,)
-    area = (hh * ww).to(torch.float64).unsqueeze(1)  # (B, 1)
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     u_area = torch.rand(batch, _ATTEMPTS, generator=generator, dtype=torch.float64)
     u_ratio = torch.rand(batch, _ATTEMPTS, generator=generator, dtype=torch.float64)
     u_pos = torch.rand(batch, 2, generator=generator, dtype=torch.float64)
-
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)  # (B, A)
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)  # (B, A)
-    # torch.round rounds half to even, like Python's round() in torchvision.
-    w = torch.round(torch.sqrt(target_area * aspect)).to(torch.int64)  # (B, A)
-    h = torch.round(torch.sqrt(target_area / aspect)).to(torch.int64)  # (B, A)
-    fits = (w > 0) & (w <= ww.unsqueeze(1)) & (h > 0) & (h <= hh.unsqueeze(1))  # (B, A)
-    ok = fits.any(dim=1)  # (B,)
-    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1): first True attempt
-    w = w.gather(1, first).squeeze(1)  # (B,)
-    h = h.gather(1, first).squeeze(1)  # (B,)
+    # The arithmetic runs in numpy: torch's per-op overhead on these (B, 10) tensors can reach
+    # milliseconds when its thread pool competes with loader threads, and this runs per batch.
+    hh = np.broadcast_to(np.asarray(height, dtype=np.int64).reshape(-1), (batch,))  # (B,)
+    ww = np.broadcast_to(np.asarray(width, dtype=np.int64).reshape(-1), (batch,))  # (B,)
+    area = (hh * ww).astype(np.float64)[:, None]  # (B, 1)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area.numpy())  # (B, A)
+    aspect = np.exp(log_lo + (log_hi - log_lo) * u_ratio.numpy())  # (B, A)
+    # np.round rounds half to even, like Python's round() in torchvision.
+    w = np.round(np.sqrt(target_area * aspect)).astype(np.int64)  # (B, A)
+    h = np.round(np.sqrt(target_area / aspect)).astype(np.int64)  # (B, A)
+    fits = (w > 0) & (w <= ww[:, None]) & (h > 0) & (h <= hh[:, None])  # (B, A)
+    ok = fits.any(axis=1)  # (B,)
+    first = fits.argmax(axis=1)[:, None]  # (B, 1): first True attempt
+    w = np.take_along_axis(w, first, 1)[:, 0]  # (B,)
+    h = np.take_along_axis(h, first, 1)[:, 0]  # (B,)
+    u = u_pos.numpy()
     # randint(0, H - h + 1) via floor(u * (H - h + 1)); min() guards u's rounding to 1.0.
-    top = torch.minimum((u_pos[:, 0] * (hh - h + 1)).floor().to(torch.int64), hh - h)
-    left = torch.minimum((u_pos[:, 1] * (ww - w + 1)).floor().to(torch.int64), ww - w)
+    top = np.minimum(np.floor(u[:, 0] * (hh - h + 1)).astype(np.int64), hh - h)
+    left = np.minimum(np.floor(u[:, 1] * (ww - w + 1)).astype(np.int64), ww - w)
 
-    # Fallback: central crop with the ratio clamped into range (per image, in exact integers
-    # of Python's round so that one size gives the same box as torchvision).
+    # Fallback: central crop with the ratio clamped into range (per distinct image size).
     sizes = list(zip(hh.tolist(), ww.tolist()))
     by_size = {hw: _fallback_box(hw[0], hw[1], ratio) for hw in set(sizes)}
-    fallback = torch.tensor([by_size[hw] for hw in sizes], dtype=torch.int64).reshape(batch, 4)  # (B, 4)
-    boxes = torch.stack([top, left, h, w], dim=1)  # (B, 4)
-    return torch.where(ok.unsqueeze(1), boxes, fallback)
+    fallback = np.array([by_size[hw] for hw in sizes], dtype=np.int64).reshape(batch, 4)  # (B, 4)
+    boxes = np.stack([top, left, h, w], axis=1)  # (B, 4)
+    return torch.from_numpy(np.where(ok[:, None], boxes, fallback))
 
 
 def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:

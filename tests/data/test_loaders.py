@@ -222,3 +222,21 @@ def test_fmnist_demo_shards_through_dali(tmp_path):
     ref = (x[:40].float() / 255 - fmnist.MEAN) / fmnist.STD
     assert got.shape == (40, 1, 28, 28)
     assert ((got[:, 0] - ref).abs() * fmnist.STD * 255).mean() < 3.0  # JPEG q95 of 28x28 grey
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("output", ["float32", "uint8"])
+def test_mixed_gpu_decode_matches_cpu_decode(tmp_path, real_images, output):
+    """nvJPEG (device="mixed") against DALI's CPU decode: same crops, batches on the GPU."""
+    from maws_fast.data.dali import DaliSettings
+
+    src = _shards(tmp_path, real_images)
+    kw = dict(settings=DaliSettings(output=output, hw_decoder_load=0.5))
+    gpu = _batches(_loader("dali", src, device="cuda", **kw))
+    cpu = _batches(_loader("dali", src, **kw))
+    assert len(gpu) == len(cpu)
+    for (xg, tg), (xc, tc) in zip(gpu, cpu):
+        assert xg.device.type == "cuda" and xg.dtype == torch.float32
+        err = (xg.cpu() - xc).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255
+        assert err.mean() < 2.0, err.mean()
+        assert torch.equal(tg[0], tc[0])
