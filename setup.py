@@ -88,10 +88,15 @@ setup(
         "pyyaml>=6",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "pillow>=9",  # JPEG encode/decode of the reference loader and maws-data
     ],
     extras_require={
-        # test-only: timm is the parity reference for the ViT (it imports torchvision).
-        "dev": ["pytest>=8", "pytest-timeout>=2", "timm>=1.0"],
+        # The DALI input pipeline (maws_fast.data.dali); its CPU operators run without a GPU.
+        "dali": ["nvidia-dali-cuda130"],
+        # test-only: timm is the parity reference for the ViT (it imports torchvision); the
+        # scikit-learn / scikit-image wheels ship the real photographs the data tests decode.
+        "dev": ["pytest>=8", "pytest-timeout>=2", "timm>=1.0", "scikit-learn", "scikit-image", "pillow",
+                "nvidia-dali-cuda130"],
         # GPU-only: not installable or not useful on a CPU machine.
         "gpu": ["xformers", "nvidia-dali-cuda130"],
     },

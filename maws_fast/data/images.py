@@ -12,6 +12,7 @@ caught here, by name. Damage inside the entropy-coded data is only found by a fu
 from __future__ import annotations
 
 import io
+import re
 import struct
 from dataclasses import dataclass
 
@@ -156,7 +157,8 @@ def decode_pil(buf: bytes | memoryview | np.ndarray, mode: str = "RGB") -> np.nd
             im.load()
             return np.asarray(im.convert(mode))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise ValueError(f"{type(e).__name__}: {e}") from None
+        why = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # same text every run
+        raise ValueError(f"{type(e).__name__}: {why}") from None
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = 95, progressive: bool = False) -> bytes:

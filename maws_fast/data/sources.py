@@ -136,7 +136,7 @@ def scan_folder(root: str | Path) -> Source:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; pass --data.train=DIR with one sub-folder per class")
+        raise DataError(f"image folder {root} does not exist; give an existing folder with one sub-folder per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataError(f"{root} has no class sub-folders; an image folder is DIR/<class>/<image>.jpg")
@@ -167,7 +167,7 @@ def read_file_list(list_path: str | Path, tags_path: str | Path | None, vocab: V
     try:
         lines = [ln.strip() for ln in lp.read_text().splitlines()]
     except FileNotFoundError:
-        raise DataError(f"file list {lp} does not exist; pass --data.train=FILE with one image path per line") from None
+        raise DataError(f"file list {lp} does not exist; give an existing text file with one image path per line") from None
     rel = [ln for ln in lines if ln and not ln.startswith("#")]
     if not rel:
         raise DataError(f"file list {lp} lists no images")
@@ -177,7 +177,7 @@ def read_file_list(list_path: str | Path, tags_path: str | Path | None, vocab: V
         where = {p: i for i, p in enumerate(rel)}
         tp = Path(tags_path)
         if not tp.exists():
-            raise DataError(f"hashtag file {tp} does not exist; pass --data.tags=FILE.jsonl or leave it unset")
+            raise DataError(f"hashtag file {tp} does not exist; give the JSONL of {{\"file\": ..., \"tags\": [...]}} lines, or none")
         with open(tp) as f:
             for no, line in enumerate(f, start=1):
                 if not line.strip():
@@ -193,8 +193,8 @@ def read_file_list(list_path: str | Path, tags_path: str | Path | None, vocab: V
                 if all(isinstance(t, int) for t in raw):
                     tags[i] = sorted(set(raw))
                 elif vocab is None:
-                    raise DataError(f"{tp} holds string hashtags but no vocabulary was given; pass --data.vocab=vocab.json "
-                                    f"(build it with `maws-data vocab --tags {tp} --out vocab.json`)")
+                    raise DataError(f"{tp} holds string hashtags but no vocabulary was given; pass one (--vocab, or "
+                                    f"--data.vocab when training) (build it with `maws-data vocab --tags {tp} --out vocab.json`)")
                 else:
                     tags[i] = sorted({j for t in raw if (j := vocab.id(str(t))) is not None})
     return Source("filelist", list(paths), paths, tags, None, None, vocab)

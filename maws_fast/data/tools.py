@@ -1,0 +1,605 @@
+"""``maws-data``: write, check and describe image datasets.
+
+* ``shards``: an image folder, a file list (+ hashtag JSONL) or Fashion-MNIST -> webdataset shards
+  with DALI indexes (:mod:`maws_fast.data.shards`). Every input is decoded in full before anything
+  is written; inputs that do not decode are skipped and listed in ``rejected.tsv``, and more than
+  ``--max-bad`` of them fail the command before a shard is written. The sample list is shuffled
+  with ``--seed`` before it is cut into shards, because container readers only shuffle within a
+  buffer.
+* ``verify``: decode every sample of shards, a folder or a file list; name each bad one; optionally
+  write a clean copy (a file list, or shard indexes that leave the bad samples out).
+* ``stats``: counts, class / tag histograms and image sizes (headers only, no decode). Without a
+  source flag it describes Fashion-MNIST and its weak hashtags, as it always has.
+* ``vocab``: a hashtag vocabulary from a JSONL of string tags.
+
+Errors a user can cause are :class:`~maws_fast.errors.UserError`: one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from maws_fast.data.images import ImageInfo, decode_pil, encode_jpeg, inspect_image
+from maws_fast.data.shards import FORMAT, INDEX_VERSION, MANIFEST, ShardSample, ShardWriter, open_shards, parse_meta
+from maws_fast.data.sources import Vocab, build_vocab, read_file_list, resample_indices, scan_folder
+from maws_fast.errors import DataError, UserError
+
+PROG = "maws-data"
+REJECTED = "rejected.tsv"
+VOCAB_FILE = "vocab.json"
+KEY_DIGITS = 9  # zero-padded running numbers: keys sort in write order up to a billion samples
+SHOW = 3  # bad inputs named in an error line; the rest are in rejected.tsv
+SHOW_SUMMARY = 10  # bad inputs listed in the summary
+TOP_TAGS = 20
+_BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _pmap(fn: Callable, items: Sequence, workers: int, desc: str) -> Iterator:
+    """``fn`` over ``items`` in input order, on ``workers`` threads, with a tqdm bar on stderr.
+
+    Threads, not processes: PIL releases the GIL while it decodes and encodes, and nothing has to
+    be pickled. At most ``4 * workers`` results are in flight, so a slow consumer (the tar writer)
+    never makes the images of the whole dataset pile up in memory.
+    """
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(items), desc=desc, unit="img", file=sys.stderr, disable=None, leave=False)
+    try:
+        if workers <= 1 or len(items) <= 1:
+            for r in map(fn, items):
+                bar.update()
+                yield r
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            it = iter(items)
+            pending = deque(pool.submit(fn, x) for x in islice(it, 4 * workers))
+            try:
+                while pending:
+                    r = pending.popleft().result()  # waits for the oldest: output order = input order
+                    for x in islice(it, 1):
+                        pending.append(pool.submit(fn, x))
+                    bar.update()
+                    yield r
+            finally:
+                for f in pending:
+                    f.cancel()
+    finally:
+        bar.close()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _one_line(s: str) -> str:
+    return " ".join(str(s).split())
+
+
+def _decode_problem(buf: bytes, info: ImageInfo) -> str:
+    """"" when PIL decodes ``buf`` in full, else why not (the header check's words when it has some)."""
+    try:
+        decode_pil(buf, "RGB")
+    except ValueError as e:
+        # PIL's own words name an anonymous BytesIO; the header check says what is wrong.
+        return f"does not decode: {info.problem or _BYTESIO.sub('', str(e))}"
+    return ""
+
+
+def _image_problem(buf: bytes) -> str:
+    """Why the loaders cannot use these bytes ("" when they can): a full decode + the header check."""
+    info = inspect_image(buf)
+    if p := _decode_problem(buf, info):
+        return p
+    if not info.ok:
+        # PIL copes, but the loaders check every sample's structure first and would reject it.
+        return f"decodes, but the loaders reject it: {info.problem}"
+    return ""
+
+
+def _check_file(path: str) -> str:
+    try:
+        return _image_problem(Path(path).read_bytes())
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
+
+
+def _read_tag_rows(path: str | Path) -> list[list]:
+    """The ``tags`` list of every row of a hashtag JSONL (``{"file": ..., "tags": [...]}``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f'hashtag file {p} does not exist; pass a JSONL with one {{"file": ..., "tags": [...]}} '
+                        "per image")
+    rows = []
+    with open(p) as f:
+        for no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                tags = json.loads(line)["tags"]
+                if not isinstance(tags, list):
+                    raise TypeError(f"tags is {type(tags).__name__}, not a list")
+            except (ValueError, KeyError, TypeError) as e:
+                why = f"{type(e).__name__}: {e}"
+                raise DataError(f'{p}:{no}: expected {{"file": ..., "tags": [...]}} ({why})') from None
+            rows.append(tags)
+    return rows
+
+
+def _vocab_for_list(tags: str | None, vocab: str | None) -> Vocab | None:
+    """The vocabulary of a file list: ``vocab`` loaded, else built from the string tags of ``tags``."""
+    if vocab is not None:
+        return Vocab.load(vocab)
+    if tags is None:
+        return None
+    rows = _read_tag_rows(tags)
+    if all(isinstance(t, int) for row in rows for t in row):
+        return None  # tag ids: no vocabulary needed
+    return build_vocab([[str(t) for t in row] for row in rows])
+
+
+def _tar_reader() -> tuple[Callable[[ShardSample], tuple[bytes, bytes]], Callable[[], None]]:
+    """``(read, close)``: raw ``(jpg, json)`` bytes of a shard sample, one fd per tar.
+
+    Unlike ``ShardReader.read`` it returns the JSON unparsed, so a sample whose metadata is bad can
+    still have its image checked. ``os.pread`` on a shared fd is safe from several threads.
+    """
+    fds: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def read(s: ShardSample) -> tuple[bytes, bytes]:
+        with lock:  # one open per tar, whichever thread comes first
+            if s.tar not in fds:
+                try:
+                    fds[s.tar] = os.open(s.tar, os.O_RDONLY)
+                except OSError as e:
+                    raise DataError(f"cannot open shard {s.tar}: {e.strerror}") from None
+        jpg = os.pread(fds[s.tar], s.jpg_size, s.jpg_offset)
+        meta = os.pread(fds[s.tar], s.json_size, s.json_offset)
+        if len(jpg) != s.jpg_size or len(meta) != s.json_size:
+            raise DataError("the tar is shorter than its index says (truncated copy?)")
+        return jpg, meta
+
+    def close() -> None:
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
+
+    return read, close
+
+
+def _short(s: ShardSample) -> str:
+    """``shard-000001.tar:000000042``: the tar's file name, not its whole path."""
+    return f"{Path(s.tar).name}:{s.key}"
+
+
+# --- shards --------------------------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    """What ``shards`` writes: per input a name, tags and label, and either a file or pixels.
+
+    Attributes:
+        names: shown in rejected.tsv and errors (the path, or ``dataset:index``).
+        srcs: stored as the sample's ``src`` (path relative to the folder / list).
+        tags: tag ids per input.
+        labels: class label per input, or None.
+        files: input file paths, or None for in-memory pixels.
+        pixels: uint8 ``(N, H, W)`` grey images (Fashion-MNIST), or None.
+        manifest: extra manifest keys (``classes``, ``vocab``, ``source``).
+        vocab: saved as DIR/vocab.json when set.
+    """
+
+    names: list[str]
+    srcs: list[str]
+    tags: list[list[int]]
+    labels: list[int] | None
+    files: list[str] | None = None
+    pixels: np.ndarray | None = None
+    manifest: dict = field(default_factory=dict)
+    vocab: Vocab | None = None
+
+    def check(self, i: int) -> str:
+        """Why input ``i`` cannot be stored ("" when it can): a full decode of the file."""
+        if self.files is None:
+            return ""
+        try:
+            buf = Path(self.files[i]).read_bytes()
+        except OSError as e:
+            return f"cannot read ({e.strerror})"
+        return _decode_problem(buf, inspect_image(buf))
+
+    def payload(self, i: int, quality: int) -> bytes:
+        """The JPEG stored for input ``i`` (which :meth:`check` passed)."""
+        if self.files is None:
+            return encode_jpeg(self.pixels[i], quality)
+        try:
+            buf = Path(self.files[i]).read_bytes()
+        except OSError as e:
+            raise DataError(f"{self.names[i]} became unreadable while the shards were written ({e.strerror}); "
+                            "run the command again") from None
+        info = inspect_image(buf)
+        if info.ok and info.format == "jpeg" and info.channels in (1, 3):
+            return buf  # byte-for-byte: no second lossy encode
+        # PNG, CMYK JPEG, or a JPEG only PIL copes with: re-encode so every decoder takes it.
+        try:
+            pixels = decode_pil(buf, "L" if info.channels in (1, 2) else "RGB")  # grey stays grey
+        except ValueError as e:
+            raise DataError(f"{self.names[i]} changed while the shards were written ({e}); "
+                            "run the command again") from None
+        return encode_jpeg(pixels, quality)
+
+
+def _shard_inputs(a: argparse.Namespace) -> _Inputs:
+    if a.folder is not None:
+        src = scan_folder(a.folder)
+        rel = [os.path.relpath(p, a.folder) for p in src.paths]
+        return _Inputs(src.paths, rel, src.tags, src.labels, files=src.paths,
+                       manifest={"classes": src.classes, "source": f"folder {a.folder}"})
+    if a.list is not None:
+        vocab = _vocab_for_list(a.tags, a.vocab)
+        src = read_file_list(a.list, a.tags, vocab)
+        rel = [os.path.relpath(p, Path(a.list).parent) for p in src.paths]
+        manifest = {"source": f"list {a.list}", **({"vocab": VOCAB_FILE} if vocab else {})}
+        return _Inputs(src.paths, rel, src.tags, None, files=src.paths, manifest=manifest, vocab=vocab)
+    from maws_fast.data import fmnist
+
+    x, y = fmnist.load_fmnist(a.data, a.split)
+    if a.weak_hashtags is not None:
+        mosaics, multi_hot = fmnist.make_weak_hashtags(x, y, a.weak_hashtags, seed=a.seed)
+        tags = [np.flatnonzero(row).tolist() for row in multi_hot.numpy() > 0]
+        names = [f"fmnist-weak-hashtags:{i}" for i in range(len(tags))]
+        vocab = Vocab(list(fmnist.VOCAB), multi_hot.sum(0).long().tolist())
+        return _Inputs(names, names, tags, None, pixels=mosaics.numpy(), vocab=vocab,
+                       manifest={"vocab": VOCAB_FILE, "source": f"fmnist {a.split} weak hashtags, seed {a.seed}"})
+    labels = y.tolist()
+    names = [f"fmnist-{a.split}:{i}" for i in range(len(labels))]
+    return _Inputs(names, names, [[c] for c in labels], labels, pixels=x.numpy(),
+                   manifest={"classes": list(fmnist.CLASSES), "source": f"fmnist {a.split}"})
+
+
+def _tag_counts(inputs: _Inputs) -> list[int]:
+    """Per-tag counts for resampling: the vocabulary's, else counted over the inputs."""
+    if inputs.vocab is not None:
+        return inputs.vocab.counts
+    c = Counter(t for tags in inputs.tags for t in set(tags))
+    return [c.get(t, 0) for t in range(max(c, default=-1) + 1)]
+
+
+def cmd_shards(a: argparse.Namespace) -> int:
+    for flag, v, lo in (("--samples-per-shard", a.samples_per_shard, 1), ("--workers", a.workers, 1),
+                        ("--max-bad", a.max_bad, 0), ("--num", a.num, 1), ("--weak-hashtags", a.weak_hashtags, 1)):
+        if v is not None and v < lo:
+            raise UserError(f"{flag} must be >= {lo}, got {v}")
+    if not 1 <= a.quality <= 100:
+        raise UserError(f"--quality must be in 1..100, got {a.quality}")
+    if not a.fmnist and a.weak_hashtags is not None:
+        raise UserError("--weak-hashtags only applies to --fmnist")
+    if a.list is None and (a.tags or a.vocab):
+        raise UserError("--tags and --vocab only apply to --list")
+    inputs = _shard_inputs(a)
+    n = len(inputs.names)
+    writer = ShardWriter(a.out, a.samples_per_shard)  # refuses a directory that already holds shards
+    out = writer.out
+
+    # Pass 1: decode every input once; nothing is written unless the bad ones are few enough.
+    reasons = list(_pmap(inputs.check, range(n), a.workers, "verify")) if inputs.files else [""] * n
+    bad = [i for i, r in enumerate(reasons) if r]
+    rows = "".join(f"{inputs.names[i]}\t{_one_line(reasons[i])}\n" for i in bad)
+    _atomic_write(out / REJECTED, "file\treason\n" + rows)
+    if len(bad) > a.max_bad:
+        first = ", ".join(inputs.names[i] for i in bad[:SHOW]) + (", ..." if len(bad) > SHOW else "")
+        raise DataError(f"{len(bad)} of {n} inputs do not decode ({first}); each is listed with its reason in "
+                        f"{out / REJECTED}; fix or remove them, or pass --max-bad {len(bad)} to skip them")
+    good = np.array([i for i, r in enumerate(reasons) if not r], dtype=np.int64)
+    if not good.size:
+        raise DataError(f"none of the {n} inputs decodes; see {out / REJECTED}")
+
+    # Choose the samples, then shuffle the whole list before cutting shards.
+    if a.resample == "inv_sqrt":
+        tag_lists = [inputs.tags[i] for i in good]
+        if not any(tag_lists):
+            raise UserError("--resample inv_sqrt needs tagged inputs (a folder, --list with --tags, or --fmnist)")
+        chosen = good[resample_indices(tag_lists, _tag_counts(inputs), a.num or len(good), a.seed)]
+    elif a.num is not None and a.num > len(good):
+        raise UserError(f"--num {a.num} is more than the {len(good)} good inputs; use --resample inv_sqrt to draw more")
+    else:
+        chosen = good
+    # A second stream of the same seed: the resampling draws are not reused for the order.
+    chosen = chosen[np.random.default_rng([a.seed, 1]).permutation(len(chosen))]
+    if a.resample == "none" and a.num is not None:
+        chosen = chosen[: a.num]
+
+    # Pass 2: write. JPEG inputs are copied, others re-encoded (on the worker threads).
+    if inputs.vocab is not None:
+        inputs.vocab.save(out / VOCAB_FILE)
+    payloads = _pmap(lambda i: inputs.payload(i, a.quality), chosen.tolist(), a.workers, "write")
+    for k, (i, jpeg) in enumerate(zip(chosen.tolist(), payloads)):
+        meta: dict = {"tags": inputs.tags[i]}
+        if inputs.labels is not None:
+            meta["label"] = inputs.labels[i]
+        meta["src"] = inputs.srcs[i]
+        writer.write(f"{k:0{KEY_DIGITS}d}", jpeg, meta)
+    writer.finish(rejected=len(bad), seed=a.seed, resample=a.resample, **inputs.manifest)
+
+    for i in bad[:SHOW_SUMMARY]:
+        print(f"rejected {inputs.names[i]}: {_one_line(reasons[i])}")
+    if len(bad) > SHOW_SUMMARY:
+        print(f"... and {len(bad) - SHOW_SUMMARY} more in {out / REJECTED}")
+    print(f"wrote {writer.count} samples in {len(writer.shards)} shards to {out}; {len(bad)} of {n} inputs rejected"
+          + (f" (listed in {out / REJECTED})" if bad else ""))
+    return 0
+
+
+# --- verify --------------------------------------------------------------------------------------
+def _verify_shards(root: str, workers: int) -> tuple:
+    shards = open_shards(root)
+    read, close = _tar_reader()
+
+    def check(s: ShardSample) -> str:
+        try:
+            jpg, raw = read(s)
+        except DataError as e:
+            return str(e)
+        problems = [p] if (p := _image_problem(jpg)) else []
+        try:
+            parse_meta(raw, _short(s))
+        except DataError as e:
+            problems.append(str(e).removeprefix(f"{_short(s)}: "))
+        return "; ".join(problems)
+
+    try:
+        reasons = list(_pmap(check, shards.samples, workers, "verify"))
+    finally:
+        close()
+    return shards, [_short(s) for s in shards.samples], reasons
+
+
+def _write_clean_shards(shards, reasons: list[str], dest: Path) -> Path:
+    """Indexes of the good samples only, in ``dest``, with a manifest pointing at the original tars."""
+    if (dest / MANIFEST).exists():
+        raise DataError(f"{dest} already holds shards ({MANIFEST}); pass a new directory to --write-clean")
+    dest.mkdir(parents=True, exist_ok=True)
+    keep: dict[str, list[ShardSample]] = {t: [] for t in shards.tars}
+    for s, r in zip(shards.samples, reasons):
+        if not r:
+            keep[s.tar].append(s)
+    entries, used = [], set()
+    for no, (tar, idx) in enumerate(zip(shards.tars, shards.indexes)):
+        if not keep[tar]:
+            continue  # an empty index would be a shard with nothing to read
+        name = Path(idx).name if Path(idx).name not in used else f"{no:06d}-{Path(idx).name}"
+        used.add(name)
+        lines = [f"jpg {s.jpg_offset} {s.jpg_size} {s.key}.jpg json {s.json_offset} {s.json_size} {s.key}.json"
+                 for s in keep[tar]]
+        _atomic_write(dest / name, f"{INDEX_VERSION} {len(lines)}\n" + "".join(ln + "\n" for ln in lines))
+        entries.append({"tar": str(Path(tar).resolve()), "index": name, "samples": len(lines)})
+    manifest = {k: v for k, v in shards.manifest.items() if k not in ("shards", "num_samples")}
+    if manifest.get("vocab"):  # open_source looks for it next to the manifest
+        manifest["vocab"] = str((shards.root / manifest["vocab"]).resolve())
+    manifest.update(format=FORMAT, num_samples=sum(e["samples"] for e in entries), shards=entries,
+                    cleaned_from=str(shards.root.resolve()), removed=sum(1 for r in reasons if r))
+    _atomic_write(dest / MANIFEST, json.dumps(manifest, indent=1))
+    return dest / MANIFEST
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    if a.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {a.workers}")
+    if a.shards is not None:
+        shards, names, reasons = _verify_shards(a.shards, a.workers)
+    else:
+        src = scan_folder(a.folder) if a.folder is not None else read_file_list(a.list, None, None)
+        names = src.paths
+        reasons = list(_pmap(_check_file, names, a.workers, "verify"))
+    bad = [(nm, r) for nm, r in zip(names, reasons) if r]
+    for nm, r in bad:
+        print(f"{nm}: {_one_line(r)}")
+    print(f"{len(names)} samples, {len(bad)} bad")
+    if a.write_clean:
+        if not len(names) - len(bad):
+            raise DataError("every sample is bad; no clean copy written")
+        dest = Path(a.write_clean)
+        if a.shards is not None:
+            print(f"clean copy: {_write_clean_shards(shards, reasons, dest)} ({len(names) - len(bad)} samples)")
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(dest, "".join(os.path.abspath(nm) + "\n" for nm, r in zip(names, reasons) if not r))
+            print(f"clean list: {dest} ({len(names) - len(bad)} files)")
+    return 1 if bad else 0
+
+
+# --- stats ---------------------------------------------------------------------------------------
+def _fmnist_stats(a: argparse.Namespace) -> None:
+    """The Fashion-MNIST splits and the weak-hashtag histogram (the original ``maws-data stats``)."""
+    import torch
+
+    from maws_fast.data import fmnist
+
+    for split in ("train", "test"):
+        x, y = fmnist.load_fmnist(a.data, split)
+        counts = torch.bincount(y, minlength=10).tolist()
+        print(f"{split}: {len(y)} images of {tuple(x.shape[1:])} uint8; per class {counts}")
+    x, y = fmnist.load_fmnist(a.data, "train")
+    _, tags = fmnist.make_weak_hashtags(x, y, a.num, seed=a.seed)
+    per_tag = tags.sum(0).long().tolist()
+    print(f"weak hashtags: {a.num} mosaics, {tags.sum(1).mean():.2f} tags per image on average")
+    for name, n in zip(fmnist.VOCAB, per_tag):
+        print(f"  {name:<14} {n}")
+
+
+def _print_stats(title: str, infos: list[ImageInfo], names: list[str], labels: list | None,
+                 classes: list[str] | None, tags: list[list[int]] | None, vocab: Vocab | None) -> None:
+    print(f"{title}: {len(infos)} samples")
+    if labels is not None and any(lb is not None for lb in labels):
+        per = Counter(lb for lb in labels if lb is not None)
+        n_cls = len(classes) if classes else max(per) + 1
+        print(f"per class ({n_cls} classes{', ' + str(labels.count(None)) + ' unlabelled' if None in labels else ''}):")
+        for c in range(n_cls):
+            print(f"  {classes[c] if classes else c:<24} {per.get(c, 0)}")
+    if tags is not None and (labels is None or vocab is not None):  # a folder's tags are its labels
+        per = Counter(t for row in tags for t in set(row))
+        size = f"{len(vocab)} in the vocabulary, " if vocab else ""
+        print(f"tags: {size}{len(per)} used; {np.mean([len(r) for r in tags]) if tags else 0:.2f} tags per image on "
+              f"average, {sum(1 for r in tags if not r)} untagged; top {min(TOP_TAGS, len(per))}:")
+        for t, c in sorted(per.items(), key=lambda tc: (-tc[1], tc[0]))[:TOP_TAGS]:
+            name = vocab.tags[t] if vocab and 0 <= t < len(vocab) else str(t)
+            print(f"  {name:<24} {c}")
+    ok = [i for i in infos if i.ok]
+    if ok:
+        h, w = np.array([i.height for i in ok]), np.array([i.width for i in ok])
+        print(f"image size (from the headers): height min/median/max {h.min()}/{int(np.median(h))}/{h.max()}, "
+              f"width min/median/max {w.min()}/{int(np.median(w))}/{w.max()}")
+    fmts = Counter(i.format for i in ok)
+    print(f"formats: {', '.join(f'{f} {c}' for f, c in sorted(fmts.items())) or 'none'}; "
+          f"progressive {sum(i.progressive for i in ok)}; grey {sum(i.channels in (1, 2) for i in ok)}; "
+          f"bad headers {len(infos) - len(ok)}")
+    for nm, i in [(nm, i) for nm, i in zip(names, infos) if not i.ok][:SHOW_SUMMARY]:
+        print(f"  {nm}: {i.problem}")
+
+
+def _inspect_file(path: str) -> ImageInfo:
+    try:
+        return inspect_image(Path(path).read_bytes())
+    except OSError as e:
+        return ImageInfo("", problem=f"cannot read ({e.strerror})")
+
+
+def cmd_stats(a: argparse.Namespace) -> int:
+    if a.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {a.workers}")
+    if a.list is None and (a.tags or a.vocab):
+        raise UserError("--tags and --vocab only apply to --list")
+    if a.folder is not None:
+        src = scan_folder(a.folder)
+        infos = list(_pmap(_inspect_file, src.paths, a.workers, "stats"))
+        _print_stats(f"folder {a.folder}", infos, src.paths, src.labels, src.classes, None, None)
+    elif a.list is not None:
+        vocab = _vocab_for_list(a.tags, a.vocab)
+        src = read_file_list(a.list, a.tags, vocab)
+        infos = list(_pmap(_inspect_file, src.paths, a.workers, "stats"))
+        _print_stats(f"list {a.list}", infos, src.paths, None, None, src.tags if a.tags else None, vocab)
+    elif a.shards is not None:
+        shards = open_shards(a.shards)
+        m = shards.manifest
+        vocab = Vocab.load(shards.root / m["vocab"]) if m.get("vocab") else None
+        read, close = _tar_reader()
+
+        def one(s: ShardSample) -> tuple[ImageInfo, dict]:
+            try:
+                jpg, raw = read(s)
+                return inspect_image(jpg), parse_meta(raw, _short(s))
+            except DataError as e:
+                return ImageInfo("", problem=str(e)), {}
+
+        try:
+            rows = list(_pmap(one, shards.samples, a.workers, "stats"))
+        finally:
+            close()
+        labels = [meta.get("label") for _, meta in rows]
+        tags = [meta.get("tags", []) for _, meta in rows]
+        _print_stats(f"shards {a.shards}", [i for i, _ in rows], [_short(s) for s in shards.samples],
+                     labels if any(lb is not None for lb in labels) else None, m.get("classes"), tags, vocab)
+    else:
+        _fmnist_stats(a)
+    return 0
+
+
+# --- vocab ---------------------------------------------------------------------------------------
+def cmd_vocab(a: argparse.Namespace) -> int:
+    rows = _read_tag_rows(a.tags)
+    if any(not isinstance(t, str) for row in rows for t in row):
+        raise DataError(f"{a.tags} holds tag ids, not tag strings; a vocabulary maps strings to ids, so this file "
+                        "needs none")
+    vocab = build_vocab(rows, a.min_count)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    vocab.save(out)
+    print(f"{len(vocab)} tags seen at least {a.min_count} times in {len(rows)} rows -> {out}")
+    return 0
+
+
+# --- command line --------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Dataset tools: write, verify and describe image datasets.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    workers = min(8, os.cpu_count() or 1)
+
+    sh = sub.add_parser("shards", help="webdataset shards + DALI indexes from a folder, a file list or Fashion-MNIST")
+    sh.add_argument("--out", required=True, help="new shard directory")
+    src = sh.add_mutually_exclusive_group(required=True)
+    src.add_argument("--folder", help="image folder DIR/<class>/<image>.{jpg,jpeg,png}")
+    src.add_argument("--list", help="text file of image paths, one per line (relative to its folder)")
+    src.add_argument("--fmnist", action="store_true", help="Fashion-MNIST as 28x28 grey JPEGs")
+    sh.add_argument("--tags", help='--list: JSONL with one {"file": path, "tags": [...]} per image')
+    sh.add_argument("--vocab", help="--list: vocabulary for string tags (default: built from --tags)")
+    sh.add_argument("--data", help="--fmnist: Fashion-MNIST directory (default: Debian's package location)")
+    sh.add_argument("--split", choices=("train", "test"), default="train", help="--fmnist: split to write")
+    sh.add_argument("--weak-hashtags", type=int, help="--fmnist: write N weak-hashtag mosaics instead of the split")
+    sh.add_argument("--samples-per-shard", type=int, default=1000)
+    sh.add_argument("--seed", type=int, default=0, help="seeds the shuffle, the resampling and the weak hashtags")
+    sh.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded inputs")
+    sh.add_argument("--resample", choices=("none", "inv_sqrt"), default="none",
+                    help="inv_sqrt: draw samples by inverse-sqrt tag frequency (Mahajan et al. 2018)")
+    sh.add_argument("--num", type=int, help="samples to write (default: every good input)")
+    sh.add_argument("--max-bad", type=int, default=0, help="inputs that may fail to decode and be skipped")
+    sh.add_argument("--workers", type=int, default=workers, help="decode threads")
+
+    ve = sub.add_parser("verify", help="decode every sample; name the bad ones")
+    src = ve.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="shard directory")
+    src.add_argument("--folder", help="image folder")
+    src.add_argument("--list", help="file list")
+    ve.add_argument("--write-clean", help="shards: DIR for indexes + manifest without the bad samples; "
+                                          "folder/list: FILE listing the good images")
+    ve.add_argument("--workers", type=int, default=workers, help="decode threads")
+
+    st = sub.add_parser("stats", help="counts, class / tag histograms, image sizes (default: Fashion-MNIST)")
+    src = st.add_mutually_exclusive_group()
+    src.add_argument("--shards", help="shard directory")
+    src.add_argument("--folder", help="image folder")
+    src.add_argument("--list", help="file list")
+    src.add_argument("--fmnist", action="store_true", help="Fashion-MNIST and its weak hashtags (the default)")
+    st.add_argument("--tags", help="--list: hashtag JSONL")
+    st.add_argument("--vocab", help="--list: vocabulary for string tags (default: built from --tags)")
+    st.add_argument("--data", help="--fmnist: Fashion-MNIST directory (default: Debian's package location)")
+    st.add_argument("--num", type=int, default=60000, help="--fmnist: weak-hashtag mosaics to generate")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--workers", type=int, default=workers, help="reader threads")
+
+    vo = sub.add_parser("vocab", help="build a hashtag vocabulary from a JSONL of string tags")
+    vo.add_argument("--tags", required=True, help='JSONL with one {"file": path, "tags": ["tag", ...]} per image')
+    vo.add_argument("--out", required=True, help="vocabulary JSON to write")
+    vo.add_argument("--min-count", type=int, default=1, help="keep tags seen on at least this many images")
+    return p
+
+
+COMMANDS = {"shards": cmd_shards, "verify": cmd_verify, "stats": cmd_stats, "vocab": cmd_vocab}
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    """``maws-data shards|verify|stats|vocab [...]``; returns the exit status (2 for a user error).
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except UserError as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
