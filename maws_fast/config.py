@@ -183,7 +183,7 @@ class WSPConfig(OptimConfig):
 
 @dataclass
 class EvalConfig:
-    train_subset: int = 10000  # train images whose frozen features fit the linear probe (0 = all)
+    train_subset: int = 10000  # Fashion-MNIST train images whose frozen features fit the probe (0 = all; JPEG eval uses all)
     probe_epochs: int = 30  # linear-probe epochs over the cached features
     probe_lr: float = 0.1  # linear-probe base lr
     probe_batch_size: int = 256  # linear-probe batch size
@@ -212,6 +212,9 @@ class DataConfig:
     format: str = "webdataset"  # JPEG source of the pil / dali loaders: webdataset | folder | filelist
     train: str | None = None  # MAE (and WSP) training data for pil / dali: shard dir, image folder or file list
     wsp_train: str | None = None  # WSP training data if not data.train (e.g. hashtag shards)
+    eval_train: str | None = None  # dataset=jpeg: labelled images the linear probe / k-shot fit on (folder or shards)
+    eval_val: str | None = None  # dataset=jpeg: labelled images they are scored on
+    eval_crop_frac: float = 0.875  # eval transform: resize the shorter side to img_size / crop_frac, centre crop
     tags: str | None = None  # hashtag JSONL of a file list ({"file": ..., "tags": [...]})
     vocab: str | None = None  # hashtag vocabulary (vocab.json); shards name theirs in their manifest
     num_workers: int = 0  # DataLoader worker processes (reference / pil; 0 = load in the training process)
@@ -240,6 +243,7 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.max_bad_samples >= 0 and self.max_tags >= 0, "data.max_bad_samples", "must be >= 0")
         _check(self.dali_threads >= 1 and self.shuffle_buffer >= 1, "data.dali_threads", "threads and shuffle_buffer >= 1")
+        _check(0 < self.eval_crop_frac <= 1, "data.eval_crop_frac", "must be in (0, 1]")
         _check(0 <= self.hw_decoder_load <= 1, "data.hw_decoder_load", "must be in [0, 1]")
         _check(self.dali_output in ("float32", "uint8"), "data.dali_output", f"{self.dali_output!r}: use float32 or uint8")
         _check(len(self.mean) == len(self.std) and all(s > 0 for s in self.std), "data.std",

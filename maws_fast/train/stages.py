@@ -18,7 +18,7 @@ import maws_kernels
 from maws_fast.config import Config
 from maws_fast.data import fmnist
 from maws_fast.data.reference import MASK_STREAM, BatchLoader, mix_seed
-from maws_fast.errors import CheckpointError, ConfigError, UserError
+from maws_fast.errors import CheckpointError, ConfigError, DataError, UserError
 from maws_fast.eval.features import extract_features
 from maws_fast.eval.fewshot import fewshot
 from maws_fast.eval.linear_probe import linear_probe
@@ -85,18 +85,46 @@ def _fingerprints(cfg: Config) -> dict[str, dict]:
     }
 
 
-def jpeg_loader(cfg: Config, path: str, batch_size: int, scale, flip_p: float, targets: str, device: torch.device):
-    """A PIL or DALI loader of JPEG training data (one process: rank 0 of 1)."""
-    from maws_fast.data.batching import TrainAugment
+def _rank_world() -> tuple[int, int]:
+    """Global rank and world size: the data shard of this process (1 process without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _eval_format(path: str) -> str:
+    """Labelled eval data is an image folder or shards written from one: tell them apart."""
+    p = Path(path)
+    return "webdataset" if (p / "manifest.json").exists() or any(p.glob("*.tar")) else "folder"
+
+
+def jpeg_loader(cfg: Config, path: str, batch_size: int, scale, flip_p: float, targets: str, device: torch.device,
+                eval_transform: bool = False):
+    """A PIL or DALI loader of JPEG data, sharded by global rank.
+
+    Args:
+        batch_size: the GLOBAL batch; each of the world's ranks reads batch_size / world.
+        eval_transform: resize + centre crop in source order (features) instead of augmenting.
+    """
+    from maws_fast.data.batching import EvalTransform, TrainAugment
     from maws_fast.data.sources import open_source
 
     d = cfg.data
-    source = open_source(d.format, path, d.tags, d.vocab)
+    rank, world = _rank_world()
+    if batch_size % world:
+        raise ConfigError(f"config: batch_size {batch_size} does not divide over {world} ranks; use a multiple of {world}")
+    source = open_source(_eval_format(path) if eval_transform else d.format, path, d.tags, d.vocab)
     if targets == "tags" and source.num_classes == 0:
         raise ConfigError(f"config: data: WSP needs hashtags, but {path} has no vocabulary or classes; write shards "
                           "with their vocab (`maws-data shards ... --tags T.jsonl`) or pass --data.vocab")
-    aug = TrainAugment(cfg.model.img_size, tuple(scale), flip_p=flip_p)
-    kw = dict(batch_size=batch_size, seed=cfg.run.seed, mean=d.mean, std=d.std, transform=aug, targets=targets,
+    if eval_transform:
+        aug = EvalTransform(cfg.model.img_size, d.eval_crop_frac)
+    else:
+        aug = TrainAugment(cfg.model.img_size, tuple(scale), flip_p=flip_p)
+    kw = dict(batch_size=batch_size // world, seed=cfg.run.seed, mean=d.mean, std=d.std, transform=aug, targets=targets,
+              rank=rank, world=world, shuffle=not eval_transform,
               channels=cfg.model.in_chans, max_bad=d.max_bad_samples, max_tags=d.max_tags, log=say)
     if d.loader == "pil":
         from maws_fast.data.pil_loader import PilLoader
@@ -224,13 +252,56 @@ def check_eval_fits(cfg: Config, data: DemoData) -> None:
                           f"{cfg.eval.train_subset} holds only {least} of some class; raise eval.train_subset")
 
 
-def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> list[dict]:
+def _feature_sets(cfg: Config, data: DemoData | None, device: torch.device):
+    """``(feats(model, "train" | "test") -> (features, labels), num_classes)`` of the eval data.
+
+    Fashion-MNIST (the in-memory splits, train_subset of train) or, for dataset=jpeg, the
+    labelled data.eval_train / data.eval_val through the loader's eval transform.
+    """
+    e = cfg.eval
+    if data is not None:
+        sets = {"train": eval_subset(cfg, data), "test": (data.test_x, data.test_y)}
+
+        def feats(model, split):
+            x, y = sets[split]
+            loader = BatchLoader(x, None, e.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
+                                 drop_last=False, shuffle=False)
+            return extract_features(model, loader.epoch(0), device=device), y
+
+        return feats, 10
+
+    paths = {"train": cfg.data.eval_train, "test": cfg.data.eval_val}
+
+    def feats(model, split):
+        loader = jpeg_loader(cfg, paths[split], e.batch_size, None, 0.0, "label", device, eval_transform=True)
+        labels: list[torch.Tensor] = []
+
+        def batches():  # features and labels from one pass
+            for x, y in loader.epoch(0):
+                if (y < 0).any():
+                    raise DataError(f"{paths[split]} has images without a class label; evaluation data must be an "
+                                    "image folder or shards written from one (`maws-data shards --folder`)")
+                labels.append(y.cpu())
+                yield x, y
+
+        f = extract_features(model, batches(), device=device)
+        return f, torch.cat(labels)
+
+    num_classes = jpeg_loader(cfg, paths["train"], e.batch_size, None, 0.0, "label", device,
+                              eval_transform=True).source.num_classes
+    if num_classes == 0:
+        raise ConfigError(f"config: data.eval_train: {paths['train']} has no class labels; use an image folder or "
+                          "shards written from one (`maws-data shards --folder`)")
+    return feats, num_classes
+
+
+def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Echo) -> list[dict]:
     """Linear probe and k-shot on frozen cls features of every finished encoder of this run."""
     out = Path(cfg.run.out_dir)
     candidates = [(name, label) for name, _, label in wsp_runs(cfg)] + [("mae", "MAE only (no WSP)")]
     e = cfg.eval
     fingerprints = _fingerprints(cfg)
-    train_x, train_y = eval_subset(cfg, data)
+    feats, num_classes = _feature_sets(cfg, data, device)
     rows = []
     for name, label in candidates:
         final = out / name / "final"
@@ -243,13 +314,8 @@ def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> l
         if report.initialised:
             raise CheckpointError(f"{final} lacks encoder tensors {report.initialised[:4]}; it cannot be evaluated")
 
-        def feats(x):
-            loader = BatchLoader(x, None, e.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-                                 drop_last=False, shuffle=False)
-            return extract_features(model, loader.epoch(0), device=device)
-
-        f_train, f_test = feats(train_x), feats(data.test_x)
-        probe = linear_probe(f_train, train_y, f_test, data.test_y, num_classes=10, epochs=e.probe_epochs,
+        (f_train, train_y), (f_test, test_y) = feats(model, "train"), feats(model, "test")
+        probe = linear_probe(f_train, train_y, f_test, test_y, num_classes=num_classes, epochs=e.probe_epochs,
                              batch_size=e.probe_batch_size, lr=e.probe_lr, seed=cfg.run.seed)
         steps = f"{name.split('_')[0]} {meta['step']}"
         if name == "wsp" and cfg.wsp.init == "mae":
@@ -257,7 +323,7 @@ def evaluate(cfg: Config, data: DemoData, device: torch.device, echo: Echo) -> l
         row = {"model": label, "stage": name, "train_steps": steps, "linear_probe_top1": probe["top1"],
                "linear_probe_train": probe["num_train"]}
         for k in e.shots:
-            fs = fewshot(f_train, train_y, f_test, data.test_y, num_classes=10, shots=int(k),
+            fs = fewshot(f_train, train_y, f_test, test_y, num_classes=num_classes, shots=int(k),
                          trials=e.fewshot_trials, seed=cfg.run.seed)
             row[f"{k}shot_top1_mean"], row[f"{k}shot_top1_std"] = fs["top1_mean"], fs["top1_std"]
         echo(f"[linprobe] {label}: linear probe {100 * probe['top1']:.2f}%"
@@ -305,9 +371,14 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
     data = load_data(cfg)
     # Everything that can be checked before hours of training is checked here.
     if "linprobe" in cfg.run.stages and data is None:
-        raise ConfigError("config: run.stages: linprobe evaluates on Fashion-MNIST (data.dataset=fmnist); with "
-                          "data.dataset=jpeg run only [mae, wsp]")
-    if "linprobe" in cfg.run.stages:
+        missing = [k for k in ("eval_train", "eval_val") if getattr(cfg.data, k) is None]
+        if missing:
+            raise ConfigError(f"config: data.{missing[0]}: linprobe on data.dataset=jpeg needs labelled images: set "
+                              "--data.eval_train=DIR and --data.eval_val=DIR (image folders, or shards written from "
+                              "folders), or run only [mae, wsp]")
+        if cfg.data.loader == "reference":
+            raise ConfigError("config: data.loader: JPEG evaluation data needs --data.loader=pil or dali")
+    if "linprobe" in cfg.run.stages and data is not None:
         check_eval_fits(cfg, data)
     if "wsp" in cfg.run.stages and cfg.wsp.init not in ("mae", "scratch") and not Path(cfg.wsp.init).is_file():
         raise ConfigError(f"config: wsp.init: {cfg.wsp.init} is not a file; use mae, scratch or a model.safetensors path")

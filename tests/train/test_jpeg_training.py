@@ -39,6 +39,12 @@ def shards(tmp_path_factory):
         w.write(f"{i:06d}", encode_jpeg(wx[i].numpy(), 95), {"tags": wt[i].nonzero().flatten().tolist()})
     (root / "wsp").mkdir(exist_ok=True)
     w.finish(vocab="../vocab.json")
+    tx, ty = fmnist.load_fmnist(None, "test")
+    for split, lo in (("eval_train", 0), ("eval_val", 200)):  # labelled image folders, ImageNet layout
+        for i in range(lo, lo + 120):
+            d = root / split / f"{int(ty[i]):02d}_{fmnist.CLASS_TAGS[int(ty[i])]}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:05d}.jpg").write_bytes(encode_jpeg(tx[i].numpy(), 95))
     return root
 
 
@@ -93,5 +99,20 @@ def test_jpeg_loader_config_errors(tmp_path, shards):
     with pytest.raises(ConfigError, match="data.train"):
         load_config(None, ["--data.loader=dali"])
     c = cfg_for(tmp_path, shards, "pil", "--data.dataset=jpeg")
-    with pytest.raises(ConfigError, match="linprobe"):
+    with pytest.raises(ConfigError, match="data.eval_train.*labelled"):
         run_recipe(c, echo=lambda s: None)
+
+
+def test_whole_recipe_on_jpeg_data_with_folder_evaluation(tmp_path, shards):
+    """dataset=jpeg: MAE and WSP from shards, linear probe + k-shot on labelled image folders (DALI eval pipeline)."""
+    pytest.importorskip("nvidia.dali")
+    c = cfg_for(tmp_path / "run", shards, "dali", "--data.dataset=jpeg", f"--data.eval_train={shards / 'eval_train'}",
+                f"--data.eval_val={shards / 'eval_val'}", "--eval.probe_epochs=2", "--eval.shots=[1]",
+                "--eval.fewshot_trials=2", "--eval.batch_size=50", "--wsp.compare_scratch=false", "--wsp.init=mae",
+                "--mae.epochs=0.4", "--wsp.epochs=0.4", "--mae.warmup_epochs=0.2", "--wsp.warmup_epochs=0.2")
+    summary = run_recipe(c, echo=lambda s: None)
+    rows = summary["results"]
+    assert [r["stage"] for r in rows] == ["wsp", "mae"]
+    for r in rows:
+        assert r["linear_probe_train"] == 120 and 0.0 <= r["linear_probe_top1"] <= 1.0
+        assert "1shot_top1_mean" in r
