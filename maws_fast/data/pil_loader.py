@@ -30,19 +30,21 @@ _PERM = 1
 TARGETS = ("none", "tags", "label")
 
 
-def read_sample(source: Source, i: int, reader: ShardReader | None) -> tuple[bytes, list[int], int]:
-    """``(encoded bytes, tag ids, label or -1)`` of sample ``i`` of any source."""
+def read_sample(source: Source, i: int, reader: ShardReader | None) -> tuple[bytes, list[int], int, str]:
+    """``(encoded bytes, tag ids, label or -1, problem)`` of sample ``i`` of any source.
+
+    ``problem`` is "" or why the file could not be read (it then counts as a bad sample).
+    """
     if source.shards is not None:
         data, meta = reader.read(source.shards.samples[i])
-        return data, list(meta.get("tags", [])), int(meta.get("label", -1))
+        return data, list(meta.get("tags", [])), int(meta.get("label", -1)), ""
+    label = source.labels[i] if source.labels is not None else -1
+    tags = list(source.tags[i]) if source.tags is not None else []
     try:
         with open(source.paths[i], "rb") as f:
-            data = f.read()
+            return f.read(), tags, label, ""
     except OSError as e:
-        data = b""  # reported as a bad sample by name, like any unreadable file
-        _ = e
-    label = source.labels[i] if source.labels is not None else -1
-    return data, list(source.tags[i]) if source.tags is not None else [], label
+        return b"", tags, label, f"cannot read the file: {e.strerror}"
 
 
 def _resize_pil(pixels: np.ndarray, box: Sequence[int] | None, size: tuple[int, int], flip: bool) -> np.ndarray:
@@ -84,9 +86,9 @@ class _Batches(Dataset):
         names = [ld.source.names[i] for i in idx]
         pixels: list[np.ndarray | None] = []
         problems: list[str] = []
-        for data, _, _ in samples:
+        for data, _, _, unreadable in samples:
             info = inspect_image(data)
-            px, why = None, info.problem
+            px, why = None, unreadable or info.problem
             if info.ok:
                 try:
                     px = decode_pil(data, ld.mode)

@@ -112,7 +112,8 @@ def jpeg_loader(cfg: Config, path: str, batch_size: int, scale, flip_p: float, t
     from maws_fast.data.sources import open_source
 
     d = cfg.data
-    rank, world = _rank_world()
+    # Training reads this rank's shard; evaluation reads everything (features are fit in one process).
+    rank, world = _rank_world() if not eval_transform else (0, 1)
     if batch_size % world:
         raise ConfigError(f"config: batch_size {batch_size} does not divide over {world} ranks; use a multiple of {world}")
     source = open_source(_eval_format(path) if eval_transform else d.format, path, d.tags, d.vocab)

@@ -240,3 +240,15 @@ def test_mixed_gpu_decode_matches_cpu_decode(tmp_path, real_images, output):
         err = (xg.cpu() - xc).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255
         assert err.mean() < 2.0, err.mean()
         assert torch.equal(tg[0], tc[0])
+
+
+def test_a_file_that_vanishes_after_listing(tmp_path, real_images):
+    """PIL: counted as a bad sample by name; DALI's file reader: one DataError naming the data."""
+    paths = write_folder(tmp_path / "imgs", {k: real_images[k] for k in ("china", "flower", "rocket", "retina")})
+    src = open_source("folder", tmp_path / "imgs")
+    paths[1].unlink()
+    lines = []
+    (x, _), = _batches(_loader("pil", src, batch_size=4, max_bad=1, log=lines.append))
+    assert x.shape[0] == 4 and len(lines) == 1 and str(paths[1]) in lines[0] and "cannot read" in lines[0]
+    with pytest.raises(DataError, match="reader failed"):
+        _batches(_loader("dali", src, batch_size=4))
