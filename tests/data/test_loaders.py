@@ -252,3 +252,17 @@ def test_a_file_that_vanishes_after_listing(tmp_path, real_images):
     assert x.shape[0] == 4 and len(lines) == 1 and str(paths[1]) in lines[0] and "cannot read" in lines[0]
     with pytest.raises(DataError, match="reader failed"):
         _batches(_loader("dali", src, batch_size=4))
+
+
+def test_dali_loader_continues_after_an_abandoned_epoch(tmp_path, real_images):
+    """The reader thread reads ahead; a consumer that stops and asks again gets the next batch."""
+    src = _shards(tmp_path, real_images, per_shard=2)
+    kw = dict(shuffle=True, batch_size=2)
+    ref = _batches(_loader("dali", src, **kw), 0)
+    ld = _loader("dali", src, **kw)
+    got = _batches(ld, 0, 0, n=1) + _batches(ld, 0, 1, n=2) + _batches(ld, 0, 3)
+    assert len(got) == len(ref)
+    for (a, _), (b, _) in zip(got, ref):
+        assert torch.equal(a, b)
+    with pytest.raises(DataError, match="epoch 1 batch 0 but epoch 0 batch 2"):
+        _batches(ld, 0, 2)
