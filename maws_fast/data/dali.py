@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -173,6 +174,7 @@ class DaliLoader:
         state = self._last_state if self._last_state is not None else self._restore
         e, b = self.position
         return {"kind": "dali", "epoch": e, "batch": b, "bad": self.bad.state_dict(), **loader_identity(self),
+                "shuffle_buffer": self.settings.shuffle_buffer,
                 "reader": base64.b64encode(state).decode() if state is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,6 +182,9 @@ class DaliLoader:
             raise DataError(f"the checkpoint's data state was written by the {state.get('kind')!r} loader; resume with "
                             f"--data.loader={state.get('kind')} or start a new run directory")
         check_identity(state, self)
+        if state.get("shuffle_buffer") != self.settings.shuffle_buffer:
+            raise DataError(f"the checkpoint's DALI reader used data.shuffle_buffer={state.get('shuffle_buffer')}, now "
+                            f"{self.settings.shuffle_buffer}: the sample order would change; resume with the same value")
         self.close()
         self.bad.load_state_dict(state.get("bad", {}))
         self.position = (int(state["epoch"]), int(state["batch"]))
@@ -227,6 +232,8 @@ class DaliLoader:
         if self._producer is not None:
             self._producer.stop()
             self._producer = None
+        _shutdown(self._reader)
+        _shutdown(self._decoder)
         self._reader, self._pending, self._decoder = None, None, None
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
@@ -268,9 +275,13 @@ class DaliLoader:
     def _build_reader(self, checkpoint: bytes | None):
         from nvidia.dali import fn, pipeline_def
 
+        # The definition captures locals only, never self: a pipeline that referenced its loader
+        # would form a cycle, freed by the cyclic GC at some later moment -- possibly inside a
+        # forked DataLoader worker, where tearing down DALI's threads crashes.
         st, src = self.settings, self.source
+        order = None if src.shards is not None else list(self._file_order)
         common = dict(shard_id=self.rank, num_shards=self.world, pad_last_batch=True, random_shuffle=self.shuffle,
-                      initial_fill=st.shuffle_buffer, stick_to_shard=False, name="reader")
+                      initial_fill=st.shuffle_buffer, stick_to_shard=not self.shuffle, name="reader")
 
         @pipeline_def(batch_size=self.batch_size, num_threads=st.threads, device_id=None,
                       seed=mix_seed(self.seed, 21) & 0x7FFFFFFF, enable_checkpointing=True,
@@ -279,8 +290,7 @@ class DaliLoader:
             if src.shards is not None:
                 return *fn.readers.webdataset(paths=src.shards.tars, index_paths=src.shards.indexes, ext=["jpg", "json"],
                                              missing_component_behavior="error", **common),
-            files = [src.paths[i] for i in self._file_order]
-            return *fn.readers.file(files=files, labels=self._file_order, **common),
+            return *fn.readers.file(files=[src.paths[i] for i in order], labels=order, **common),
 
         pipe = reader(checkpoint=checkpoint) if checkpoint is not None else reader()
         try:
@@ -330,7 +340,10 @@ class DaliLoader:
 
         st, t = self.settings, self.transform
         gpu = self.device.type == "cuda"
-        dec = dict(device="mixed" if gpu else "cpu", output_type=types.RGB if self.channels == 3 else types.GRAY)
+        # adjust_orientation=False: the crop boxes come from the stored (unrotated) size, as PIL
+        # decodes it; DALI would otherwise rotate EXIF-tagged phone photos under the box.
+        dec = dict(device="mixed" if gpu else "cpu", output_type=types.RGB if self.channels == 3 else types.GRAY,
+                   adjust_orientation=False)
         if gpu:
             dec.update(hw_decoder_load=st.hw_decoder_load, device_memory_padding=st.device_memory_padding,
                        host_memory_padding=st.host_memory_padding, preallocate_width_hint=st.preallocate_width_hint,
@@ -386,7 +399,8 @@ class DaliLoader:
 
     def _recover(self, p: _Prepared, err: Exception):
         """A sample passed the container check but failed to decode: find it, replace it, retry."""
-        self._decoder = None  # a failed DALI pipeline is no longer valid
+        _shutdown(self._decoder)  # a failed DALI pipeline is no longer valid
+        self._decoder = None
         failed = []
         for i, x in enumerate(p.encoded):
             try:
@@ -436,21 +450,27 @@ class _ReaderThread:
     def __init__(self, loader: DaliLoader, start: tuple[int, int], depth: int):
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(loader, start), name="maws-dali-reader", daemon=True)
+        # A weak reference: a loader nobody holds any more is collected, and its thread ends.
+        self._loader = weakref.ref(loader)
+        self._thread = threading.Thread(target=self._run, args=(start, loader.num_batches), name="maws-dali-reader",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, loader: DaliLoader, pos: tuple[int, int]) -> None:
-        nb = loader.num_batches
+    def _run(self, pos: tuple[int, int], nb: int) -> None:
         try:
             while not self._halt.is_set():
+                loader = self._loader()
+                if loader is None:
+                    return
                 item = loader._read(pos)
+                del loader
                 pos = _next(pos, nb)
                 self._put(item)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._put(e)
 
     def _put(self, item) -> None:
-        while not self._halt.is_set():
+        while not self._halt.is_set() and self._loader() is not None:
             try:
                 self._q.put(item, timeout=0.1)
                 return
@@ -462,7 +482,20 @@ class _ReaderThread:
 
     def stop(self) -> None:
         self._halt.set()
-        self._thread.join(timeout=30)
+        if threading.current_thread() is not self._thread:  # __del__ may run on the thread itself
+            self._thread.join(timeout=30)
+
+
+def _shutdown(pipe) -> None:
+    """Shuts a DALI pipeline's native side (threads, buffers) down now.
+
+    A DALI Pipeline sits in reference cycles, so the cyclic GC would free it at some later
+    moment -- possibly inside a forked DataLoader worker, which then hangs or crashes joining
+    threads that only exist in the parent.
+    """
+    shutdown = getattr(pipe, "_shutdown", None)  # Pipeline's own teardown (what its __del__ calls)
+    if shutdown is not None:
+        shutdown()
 
 
 def _replace(p: _Prepared, slots: list[int]) -> None:
@@ -478,6 +511,9 @@ def _next(pos: tuple[int, int], nb: int) -> tuple[int, int]:
 
 
 def _first_line(e: Exception) -> str:
+    """DALI's cause: the first line after "encountered:" (DALI prints our pipeline code above it)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Critical error", "Error in", "which was used", "File ", "encountered"))]
-    return (useful or lines or [type(e).__name__])[0][:300]
+    for i, ln in enumerate(lines):
+        if ln.startswith("encountered") and i + 1 < len(lines):
+            return lines[i + 1][:300]
+    return (lines or [type(e).__name__])[-1][:300]

@@ -22,9 +22,6 @@ import numpy as np
 # CC = DAC are not frames).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# A JPEG ends with EOI (FF D9). Some writers append a few bytes after it (padding, vendor
-# trailers); a file whose last bytes hold no EOI was cut short.
-_EOI_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -81,6 +78,7 @@ def _inspect_jpeg(buf: bytes | memoryview) -> ImageInfo:
             h, w = struct.unpack_from(">HH", buf, pos + 5)
             frame = (h, w, buf[pos + 9], marker == 0xC2 or marker == 0xC6 or marker == 0xCA)
         if marker == 0xDA:  # start of scan: the entropy-coded data follows
+            scan = pos + 2 + length
             break
         pos += 2 + length
     else:
@@ -90,9 +88,10 @@ def _inspect_jpeg(buf: bytes | memoryview) -> ImageInfo:
     h, w, c, progressive = frame
     if h == 0 or w == 0:
         return _bad("jpeg", f"frame header says {w}x{h} pixels")
-    tail = bytes(buf[max(0, n - _EOI_WINDOW) :])
-    if b"\xff\xd9" not in tail:
-        return _bad("jpeg", "no end-of-image marker at the end of the file (truncated)")
+    # FF D9 cannot occur inside entropy-coded data (an FF there is followed by 00 or RSTn), so an
+    # EOI anywhere after the scan starts means the data is complete; phones append trailers after it.
+    if bytes(buf[scan:]).rfind(b"\xff\xd9") < 0:
+        return _bad("jpeg", "no end-of-image marker after the image data (truncated)")
     return ImageInfo("jpeg", h, w, c, progressive)
 
 
@@ -106,7 +105,7 @@ def _inspect_png(buf: bytes | memoryview) -> ImageInfo:
     color = buf[25]
     if h == 0 or w == 0 or color not in _PNG_CHANNELS:
         return _bad("png", f"IHDR says {w}x{h} pixels, colour type {color}")
-    if b"IEND" not in bytes(buf[-16:]):
+    if bytes(buf[33:]).rfind(b"IEND") < 0:
         return _bad("png", "no IEND chunk at the end of the file (truncated)")
     return ImageInfo("png", h, w, _PNG_CHANNELS[color])
 

@@ -77,6 +77,12 @@ class _Batches(Dataset):
         return self.ld.num_batches - self.start
 
     def __getitem__(self, k: int):
+        try:
+            return self._batch(k)
+        except DataError as e:  # returned, not raised: a worker's exception would carry its traceback
+            return e
+
+    def _batch(self, k: int):
         ld = self.ld
         b = self.start + k
         if self.reader is None and ld.source.shards is not None:
@@ -186,7 +192,10 @@ class PilLoader:
         rows = shard_indices(self.order(epoch), self.rank, self.world, self.batch_size)
         real = (self.rank + 1) * len(self.source) // self.world - self.rank * len(self.source) // self.world
         dl = DataLoader(_Batches(self, rows, epoch, start_batch), batch_size=None, num_workers=self.num_workers)
-        for k, (x, tags, labels, bad) in enumerate(dl, start=start_batch):
+        for k, item in enumerate(dl, start=start_batch):
+            if isinstance(item, DataError):
+                raise DataError(str(item)) from None
+            x, tags, labels, bad = item
             for name, why in bad:  # workers cannot share the counter: the main process keeps it
                 self.bad.add(name, why)
             keep = x.shape[0] if self.shuffle else max(0, min(x.shape[0], real - k * self.batch_size))

@@ -187,7 +187,12 @@ def open_shards(root: str | Path) -> ShardSet:
         indexes = [t[: -len(".tar")] + ".idx" for t in tars]
     if not tars:
         raise DataError(f"{root} holds no .tar shards; write them with `maws-data shards --out {root} ...`")
-    samples = [s for t, i in zip(tars, indexes) for s in read_index(i, t)]
+    per_shard = [read_index(i, t) for t, i in zip(tars, indexes)]
+    # A shard without samples (e.g. all of it rejected by `maws-data verify`) is left out: DALI's
+    # reader cannot open an empty tar.
+    kept = [k for k, ss in enumerate(per_shard) if ss]
+    tars, indexes = [tars[k] for k in kept], [indexes[k] for k in kept]
+    samples = [s for k in kept for s in per_shard[k]]
     if not samples:
         raise DataError(f"the shards in {root} hold no samples")
     return ShardSet(root, tars, indexes, samples, manifest)

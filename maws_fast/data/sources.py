@@ -142,7 +142,8 @@ def scan_folder(root: str | Path) -> Source:
         raise DataError(f"{root} has no class sub-folders; an image folder is DIR/<class>/<image>.jpg")
     paths, labels = [], []
     for label, cls in enumerate(classes):
-        for dirpath, _, files in os.walk(root / cls):
+        for dirpath, dirs, files in os.walk(root / cls):
+            dirs.sort()  # the walk's order must not depend on the filesystem (exact resume elsewhere)
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTS):
                     paths.append(os.path.join(dirpath, f))

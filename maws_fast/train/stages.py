@@ -285,7 +285,11 @@ def _feature_sets(cfg: Config, data: DemoData | None, device: torch.device):
                 labels.append(y.cpu())
                 yield x, y
 
-        f = extract_features(model, batches(), device=device)
+        try:
+            f = extract_features(model, batches(), device=device)
+        finally:
+            if hasattr(loader, "close"):
+                loader.close()  # its reader thread and DALI pipelines (nvJPEG buffers on a GPU)
         return f, torch.cat(labels)
 
     num_classes = jpeg_loader(cfg, paths["train"], e.batch_size, None, 0.0, "label", device,

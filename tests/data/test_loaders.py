@@ -8,6 +8,7 @@ named, counted, replaced, and stop the run past the cap.
 """
 from __future__ import annotations
 
+import io
 import itertools
 
 import numpy as np
@@ -266,3 +267,78 @@ def test_dali_loader_continues_after_an_abandoned_epoch(tmp_path, real_images):
         assert torch.equal(a, b)
     with pytest.raises(DataError, match="epoch 1 batch 0 but epoch 0 batch 2"):
         _batches(ld, 0, 2)
+
+
+def test_exif_rotated_photo_is_cropped_as_stored_by_both_loaders(tmp_path, real_images):
+    """Phone JPEGs carry an EXIF orientation; crops are drawn on the stored pixels, so DALI must not rotate."""
+    from PIL import Image
+
+    imgs = {}
+    for k in ("china", "flower", "rocket"):
+        with Image.open(io.BytesIO(real_images[k])) as im:
+            exif = Image.Exif()
+            exif[0x0112] = 6  # "rotate 90 degrees to display"
+            buf = io.BytesIO()
+            im.crop((0, 0, 120, 40)).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+            imgs[k] = buf.getvalue()
+    src = _shards(tmp_path, imgs)
+    for transform in (TrainAugment(32), EvalTransform(32)):
+        kw = dict(transform=transform, targets="label")
+        (xd, _), = _batches(_loader("dali", src, **kw))
+        (xp, _), = _batches(_loader("pil", src, **kw))
+        err = (xd - xp).abs() * torch.tensor(STD).view(1, 3, 1, 1) * 255
+        assert err.mean() < 8.0, err.mean()
+
+
+def test_trailing_bytes_after_the_image_are_accepted(real_images):
+    """Phones append trailers after EOI; only a file cut before its EOI is truncated."""
+    jpg = real_images["china"]
+    assert inspect_image(jpg + b"\x00" * 4096 + b"SAMSUNG-TRAILER").ok
+    assert not inspect_image(jpg[:-3000]).ok
+    png = real_images["astronaut_png"]
+    assert inspect_image(png + b"\x00" * 40).ok and not inspect_image(png[: len(png) // 2]).ok
+
+
+@pytest.mark.parametrize("kind", ["dali", "pil"])
+def test_loader_is_collected_with_its_reader_thread(tmp_path, real_images, kind):
+    import gc
+    import threading
+
+    src = _shards(tmp_path, real_images)
+    before = {t for t in threading.enumerate() if t.name == "maws-dali-reader"}
+    for _ in range(3):
+        ld = _loader(kind, src, transform=EvalTransform(16), targets="label")
+        _batches(ld)
+        del ld
+    gc.collect()
+    after = {t for t in threading.enumerate() if t.name == "maws-dali-reader"} - before
+    for t in after:
+        t.join(timeout=5)
+    assert not [t for t in after if t.is_alive()]
+
+
+def test_pil_worker_errors_reach_the_user_as_one_line(tmp_path, real_images, broken_images):
+    src = _shards(tmp_path, {k: broken_images[k] for k in broken_images})
+    with pytest.raises(DataError) as e:
+        _batches(_loader("pil", src, batch_size=2, num_workers=1, max_bad=5, log=lambda s: None))
+    assert "every sample of a batch" in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_resume_refuses_another_shuffle_buffer(tmp_path, real_images):
+    from maws_fast.data.dali import DaliSettings
+
+    src = _shards(tmp_path, real_images)
+    a = _loader("dali", src, shuffle=True, settings=DaliSettings(shuffle_buffer=16))
+    _batches(a, 0, 0, n=1)
+    b = _loader("dali", src, shuffle=True, settings=DaliSettings(shuffle_buffer=4))
+    with pytest.raises(DataError, match="shuffle_buffer"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_dali_errors_name_the_cause(tmp_path, real_images):
+    paths = write_folder(tmp_path / "imgs", {k: real_images[k] for k in ("china", "flower")})
+    src = open_source("folder", tmp_path / "imgs")
+    paths[0].unlink()
+    with pytest.raises(DataError) as e:
+        _batches(_loader("dali", src, batch_size=2))
+    assert "fn.readers" not in str(e.value) and str(paths[0].name) in str(e.value)
