@@ -142,6 +142,11 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
                 if device.type != "cuda":
                     print("nvjpeg: skipped, needs --device cuda")
                     continue
+                try:
+                    import torchvision.io  # noqa: F401
+                except Exception as e:  # not installed, or built for another torch
+                    print(f"nvjpeg: skipped, torchvision is not usable here ({type(e).__name__}: {e})")
+                    continue
                 secs, n = _time_nvjpeg(source, args, device)
             else:
                 secs, n = _time_loader(_loader(p, source, args, device), args.epochs, device)
