@@ -75,6 +75,16 @@ def batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:
     return -(-(-(-num_samples // world)) // batch_size)
 
 
+def shard_size(num_samples: int, rank: int, world: int) -> int:
+    """Real (unpadded) samples in the shard of ``rank``."""
+    return (rank + 1) * num_samples // world - rank * num_samples // world
+
+
+def real_in_batch(num_samples: int, rank: int, world: int, batch_size: int, batch: int) -> int:
+    """Real samples in batch ``batch`` of an unshuffled epoch on ``rank`` (the rest is padding)."""
+    return max(0, min(batch_size, shard_size(num_samples, rank, world) - batch * batch_size))
+
+
 def shard_indices(order: torch.Tensor, rank: int, world: int, batch_size: int) -> torch.Tensor:
     """This rank's padded slice of an epoch's sample order (see the module docstring).
 
@@ -88,8 +98,8 @@ def shard_indices(order: torch.Tensor, rank: int, world: int, batch_size: int) -
         int64 ``(batches_per_epoch * batch_size,)`` sample indices.
     """
     n = order.numel()
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    mine = order[lo:hi]
+    lo = rank * n // world
+    mine = order[lo : lo + shard_size(n, rank, world)]
     total = batches_per_epoch(n, world, batch_size) * batch_size
     if mine.numel() == 0:
         raise DataError(f"rank {rank} of {world} gets no samples from a source of {n}; use fewer ranks or more data")

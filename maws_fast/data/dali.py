@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from maws_fast.data.batching import (
-    BadSamples, EvalTransform, TrainAugment, augment_batch, batches_per_epoch,
+    BadSamples, EvalTransform, TrainAugment, augment_batch, batches_per_epoch, real_in_batch,
 )
 from maws_fast.data.images import ImageInfo, decode_pil, inspect_image
 from maws_fast.data.pil_loader import check_identity, check_loader_args, loader_identity, make_targets, verify_hint
@@ -216,7 +216,8 @@ class DaliLoader:
                     self.bad.add(name, why)
                 self._last_state = cur.reader_state
                 self.position = (epoch, b + 1) if b + 1 < nb else (epoch + 1, 0)
-                keep = len(cur.names) if self.shuffle else self._real_in_batch(b)
+                keep = len(cur.names) if self.shuffle else real_in_batch(len(self.source), self.rank, self.world,
+                                                                          self.batch_size, b)
                 yield imgs[:keep], make_targets(self.targets, cur.tags[:keep], torch.tensor(cur.labels[:keep]),
                                                 self.max_tags)
             finished = True
@@ -251,11 +252,6 @@ class DaliLoader:
         return item
 
     # --- reader side -------------------------------------------------------------------------------
-    def _real_in_batch(self, b: int) -> int:
-        n, w, r = len(self.source), self.world, self.rank
-        real = (r + 1) * n // w - r * n // w
-        return max(0, min(self.batch_size, real - b * self.batch_size))
-
     def _seek(self, where: tuple[int, int]) -> None:
         if self._reader is None:
             self._reader = self._build_reader(self._restore)

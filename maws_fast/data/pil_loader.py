@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from maws_fast.data.batching import (
-    BadSamples, EvalTransform, TrainAugment, augment_batch, batches_per_epoch, shard_indices,
+    BadSamples, EvalTransform, TrainAugment, augment_batch, batches_per_epoch, real_in_batch, shard_indices,
 )
 from maws_fast.data.images import ImageInfo, decode_pil, inspect_image
 from maws_fast.data.reference import mix_seed
@@ -190,7 +190,6 @@ class PilLoader:
             raise DataError(f"start_batch {start_batch} is outside 0..{self.num_batches}; resume with the same data, "
                             "batch size and world size")
         rows = shard_indices(self.order(epoch), self.rank, self.world, self.batch_size)
-        real = (self.rank + 1) * len(self.source) // self.world - self.rank * len(self.source) // self.world
         dl = DataLoader(_Batches(self, rows, epoch, start_batch), batch_size=None, num_workers=self.num_workers)
         for k, item in enumerate(dl, start=start_batch):
             if isinstance(item, DataError):
@@ -198,7 +197,8 @@ class PilLoader:
             x, tags, labels, bad = item
             for name, why in bad:  # workers cannot share the counter: the main process keeps it
                 self.bad.add(name, why)
-            keep = x.shape[0] if self.shuffle else max(0, min(x.shape[0], real - k * self.batch_size))
+            keep = x.shape[0] if self.shuffle else real_in_batch(len(self.source), self.rank, self.world,
+                                                                 self.batch_size, k)
             imgs = (x[:keep].float().div_(255) - self.mean) / self.std
             self.position = (epoch, k + 1) if k + 1 < self.num_batches else (epoch + 1, 0)
             yield imgs, make_targets(self.targets, tags[:keep], labels[:keep], self.max_tags)

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,28 +200,35 @@ def open_shards(root: str | Path) -> ShardSet:
 
 
 class ShardReader:
-    """Random access to shard samples by offset (one open file per tar, kept)."""
+    """Random access to shard samples by offset (one open file per tar, kept; usable from threads)."""
 
     def __init__(self) -> None:
         self._files: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _fd(self, tar: str) -> int:
-        fd = self._files.get(tar)
-        if fd is None:
-            try:
-                fd = self._files[tar] = os.open(tar, os.O_RDONLY)
-            except OSError as e:
-                raise DataError(f"cannot open shard {tar}: {e.strerror}") from None
+        with self._lock:  # one open per tar, whichever thread comes first; pread needs no lock
+            fd = self._files.get(tar)
+            if fd is None:
+                try:
+                    fd = self._files[tar] = os.open(tar, os.O_RDONLY)
+                except OSError as e:
+                    raise DataError(f"cannot open shard {tar}: {e.strerror}") from None
         return fd
 
-    def read(self, s: ShardSample) -> tuple[bytes, dict]:
-        """Returns ``(jpeg bytes, metadata dict)`` of one sample."""
+    def read_raw(self, s: ShardSample) -> tuple[bytes, bytes]:
+        """``(jpeg bytes, json bytes)`` of one sample, the JSON unparsed (a checker can still look at the image)."""
         fd = self._fd(s.tar)
         jpg = os.pread(fd, s.jpg_size, s.jpg_offset)
         meta_raw = os.pread(fd, s.json_size, s.json_offset)
         if len(jpg) != s.jpg_size or len(meta_raw) != s.json_size:
             raise DataError(f"{s.name}: the tar is shorter than its index says (truncated copy?); "
                             "re-copy the shard or re-write the shards")
+        return jpg, meta_raw
+
+    def read(self, s: ShardSample) -> tuple[bytes, dict]:
+        """Returns ``(jpeg bytes, metadata dict)`` of one sample."""
+        jpg, meta_raw = self.read_raw(s)
         return jpg, parse_meta(meta_raw, s.name)
 
     def close(self) -> None:

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from maws_fast.data.images import ImageInfo, decode_pil, encode_jpeg, inspect_image
-from maws_fast.data.shards import FORMAT, INDEX_VERSION, MANIFEST, ShardSample, ShardWriter, open_shards, parse_meta
+from maws_fast.data.shards import (
+    FORMAT, INDEX_VERSION, MANIFEST, ShardReader, ShardSample, ShardWriter, open_shards, parse_meta,
+)
 from maws_fast.data.sources import Vocab, build_vocab, read_file_list, resample_indices, scan_folder
 from maws_fast.errors import DataError, UserError
 
@@ -44,7 +44,6 @@ KEY_DIGITS = 9  # zero-padded running numbers: keys sort in write order up to a 
 SHOW = 3  # bad inputs named in an error line; the rest are in rejected.tsv
 SHOW_SUMMARY = 10  # bad inputs listed in the summary
 TOP_TAGS = 20
-_BYTESIO = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -96,8 +95,8 @@ def _decode_problem(buf: bytes, info: ImageInfo) -> str:
     try:
         decode_pil(buf, "RGB")
     except ValueError as e:
-        # PIL's own words name an anonymous BytesIO; the header check says what is wrong.
-        return f"does not decode: {info.problem or _BYTESIO.sub('', str(e))}"
+        # The header check's words say what is wrong more plainly than PIL's, when it has some.
+        return f"does not decode: {info.problem or e}"
     return ""
 
 
@@ -151,36 +150,6 @@ def _vocab_for_list(tags: str | None, vocab: str | None) -> Vocab | None:
     if all(isinstance(t, int) for row in rows for t in row):
         return None  # tag ids: no vocabulary needed
     return build_vocab([[str(t) for t in row] for row in rows])
-
-
-def _tar_reader() -> tuple[Callable[[ShardSample], tuple[bytes, bytes]], Callable[[], None]]:
-    """``(read, close)``: raw ``(jpg, json)`` bytes of a shard sample, one fd per tar.
-
-    Unlike ``ShardReader.read`` it returns the JSON unparsed, so a sample whose metadata is bad can
-    still have its image checked. ``os.pread`` on a shared fd is safe from several threads.
-    """
-    fds: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def read(s: ShardSample) -> tuple[bytes, bytes]:
-        with lock:  # one open per tar, whichever thread comes first
-            if s.tar not in fds:
-                try:
-                    fds[s.tar] = os.open(s.tar, os.O_RDONLY)
-                except OSError as e:
-                    raise DataError(f"cannot open shard {s.tar}: {e.strerror}") from None
-        jpg = os.pread(fds[s.tar], s.jpg_size, s.jpg_offset)
-        meta = os.pread(fds[s.tar], s.json_size, s.json_offset)
-        if len(jpg) != s.jpg_size or len(meta) != s.json_size:
-            raise DataError("the tar is shorter than its index says (truncated copy?)")
-        return jpg, meta
-
-    def close() -> None:
-        for fd in fds.values():
-            os.close(fd)
-        fds.clear()
-
-    return read, close
 
 
 def _short(s: ShardSample) -> str:
@@ -348,13 +317,13 @@ def cmd_shards(a: argparse.Namespace) -> int:
 # --- verify --------------------------------------------------------------------------------------
 def _verify_shards(root: str, workers: int) -> tuple:
     shards = open_shards(root)
-    read, close = _tar_reader()
+    reader = ShardReader()
 
     def check(s: ShardSample) -> str:
         try:
-            jpg, raw = read(s)
+            jpg, raw = reader.read_raw(s)
         except DataError as e:
-            return str(e)
+            return str(e).removeprefix(f"{s.name}: ")  # the report names the sample itself
         problems = [p] if (p := _image_problem(jpg)) else []
         try:
             parse_meta(raw, _short(s))
@@ -365,7 +334,7 @@ def _verify_shards(root: str, workers: int) -> tuple:
     try:
         reasons = list(_pmap(check, shards.samples, workers, "verify"))
     finally:
-        close()
+        reader.close()
     return shards, [_short(s) for s in shards.samples], reasons
 
 
@@ -497,11 +466,11 @@ def cmd_stats(a: argparse.Namespace) -> int:
         shards = open_shards(a.shards)
         m = shards.manifest
         vocab = Vocab.load(shards.root / m["vocab"]) if m.get("vocab") else None
-        read, close = _tar_reader()
+        reader = ShardReader()
 
         def one(s: ShardSample) -> tuple[ImageInfo, dict]:
             try:
-                jpg, raw = read(s)
+                jpg, raw = reader.read_raw(s)
                 return inspect_image(jpg), parse_meta(raw, _short(s))
             except DataError as e:
                 return ImageInfo("", problem=str(e)), {}
@@ -509,7 +478,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
         try:
             rows = list(_pmap(one, shards.samples, a.workers, "stats"))
         finally:
-            close()
+            reader.close()
         labels = [meta.get("label") for _, meta in rows]
         tags = [meta.get("tags", []) for _, meta in rows]
         _print_stats(f"shards {a.shards}", [i for i, _ in rows], [_short(s) for s in shards.samples],
