@@ -100,23 +100,25 @@ def _eval_format(path: str) -> str:
     return "webdataset" if (p / "manifest.json").exists() or any(p.glob("*.tar")) else "folder"
 
 
-def jpeg_loader(cfg: Config, path: str, batch_size: int, scale, flip_p: float, targets: str, device: torch.device,
+def jpeg_loader(cfg: Config, path, batch_size: int, scale, flip_p: float, targets: str, device: torch.device,
                 eval_transform: bool = False):
     """A PIL or DALI loader of JPEG data, sharded by global rank.
 
     Args:
+        path: the data's path, or an already opened :class:`~maws_fast.data.sources.Source`.
         batch_size: the GLOBAL batch; each of the world's ranks reads batch_size / world.
         eval_transform: resize + centre crop in source order (features) instead of augmenting.
     """
     from maws_fast.data.batching import EvalTransform, TrainAugment
-    from maws_fast.data.sources import open_source
+    from maws_fast.data.sources import Source, open_source
 
     d = cfg.data
     # Training reads this rank's shard; evaluation reads everything (features are fit in one process).
     rank, world = _rank_world() if not eval_transform else (0, 1)
     if batch_size % world:
         raise ConfigError(f"config: batch_size {batch_size} does not divide over {world} ranks; use a multiple of {world}")
-    source = open_source(_eval_format(path) if eval_transform else d.format, path, d.tags, d.vocab)
+    source = path if isinstance(path, Source) else open_source(
+        _eval_format(path) if eval_transform else d.format, path, d.tags, d.vocab)
     if targets == "tags" and source.num_classes == 0:
         raise ConfigError(f"config: data: WSP needs hashtags, but {path} has no vocabulary or classes; write shards "
                           "with their vocab (`maws-data shards ... --tags T.jsonl`) or pass --data.vocab")
@@ -271,10 +273,15 @@ def _feature_sets(cfg: Config, data: DemoData | None, device: torch.device):
 
         return feats, 10
 
-    paths = {"train": cfg.data.eval_train, "test": cfg.data.eval_val}
+    from maws_fast.data.sources import open_source
+
+    d = cfg.data
+    paths = {"train": d.eval_train, "test": d.eval_val}
+    # Listed once: every encoder of the run is evaluated on the same two sources.
+    sources = {k: open_source(_eval_format(p), p, d.tags, d.vocab) for k, p in paths.items()}
 
     def feats(model, split):
-        loader = jpeg_loader(cfg, paths[split], e.batch_size, None, 0.0, "label", device, eval_transform=True)
+        loader = jpeg_loader(cfg, sources[split], e.batch_size, None, 0.0, "label", device, eval_transform=True)
         labels: list[torch.Tensor] = []
 
         def batches():  # features and labels from one pass
@@ -292,8 +299,7 @@ def _feature_sets(cfg: Config, data: DemoData | None, device: torch.device):
                 loader.close()  # its reader thread and DALI pipelines (nvJPEG buffers on a GPU)
         return f, torch.cat(labels)
 
-    num_classes = jpeg_loader(cfg, paths["train"], e.batch_size, None, 0.0, "label", device,
-                              eval_transform=True).source.num_classes
+    num_classes = sources["train"].num_classes
     if num_classes == 0:
         raise ConfigError(f"config: data.eval_train: {paths['train']} has no class labels; use an image folder or "
                           "shards written from one (`maws-data shards --folder`)")
