@@ -250,6 +250,34 @@ class DataConfig:
                "mean and std need one value per channel and std > 0")
 
 
+PARALLEL_ENGINES = ("ours", "fsdp2", "ddp")
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "ours"  # ours (ZeRO + TP on our collectives) | fsdp2 (torch fully_shard) | ddp (torch DDP)
+    zero_stage: int = 2  # engine=ours: 0 replicate all | 1 shard optimizer | 2 + gradients | 3 + parameters
+    tp: int = 1  # tensor-parallel degree (engine=ours); the data-parallel degree is world / tp
+    bucket_mb: float = 25.0  # gradient bucket size in MiB (ours stages 0-2, ddp)
+    prefetch: bool = True  # stage 3: all-gather the next block while the current one runs
+    param_dtype: str = "fp32"  # model weights: fp32 | bf16 (bf16 copy, fp32 master + AdamW state; ours / fsdp2)
+    grad_accum: int = 1  # micro-batches per optimizer step (no communication until the last)
+    backend: str = "auto"  # process-group backend: auto (nccl on cuda, else gloo) | gloo | nccl
+
+    def __post_init__(self):
+        _check(self.engine in PARALLEL_ENGINES, "parallel.engine", f"{self.engine!r}: choose from {PARALLEL_ENGINES}")
+        _check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage}: use 0, 1, 2 or 3")
+        _check(self.tp >= 1, "parallel.tp", "must be >= 1")
+        _check(self.engine == "ours" or self.tp == 1, "parallel.tp",
+               f"tensor parallel runs with engine=ours; engine={self.engine} is data parallel only (set --parallel.tp=1)")
+        _check(self.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
+        _check(self.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", f"{self.param_dtype!r}: use fp32 or bf16")
+        _check(self.engine != "ddp" or self.param_dtype == "fp32", "parallel.param_dtype",
+               "ddp keeps fp32 weights; use engine=ours or fsdp2 for a bf16 model copy (or run.precision=bf16)")
+        _check(self.grad_accum >= 1, "parallel.grad_accum", "must be >= 1")
+        _check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", f"{self.backend!r}: use auto, gloo or nccl")
+
+
 STAGES = ("mae", "wsp", "linprobe")
 
 
@@ -283,6 +311,7 @@ class Config:
     mae: MAEConfig = field(default_factory=MAEConfig)  # MAE pre-pretraining
     wsp: WSPConfig = field(default_factory=WSPConfig)  # weakly supervised pretraining
     eval: EvalConfig = field(default_factory=EvalConfig)  # linear probe and few-shot
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # engine, ZeRO stage, tensor parallel
 
     def __post_init__(self):
         _check(len(self.data.mean) == self.model.in_chans, "data.mean",
@@ -389,7 +418,7 @@ def _build(cls, data: dict, prefix: str):
         msg = str(e)
         if prefix and msg.startswith("config: ") and not msg.startswith(f"config: {prefix}"):
             sub = msg[len("config: "):]
-            if not any(sub.startswith(f"{s}.") for s in ("model", "mae", "wsp", "eval", "data", "run")):
+            if not any(sub.startswith(f"{s}.") for s in ("model", "mae", "wsp", "eval", "data", "run", "parallel")):
                 msg = f"config: {prefix}{sub}"
         raise ConfigError(msg) from None
 

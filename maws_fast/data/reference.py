@@ -70,6 +70,11 @@ class _EpochBatches(Dataset):
             g = torch.Generator().manual_seed(mix_seed(_AUG, ld.seed, self.epoch, b))
             x = random_resized_crop_flip(x, generator=g, **ld.augment)  # (B, C, S, S)
         y = None if ld.targets is None else ld.targets[idx]
+        rank, world = ld.shard
+        if world > 1:  # this rank's rows of the global batch
+            b = x.shape[0] // world
+            x = x[rank * b:(rank + 1) * b].contiguous()
+            y = None if y is None else y[rank * b:(rank + 1) * b]
         return x, y
 
 
@@ -89,6 +94,9 @@ class BatchLoader:
         drop_last: drop the last, smaller batch.
         num_workers: DataLoader worker processes building batches ahead of time.
         shuffle: permute the samples each epoch; False keeps their order (eval, features).
+        shard: ``(rank, world)``: yield rows ``[rank*b, (rank+1)*b)`` of each batch, b = batch_size /
+            world (data parallel). The whole batch is augmented and then sliced, so every rank's
+            share is exactly what a one-process run of the same batch sees.
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class BatchLoader:
         drop_last: bool = True,
         num_workers: int = 0,
         shuffle: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim not in (3, 4):
             raise DataError(
@@ -126,6 +135,10 @@ class BatchLoader:
             )
         if num_workers < 0:
             raise DataError(f"num_workers must be >= 0, got {num_workers}.")
+        rank, world = shard
+        if not 0 <= rank < world or batch_size % world:
+            raise ConfigError(f"batch_size {batch_size} does not split over {world} data-parallel ranks (rank {rank}); "
+                              f"use a multiple of {world}.")
         if augment is not None:
             augment = dict(augment)
             unknown = set(augment) - _AUGMENT_KEYS
@@ -149,6 +162,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.num_workers = int(num_workers)
         self.shuffle = shuffle
+        self.shard = (int(rank), int(world))
 
     @property
     def num_samples(self) -> int:

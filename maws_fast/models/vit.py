@@ -81,7 +81,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
         x = attention(q, k, v, self.attn_backend)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))  # (B, N, D), or D / tp under tensor parallel
 
 
 class Mlp(nn.Module):

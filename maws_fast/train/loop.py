@@ -1,8 +1,9 @@
 """The training loop shared by every training stage (MAE, WSP).
 
-One stage = one model, one loader, one optimizer, one loss function. The loop reads top to
-bottom: resume or initialise, then per step: lr -> forward -> backward -> clip -> step, with
-metrics at log steps and an atomic checkpoint every ``run.ckpt_every`` steps.
+One stage = one objective (model + loss), one loader, one parallel engine. The loop reads top to
+bottom: resume or initialise, apply parallelism, then per step: lr -> forward -> backward ->
+reduce, clip, AdamW (the engine's step), with metrics at log steps and a sharded, atomic
+checkpoint every ``run.ckpt_every`` steps. Every rank of a torchrun job runs the same loop.
 
 Exact resume: data order and augmentation are functions of (seed, epoch, batch) and masking of
 (seed, step), so a resumed run sees the same batches and masks as an uninterrupted one and ends
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext as _nullcontext
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,23 +24,19 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from maws_fast.config import OptimConfig, RunConfig
+from maws_fast.config import OptimConfig, ParallelConfig, RunConfig
 from maws_fast.errors import CheckpointError, UserError
-from maws_fast.models.vit import load_pretrained
-from maws_fast.train.checkpoint import (
-    config_diff, list_checkpoints, load_checkpoint, load_optimizer_tensors, read_meta, save_checkpoint,
-)
+from maws_fast.parallel.checkpoint import list_sharded, load_sharded, save_sharded
+from maws_fast.parallel.engine import consolidated_state_dict, parallelize
+from maws_fast.parallel.mesh import Mesh, all_reduce_mean, single_process
+from maws_fast.train.checkpoint import config_diff, read_meta, save_checkpoint
 from maws_fast.train.metrics import MetricsWriter, Throughput, drop_rows_after
-from maws_fast.train.optim import build_optimizer
-from maws_fast.train.schedule import lr_at, set_lr
+from maws_fast.train.schedule import lr_at
 
 
 def say(msg: str) -> None:
     """Status lines go out at once, also when stdout is a pipe or a CI log."""
     print(msg, flush=True)
-
-
-LossFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
 
 
 @dataclass
@@ -47,25 +45,29 @@ class Stage:
 
     Attributes:
         name: stage name; also its directory under the run's out_dir.
-        model: the module to train (already on its device).
-        loader: a BatchLoader-like object (``num_batches``, ``epoch(epoch, start_batch)``).
+        objective: module whose ``forward(imgs, targets, step, micro, accum)`` is the loss and whose
+            ``model`` attribute is the network (on its device, the same weights on every rank).
+        loader: a BatchLoader-like object (``num_batches``, ``epoch(epoch, start_batch)``) yielding this
+            data-parallel rank's share of each global batch.
         optim: optimizer / schedule settings.
-        loss_fn: ``loss_fn(model, imgs, targets, step) -> scalar loss``.
         flops_per_image: analytic training FLOPs per image (for the logged TFLOP/s).
         fingerprint: the config that determines this stage's result; a checkpoint made with a
             different fingerprint is never silently resumed.
-        init_fn: called once when the stage starts from scratch (e.g. load MAE weights); returns
-            a line for the log, or None.
+        init_fn: called once when the stage starts from scratch (e.g. load MAE weights), before
+            parallelism is applied; returns a line for the log, or None.
     """
 
     name: str
-    model: nn.Module
+    objective: nn.Module
     loader: object
     optim: OptimConfig
-    loss_fn: LossFn
     flops_per_image: float
     fingerprint: dict
     init_fn: Callable[[], str | None] | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        return self.objective.model
 
 
 def _to_device(targets, device: torch.device):
@@ -96,9 +98,30 @@ def _diverged(name: str, what: str, ckpt_dir: Path) -> UserError:
                      f"The last good checkpoint is kept under {ckpt_dir}")
 
 
+def _micro_batches(imgs: torch.Tensor, targets, accum: int):
+    """Split this rank's batch into ``accum`` equal micro-batches (gradient accumulation)."""
+    if accum == 1:
+        return [(imgs, targets)]
+    if imgs.shape[0] % accum:
+        raise UserError(f"a per-rank batch of {imgs.shape[0]} does not split into parallel.grad_accum={accum} "
+                        "micro-batches; choose a batch size divisible by world / tp * grad_accum")
+    xs = imgs.chunk(accum)
+    if targets is None:
+        ts = [None] * accum
+    elif isinstance(targets, (tuple, list)):
+        ts = list(zip(*(t.chunk(accum) for t in targets)))
+    else:
+        ts = list(targets.chunk(accum))
+    return list(zip(xs, ts))
+
+
 def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.device,
-              stop_at_step: int | None = None, echo: Callable[[str], None] = say) -> Path | None:
+              stop_at_step: int | None = None, echo: Callable[[str], None] = say,
+              parallel: ParallelConfig | None = None, mesh: Mesh | None = None) -> Path | None:
     """Train ``stage`` to completion (resuming if a checkpoint exists) and return its final checkpoint.
+
+    Every rank of the job calls this with the same arguments; rank 0 logs and writes the final
+    weights, every rank writes its shard of each resumable checkpoint.
 
     Args:
         stage: what to train.
@@ -106,11 +129,18 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
         run: run settings (checkpoint / log intervals, progress bar, seed).
         device: training device.
         stop_at_step: checkpoint and return None after this step (simulates an interruption).
-        echo: where one-line status messages go.
+        echo: where one-line status messages go (rank 0 only).
+        parallel: engine, ZeRO stage, TP degree, gradient accumulation (default: ours, one process).
+        mesh: the process mesh (default: one process).
 
     Returns:
-        Path of ``out_dir/<name>/final`` (weights + meta), or None if stopped early.
+        Path of ``out_dir/<name>/final`` (consolidated weights + meta), or None if stopped early.
     """
+    parallel = parallel or ParallelConfig()
+    mesh = mesh or single_process()
+    main = mesh.rank == 0
+    if not main:
+        echo = lambda _msg: None  # noqa: E731  (one log, from rank 0)
     stage_dir = Path(out_dir) / stage.name
     final_dir, ckpt_dir = stage_dir / "final", stage_dir / "ckpt"
     if final_dir.exists():
@@ -119,41 +149,64 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
         echo(f"[{stage.name}] already finished at step {meta['step']} ({final_dir}); skipping")
         return final_dir
 
-    model, optim_cfg = stage.model, stage.optim
-    optimizer = build_optimizer(model, optim_cfg, device)
+    optim_cfg = stage.optim
     spe = stage.loader.num_batches
     total = stage_total_steps(optim_cfg, spe)
-    step = 0
-    ckpts = list_checkpoints(ckpt_dir)
-    if ckpts:
-        tensors, meta, optim_tensors = load_checkpoint(ckpts[-1])
-        check_fingerprint(meta.get("fingerprint", {}), stage.fingerprint, ckpts[-1])
-        load_pretrained(model, tensors, strict=True, source=str(ckpts[-1] / "model.safetensors"))
-        if optim_tensors is None:
-            raise CheckpointError(f"{ckpts[-1]} has no optimizer state; it cannot be resumed")
-        load_optimizer_tensors(optimizer, optim_tensors, meta["optimizer_param_groups"])
-        step = int(meta["step"])
-        if meta.get("data_state") is not None and hasattr(stage.loader, "load_state_dict"):
-            stage.loader.load_state_dict(meta["data_state"])  # the reader resumes where it stopped
-        drop_rows_after(stage_dir / "metrics.jsonl", step)  # rows past the checkpoint are re-logged below
-        echo(f"[{stage.name}] resuming from {ckpts[-1]} at step {step}/{total}")
-    elif stage.init_fn is not None:
-        msg = stage.init_fn()
+    accum = parallel.grad_accum
+    ckpts = list_sharded(ckpt_dir)
+    if not ckpts and stage.init_fn is not None:
+        msg = stage.init_fn()  # on the full model, before it is split and sharded
         if msg:
             echo(f"[{stage.name}] {msg}")
+    trainable = {n for n, p in stage.model.named_parameters() if p.requires_grad}
+    # Frozen tensors (sin-cos pos-embeds) are not sharded: rank 0 stores them whole in each checkpoint.
+    frozen = {k: v.detach().clone() for k, v in stage.model.state_dict().items() if k not in trainable}
+    engine = parallelize(stage.objective, mesh, engine=parallel.engine, zero_stage=parallel.zero_stage,
+                         weight_decay=optim_cfg.weight_decay, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                         bucket_mb=parallel.bucket_mb, prefetch=parallel.prefetch, param_dtype=parallel.param_dtype,
+                         device=device, kernel_backend=getattr(stage.model, "kernel_backend", None))
+    step = 0
+    if ckpts:
+        check_fingerprint(read_meta(ckpts[-1]).get("fingerprint", {}), stage.fingerprint, ckpts[-1])
+        tensors, _extra, meta, rank_metas = load_sharded(ckpts[-1], engine.load_pieces(), with_optim=True)
+        engine.load_shard_tensors(tensors, int(meta["optim_steps"]))
+        step = int(meta["step"])
+        if hasattr(stage.loader, "load_state_dict"):
+            if len(rank_metas) != mesh.dims.dp * mesh.dims.tp:
+                raise CheckpointError(
+                    f"{ckpts[-1]} was saved by {len(rank_metas)} processes; the {type(stage.loader).__name__}'s reader "
+                    f"position is per process, so resume it with {len(rank_metas)} processes (model and optimizer "
+                    "state reshard to any layout; the in-memory reference loader resumes at any world size)")
+            data_state = rank_metas[mesh.rank].get("data_state")
+            if data_state is not None:
+                stage.loader.load_state_dict(data_state)  # the reader resumes where it stopped
+        if main:
+            drop_rows_after(stage_dir / "metrics.jsonl", step)  # rows past the checkpoint are re-logged below
+        echo(f"[{stage.name}] resuming from {ckpts[-1]} at step {step}/{total}"
+             + (f" (saved by {meta['parallel']['world']} processes, resharded)" if meta.get("parallel", {}).get(
+                 "world") not in (None, mesh.dims.world) else ""))
 
     def meta_for(s: int) -> dict:
-        meta = {"stage": stage.name, "step": s, "total_steps": total, "steps_per_epoch": spe, "fingerprint": stage.fingerprint}
-        if hasattr(stage.loader, "state_dict"):  # reader position + bad-sample record: exact resume
-            meta["data_state"] = stage.loader.state_dict()
-        return meta
+        return {"stage": stage.name, "step": s, "total_steps": total, "steps_per_epoch": spe,
+                "fingerprint": stage.fingerprint, "optim_steps": engine.step_count,
+                "parallel": {"engine": engine.name, "world": mesh.dims.world, "tp": mesh.dims.tp,
+                             "zero_stage": parallel.zero_stage if engine.name == "ours" else None}}
 
-    model.train()
-    metrics = MetricsWriter(stage_dir / "metrics.jsonl")
+    def rank_meta() -> dict:
+        # reader position + bad-sample record of THIS rank's loader: exact resume
+        return {"data_state": stage.loader.state_dict() if hasattr(stage.loader, "state_dict") else None}
+
+    def save(s: int) -> None:
+        save_sharded(ckpt_dir, f"step_{s:08d}", rank=mesh.rank, world=mesh.dims.world, pieces=engine.pieces(),
+                     tensors=engine.shard_tensors(), extra=frozen if main else {}, meta=meta_for(s),
+                     rank_meta=rank_meta(), barrier=mesh.barrier, keep=2)
+
+    stage.objective.train()
+    metrics = MetricsWriter(stage_dir / "metrics.jsonl") if main else None
     meter = Throughput(stage.flops_per_image)
-    bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", disable=not run.progress, dynamic_ncols=True,
-               mininterval=1.0)  # a bar redrawn at most once a second keeps piped logs short
-    # bf16 autocast: matmuls in bf16, weights / grads / AdamW state stay fp32 (no loss scaling needed).
+    bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", disable=not (run.progress and main),
+               dynamic_ncols=True, mininterval=1.0)  # a bar redrawn at most once a second keeps piped logs short
+    # bf16 autocast: matmuls in bf16; weights per parallel.param_dtype, AdamW state fp32 (no loss scaling needed).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
     running = torch.zeros((), device=device)  # loss summed on device: no host sync per step
     n_running = 0
@@ -171,22 +224,29 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             imgs = imgs.to(device, non_blocking=True)
             targets = _to_device(targets, device)
             lr = lr_at(step / spe, optim_cfg.abs_lr, optim_cfg.min_lr, optim_cfg.warmup_epochs, optim_cfg.epochs)
-            set_lr(optimizer, lr)
 
-            with autocast:
-                loss = stage.loss_fn(model, imgs, targets, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim_cfg.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.clip_grad)
-            optimizer.step()
+            engine.zero_grad()
+            micro = _micro_batches(imgs, targets, accum)
+            step_loss = torch.zeros((), device=device)
+            for m, (x, t) in enumerate(micro):
+                last = m == accum - 1
+                with engine.no_sync() if not last else _nullcontext():  # communicate on the last only
+                    with autocast:
+                        loss = engine.model(x, t, step, m, accum)
+                    engine.backward(loss / accum if accum > 1 else loss)
+                step_loss += loss.detach()
+            engine.step(lr, optim_cfg.clip_grad)
 
             step += 1
-            running += loss.detach()
+            running += step_loss / accum
             n_running += 1
-            meter.add(imgs.shape[0])
+            meter.add(imgs.shape[0] * mesh.dims.dp)
             bar.update(1)
-            if step % run.log_every == 0 or step == total:
+            at_log = step % run.log_every == 0 or step == total
+            at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step)
+            if (at_log or at_ckpt) and mesh.dims.dp > 1:
+                all_reduce_mean(running, mesh)  # the mean over data-parallel ranks; NaN on any rank reaches all
+            if at_log:
                 mean_loss = (running / n_running).item()  # the CPU waits for the GPU here, at log steps only
                 if not math.isfinite(mean_loss):
                     raise _diverged(stage.name, f"loss is {mean_loss} at step {step}", ckpt_dir)
@@ -194,25 +254,32 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
                        **meter.read_and_reset()}
                 if hasattr(stage.loader, "bad"):  # corrupt images replaced so far (each was logged by name)
                     row["bad_samples"] = len(stage.loader.bad.found)
-                metrics.write(row)
+                if main:
+                    metrics.write(row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 if not run.progress:
                     echo(f"[{stage.name}] step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e} {row['images_per_s']:.0f} img/s")
                 running.zero_()
                 n_running = 0
-            if step < total and (step % run.ckpt_every == 0 or step == stop_at_step):
+            if at_ckpt:
                 # Never checkpoint NaN weights: keep=2 would delete the good checkpoints behind it.
                 if n_running and not torch.isfinite(running).item():  # CPU waits here, at checkpoint steps only
                     raise _diverged(stage.name, f"loss became non-finite by step {step}", ckpt_dir)
-                save_checkpoint(ckpt_dir, f"step_{step:08d}", model.state_dict(), meta_for(step), optimizer, keep=2)
+                save(step)
             if step == stop_at_step and step < total:
                 return None
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
     elapsed = time.perf_counter() - t_start
-    save_checkpoint(stage_dir, "final", model.state_dict(), {**meta_for(step), "done": True, "train_seconds": round(elapsed, 2)})
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final checkpoint supersedes the resumable ones
+    weights = consolidated_state_dict(engine, mesh)  # collective: every rank takes part
+    if main:
+        save_checkpoint(stage_dir, "final", {**frozen, **weights},
+                        {**meta_for(step), "done": True, "train_seconds": round(elapsed, 2)})
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final checkpoint supersedes the resumable ones
+    mesh.barrier()  # nobody moves on (and reads final) before rank 0 has written it
+    engine.close()
     echo(f"[{stage.name}] done: {total} steps in {elapsed:.1f} s -> {final_dir}")
     return final_dir

@@ -14,19 +14,19 @@ from typing import Callable
 
 import torch
 
-import maws_kernels
 from maws_fast.config import Config
 from maws_fast.data import fmnist
-from maws_fast.data.reference import MASK_STREAM, BatchLoader, mix_seed
+from maws_fast.data.reference import BatchLoader, mix_seed
 from maws_fast.errors import CheckpointError, ConfigError, DataError, UserError
 from maws_fast.eval.features import extract_features
 from maws_fast.eval.fewshot import fewshot
 from maws_fast.eval.linear_probe import linear_probe
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
-from maws_fast.models.vit import op_backend
 from maws_fast.train.checkpoint import atomic_write_text, load_checkpoint, load_tensors, read_meta
+from maws_fast.parallel.mesh import Mesh, destroy, init_distributed
 from maws_fast.train.loop import Stage, check_fingerprint, run_stage, say
+from maws_fast.train.objectives import MAEObjective, WSPObjective, wsp_loss  # noqa: F401  (wsp_loss: public here too)
 
 Echo = Callable[[str], None]
 
@@ -85,13 +85,12 @@ def _fingerprints(cfg: Config) -> dict[str, dict]:
     }
 
 
-def _rank_world() -> tuple[int, int]:
-    """Global rank and world size: the data shard of this process (1 process without torch.distributed)."""
-    import torch.distributed as dist
+def _data_shard(mesh: Mesh | None) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size): which share of each global batch this process reads.
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    Tensor-parallel ranks of one DP rank read the same share (every TP rank sees the same batch).
+    """
+    return (0, 1) if mesh is None else (mesh.dp_rank, mesh.dims.dp)
 
 
 def _eval_format(path: str) -> str:
@@ -101,22 +100,22 @@ def _eval_format(path: str) -> str:
 
 
 def jpeg_loader(cfg: Config, path, batch_size: int, scale, flip_p: float, targets: str, device: torch.device,
-                eval_transform: bool = False):
+                eval_transform: bool = False, mesh: Mesh | None = None):
     """A PIL or DALI loader of JPEG data, sharded by global rank.
 
     Args:
         path: the data's path, or an already opened :class:`~maws_fast.data.sources.Source`.
-        batch_size: the GLOBAL batch; each of the world's ranks reads batch_size / world.
+        batch_size: the GLOBAL batch; each data-parallel rank reads batch_size / dp.
         eval_transform: resize + centre crop in source order (features) instead of augmenting.
+        mesh: the process mesh (None: one process).
     """
     from maws_fast.data.batching import EvalTransform, TrainAugment
     from maws_fast.data.sources import Source, open_source
 
     d = cfg.data
     # Training reads this rank's shard; evaluation reads everything (features are fit in one process).
-    rank, world = _rank_world() if not eval_transform else (0, 1)
-    if batch_size % world:
-        raise ConfigError(f"config: batch_size {batch_size} does not divide over {world} ranks; use a multiple of {world}")
+    rank, world = _data_shard(mesh) if not eval_transform else (0, 1)
+    _check_batch(batch_size, world)
     source = path if isinstance(path, Source) else open_source(
         _eval_format(path) if eval_transform else d.format, path, d.tags, d.vocab)
     if targets == "tags" and source.num_classes == 0:
@@ -143,26 +142,28 @@ def jpeg_loader(cfg: Config, path, batch_size: int, scale, flip_p: float, target
     return DaliLoader(source, device=device, settings=settings, **kw)
 
 
-def mae_stage(cfg: Config, data: DemoData | None, device: torch.device) -> Stage:
-    torch.manual_seed(mix_seed(cfg.run.seed, 11))  # model init
+def _check_batch(batch_size: int, dp: int) -> None:
+    if batch_size % dp:
+        raise ConfigError(f"config: batch_size {batch_size} does not divide over {dp} data-parallel ranks "
+                          f"(world / parallel.tp); use a multiple of {dp}")
+
+
+def mae_stage(cfg: Config, data: DemoData | None, device: torch.device, mesh: Mesh | None = None) -> Stage:
+    torch.manual_seed(mix_seed(cfg.run.seed, 11))  # model init: the same weights on every rank
     model = build_mae(cfg.model, norm_pix_loss=cfg.mae.norm_pix_loss).to(device)
     m = cfg.mae
+    rank, dp = _data_shard(mesh)
     if cfg.data.loader != "reference":
-        loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.crop_scale, m.flip_p, "none", device)
+        loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.crop_scale, m.flip_p, "none", device, mesh=mesh)
     else:
+        _check_batch(m.batch_size, dp)
         loader = BatchLoader(
             data.train_x, None, m.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
             augment={"out_size": cfg.model.img_size, "scale": m.crop_scale, "flip_p": m.flip_p},
-            num_workers=cfg.data.num_workers,
+            num_workers=cfg.data.num_workers, shard=(rank, dp),
         )
-
-    def loss_fn(model, imgs, _targets, step):
-        # Masking noise is a function of (seed, step) only: resumed runs draw the same masks.
-        g = torch.Generator(device=imgs.device).manual_seed(mix_seed(MASK_STREAM, cfg.run.seed, step))
-        loss, _, _ = model(imgs, mask_ratio=m.mask_ratio, generator=g)
-        return loss
-
-    return Stage("mae", model, loader, m, loss_fn, flops_per_image(cfg.model, "mae", mask_ratio=m.mask_ratio),
+    objective = MAEObjective(model, m.mask_ratio, cfg.run.seed, rank, dp)
+    return Stage("mae", objective, loader, m, flops_per_image(cfg.model, "mae", mask_ratio=m.mask_ratio),
                  _fingerprints(cfg)["mae"])
 
 
@@ -172,33 +173,20 @@ def _mae_weights_path(cfg: Config, init: str) -> Path:
     return Path(init)
 
 
-def wsp_loss(model: torch.nn.Module, imgs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """WSP loss of a classifier: soft-target CE of its head, with head and loss fused.
-
-    At hashtag-vocabulary scale the (B, V) logits then exist one chunk of rows at a time; the
-    math is soft_target_cross_entropy(model(imgs), targets).
-    """
-    backend = op_backend(model.kernel_backend, False)
-    if isinstance(targets, (tuple, list)):  # sparse: (B, T) tag ids padded with -1, (B, T) weights
-        ids, weights = targets
-        return maws_kernels.linear_soft_target_cross_entropy(model.forward_pooled(imgs), model.head.weight,
-                                                             model.head.bias, target_ids=ids, target_weights=weights,
-                                                             backend=backend)
-    return maws_kernels.linear_soft_target_cross_entropy(model.forward_pooled(imgs), model.head.weight, model.head.bias,
-                                                         targets, backend=backend)
-
-
-def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: str, init: str) -> Stage:
+def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: str, init: str,
+              mesh: Mesh | None = None) -> Stage:
     w = cfg.wsp
+    rank, dp = _data_shard(mesh)
     if cfg.data.loader != "reference":
         loader = jpeg_loader(cfg, cfg.data.wsp_train or cfg.data.train, w.batch_size, w.crop_scale, w.flip_p, "tags",
-                             device)
+                             device, mesh=mesh)
         num_tags = loader.source.num_classes
     else:
+        _check_batch(w.batch_size, dp)
         loader = BatchLoader(
             data.wsp_x, fmnist.tag_targets(data.wsp_tags), w.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
             augment={"out_size": cfg.model.img_size, "scale": w.crop_scale, "flip_p": w.flip_p},
-            num_workers=cfg.data.num_workers,
+            num_workers=cfg.data.num_workers, shard=(rank, dp),
         )
         num_tags = len(fmnist.VOCAB)
     torch.manual_seed(mix_seed(cfg.run.seed, 12))  # same head / encoder init for every WSP variant
@@ -220,11 +208,8 @@ def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: st
                                   f"--wsp.init must point at an MAE or ViT model.safetensors of this model config")
         return f"encoder initialised from {path}: {report.summary()}"
 
-    def loss_fn(model, imgs, targets, _step):
-        return wsp_loss(model, imgs, targets)
-
     fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
-    return Stage(name, model, loader, w, loss_fn, flops_per_image(cfg.model, "wsp", num_tags), fp, init_fn)
+    return Stage(name, WSPObjective(model), loader, w, flops_per_image(cfg.model, "wsp", num_tags), fp, init_fn)
 
 
 def wsp_runs(cfg: Config) -> list[tuple[str, str, str]]:
@@ -371,14 +356,32 @@ def check_out_dir(path: str | Path) -> Path:
 
 
 def run_recipe(cfg: Config, echo: Echo = say) -> dict:
-    """Run the configured stages in order; returns {"stages": {...}, "results": [...]}."""
+    """Run the configured stages in order; returns {"stages": {...}, "results": [...]}.
+
+    Under torchrun every process runs this; they train together (cfg.parallel), rank 0 logs,
+    writes the final weights and runs the evaluation.
+    """
     out = check_out_dir(cfg.run.out_dir)
     device = torch.device(cfg.run.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config: run.device: cuda requested but torch sees no CUDA device; use --run.device=cpu")
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    atomic_write_text(out / "config.json", cfg.to_json())
+    mesh = init_distributed(tp=cfg.parallel.tp, device=device, backend=cfg.parallel.backend)
+    try:
+        if mesh.distributed and device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
+        if mesh.rank != 0:
+            echo = lambda _msg: None  # noqa: E731  (one log, from rank 0)
+        return _run_stages(cfg, out, device, mesh, echo)
+    finally:
+        destroy()
+
+
+def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: Echo) -> dict:
+    main = mesh.rank == 0
+    if main:
+        atomic_write_text(out / "config.json", cfg.to_json())
     data = load_data(cfg)
     # Everything that can be checked before hours of training is checked here.
     if "linprobe" in cfg.run.stages and data is None:
@@ -394,13 +397,14 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
     if "wsp" in cfg.run.stages and cfg.wsp.init not in ("mae", "scratch") and not Path(cfg.wsp.init).is_file():
         raise ConfigError(f"config: wsp.init: {cfg.wsp.init} is not a file; use mae, scratch or a model.safetensors path")
     summary: dict = {"stages": {}, "results": []}
+    train = dict(parallel=cfg.parallel, mesh=mesh, echo=echo)
     if "mae" in cfg.run.stages:
-        summary["stages"]["mae"] = str(run_stage(mae_stage(cfg, data, device), out, cfg.run, device, echo=echo))
+        summary["stages"]["mae"] = str(run_stage(mae_stage(cfg, data, device, mesh), out, cfg.run, device, **train))
     if "wsp" in cfg.run.stages:
         for name, init, _ in wsp_runs(cfg):
-            stage = wsp_stage(cfg, data, device, name, init)
-            summary["stages"][name] = str(run_stage(stage, out, cfg.run, device, echo=echo))
-    if "linprobe" in cfg.run.stages:
+            stage = wsp_stage(cfg, data, device, name, init, mesh)
+            summary["stages"][name] = str(run_stage(stage, out, cfg.run, device, **train))
+    if "linprobe" in cfg.run.stages and main:  # frozen-feature probes are small: rank 0 runs them alone
         rows = evaluate(cfg, data, device, echo)
         summary["results"] = rows
         atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
@@ -408,4 +412,3 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
         atomic_write_text(out / "results.md", table + "\n")
         echo("\n" + table)
     return summary
-

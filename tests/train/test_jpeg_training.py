@@ -72,7 +72,7 @@ def test_resume_from_shards_matches_uninterrupted(tmp_path, shards, loader, stag
     final_a = run_stage(make(a), a.run.out_dir, a.run, dev, echo=lambda s: None)
     assert run_stage(make(b), b.run.out_dir, b.run, dev, stop_at_step=6, echo=lambda s: None) is None
     ckpt = tmp_path / "b" / stage_fn / "ckpt" / "step_00000006"
-    state = read_meta(ckpt)["data_state"]
+    state = read_meta(ckpt)["rank_meta"][0]["data_state"]  # one process: rank 0's loader position
     assert state["kind"] == loader and (state["epoch"], state["batch"]) == (1, 1)
     torch.manual_seed(99)  # a new process: nothing but the checkpoint carries over
     final_b = run_stage(make(b), b.run.out_dir, b.run, dev, echo=lambda s: None)
@@ -91,7 +91,7 @@ def test_wsp_on_hashtag_shards_uses_their_vocabulary(tmp_path, shards):
     imgs, (ids, weights) = next(iter(stage.loader.epoch(0)))
     assert imgs.shape == (32, 1, 28, 28) and ids.dtype == torch.int64
     assert torch.allclose(weights.sum(1), torch.ones(32))  # every mosaic keeps at least one tag
-    loss = stage.loss_fn(stage.model, imgs, (ids, weights), 0)
+    loss = stage.objective(imgs, (ids, weights), 0)
     assert torch.isfinite(loss) and loss.item() > 0
 
 

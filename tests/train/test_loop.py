@@ -124,8 +124,8 @@ def test_non_finite_loss_stops_with_advice_and_keeps_checkpoints(tmp_path, data)
     dev = torch.device("cpu")
     cfg = small_cfg(tmp_path)
     stage = mae_stage(cfg, data, dev)
-    real = stage.loss_fn
-    stage.loss_fn = lambda m, x, t, step: real(m, x, t, step) * (float("nan") if step >= 5 else 1.0)
+    real = stage.objective.forward
+    stage.objective.forward = lambda x, t, step, *a: real(x, t, step, *a) * (float("nan") if step >= 5 else 1.0)
     with pytest.raises(UserError, match=r"loss is nan at step 6; lower the learning rate"):
         run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
     assert [p.name for p in list_checkpoints(tmp_path / "mae" / "ckpt")] == ["step_00000004"]
@@ -150,8 +150,15 @@ def test_custom_stage_runs_through_the_loop(tmp_path):
     x = torch.randint(0, 255, (32, 4, 4), dtype=torch.uint8)
     y = torch.randint(0, 2, (32,))
     loader = BatchLoader(x, y, 8, 0, [0.5], [0.5])
-    stage = Stage("toy", model, loader, OptimConfig(epochs=2, batch_size=8, lr=0.1, warmup_epochs=0),
-                  lambda m, i, t, s: torch.nn.functional.cross_entropy(m(i), t), 64.0, {"toy": 1})
+    class Toy(torch.nn.Module):  # an objective: the network as .model, the loss as forward
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, imgs, targets, step, micro=0, accum=1):
+            return torch.nn.functional.cross_entropy(self.model(imgs), targets)
+
+    stage = Stage("toy", Toy(), loader, OptimConfig(epochs=2, batch_size=8, lr=0.1, warmup_epochs=0), 64.0, {"toy": 1})
     run = load_config(None, ["--run.progress=false"]).run
     final = run_stage(stage, tmp_path, run, torch.device("cpu"), echo=lambda s: None)
     assert load_checkpoint(final)[1]["step"] == 8
@@ -162,13 +169,15 @@ def test_non_finite_loss_between_log_steps_is_never_checkpointed(tmp_path, data)
     dev = torch.device("cpu")
     cfg = small_cfg(tmp_path, "--run.log_every=5", "--run.ckpt_every=3")
     stage = mae_stage(cfg, data, dev)
-    real = stage.loss_fn
-    stage.loss_fn = lambda m, x, t, step: real(m, x, t, step) * (float("inf") if step == 5 else 1.0)
+    real = stage.objective.forward
+    stage.objective.forward = lambda x, t, step, *a: real(x, t, step, *a) * (float("inf") if step == 5 else 1.0)
     with pytest.raises(UserError, match=r"non-finite by step 6"):
         run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
     ckpts = list_checkpoints(tmp_path / "mae" / "ckpt")
     assert [p.name for p in ckpts] == ["step_00000003"]
-    assert all(torch.isfinite(v).all() for v in load_checkpoint(ckpts[0])[0].values())
+    from maws_fast.parallel.checkpoint import consolidate
+
+    assert all(torch.isfinite(v).all() for v in consolidate(ckpts[0]).values())
 
 
 def test_wsp_init_file_that_fits_nothing_is_refused(tmp_path, data):
@@ -188,14 +197,14 @@ def test_metrics_logged_after_the_last_checkpoint_are_not_duplicated_on_resume(t
     dev = torch.device("cpu")
     cfg = small_cfg(tmp_path)  # ckpt every 4, log every 2
     stage = mae_stage(cfg, data, dev)
-    real = stage.loss_fn
+    real = stage.objective.forward
 
-    def crash_at_7(m, x, t, step):
+    def crash_at_7(x, t, step, *a):
         if step == 6:
             raise KeyboardInterrupt  # the 7th step dies after step 6 was logged
-        return real(m, x, t, step)
+        return real(x, t, step, *a)
 
-    stage.loss_fn = crash_at_7
+    stage.objective.forward = crash_at_7
     with pytest.raises(KeyboardInterrupt):
         run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
     path = tmp_path / "mae" / "metrics.jsonl"

@@ -1,0 +1,145 @@
+"""The process mesh: data parallel x tensor parallel over torch.distributed.
+
+torchrun starts one process per device and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT; :func:`init_distributed` reads them, so one command covers one process on a CPU,
+several GPUs on a node and several nodes (torchrun's rendezvous). Without torchrun's variables the
+run is one process and no process group is created.
+
+Rank layout: ``rank = dp_rank * tp + tp_rank``. TP ranks are adjacent, so a TP group stays inside
+a node (its all-reduces run on NVLink) while DP groups span nodes.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from maws_fast.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Data-parallel x tensor-parallel degrees of a world, validated.
+
+    Args:
+        world: number of processes.
+        tp: tensor-parallel degree (ranks that split each layer and see the same batch).
+    """
+
+    world: int
+    tp: int = 1
+
+    def __post_init__(self):
+        if self.world < 1 or self.tp < 1:
+            raise ConfigError(f"config: parallel.tp: world size {self.world} and tp {self.tp} must be >= 1")
+        if self.world % self.tp:
+            raise ConfigError(
+                f"config: parallel.tp={self.tp} does not divide the world size {self.world}; launch a multiple of "
+                f"{self.tp} processes (torchrun --nproc_per_node) or set --parallel.tp to a divisor of {self.world}")
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+
+@dataclass
+class Mesh:
+    """This process's place in the mesh and the groups it talks over (None where a degree is 1)."""
+
+    dims: ParallelDims
+    rank: int = 0
+    dp_group: object = None
+    tp_group: object = None
+    backend: str | None = None  # "gloo" | "nccl" | None (one process)
+    device_mesh: object = None  # torch DeviceMesh ("dp", "tp"), for FSDP2; None in one process
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.dims.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.dims.tp
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        """All ranks meet (no-op in one process)."""
+        if self.distributed:
+            dist.barrier()
+
+
+def single_process() -> Mesh:
+    """The mesh of a run without torch.distributed."""
+    return Mesh(ParallelDims(1, 1))
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={v!r} is not an integer; launch with torchrun") from None
+
+
+def init_distributed(tp: int = 1, device: torch.device | str = "cpu", backend: str = "auto",
+                     timeout_s: float = 1800.0) -> Mesh:
+    """Join the process group torchrun set up (if any) and build the dp x tp groups.
+
+    Args:
+        tp: tensor-parallel degree; must divide the world size.
+        device: the training device; ``cuda`` selects NCCL and this rank's GPU (LOCAL_RANK).
+        backend: ``auto`` (NCCL for CUDA, else gloo), ``gloo`` or ``nccl``.
+        timeout_s: how long a collective may wait for a missing rank before the job fails.
+
+    Returns:
+        The :class:`Mesh` of this process (world 1 when not launched by torchrun).
+    """
+    world = _env_int("WORLD_SIZE") or 1
+    if world == 1 and not dist.is_initialized():
+        ParallelDims(1, tp)  # tp > 1 in one process: the same clear error
+        return single_process()
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("config: parallel.backend: nccl needs --run.device=cuda; use gloo for CPU training")
+    dims = ParallelDims(world, tp)  # validate before any process blocks in a rendezvous
+    if device.type == "cuda":
+        local = _env_int("LOCAL_RANK") or 0
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPUs; "
+                              "launch at most one process per GPU (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.get_world_size() != world:
+        raise ConfigError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # The device mesh is (dp, tp) over arange(world): the same rank layout as Mesh.dp_rank / tp_rank.
+    device_mesh = init_device_mesh(device.type, (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+    dp_group = device_mesh.get_group("dp") if dims.dp > 1 else None
+    tp_group = device_mesh.get_group("tp") if dims.tp > 1 else None
+    return Mesh(dims, dist.get_rank(), dp_group, tp_group, backend, device_mesh)
+
+
+def destroy() -> None:
+    """Leave the process group (end of a run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(t: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """In place: the mean of ``t`` over the data-parallel ranks (TP ranks hold equal values)."""
+    if mesh.dims.dp > 1:
+        dist.all_reduce(t, group=mesh.dp_group)
+        t.div_(mesh.dims.dp)
+    return t

@@ -1,0 +1,64 @@
+"""Training objectives: a module per stage whose ``forward(imgs, targets, step)`` is the loss.
+
+Engines (DDP, FSDP2, ours) wrap and call one module; keeping the loss inside a module's forward
+is what lets DDP / FSDP2 see every parameter use (the WSP head runs fused with its loss, outside
+the classifier's own forward). The network is ``self.model``, so parameter names stay timm keys.
+
+Data parallel: each of ``data_world`` ranks gets rows ``[r*b, (r+1)*b)`` of the global batch, and
+the MAE masking noise is drawn for the GLOBAL batch and sliced the same way, so a sharded run
+sees exactly the masks a one-process run of the same global batch does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import maws_kernels
+from maws_fast.data.reference import MASK_STREAM, mix_seed
+from maws_fast.models.vit import op_backend
+
+
+def wsp_loss(model: nn.Module, imgs: torch.Tensor, targets) -> torch.Tensor:
+    """WSP loss of a classifier: soft-target CE of its head, with head and loss fused.
+
+    At hashtag-vocabulary scale the (B, V) logits then exist one chunk of rows at a time; the
+    math is soft_target_cross_entropy(model(imgs), targets).
+    """
+    backend = op_backend(model.kernel_backend, False)
+    feats = model.forward_pooled(imgs)
+    if isinstance(targets, (tuple, list)):  # sparse: (B, T) tag ids padded with -1, (B, T) weights
+        ids, weights = targets
+        return maws_kernels.linear_soft_target_cross_entropy(feats, model.head.weight, model.head.bias,
+                                                             target_ids=ids, target_weights=weights, backend=backend)
+    return maws_kernels.linear_soft_target_cross_entropy(feats, model.head.weight, model.head.bias, targets,
+                                                         backend=backend)
+
+
+class MAEObjective(nn.Module):
+    """MAE loss with masking noise a function of (seed, step) only (resumed runs draw the same masks)."""
+
+    def __init__(self, model: nn.Module, mask_ratio: float, seed: int, data_rank: int = 0, data_world: int = 1):
+        super().__init__()
+        self.model, self.mask_ratio, self.seed = model, mask_ratio, seed
+        self.data_rank, self.data_world = data_rank, data_world
+
+    def forward(self, imgs: torch.Tensor, targets, step: int, micro: int = 0, accum: int = 1) -> torch.Tensor:
+        """Loss of micro-batch ``micro`` of ``accum`` of this rank's share of global batch ``step``."""
+        g = torch.Generator(device=imgs.device).manual_seed(mix_seed(MASK_STREAM, self.seed, step))
+        if self.data_world == 1 and accum == 1:
+            return self.model(imgs, mask_ratio=self.mask_ratio, generator=g)[0]
+        b, L = imgs.shape[0], self.model.patch_embed.num_patches
+        noise = torch.rand(b * accum * self.data_world, L, device=imgs.device, generator=g)  # (global B, L)
+        first = (self.data_rank * accum + micro) * b  # this micro-batch's rows of the global batch
+        return self.model(imgs, mask_ratio=self.mask_ratio, noise=noise[first:first + b])[0]
+
+
+class WSPObjective(nn.Module):
+    """Soft-target cross-entropy of a classifier on (dense or sparse) hashtag targets."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, imgs: torch.Tensor, targets, step: int, micro: int = 0, accum: int = 1) -> torch.Tensor:
+        return wsp_loss(self.model, imgs, targets)
