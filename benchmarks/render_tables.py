@@ -53,6 +53,27 @@ def _data_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _dist_table(rows: list[dict]) -> list[str]:
+    out = ["| engine | preset | task | world (dp x tp) | backend | batch | dtype | ms/step | comm MiB/step | comm / Ψ | "
+           "= theory | peak MiB/rank | state MiB/rank | speed vs FSDP2 | mem vs FSDP2 | speed vs DDP | mem vs DDP | "
+           "device | commit | date |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def mib(v):
+        return f"{v / 2**20:.1f}" if v is not None else "-"
+
+    def x(v):
+        return f"x{v:.2f}" if v else "-"
+
+    for r in rows:
+        out.append(f"| {r['engine']} | {r['preset']} | {r['task']} | {r['world']} ({r['dp']} x {r['tp']}) | "
+                   f"{r['backend']} | {r['batch_size']} | {r['param_dtype']} | {r['step_ms']:.1f} | "
+                   f"{mib(r['comm_bytes'])} | {r['comm_over_psi']:.3f} | {'yes' if r['comm_matches_theory'] else 'NO'} | "
+                   f"{mib(r['mem_peak_bytes'])} | {mib(r['state_bytes'])} | {x(r.get('speedup_vs_fsdp2'))} | "
+                   f"{x(r.get('mem_vs_fsdp2'))} | {x(r.get('speedup_vs_ddp'))} | {x(r.get('mem_vs_ddp'))} | "
+                   f"{r['device']} | {r['commit']} | {r['date']} |")
+    return out
+
+
 def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
     lines = []
     for path in sorted(results_dir.glob("*.json")):
@@ -64,6 +85,8 @@ def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
             lines += _train_table(rows)
         elif path.stem == "data":
             lines += _data_table(rows)
+        elif path.stem == "dist":
+            lines += _dist_table(rows)
         elif path.stem in ("kernels", "attention"):
             lines += _kernels_table(rows)
         else:

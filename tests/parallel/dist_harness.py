@@ -1,0 +1,218 @@
+"""Run tiny MAE / WSP training under several parallel layouts in gloo process groups on CPU.
+
+The parent test spawns ``world`` processes once; each process runs every requested layout in turn
+(engine, ZeRO stage, TP degree, gradient accumulation) on the same global batches, and rank 0
+saves what the tests compare: the mean loss of every step, the consolidated final parameters
+(timm keys, full shapes) and every rank's memory report. A one-process reference is plain
+``torch.optim.AdamW`` + ``clip_grad_norm_`` on the unsharded model, independent of our engines.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# lr 1e-5: Adam turns fp32 rounding differences of near-cancelling gradient elements into step
+# differences proportional to lr (~1e-7 here, as FSDP2 shows); wd 0.5 makes a decay applied to the
+# wrong parameters visible at that tolerance. Grad-norm checks catch scale errors Adam would hide.
+BATCH, STEPS, LR, CLIP, WD, BETAS = 8, 3, 1e-5, 1.0, 0.5, (0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class Layout:
+    engine: str = "ours"
+    stage: int = 2
+    tp: int = 1
+    accum: int = 1
+    param_dtype: str = "fp32"
+    bucket_mb: float = 0.05  # tiny buckets: several per model, so bucketing and padding are exercised
+
+    @property
+    def key(self) -> str:
+        return f"{self.engine}-z{self.stage}-tp{self.tp}-acc{self.accum}-{self.param_dtype}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build(task: str):
+    """The tiny model of ``task``, its objective factory and its batches (the same on every rank)."""
+    from maws_fast.config import model_preset
+    from maws_fast.models import build_classifier, build_mae
+    from maws_fast.train.objectives import MAEObjective, WSPObjective
+
+    cfg = model_preset("tiny", attn_backend="manual", kernel_backend="torch")
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    n = STEPS + 1  # one more batch: the step after a checkpoint is loaded
+    imgs = [torch.randn(BATCH, 1, 28, 28, generator=g) for _ in range(n)]
+    if task == "mae":
+        model = build_mae(cfg, norm_pix_loss=True)
+        targets = [None] * n
+        make = lambda m, r, w: MAEObjective(m, 0.75, 0, r, w)  # noqa: E731
+    else:
+        model = build_classifier(cfg, num_classes=10)
+        targets = []
+        for _ in range(n):
+            t = (torch.rand(BATCH, 10, generator=g) < 0.3).float()
+            t[:, 0] = 1.0
+            targets.append(t / t.sum(1, keepdim=True))  # multi-hot / number of tags
+        make = lambda m, r, w: WSPObjective(m)  # noqa: E731
+    return model, make, imgs, targets
+
+
+def reference(task: str) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """One process, unsharded: torch AdamW (MAE's decay groups) + clip_grad_norm_ on the global batch."""
+    from maws_fast.train.optim import param_groups
+
+    model, make, imgs, targets = build(task)
+    obj = make(model, 0, 1)
+    opt = torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=BETAS, foreach=False)
+    losses, norms = [], []
+    for s in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss = obj(imgs[s], targets[s], s)
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], CLIP).item())
+        opt.step()
+        losses.append(loss.item())
+    return losses, norms, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rows(x, rank: int, world: int, accum: int = 1, micro: int = 0):
+    if x is None:
+        return None
+    b = x.shape[0] // (world * accum)
+    first = (rank * accum + micro) * b
+    return x[first:first + b]
+
+
+def _train_steps(engine, mesh, layout: Layout, imgs, targets, steps) -> list[float]:
+    from maws_fast.parallel.mesh import all_reduce_mean
+
+    dp, losses, norms = mesh.dims.dp, [], []
+    for s in steps:
+        engine.zero_grad()
+        total = torch.zeros(())
+        for m in range(layout.accum):
+            x, t = _rows(imgs[s], mesh.dp_rank, dp, layout.accum, m), _rows(targets[s], mesh.dp_rank, dp, layout.accum, m)
+            ctx = engine.no_sync() if m < layout.accum - 1 else torch.enable_grad()
+            with ctx:
+                loss = engine.model(x, t, s, m, layout.accum)
+                engine.backward(loss / layout.accum)
+            total += loss.detach() / layout.accum
+        norms.append(float(engine.step(LR, CLIP)))  # the global grad norm before clipping
+        losses.append(all_reduce_mean(total, mesh).item())
+    return losses, norms
+
+
+def _engine(task: str, layout: Layout, perturb: bool = False):
+    from maws_fast.parallel.engine import parallelize
+    from maws_fast.parallel.mesh import init_distributed
+
+    mesh = init_distributed(tp=layout.tp, timeout_s=120)
+    model, make, imgs, targets = build(task)
+    if perturb:  # a loaded checkpoint must overwrite every trained tensor
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
+    obj = make(model, mesh.dp_rank, mesh.dims.dp)
+    engine = parallelize(obj, mesh, engine=layout.engine, zero_stage=layout.stage, weight_decay=WD, betas=BETAS,
+                         bucket_mb=layout.bucket_mb, param_dtype=layout.param_dtype, kernel_backend="torch")
+    return mesh, engine, imgs, targets
+
+
+def run_layout(task: str, layout: Layout, kind: str = "train", path: str | None = None) -> dict:
+    """One job in this (already joined) process group; returns what rank 0 reports.
+
+    kind "train": STEPS steps. "save": STEPS steps, a sharded checkpoint at ``path``, then one more
+    step. "load": a perturbed model loads ``path`` and takes that one more step.
+    """
+    import torch.distributed as dist
+
+    from maws_fast.parallel.checkpoint import load_sharded, save_sharded
+    from maws_fast.parallel.engine import consolidated_state_dict
+
+    mesh, engine, imgs, targets = _engine(task, layout, perturb=kind == "load")
+    out = {"dp": mesh.dims.dp, "padded": sum(b.padded for b in getattr(engine, "buckets", [])),
+           "n_buckets": len(getattr(engine, "buckets", []))}
+    if kind == "load":
+        tensors, _extra, meta, _ = load_sharded(Path(path) / "step_00000003", engine.load_pieces())
+        engine.load_shard_tensors(tensors, meta["optim_steps"])
+        out["loaded"] = consolidated_state_dict(engine, mesh)
+    else:
+        out["losses"], out["norms"] = _train_steps(engine, mesh, layout, imgs, targets, range(STEPS))
+        mem = engine.memory_report()
+        mems = [None] * dist.get_world_size()
+        dist.all_gather_object(mems, mem)
+        out["mem"] = mems
+        out["params"] = consolidated_state_dict(engine, mesh)
+    if kind == "save":
+        save_sharded(path, "step_00000003", rank=mesh.rank, world=mesh.dims.world, pieces=engine.pieces(),
+                     tensors=engine.shard_tensors(), extra={}, meta={"optim_steps": engine.step_count},
+                     rank_meta={}, barrier=mesh.barrier)
+    if kind in ("save", "load"):
+        _train_steps(engine, mesh, layout, imgs, targets, [STEPS])
+        out["next"] = consolidated_state_dict(engine, mesh)
+    engine.close()
+    mesh.barrier()
+    return out
+
+
+def worker(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    results, error = {}, None
+    try:
+        for job in jobs:
+            task, layout, kind, path = (*job, "train", None)[:4] if len(job) == 2 else job
+            results[(kind, task, layout.key)] = run_layout(task, layout, kind, path)
+    except Exception:  # reported to the parent test, which fails with it
+        error = traceback.format_exc()
+    if rank == 0 or error:
+        torch.save({"results": results, "error": error}, Path(out_dir) / f"rank{rank}.pt")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_world(world: int, jobs: list[tuple], out_dir: Path) -> dict:
+    """Spawn ``world`` gloo ranks that run ``jobs``; returns rank 0's results (raises a rank's error).
+
+    A job is ``(task, layout)`` (train) or ``(task, layout, "save" | "load", checkpoint dir)``;
+    results are keyed ``(kind, task, layout.key)``.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, jobs, str(out_dir))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=900)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    errors = []
+    for r in range(world):
+        f = out_dir / f"rank{r}.pt"
+        if f.exists():
+            d = torch.load(f, weights_only=False)
+            if d["error"]:
+                errors.append(f"rank {r}:\n{d['error']}")
+    if errors:
+        raise AssertionError("\n".join(errors))
+    if any(p.exitcode != 0 for p in procs):
+        raise AssertionError(f"a rank exited with {[p.exitcode for p in procs]}")
+    return torch.load(out_dir / "rank0.pt", weights_only=False)["results"]

@@ -1,0 +1,38 @@
+"""maws-train under torchrun with a fault injected on rank 1 (test driver, not a product file).
+
+FAULT=step: rank 1 raises a UserError in the forward of step 3.
+FAULT=save: rank 1's second checkpoint write fails with "No space left on device".
+"""
+import os
+import sys
+
+if os.environ.get("RANK") == "1":
+    fault = os.environ.get("FAULT")
+    if fault == "step":
+        from maws_fast.errors import UserError
+        from maws_fast.train import objectives
+
+        real_forward = objectives.MAEObjective.forward
+
+        def failing_forward(self, imgs, targets, step, *args):
+            if step == 3:
+                raise UserError("simulated failure on rank 1 at step 3")
+            return real_forward(self, imgs, targets, step, *args)
+
+        objectives.MAEObjective.forward = failing_forward
+    elif fault == "save":
+        from maws_fast.parallel import checkpoint
+
+        real_write, calls = checkpoint._write_tensors, []
+
+        def failing_write(path, tensors):
+            calls.append(path)
+            if len(calls) == 2:  # the second checkpoint's shard: the first checkpoint must survive
+                raise OSError(28, "No space left on device")
+            real_write(path, tensors)
+
+        checkpoint._write_tensors = failing_write
+
+from maws_fast.cli import train_main  # noqa: E402
+
+sys.exit(train_main(sys.argv[1:]))
