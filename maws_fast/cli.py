@@ -15,8 +15,21 @@ def _fail(prog: str, err: Exception) -> int:
     return 2
 
 
+def _record(fn):
+    """torchrun's error-file hook: a rank's unexpected exception reaches torchrun's failure summary."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # pragma: no cover - torch without distributed
+        return fn
+    return record(fn)
+
+
+@_record
 def train_main(argv: list[str] | None = None) -> int:
-    """maws-train --config FILE [--data DIR] [--out DIR] [--section.key=value ...]"""
+    """maws-train --config FILE [--data DIR] [--out DIR] [--section.key=value ...]
+
+    One process, or one per device under ``torchrun --no-python maws-train ...``.
+    """
     parser = argparse.ArgumentParser(
         prog="maws-train",
         description="MAE pre-pretraining -> weakly supervised pretraining -> linear probe + few-shot.",

@@ -316,6 +316,11 @@ class Config:
     def __post_init__(self):
         _check(len(self.data.mean) == self.model.in_chans, "data.mean",
                f"has {len(self.data.mean)} values but model.in_chans is {self.model.in_chans}")
+        tp, m = self.parallel.tp, self.model
+        hidden = int(m.embed_dim * m.mlp_ratio), int(m.decoder_embed_dim * m.mlp_ratio)
+        _check(all(n % tp == 0 for n in (m.num_heads, m.decoder_num_heads, *hidden)), "parallel.tp",
+               f"{tp} must divide the encoder and decoder head counts ({m.num_heads}, {m.decoder_num_heads}) and MLP "
+               f"widths {hidden}; choose a divisor of them")
         L = self.model.num_patches
         _check(int(L * (1 - self.mae.mask_ratio)) >= 1, "mae.mask_ratio",
                f"{self.mae.mask_ratio} keeps no patch of {L}; lower it")

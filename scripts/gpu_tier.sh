@@ -4,7 +4,7 @@
 #   bash scripts/gpu_tier.sh build      # build maws_kernels._C (kept between calls on a warm machine)
 #   bash scripts/gpu_tier.sh test       # build + every GPU-marked test
 #   bash scripts/gpu_tier.sh sanitize   # build + compute-sanitizer memcheck and racecheck on every fused kernel
-#   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step + data
+#   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step + data + dist
 #   bash scripts/gpu_tier.sh all        # all of the above
 #
 # Logs and results go to $OUT (default ./gpu_out): <step>.log, kernels.json, train.json, data.json. Copy the
@@ -56,7 +56,13 @@ case "$what" in bench | all)
     # DALI mixed decode where the wheel is installed (it is ~200 MB: a device call carries 64 MiB),
     # else the nvJPEG row (torchvision decode_jpeg on the GPU) stands in; PIL is the baseline.
     step bench_data bench_main data --device cuda --providers dali,dali_uint8,pil,nvjpeg --images 4096 \
-        --batch-size 256 --threads 16 --out "$OUT/data.json" ;;
+        --batch-size 256 --threads 16 --out "$OUT/data.json"
+    # Engines on one H100 (world 1, NCCL): ours ZeRO-1/2/3 vs FSDP2 vs DDP step time and peak memory at the
+    # largest MAE that fits (H/14 in bf16; 2B/14 tried after it, its failure is logged, not fatal).
+    step bench_dist_h14 bench_main dist --world 1 --preset vit_h14 --task mae --batch-size 64 --steps 10 \
+        --out "$OUT/dist.json"
+    step bench_dist_2b14 bench_main dist --world 1 --preset vit_2b14 --task mae --batch-size 32 --steps 5 \
+        --engines ours:3,fsdp2 --out "$OUT/dist.json" ;;
 esac
 echo "gpu_tier $what: $([ $status -eq 0 ] && echo OK || echo FAILED) (logs in $OUT)"
 exit $status

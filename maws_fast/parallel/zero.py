@@ -46,6 +46,13 @@ from maws_fast.parallel.mesh import Mesh
 from maws_fast.parallel.tensor import Piece, TPSplit
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# torch 2.13 names these *_single (the *_into_tensor / *_tensor names are deprecated there); the GPU
+# machine's torch 2.11 has only the old ones. Same arguments either way.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# Gradient buckets being reduced at once (stages 2-3): each holds a bucket-sized flat copy of its
+# grads until its reduce-scatter is done, so this bounds the transient memory of backward.
+MAX_IN_FLIGHT = 2
 
 
 @dataclass
@@ -131,6 +138,7 @@ class ZeroEngine:
         self.step_count = 0
         self._sync = True
         self._next_launch = 0
+        self._in_flight: list[Bucket] = []  # launched reductions not yet waited for, oldest first
         from maws_fast.parallel.tensor import tp_layout
 
         self.tp_splits: dict[str, TPSplit] = tp_layout(self.inner)
@@ -140,6 +148,8 @@ class ZeroEngine:
         self._root: Bucket | None = None
         self._hooks = []
         self._init_buffers()
+        if self.dtype != torch.float32:
+            self._run_in_model_dtype()
         if stage == 3:
             self._install_stage3_hooks()
         for b in self.buckets:
@@ -222,17 +232,24 @@ class ZeroEngine:
     def _init_buffers(self) -> None:
         dev, dt = self.device, self.dtype
         for b in self.buckets:
+            lo = self.shard_rank * b.chunk
+            master = None
+            if dt != torch.float32:  # the fp32 master starts from the fp32 weights, not their bf16 rounding
+                flat32 = torch.zeros(b.padded, dtype=torch.float32, device=dev)
+                for p, off in zip(b.params, b.offsets):
+                    flat32[off:off + p.numel()].copy_(p.detach().reshape(-1))
+                master = flat32[lo:lo + b.chunk].clone()
+                del flat32
             b.full = torch.zeros(b.padded, dtype=dt, device=dev)
             with torch.no_grad():
                 for p, off in zip(b.params, b.offsets):
                     b.full[off:off + p.numel()].copy_(p.detach().reshape(-1))
                     p.data = b.full[off:off + p.numel()].view(p.shape)
-            lo = self.shard_rank * b.chunk
             if self.stage == 3 and self.shard_world > 1:
                 b.shard = b.full[lo:lo + b.chunk].clone()
             else:
                 b.shard = b.full[lo:lo + b.chunk]
-            b.master = b.shard if dt == torch.float32 else b.shard.float()
+            b.master = b.shard if master is None else master
             b.exp_avg = torch.zeros(b.chunk, dtype=torch.float32, device=dev)
             b.exp_avg_sq = torch.zeros(b.chunk, dtype=torch.float32, device=dev)
             if self.stage <= 1:
@@ -243,6 +260,22 @@ class ZeroEngine:
                 b.grad_shard = b.grad_full if b.grad_full is not None else torch.zeros(b.chunk, dtype=dt, device=dev)
             else:
                 b.grad_shard = torch.zeros(b.chunk, dtype=dt, device=dev)
+
+    def _run_in_model_dtype(self) -> None:
+        """A bf16 model computes in bf16 end to end, as FSDP2's MixedPrecisionPolicy does: the frozen
+        tensors (sin-cos pos-embeds) and the images are cast too, or they would promote activations
+        back to fp32 against bf16 weights."""
+        with torch.no_grad():
+            for p in self.inner.parameters():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(self.dtype)
+
+        def cast_images(_module, args, kwargs):
+            if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
+                args = (args[0].to(self.dtype), *args[1:])
+            return args, kwargs
+
+        self._hooks.append(self.objective.register_forward_pre_hook(cast_images, with_kwargs=True))
 
     # --- stage 3: gather before use, free after --------------------------------------------------
     def _install_stage3_hooks(self) -> None:
@@ -266,7 +299,7 @@ class ZeroEngine:
             b.full.copy_(b.shard)
             b.gathered = True
             return
-        work = dist.all_gather_into_tensor(b.full, b.shard, group=self.group, async_op=async_op)
+        work = _all_gather(b.full, b.shard, group=self.group, async_op=async_op)
         if async_op:
             b.work = work
         else:
@@ -343,20 +376,29 @@ class ZeroEngine:
             if self.stage == 0:
                 b.work = dist.all_reduce(flat, group=self.group, async_op=True)
             else:
-                b.work = dist.reduce_scatter_tensor(b.grad_shard, flat, group=self.group, async_op=True)
+                b.work = _reduce_scatter(b.grad_shard, flat, group=self.group, async_op=True)
         elif flat is not b.grad_shard:
             b.grad_shard.copy_(flat[:b.chunk])
         b.launched = True
         if self.stage == 3 and self.shard_world > 1:
             self._free(b)  # its grads are out: the gathered params are not needed any more
+        if b.work is not None:
+            self._in_flight.append(b)
+            while len(self._in_flight) > MAX_IN_FLIGHT:  # waits for the oldest (on a GPU: the stream, not the CPU)
+                self._wait_reduced(self._in_flight.pop(0))
+
+    @staticmethod
+    def _wait_reduced(b: Bucket) -> None:
+        if b.work is not None:
+            b.work.wait()
+            b.work = None
+        b.tmp = None  # the flat grads are sent: free them
 
     def _finish_reduction(self) -> None:
         self._launch_ready(force=True)  # buckets whose params got no grad reduce zeros
-        for b in self.buckets:
-            if b.work is not None:
-                b.work.wait()  # the CPU waits for the last reduce-scatters here (once per step)
-                b.work = None
-            b.tmp = None
+        for b in self._in_flight:
+            self._wait_reduced(b)  # the CPU waits for the last reductions here (once per step)
+        self._in_flight = []
 
     # --- the engine interface ----------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -421,8 +463,8 @@ class ZeroEngine:
                     model_copy=None if copy is None else copy[r.start:r.end],
                     grad_scale=None if gs == 1.0 else gs, backend=self.kernel_backend)
         if self.stage in (1, 2) and self.shard_world > 1:
-            works = [dist.all_gather_into_tensor(b.full, b.shard.clone(), group=self.group, async_op=True)
-                     for b in self.buckets]
+            # In place: the shard is this rank's chunk of b.full (NCCL and gloo both accept that).
+            works = [_all_gather(b.full, b.shard, group=self.group, async_op=True) for b in self.buckets]
             for w in works:
                 w.wait()
         if self.stage == 3 and self._root is not None:
@@ -521,7 +563,7 @@ class ZeroEngine:
                     b.gathered = False
                     self._gather(b)
             elif self.shard_world > 1:
-                dist.all_gather_into_tensor(b.full, b.shard.clone(), group=self.group)
+                _all_gather(b.full, b.shard, group=self.group)
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -530,7 +572,7 @@ class ZeroEngine:
         for b in self.buckets:
             if self.shard_world > 1:
                 full = torch.empty(b.padded, dtype=torch.float32, device=self.device)
-                dist.all_gather_into_tensor(full, b.master.contiguous(), group=self.group)
+                _all_gather(full, b.master.contiguous(), group=self.group)
             else:
                 full = b.master
             for n, p, off in zip(b.names, b.params, b.offsets):
