@@ -16,12 +16,19 @@ def _fail(prog: str, err: Exception) -> int:
 
 
 def _record(fn):
-    """torchrun's error-file hook: a rank's unexpected exception reaches torchrun's failure summary."""
-    try:
+    """Under torchrun, its error-file hook: a rank's unexpected exception reaches torchrun's failure summary."""
+    import functools
+    import os
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "TORCHELASTIC_ERROR_FILE" not in os.environ:  # not launched by torchrun: nothing to report to
+            return fn(*args, **kwargs)
         from torch.distributed.elastic.multiprocessing.errors import record
-    except ImportError:  # pragma: no cover - torch without distributed
-        return fn
-    return record(fn)
+
+        return record(fn)(*args, **kwargs)
+
+    return wrapper
 
 
 @_record

@@ -115,7 +115,7 @@ def jpeg_loader(cfg: Config, path, batch_size: int, scale, flip_p: float, target
     d = cfg.data
     # Training reads this rank's shard; evaluation reads everything (features are fit in one process).
     rank, world = _data_shard(mesh) if not eval_transform else (0, 1)
-    _check_batch(batch_size, world)
+    _check_batch(batch_size, world, 1 if eval_transform else cfg.parallel.grad_accum)
     source = path if isinstance(path, Source) else open_source(
         _eval_format(path) if eval_transform else d.format, path, d.tags, d.vocab)
     if targets == "tags" and source.num_classes == 0:
@@ -142,10 +142,10 @@ def jpeg_loader(cfg: Config, path, batch_size: int, scale, flip_p: float, target
     return DaliLoader(source, device=device, settings=settings, **kw)
 
 
-def _check_batch(batch_size: int, dp: int) -> None:
-    if batch_size % dp:
-        raise ConfigError(f"config: batch_size {batch_size} does not divide over {dp} data-parallel ranks "
-                          f"(world / parallel.tp); use a multiple of {dp}")
+def _check_batch(batch_size: int, dp: int, accum: int = 1) -> None:
+    if batch_size % (dp * accum):
+        raise ConfigError(f"config: batch_size {batch_size} does not divide over {dp} data-parallel ranks (world / "
+                          f"parallel.tp) x {accum} micro-batches (parallel.grad_accum); use a multiple of {dp * accum}")
 
 
 def mae_stage(cfg: Config, data: DemoData | None, device: torch.device, mesh: Mesh | None = None) -> Stage:
@@ -156,7 +156,7 @@ def mae_stage(cfg: Config, data: DemoData | None, device: torch.device, mesh: Me
     if cfg.data.loader != "reference":
         loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.crop_scale, m.flip_p, "none", device, mesh=mesh)
     else:
-        _check_batch(m.batch_size, dp)
+        _check_batch(m.batch_size, dp, cfg.parallel.grad_accum)
         loader = BatchLoader(
             data.train_x, None, m.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
             augment={"out_size": cfg.model.img_size, "scale": m.crop_scale, "flip_p": m.flip_p},
@@ -182,7 +182,7 @@ def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: st
                              device, mesh=mesh)
         num_tags = loader.source.num_classes
     else:
-        _check_batch(w.batch_size, dp)
+        _check_batch(w.batch_size, dp, cfg.parallel.grad_accum)
         loader = BatchLoader(
             data.wsp_x, fmnist.tag_targets(data.wsp_tags), w.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
             augment={"out_size": cfg.model.img_size, "scale": w.crop_scale, "flip_p": w.flip_p},
