@@ -316,6 +316,11 @@ class Config:
     def __post_init__(self):
         _check(len(self.data.mean) == self.model.in_chans, "data.mean",
                f"has {len(self.data.mean)} values but model.in_chans is {self.model.in_chans}")
+        par = self.parallel
+        shards_params = (par.engine == "ours" and par.zero_stage == 3) or par.engine == "fsdp2"
+        _check(not (self.run.precision == "bf16" and shards_params and par.param_dtype == "fp32"), "parallel.param_dtype",
+               "run.precision=bf16 with sharded parameters (zero_stage=3 or fsdp2) and fp32 weights: autocast keeps a "
+               "bf16 copy of every weight from forward to backward, undoing the sharding; set --parallel.param_dtype=bf16")
         tp, m = self.parallel.tp, self.model
         hidden = int(m.embed_dim * m.mlp_ratio), int(m.decoder_embed_dim * m.mlp_ratio)
         _check(all(n % tp == 0 for n in (m.num_heads, m.decoder_num_heads, *hidden)), "parallel.tp",

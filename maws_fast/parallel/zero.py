@@ -87,7 +87,9 @@ class Bucket:
     pending: int = 0  # params whose grad has not arrived this backward
     launched: bool = False
     gathered: bool = True
-    work: object = None  # async collective in flight
+    gather_work: object = None  # stage 3: async all-gather of the params in flight (prefetch)
+    work: object = None  # async gradient reduction in flight
+    got_grad: set = field(default_factory=set)  # indices of params whose grad arrived this step
     tmp: torch.Tensor | None = None  # stages 2-3: the flat grads being reduce-scattered
 
 
@@ -153,8 +155,8 @@ class ZeroEngine:
         if stage == 3:
             self._install_stage3_hooks()
         for b in self.buckets:
-            for p in b.params:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(b)))
+            for i, p in enumerate(b.params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(b, i)))
         if stage == 3:
             for b in self.buckets:
                 if b is not self._root:
@@ -290,9 +292,14 @@ class ZeroEngine:
             self._hooks.append(blk.register_forward_pre_hook(self._pre_forward))
             self._hooks.append(blk.register_forward_hook(self._post_forward))
         self._root = self.buckets[-1] if len(self._forward_order) < len(self.buckets) else None
+        if self._root is not None:
+            # zero_grad() gathers the root ahead of time; a forward without it (evaluation between
+            # step() and the next zero_grad(), through the objective or the network) gathers it here.
+            for m in (self.objective, self.inner):
+                self._hooks.append(m.register_forward_pre_hook(lambda *_: self._wait_gathered(self._root)))
 
     def _gather(self, b: Bucket, async_op: bool = False) -> None:
-        if b.gathered or b.work is not None:
+        if b.gathered or b.gather_work is not None:
             return
         _storage_alloc(b.full)
         if self.shard_world == 1:
@@ -301,21 +308,25 @@ class ZeroEngine:
             return
         work = _all_gather(b.full, b.shard, group=self.group, async_op=async_op)
         if async_op:
-            b.work = work
+            b.gather_work = work
         else:
             b.gathered = True
 
     def _wait_gathered(self, b: Bucket) -> None:
-        if b.work is not None:
-            b.work.wait()
-            b.work = None
+        if b.gather_work is not None:
+            b.gather_work.wait()
+            b.gather_work = None
             b.gathered = True
         elif not b.gathered:
             self._gather(b)
 
     def _free(self, b: Bucket) -> None:
-        if self.shard_world == 1 or not b.gathered:
+        """Release a stage-3 bucket's full params (a prefetch still in flight is waited for first)."""
+        if self.shard_world == 1 or self.stage != 3:
             return
+        if b.gather_work is not None:  # e.g. a prefetched block the forward never ran
+            b.gather_work.wait()
+            b.gather_work = None
         _storage_free(b.full)
         b.gathered = False
 
@@ -346,8 +357,9 @@ class ZeroEngine:
         return hook
 
     # --- gradient reduction ------------------------------------------------------------------
-    def _grad_hook(self, b: Bucket):
+    def _grad_hook(self, b: Bucket, index: int):
         def hook(_p):
+            b.got_grad.add(index)
             b.pending -= 1
             if b.pending == 0 and self._sync:
                 self._launch_ready()
@@ -410,6 +422,7 @@ class ZeroEngine:
                 for p in b.params:
                     p.grad = None
             b.pending, b.launched = len(b.params), False
+            b.got_grad = set()
         self._next_launch = 0
         if self.stage == 3:
             if self._root is not None:
@@ -455,7 +468,7 @@ class ZeroEngine:
                 g.mul_(scale.to(g.dtype))
             gs = None if scale is not None else inv_dp
             copy = b.shard if self.dtype != torch.float32 else None
-            for r in b.runs:
+            for r in self._runs_with_grads(b):
                 maws_kernels.fused_adamw_(
                     b.master[r.start:r.end], g[r.start:r.end], b.exp_avg[r.start:r.end], b.exp_avg_sq[r.start:r.end],
                     step=self.step_count, lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
@@ -470,6 +483,16 @@ class ZeroEngine:
         if self.stage == 3 and self._root is not None:
             self._free(self._root)  # re-gathered with the new weights at the next zero_grad
         return norm
+
+    def _runs_with_grads(self, b: Bucket) -> list[_Run]:
+        """The runs to update: like torch.optim.AdamW, a param that got no gradient this step is left alone."""
+        if len(b.got_grad) == len(b.params):
+            return b.runs
+        lo = self.shard_rank * b.chunk
+        spans = [(max(lo, off) - lo, min(lo + b.chunk, off + p.numel()) - lo)
+                 for i, (p, off) in enumerate(zip(b.params, b.offsets)) if i in b.got_grad]
+        return [_Run(max(r.start, s), min(r.end, e), r.no_decay, r.tp_sharded)
+                for r in b.runs for s, e in spans if max(r.start, s) < min(r.end, e)]
 
     def _global_norm(self) -> torch.Tensor:
         """L2 norm of the (summed) gradient over DP shards and TP ranks, as a device tensor."""

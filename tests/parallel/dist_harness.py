@@ -30,10 +30,11 @@ class Layout:
     accum: int = 1
     param_dtype: str = "fp32"
     bucket_mb: float = 0.05  # tiny buckets: several per model, so bucketing and padding are exercised
+    prefetch: bool = True
 
     @property
     def key(self) -> str:
-        return f"{self.engine}-z{self.stage}-tp{self.tp}-acc{self.accum}-{self.param_dtype}"
+        return f"{self.engine}-z{self.stage}-tp{self.tp}-acc{self.accum}-{self.param_dtype}-pf{int(self.prefetch)}"
 
 
 def free_port() -> int:
@@ -42,8 +43,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _skip_block(model, index: int) -> None:
+    """Make the classifier's forward skip ``blocks[index]`` (a registered block that never runs)."""
+    import types
+
+    def forward_features(self, x):
+        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for i, blk in enumerate(self.blocks):
+            if i != index:
+                x = blk(x)
+        return self.norm(x)
+
+    model.forward_features = types.MethodType(forward_features, model)
+
+
 def build(task: str):
-    """The tiny model of ``task``, its objective factory and its batches (the same on every rank)."""
+    """The tiny model of ``task``, its objective factory and its batches (the same on every rank).
+
+    ``wsp_skip``: the WSP model with a block that never runs (its params get no gradient).
+    """
     from maws_fast.config import model_preset
     from maws_fast.models import build_classifier, build_mae
     from maws_fast.train.objectives import MAEObjective, WSPObjective
@@ -59,6 +79,8 @@ def build(task: str):
         make = lambda m, r, w: MAEObjective(m, 0.75, 0, r, w)  # noqa: E731
     else:
         model = build_classifier(cfg, num_classes=10)
+        if task == "wsp_skip":
+            _skip_block(model, 2)
         targets = []
         for _ in range(n):
             t = (torch.rand(BATCH, 10, generator=g) < 0.3).float()
@@ -126,7 +148,8 @@ def _engine(task: str, layout: Layout, perturb: bool = False):
                     p.add_(1.0)
     obj = make(model, mesh.dp_rank, mesh.dims.dp)
     engine = parallelize(obj, mesh, engine=layout.engine, zero_stage=layout.stage, weight_decay=WD, betas=BETAS,
-                         bucket_mb=layout.bucket_mb, param_dtype=layout.param_dtype, kernel_backend="torch")
+                         bucket_mb=layout.bucket_mb, prefetch=layout.prefetch, param_dtype=layout.param_dtype,
+                         kernel_backend="torch")
     return mesh, engine, imgs, targets
 
 
@@ -144,6 +167,14 @@ def run_layout(task: str, layout: Layout, kind: str = "train", path: str | None 
     mesh, engine, imgs, targets = _engine(task, layout, perturb=kind == "load")
     out = {"dp": mesh.dims.dp, "padded": sum(b.padded for b in getattr(engine, "buckets", [])),
            "n_buckets": len(getattr(engine, "buckets", []))}
+    if kind == "eval":  # a forward of the bare network right after step(), before the next zero_grad()
+        _train_steps(engine, mesh, layout, imgs, targets, range(1))
+        with torch.no_grad():
+            out["eval"] = engine.objective.model(imgs[0][:2]).clone()
+        out["params"] = consolidated_state_dict(engine, mesh)
+        engine.close()
+        mesh.barrier()
+        return out
     if kind == "load":
         tensors, _extra, meta, _ = load_sharded(Path(path) / "step_00000003", engine.load_pieces())
         engine.load_shard_tensors(tensors, meta["optim_steps"])
@@ -155,6 +186,8 @@ def run_layout(task: str, layout: Layout, kind: str = "train", path: str | None 
         dist.all_gather_object(mems, mem)
         out["mem"] = mems
         out["params"] = consolidated_state_dict(engine, mesh)
+        # stage-3 buckets still holding full params after the step (a block that never ran, ...)
+        out["gathered_bytes"] = sum(b.full.untyped_storage().nbytes() for b in getattr(engine, "_forward_order", []))
     if kind == "save":
         save_sharded(path, "step_00000003", rank=mesh.rank, world=mesh.dims.world, pieces=engine.pieces(),
                      tensors=engine.shard_tensors(), extra={}, meta={"optim_steps": engine.step_count},

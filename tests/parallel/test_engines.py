@@ -172,6 +172,35 @@ def test_memory_per_rank_is_one_nth(task, tmp_path_factory):
                     assert rank_mem[what] >= whole, (name, what, rank_mem)
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_zero3_with_a_block_that_never_runs_matches_unsharded(prefetch, tmp_path_factory):
+    """Its params get no grad: like torch AdamW they are not updated (no decay either); its prefetched
+    all-gather is waited for and the block is freed, not left gathered."""
+    import dataclasses
+
+    lay = dataclasses.replace(LAYOUTS["zero3"], prefetch=prefetch)
+    res = run_world(2, [("wsp_skip", lay)], tmp_path_factory.mktemp("skip"))
+    got = next(iter(res.values()))
+    _, _, ref_params = ref("wsp_skip")
+    assert max_param_diff(got["params"], ref_params) < 1e-6
+    start = build_start("wsp_skip")
+    assert all(torch.equal(got["params"][k], start[k]) for k in start if k.startswith("blocks.2."))
+    assert got["gathered_bytes"] == 0
+
+
+def test_zero3_network_forward_right_after_step(tmp_path_factory):
+    """An evaluation between step() and the next zero_grad() gathers the root (and each block) itself."""
+    res = run_world(2, [("wsp", LAYOUTS["zero3"], "eval", None)], tmp_path_factory.mktemp("eval"))
+    got = next(iter(res.values()))
+    from tests.parallel.dist_harness import build
+
+    model, _, imgs, _ = build("wsp")
+    model.load_state_dict({**model.state_dict(), **got["params"]})
+    with torch.no_grad():
+        want = model(imgs[0][:2])
+    torch.testing.assert_close(got["eval"], want, rtol=1e-5, atol=1e-6)
+
+
 # --- sharded checkpoints across layouts and world sizes -------------------------------------------
 SAVE = Layout("ours", 3, tp=2)  # saved at world 4: dp 2 x tp 2, ZeRO-3
 LOADS_AT_2 = [Layout("ours", 2), Layout("ddp", 0), Layout("ours", 1, tp=2)]
