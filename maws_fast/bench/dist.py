@@ -341,7 +341,7 @@ def _bench_engine(engine: str, stage: int | None, args, cfg, mesh, device: torch
 
 def _run_rank(args) -> list[dict] | None:
     """This process's part of the benchmark; rank 0 returns the rows' raw numbers."""
-    from maws_fast.parallel.mesh import init_distributed
+    from maws_fast.parallel.mesh import destroy, init_distributed
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
@@ -361,7 +361,7 @@ def _run_rank(args) -> list[dict] | None:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
     finally:
-        dist.destroy_process_group()
+        destroy()  # collects the engines first (see maws_fast.parallel.mesh.destroy)
     if int(os.environ.get("RANK", 0)) != 0:
         return None
     out = []

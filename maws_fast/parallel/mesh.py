@@ -11,6 +11,7 @@ a node (its all-reduces run on NVLink) while DP groups span nodes.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -132,8 +133,14 @@ def init_distributed(tp: int = 1, device: torch.device | str = "cpu", backend: s
 
 
 def destroy() -> None:
-    """Leave the process group (end of a run)."""
+    """Leave the process group (end of a run).
+
+    Engines still waiting for the garbage collector (DDP's reducer and FSDP2's state sit in
+    reference cycles) are collected first: destroyed after the group, they would touch a dead
+    process group from a random later point, which gloo answers with std::terminate.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -201,8 +201,6 @@ def run_layout(task: str, layout: Layout, kind: str = "train", path: str | None 
 
 
 def worker(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str) -> None:
-    import torch.distributed as dist
-
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -215,8 +213,9 @@ def worker(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str) ->
         error = traceback.format_exc()
     if rank == 0 or error:
         torch.save({"results": results, "error": error}, Path(out_dir) / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    from maws_fast.parallel.mesh import destroy
+
+    destroy()
 
 
 def run_world(world: int, jobs: list[tuple], out_dir: Path) -> dict:
