@@ -386,6 +386,11 @@ def _worker(rank: int, args, world: int, port: int, result_dir: str) -> None:
         raise SystemExit(2) from None
     if raw is not None:
         Path(result_dir, "rank0.json").write_text(json.dumps(raw))
+    # The rank's work is done and written, and its process group destroyed. Skip the interpreter's
+    # finalisation: gloo's worker threads can still drop tensors there, and a GIL taken during
+    # finalisation aborts the process (SIGABRT, "terminate called without an active exception";
+    # pytorch/pytorch#179291 describes it), which would fail a finished benchmark.
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -216,6 +216,9 @@ def worker(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str) ->
     from maws_fast.parallel.mesh import destroy
 
     destroy()
+    # Everything is saved: skip interpreter finalisation, where gloo's threads can still drop tensors
+    # and abort the process (see maws_fast/bench/dist.py, _worker).
+    os._exit(0 if error is None else 1)
 
 
 def run_world(world: int, jobs: list[tuple], out_dir: Path) -> dict:
