@@ -461,6 +461,47 @@ def export_safetensors(path: str | Path, out_file: str | Path) -> Path:
     return out_file
 
 
+def load_single_process(path: str | Path, wanted: list[Piece], optim_order: list[str]):
+    """This rank's pieces from a checkpoint in the single-process format of earlier versions.
+
+    That format is ``model.safetensors`` (full tensors, timm keys) + ``optim.safetensors`` (torch
+    AdamW state keyed ``state.<index>.<name>``, the index counting params through the optimizer's
+    param groups). A run started before sharded checkpoints resumes from it in any layout.
+
+    Args:
+        path: the checkpoint directory.
+        wanted: this rank's pieces.
+        optim_order: parameter names in the optimizer's index order (decay group, then no-decay).
+
+    Returns:
+        ``(tensors, meta, optimizer step count)``, tensors as :func:`load_sharded` returns them.
+    """
+    from maws_fast.train.checkpoint import load_checkpoint
+
+    path = Path(path)
+    model, meta, optim = load_checkpoint(path)
+    if optim is None:
+        raise CheckpointError(f"{path} has no optimizer state; it cannot be resumed")
+    index = {name: i for i, name in enumerate(optim_order)}
+    out, steps = {}, None
+    for p in wanted:
+        full = model.get(p.key)
+        if full is None or tuple(full.shape) != tuple(p.shape):
+            got = "missing" if full is None else tuple(full.shape)
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {p.key} is {got}, the model wants "
+                                  f"{tuple(p.shape)}; use the model config the checkpoint was trained with")
+        i = index[p.key]
+        try:
+            state = {"param": full, "exp_avg": optim[f"state.{i}.exp_avg"], "exp_avg_sq": optim[f"state.{i}.exp_avg_sq"]}
+            steps = int(optim[f"state.{i}.step"])
+        except KeyError:
+            raise CheckpointError(f"{path}/optim.safetensors has no AdamW state for {p.key}; it cannot be "
+                                  "resumed") from None
+        out[p.key] = {n: tp_local(v.float(), p.tp, p.tp_rank, p.tp_size).reshape(-1)[p.start:p.end].clone()
+                      for n, v in state.items()}
+    return out, meta, steps
+
+
 def is_sharded(path: str | Path) -> bool:
     """Whether ``path`` looks like a sharded checkpoint (cheap: file names only, no parsing)."""
     path = Path(path)

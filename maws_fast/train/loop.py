@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from maws_fast.config import OptimConfig, ParallelConfig, RunConfig
 from maws_fast.errors import CheckpointError, UserError
-from maws_fast.parallel.checkpoint import list_sharded, load_sharded, save_sharded
+from maws_fast.parallel.checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
 from maws_fast.parallel.engine import consolidated_state_dict, parallelize
 from maws_fast.parallel.mesh import Mesh, all_reduce_mean, single_process
-from maws_fast.train.checkpoint import config_diff, read_meta, save_checkpoint
+from maws_fast.train.checkpoint import config_diff, list_checkpoints, read_meta, save_checkpoint
+from maws_fast.train.optim import param_groups
 from maws_fast.train.metrics import MetricsWriter, Throughput, drop_rows_after
 from maws_fast.train.schedule import lr_at
 
@@ -153,12 +154,16 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     spe = stage.loader.num_batches
     total = stage_total_steps(optim_cfg, spe)
     accum = parallel.grad_accum
-    ckpts = list_sharded(ckpt_dir)
+    ckpts = list_checkpoints(ckpt_dir)  # sharded, or the single-process format of earlier versions
     if not ckpts and stage.init_fn is not None:
         msg = stage.init_fn()  # on the full model, before it is split and sharded
         if msg:
             echo(f"[{stage.name}] {msg}")
     trainable = {n for n, p in stage.model.named_parameters() if p.requires_grad}
+    # torch AdamW's state index order (decay group, then no-decay): how earlier checkpoints name it
+    groups = param_groups(stage.model, 0.0)
+    names = {id(p): n for n, p in stage.model.named_parameters()}
+    optim_order = [names[id(p)] for g in groups for p in g["params"]]
     # Frozen tensors (sin-cos pos-embeds) are not sharded: rank 0 stores them whole in each checkpoint.
     frozen = {k: v.detach().clone() for k, v in stage.model.state_dict().items() if k not in trainable}
     engine = parallelize(stage.objective, mesh, engine=parallel.engine, zero_stage=parallel.zero_stage,
@@ -168,8 +173,13 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     step = 0
     if ckpts:
         check_fingerprint(read_meta(ckpts[-1]).get("fingerprint", {}), stage.fingerprint, ckpts[-1])
-        tensors, _extra, meta, rank_metas = load_sharded(ckpts[-1], engine.load_pieces(), with_optim=True)
-        engine.load_shard_tensors(tensors, int(meta["optim_steps"]))
+        if is_sharded(ckpts[-1]):
+            tensors, _extra, meta, rank_metas = load_sharded(ckpts[-1], engine.load_pieces(), with_optim=True)
+            optim_steps = int(meta["optim_steps"])
+        else:
+            tensors, meta, optim_steps = load_single_process(ckpts[-1], engine.load_pieces(), optim_order)
+            rank_metas = [{"data_state": meta.get("data_state")}]  # it was written by one process
+        engine.load_shard_tensors(tensors, optim_steps)
         step = int(meta["step"])
         if hasattr(stage.loader, "load_state_dict"):
             if len(rank_metas) != mesh.dims.dp * mesh.dims.tp:
