@@ -392,8 +392,7 @@ class ZeroEngine:
         elif flat is not b.grad_shard:
             b.grad_shard.copy_(flat[:b.chunk])
         b.launched = True
-        if self.stage == 3 and self.shard_world > 1:
-            self._free(b)  # its grads are out: the gathered params are not needed any more
+        self._free(b)  # stage 3: its grads are out, the gathered params are not needed any more
         if b.work is not None:
             self._in_flight.append(b)
             while len(self._in_flight) > MAX_IN_FLIGHT:  # waits for the oldest (on a GPU: the stream, not the CPU)
@@ -480,7 +479,7 @@ class ZeroEngine:
             works = [_all_gather(b.full, b.shard, group=self.group, async_op=True) for b in self.buckets]
             for w in works:
                 w.wait()
-        if self.stage == 3 and self._root is not None:
+        if self._root is not None:  # stage 3 only
             self._free(self._root)  # re-gathered with the new weights at the next zero_grad
         return norm
 
@@ -617,8 +616,3 @@ def theory_comm_elements(engine: ZeroEngine) -> int:
         per = 3 if engine.stage == 3 and b is not engine._root else 2
         total += per * b.padded
     return total
-
-
-def padded_numel(engine: ZeroEngine) -> int:
-    return sum(b.padded for b in engine.buckets)
-

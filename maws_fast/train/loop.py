@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import nullcontext as _nullcontext
 import shutil
 import time
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,8 +30,8 @@ from maws_fast.parallel.checkpoint import is_sharded, load_sharded, load_single_
 from maws_fast.parallel.engine import consolidated_state_dict, parallelize
 from maws_fast.parallel.mesh import Mesh, all_reduce_mean, single_process
 from maws_fast.train.checkpoint import config_diff, list_checkpoints, read_meta, save_checkpoint
-from maws_fast.train.optim import param_groups
 from maws_fast.train.metrics import MetricsWriter, Throughput, drop_rows_after
+from maws_fast.train.optim import param_groups
 from maws_fast.train.schedule import lr_at
 
 
@@ -254,7 +254,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             bar.update(1)
             at_log = step % run.log_every == 0 or step == total
             at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step)
-            if (at_log or at_ckpt) and mesh.dims.dp > 1:
+            if at_log or at_ckpt:
                 all_reduce_mean(running, mesh)  # the mean over data-parallel ranks; NaN on any rank reaches all
             if at_log:
                 mean_loss = (running / n_running).item()  # the CPU waits for the GPU here, at log steps only
