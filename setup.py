@@ -107,7 +107,7 @@ setup(
             "maws-train=maws_fast.cli:train_main",
             "maws-data=maws_fast.cli:data_main",
             "maws-bench=maws_fast.cli:bench_main",
-            "maws-ckpt=maws_fast.parallel.checkpoint:consolidate_main",
+            "maws-ckpt=maws_fast.cli:ckpt_main",
         ]
     },
 )

@@ -1,4 +1,4 @@
-"""Entry points: ``maws-train``, ``maws-data``, ``maws-bench``.
+"""Entry points: ``maws-train``, ``maws-data``, ``maws-bench``, ``maws-ckpt``.
 
 Errors a user can cause end as one line on stderr and exit status 2; no traceback.
 """
@@ -67,6 +67,24 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("maws-train: interrupted; completed checkpoints are kept, rerun the same command to resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def ckpt_main(argv: list[str] | None = None) -> int:
+    """maws-ckpt consolidate CKPT_DIR OUT.safetensors"""
+    parser = argparse.ArgumentParser(prog="maws-ckpt", description="Sharded checkpoint tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("consolidate", help="merge a sharded checkpoint into one model.safetensors (timm keys)")
+    p.add_argument("ckpt", help="sharded checkpoint directory, e.g. out/mae/step_00000200")
+    p.add_argument("out", help="output file, e.g. model.safetensors")
+    args = parser.parse_args(argv)
+    try:
+        from maws_fast.parallel.checkpoint import export_safetensors
+
+        out = export_safetensors(args.ckpt, args.out)
+    except UserError as e:
+        return _fail("maws-ckpt", e)
+    print(f"wrote {out}")
     return 0
 
 

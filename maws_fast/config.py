@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from maws_fast.errors import ConfigError
-from maws_fast.models.attention import ATTN_BACKENDS
+
+# Names the config accepts; the code that implements them checks against these (config imports
+# neither torch nor the models, so reading a config is cheap).
+ATTN_BACKENDS = ("triton", "sdpa", "xformers", "manual")  # maws_fast.models.attention implements each
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -56,8 +59,12 @@ class ModelConfig:
         _check(self.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
         _check(self.attn_backend in ATTN_BACKENDS, "model.attn_backend",
                f"{self.attn_backend!r} is not one of {ATTN_BACKENDS}")
-        _check(self.kernel_backend in (None, "triton", "cuda", "torch"), "model.kernel_backend",
-               f"{self.kernel_backend!r} is not one of triton, cuda, torch or null")
+        if self.kernel_backend is not None:
+            # maws_kernels owns its backend names; imported only when one is named (it imports torch)
+            from maws_kernels import BACKENDS
+
+            _check(self.kernel_backend in BACKENDS, "model.kernel_backend",
+                   f"{self.kernel_backend!r} is not one of {', '.join(BACKENDS)} or null")
 
     @property
     def num_patches(self) -> int:

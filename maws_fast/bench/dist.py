@@ -189,10 +189,11 @@ def build_bench_engine(engine: str, stage: int | None, objective: nn.Module, mes
     computes under bf16 autocast, so DDP then runs as the trainer's ``run.precision=bf16``.
     """
     from maws_fast.parallel.engine import parallelize
+    from maws_fast.train.optim import param_groups
 
     optim = OptimConfig(batch_size=args.batch_size)
-    return parallelize(objective, mesh, engine=engine, zero_stage=stage if stage is not None else 2,
-                       weight_decay=optim.weight_decay, betas=(optim.beta1, optim.beta2), bucket_mb=args.bucket_mb,
+    return parallelize(objective, mesh, param_groups(objective.model, optim.weight_decay), engine=engine,
+                       zero_stage=stage if stage is not None else 2, betas=(optim.beta1, optim.beta2), bucket_mb=args.bucket_mb,
                        param_dtype="fp32" if engine == "ddp" else args.param_dtype, device=device)
 
 

@@ -14,13 +14,13 @@ import torch
 
 import maws_kernels
 from maws_fast.bench.common import append_results, env_info, peak_tflops, time_steps
-from maws_fast.config import PRESETS, OptimConfig, model_preset
+from maws_fast.config import ATTN_BACKENDS, PRESETS, OptimConfig, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
-from maws_fast.models.attention import ATTN_BACKENDS, available_attn_backends
+from maws_fast.models.attention import available_attn_backends
 from maws_fast.models.flops import flops_per_image
+from maws_fast.train.objectives import wsp_loss
 from maws_fast.train.optim import build_optimizer
-from maws_fast.train.stages import wsp_loss
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

@@ -33,11 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from maws_fast.data.images import ImageInfo
-from maws_fast.data.reference import mix_seed
 from maws_fast.data.transforms import sample_crop_boxes
 from maws_fast.errors import ConfigError, DataError
-
-_AUG = 2  # the augmentation stream's domain tag, as in maws_fast.data.reference
+from maws_fast.seeds import Stream, mix_seed
 
 
 @dataclass(frozen=True)
@@ -113,7 +111,7 @@ def augment_batch(infos: Sequence[ImageInfo], seed: int, epoch: int, batch: int,
     Returns:
         ``(boxes, flips)``: int64 ``(B, 4)`` (top, left, h, w) and bool ``(B,)``.
     """
-    g = torch.Generator().manual_seed(mix_seed(_AUG, seed, epoch, batch, rank))
+    g = torch.Generator().manual_seed(mix_seed(Stream.AUGMENT, seed, epoch, batch, rank))
     hh = torch.tensor([i.height for i in infos], dtype=torch.int64)
     ww = torch.tensor([i.width for i in infos], dtype=torch.int64)
     boxes = sample_crop_boxes(len(infos), hh, ww, g, scale=aug.scale, ratio=aug.ratio)

@@ -39,10 +39,10 @@ from maws_fast.data.batching import (
 )
 from maws_fast.data.images import ImageInfo, decode_pil, inspect_image
 from maws_fast.data.pil_loader import check_identity, check_loader_args, loader_identity, make_targets, verify_hint
-from maws_fast.data.reference import mix_seed
 from maws_fast.data.shards import parse_meta
 from maws_fast.data.sources import Source
 from maws_fast.errors import ConfigError, DataError
+from maws_fast.seeds import Stream, mix_seed
 
 OUTPUTS = ("float32", "uint8")
 
@@ -158,7 +158,7 @@ class DaliLoader:
         if source.shards is None:
             # A folder lists images class by class; a buffer shuffle cannot mix that, so the
             # reader gets the files in one seeded permutation (shards are shuffled when written).
-            perm = torch.randperm(len(source), generator=torch.Generator().manual_seed(mix_seed(self.seed, 23)))
+            perm = torch.randperm(len(source), generator=torch.Generator().manual_seed(mix_seed(self.seed, Stream.FOLDER_ORDER)))
             self._file_order = perm.tolist() if shuffle else list(range(len(source)))
 
     # --- the interface ---------------------------------------------------------------------------
@@ -280,7 +280,7 @@ class DaliLoader:
                       initial_fill=st.shuffle_buffer, stick_to_shard=not self.shuffle, name="reader")
 
         @pipeline_def(batch_size=self.batch_size, num_threads=st.threads, device_id=None,
-                      seed=mix_seed(self.seed, 21) & 0x7FFFFFFF, enable_checkpointing=True,
+                      seed=mix_seed(self.seed, Stream.DALI_PIPELINE) & 0x7FFFFFFF, enable_checkpointing=True,
                       prefetch_queue_depth=st.prefetch)
         def reader():
             if src.shards is not None:

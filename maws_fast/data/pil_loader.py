@@ -21,12 +21,11 @@ from maws_fast.data.batching import (
     BadSamples, EvalTransform, TrainAugment, augment_batch, batches_per_epoch, real_in_batch, shard_indices,
 )
 from maws_fast.data.images import ImageInfo, decode_pil, inspect_image
-from maws_fast.data.reference import mix_seed
 from maws_fast.data.shards import ShardReader
 from maws_fast.data.sources import Source, pad_tags
 from maws_fast.errors import DataError
+from maws_fast.seeds import Stream, mix_seed
 
-_PERM = 1
 TARGETS = ("none", "tags", "label")
 
 
@@ -168,7 +167,7 @@ class PilLoader:
         n = len(self.source)
         if not self.shuffle:
             return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(_PERM, self.seed, epoch)))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(Stream.PERMUTATION, self.seed, epoch)))
 
     def state_dict(self) -> dict[str, Any]:
         e, b = self.position
@@ -178,6 +177,9 @@ class PilLoader:
         check_identity(state, self)
         self.bad.load_state_dict(state.get("bad", {}))
         self.position = (int(state["epoch"]), int(state["batch"]))
+
+    def close(self) -> None:
+        """Nothing to release: each epoch's DataLoader workers end with the epoch."""
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, Any]]:
         """Yields ``(images, targets)`` of one epoch from ``start_batch`` on.

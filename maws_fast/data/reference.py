@@ -1,6 +1,6 @@
 """The plain-torch reference loader: in-memory uint8 images -> normalised, augmented batches.
 
-A DALI loader offers the same interface (``num_batches``, ``epoch(epoch, start_batch)``).
+It implements :class:`maws_fast.data.loader.Loader`, as the PIL and DALI JPEG loaders do.
 
 Determinism contract: the sample order of an epoch is a function of (seed, epoch) only, and the
 augmentation of batch b a function of (seed, epoch, b) only. Each batch is built from its own
@@ -19,30 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from maws_fast.data.transforms import normalize, random_resized_crop_flip
 from maws_fast.errors import ConfigError, DataError
+from maws_fast.seeds import Stream, mix_seed
 
 _AUGMENT_KEYS = {"scale", "ratio", "flip_p", "out_size"}
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*parts: int) -> int:
-    """Hashes integers into one 63-bit generator seed (splitmix64 finaliser per part).
-
-    Why not ``seed * P + epoch``: torch's CPU generator only uses the low 32 bits of its seed,
-    so seeds must be well mixed in those bits for (seed, epoch, batch) triples not to collide.
-    """
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (p & _MASK64)) & _MASK64
-        h = (h + 0x9E3779B97F4A7C15) & _MASK64
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h ^= h >> 31
-    return h >> 1
-
-
-# Domain tags keep the permutation and augmentation streams apart.
-_PERM, _AUG = 1, 2
-MASK_STREAM = 3  # MAE masking noise, drawn by the training loop
 
 
 class _EpochBatches(Dataset):
@@ -67,7 +46,7 @@ class _EpochBatches(Dataset):
         idx = self.order[b * ld.batch_size : (b + 1) * ld.batch_size]  # (B,)
         x = normalize(ld.images[idx], ld.mean, ld.std)  # (B, C, H, W) float32
         if ld.augment is not None:
-            g = torch.Generator().manual_seed(mix_seed(_AUG, ld.seed, self.epoch, b))
+            g = torch.Generator().manual_seed(mix_seed(Stream.AUGMENT, ld.seed, self.epoch, b))
             x = random_resized_crop_flip(x, generator=g, **ld.augment)  # (B, C, S, S)
         y = None if ld.targets is None else ld.targets[idx]
         rank, world = ld.shard
@@ -178,6 +157,19 @@ class BatchLoader:
     def __len__(self) -> int:
         return self.num_batches
 
+    # The rest of the Loader interface (maws_fast.data.loader): batches are a function of
+    # (seed, epoch, batch) and nothing is decoded, so there is no reader state and no bad sample.
+    bad = None
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def order(self, epoch: int) -> torch.Tensor:
         """The sample order of an epoch, a function of (seed, epoch) only.
 
@@ -189,7 +181,7 @@ class BatchLoader:
         """
         if not self.shuffle:
             return torch.arange(self.num_samples)
-        g = torch.Generator().manual_seed(mix_seed(_PERM, self.seed, epoch))
+        g = torch.Generator().manual_seed(mix_seed(Stream.PERMUTATION, self.seed, epoch))
         return torch.randperm(self.num_samples, generator=g)
 
     def epoch(

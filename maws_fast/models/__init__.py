@@ -1,13 +1,9 @@
 """Models: the ViT encoder (timm keys), the MAE (official keys), and builders from a ModelConfig."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from maws_fast.config import ModelConfig
 from maws_fast.models.mae import MaskedAutoencoderViT
 from maws_fast.models.vit import LoadReport, VisionTransformer, load_pretrained
-
-if TYPE_CHECKING:  # config imports models.attention; avoid the import cycle at run time
-    from maws_fast.config import ModelConfig
 
 _ENCODER_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "attn_backend")
 

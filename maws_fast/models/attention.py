@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import maws_kernels
-
-ATTN_BACKENDS = ("triton", "sdpa", "xformers", "manual")
+from maws_fast.config import ATTN_BACKENDS
 
 
 def attention_manual(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -35,7 +35,6 @@ that every rank sees (the usual shared out_dir of a multi-node run).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -50,14 +49,17 @@ from safetensors import SafetensorError, safe_open
 
 from maws_fast.errors import CheckpointError, UserError
 from maws_fast.parallel.tensor import Piece, TPSplit, tp_full, tp_local
-from maws_fast.train.checkpoint import (
+from maws_fast.storage import (
     FORMAT_VERSION,
-    _fsync_dir,
-    _write_json,
-    _write_tensors,
+    fsync_dir,
     list_checkpoints,
+    load_checkpoint,
     load_tensors,
     read_meta,
+    replace_dir,
+    write_failed,
+    write_json,
+    write_tensors,
 )
 
 NAMES = ("param", "exp_avg", "exp_avg_sq")  # tensors of one piece; exports hold "param" only
@@ -114,11 +116,6 @@ def _cover(cands: list[tuple[Piece, int]], lo: int, hi: int) -> list[tuple[int, 
 # --- save ----------------------------------------------------------------------------------------
 
 
-def _write_failed(final: Path, e: Exception) -> UserError:
-    return UserError(f"could not write checkpoint {final}: {getattr(e, 'strerror', None) or e}; free disk space or "
-                     f"choose another --run.out_dir (earlier checkpoints are untouched)")
-
-
 def _write_rank(tmp: Path, rank: int, world: int, pieces: list[Piece], tensors: dict, extra: dict,
                 rank_meta: dict, token: str) -> None:
     if len({p.key for p in pieces}) != len(pieces):
@@ -138,11 +135,11 @@ def _write_rank(tmp: Path, rank: int, world: int, pieces: list[Piece], tensors: 
                 raise ValueError(f"rank {rank}: {p.key}/{n} has shape {tuple(t.shape)}, its piece wants ({p.end - p.start},)")
             flat[f"{p.key}/{n}"] = t
     f = tmp / f"rank_{rank:05d}.safetensors"
-    _write_tensors(f, flat)
+    write_tensors(f, flat)
     if rank == 0:
-        _write_tensors(tmp / "extra.safetensors", extra)
+        write_tensors(tmp / "extra.safetensors", extra)
     # written last: its presence tells rank 0 that this rank's tensors are complete on disk
-    _write_json(tmp / f"rank_{rank:05d}.json", {
+    write_json(tmp / f"rank_{rank:05d}.json", {
         "rank": rank, "world": world, "token": token, "file": f.name, "bytes": f.stat().st_size,
         "names": names, "pieces": [_piece_to_json(p) for p in pieces], "meta": rank_meta,
     })
@@ -194,21 +191,9 @@ def _commit(directory: Path, tmp: Path, final: Path, world: int, meta: dict, kee
     }
     out = {**meta, "format_version": FORMAT_VERSION, "sharded": layout, "rank_meta": [i["meta"] for i in infos],
            "files": {"extra.safetensors": (tmp / "extra.safetensors").stat().st_size}}
-    _write_json(tmp / "meta.json", out)
-    _fsync_dir(tmp)
-    if final.exists():
-        # same dance as save_checkpoint: move the old one aside, rename the new one in, then delete
-        old = directory / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            os.rename(old, final)  # put the old one back: a failed save leaves what was there
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_dir(directory)
+    write_json(tmp / "meta.json", out)
+    fsync_dir(tmp)
+    replace_dir(tmp, final)
     if keep is not None:  # same rule as save_checkpoint, but never the checkpoint just written
         for stale in list_checkpoints(directory)[:-keep]:
             if stale != final:
@@ -289,7 +274,7 @@ def save_sharded(
             err = CheckpointError(f"checkpoint {final} was not written (rank 0 or another rank failed, see their "
                                   f"errors); earlier checkpoints are untouched")
     if isinstance(err, (OSError, SafetensorError)):  # safetensors reports a full disk as SafetensorError
-        raise _write_failed(final, err) from None
+        raise write_failed(final, err) from None
     if err is not None:
         raise err
     return final
@@ -345,7 +330,7 @@ def _read_meta(path: Path) -> dict:
     meta = read_meta(path)  # meta.json missing / corrupt, extra.safetensors truncated
     if "sharded" not in meta:
         raise CheckpointError(f"{path} is a single-process checkpoint, not a sharded one; load it with "
-                              f"maws_fast.train.checkpoint.load_checkpoint")
+                              f"maws_fast.storage.load_checkpoint")
     return meta
 
 
@@ -450,9 +435,9 @@ def export_safetensors(path: str | Path, out_file: str | Path) -> Path:
     tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        _write_tensors(tmp, tensors)
+        write_tensors(tmp, tensors)
         os.replace(tmp, out_file)
-        _fsync_dir(out_file.parent)
+        fsync_dir(out_file.parent)
     except (OSError, SafetensorError) as e:
         raise UserError(f"could not write {out_file}: {getattr(e, 'strerror', None) or e}; free disk space or "
                         f"choose another output file") from None
@@ -476,8 +461,6 @@ def load_single_process(path: str | Path, wanted: list[Piece], optim_order: list
     Returns:
         ``(tensors, meta, optimizer step count)``, tensors as :func:`load_sharded` returns them.
     """
-    from maws_fast.train.checkpoint import load_checkpoint
-
     path = Path(path)
     model, meta, optim = load_checkpoint(path)
     if optim is None:
@@ -512,20 +495,3 @@ def list_sharded(directory: str | Path) -> list[Path]:
     """Complete sharded ``step_*`` checkpoints under ``directory``, oldest first (temp dirs are ignored)."""
     return [p for p in list_checkpoints(directory) if is_sharded(p)]
 
-
-def consolidate_main(argv: list[str] | None = None) -> int:
-    """maws-ckpt consolidate CKPT_DIR OUT.safetensors"""
-    from maws_fast.cli import _fail
-
-    parser = argparse.ArgumentParser(prog="maws-ckpt", description="Sharded checkpoint tools.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("consolidate", help="merge a sharded checkpoint into one model.safetensors (timm keys)")
-    p.add_argument("ckpt", help="sharded checkpoint directory, e.g. out/mae/step_00000200")
-    p.add_argument("out", help="output file, e.g. model.safetensors")
-    args = parser.parse_args(argv)
-    try:
-        out = export_safetensors(args.ckpt, args.out)
-    except UserError as e:
-        return _fail("maws-ckpt", e)
-    print(f"wrote {out}")
-    return 0

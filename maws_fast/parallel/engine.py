@@ -1,25 +1,23 @@
 """Engines and the one ``parallelize()`` that applies them, in a fixed order.
 
-``parallelize(objective, ...)``: tensor parallel first (the model's blocks are split in place),
-then the data-parallel engine wraps the result. Three engines share one interface (used by the
-training loop and the benchmark):
+``parallelize(objective, mesh, param_groups, ...)``: tensor parallel first (the model's blocks are
+split in place), then the data-parallel engine wraps the result. Three engines implement
+:class:`Engine`, the interface the training loop and the benchmarks use:
 
 * ``ours``  -- :class:`~maws_fast.parallel.zero.ZeroEngine`, ZeRO stage 0-3 on flat buckets;
-* ``fsdp2`` -- PyTorch's ``fully_shard`` per block + root (our baseline);
-* ``ddp``   -- PyTorch's DistributedDataParallel.
+* ``fsdp2`` -- :class:`FSDP2Engine`: PyTorch's ``fully_shard`` per block + root (our baseline);
+* ``ddp``   -- :class:`DDPEngine`: PyTorch's DistributedDataParallel.
 
-Interface: ``model`` (call it), ``zero_grad()``, ``backward(loss)``, ``no_sync()``,
-``step(lr, clip_grad)``, ``memory_report()``, ``pieces()`` / ``load_pieces()`` /
-``shard_tensors()`` / ``load_shard_tensors()`` (sharded checkpoints), ``full_state_dict()``,
-``step_count``.
-
-An objective is a module whose ``forward(imgs, targets, step)`` returns the loss and whose
-``model`` attribute is the network; every engine names parameters relative to ``model`` (timm
-keys), so checkpoints look the same whichever engine wrote them.
+An objective is a module whose ``forward(imgs, targets, step, micro, accum)`` returns the loss and
+whose ``model`` attribute is the network; every engine names parameters relative to ``model``
+(timm keys), so checkpoints look the same whichever engine wrote them. The optimizer's parameter
+groups (weight decay per group) are the caller's: the engines apply them as given.
 """
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from typing import ContextManager, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -27,10 +25,105 @@ import torch.nn as nn
 
 from maws_fast.errors import ConfigError
 from maws_fast.parallel.mesh import Mesh
-from maws_fast.parallel.tensor import Piece, apply_tensor_parallel
+from maws_fast.parallel.tensor import Piece, apply_tensor_parallel, transformer_blocks
 from maws_fast.parallel.zero import ZeroEngine
 
 ENGINES = ("ours", "fsdp2", "ddp")
+
+# A parameter group by name: (its options, e.g. {"weight_decay": 0.05}, the names of its parameters).
+# Names survive tensor parallelism, which replaces the split Linear layers and their parameters.
+NamedGroups = list[tuple[dict, list[str]]]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the training loop needs of a data-parallel engine.
+
+    Attributes:
+        name: ``ours`` | ``fsdp2`` | ``ddp`` (recorded in checkpoints).
+        objective: the module handed to :func:`parallelize`; ``objective.model`` is the network.
+        model: what to call for the loss: ``model(imgs, targets, step, micro, accum)``.
+        step_count: optimizer steps taken (AdamW's bias correction; saved in checkpoints).
+    """
+
+    name: str
+    objective: nn.Module
+    model: nn.Module
+    step_count: int
+
+    def zero_grad(self) -> None:
+        """Start an optimizer step: clear the gradients (and, ZeRO-3, gather the root parameters)."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss; gradients are reduced as they are produced unless in no_sync."""
+        ...
+
+    def no_sync(self) -> ContextManager:
+        """Micro-batches before the last of a step: gradients accumulate locally, nothing is communicated."""
+        ...
+
+    def step(self, lr: float, clip_grad: float | None = None) -> torch.Tensor | None:
+        """Finish the gradient reduction, clip to ``clip_grad`` (global norm) and take one AdamW step at ``lr``.
+
+        Returns the global gradient norm as a device tensor when clipping (no host sync), else None.
+        """
+        ...
+
+    def memory_report(self) -> dict[str, int]:
+        """Persistent bytes on this rank: ``params``, ``grads``, ``optim``."""
+        ...
+
+    def pieces(self) -> list[Piece]:
+        """What this rank writes to a sharded checkpoint (every element by exactly one rank)."""
+        ...
+
+    def load_pieces(self) -> list[Piece]:
+        """What this rank needs from a checkpoint."""
+        ...
+
+    def shard_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{key: {"param", "exp_avg", "exp_avg_sq"}}`` (1-D) of :meth:`pieces`."""
+        ...
+
+    def load_shard_tensors(self, tensors: dict[str, dict[str, torch.Tensor]], step_count: int | None) -> None:
+        """Load :meth:`load_pieces`' tensors; ``step_count`` None loads weights only."""
+        ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter in fp32, DP-gathered (still TP-local), by name. Collective."""
+        ...
+
+    def close(self) -> None:
+        """Remove hooks; the engine is not used after this."""
+        ...
+
+
+def named_groups(model: nn.Module, param_groups: list[dict]) -> NamedGroups:
+    """torch-style param groups of ``model`` by parameter name; every trainable parameter in exactly one.
+
+    Raises:
+        ValueError: a group holds a tensor that is not a trainable parameter of ``model``, a parameter
+            is in two groups, or a trainable parameter is in none (an engine trains all of them).
+    """
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    out, seen = [], set()
+    for g in param_groups:
+        group_names = []
+        for p in g["params"]:
+            n = names.get(id(p))
+            if n is None:
+                raise ValueError("param_groups hold a tensor that is not a trainable parameter of objective.model")
+            if n in seen:
+                raise ValueError(f"parameter {n!r} is in two param groups")
+            seen.add(n)
+            group_names.append(n)
+        out.append(({k: v for k, v in g.items() if k != "params"}, group_names))
+    missing = [n for n in names.values() if n not in seen]
+    if missing:
+        raise ValueError(f"trainable parameters {missing[:4]} ({len(missing)} in all) are in no param group; every "
+                         "engine trains all of them: put them in a group (weight_decay 0 for none)")
+    return out
 
 
 def _even_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -38,48 +131,37 @@ def _even_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return min(n, rank * c), min(n, (rank + 1) * c)
 
 
-class TorchEngine:
-    """DDP or FSDP2 with ``torch.optim.AdamW`` (foreach; fused on CUDA) and torch's clip_grad_norm_."""
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
-    def __init__(self, name: str, objective: nn.Module, mesh: Mesh, weight_decay: float, betas, eps: float,
-                 device: torch.device, bucket_mb: float, param_dtype: str):
-        from maws_fast.train.optim import param_groups
 
-        self.name, self.objective, self.mesh, self.device = name, objective, mesh, device
+class _TorchEngine:
+    """What DDP and FSDP2 share: ``torch.optim.AdamW`` (foreach; fused on CUDA) over the given groups,
+    torch's clip_grad_norm_, and the sharded-checkpoint interface over the optimizer's state."""
+
+    name = ""
+
+    def __init__(self, objective: nn.Module, model: nn.Module, mesh: Mesh, groups: NamedGroups, betas, eps: float,
+                 device: torch.device):
+        self.objective, self.model, self.mesh, self.device = objective, model, mesh, device
         self.inner = objective.model
-        dp = mesh.dims.dp
-        if name == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            if param_dtype != "fp32":
-                raise ConfigError("config: parallel.param_dtype=bf16 is an engine=ours / fsdp2 setting; DDP keeps fp32 "
-                                  "weights (use --run.precision=bf16 for bf16 compute)")
-            self.model = DDP(objective, process_group=mesh.dp_group, bucket_cap_mb=bucket_mb,
-                             device_ids=[device.index] if device.type == "cuda" else None) if dp > 1 else objective
-        else:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            dmesh = mesh.device_mesh["dp"] if mesh.device_mesh is not None else None
-            if dmesh is None:
-                from torch.distributed.device_mesh import init_device_mesh
-
-                if not dist.is_initialized():
-                    raise ConfigError("config: parallel.engine=fsdp2 needs torch.distributed: launch with torchrun "
-                                      "(one process: --nproc_per_node=1)")
-                dmesh = init_device_mesh(device.type, (1,))
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
-                if param_dtype == "bf16" else MixedPrecisionPolicy()
-            from maws_fast.parallel.tensor import _blocks
-
-            for _, blk in _blocks(self.inner):
-                fully_shard(blk, mesh=dmesh, mp_policy=mp)
-            fully_shard(objective, mesh=dmesh, mp_policy=mp)
-            self.model = objective
+        named = dict(self.inner.named_parameters())
+        torch_groups = [{**opts, "params": [named[n] for n in names]} for opts, names in groups]
         kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(param_groups(self.inner, weight_decay), lr=0.0, betas=tuple(betas),
-                                           eps=eps, **kwargs)
+        self.optimizer = torch.optim.AdamW(torch_groups, lr=0.0, betas=tuple(betas), eps=eps, **kwargs)
         self.params = [p for p in self.inner.parameters() if p.requires_grad]
 
+    # --- what DDP and FSDP2 do differently ---------------------------------------------------------
+    def _range(self, p: nn.Parameter, for_load: bool) -> tuple[int, int]:
+        """The element range of ``p`` this rank writes (or, ``for_load``, reads) in a sharded checkpoint."""
+        raise NotImplementedError
+
+    def _held(self, t: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        """Elements ``[s, e)`` of a parameter-shaped tensor as this rank holds it."""
+        raise NotImplementedError
+
+    # --- the Engine interface ------------------------------------------------------------------------
     @property
     def step_count(self) -> int:
         for st in self.optimizer.state.values():
@@ -92,20 +174,6 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    @contextlib.contextmanager
-    def no_sync(self):
-        if self.name == "ddp" and hasattr(self.model, "no_sync"):
-            with self.model.no_sync():
-                yield
-        elif self.name == "fsdp2":
-            self.model.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.model.set_requires_gradient_sync(True)
-        else:
-            yield
-
     def step(self, lr: float, clip_grad: float | None = None):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -113,32 +181,16 @@ class TorchEngine:
         self.optimizer.step()
         return norm
 
-    @staticmethod
-    def _local(t: torch.Tensor) -> torch.Tensor:
-        return t.to_local() if hasattr(t, "to_local") else t
-
     def memory_report(self) -> dict[str, int]:
-        nb = lambda t: 0 if t is None else self._local(t).numel() * self._local(t).element_size()  # noqa: E731
+        nb = lambda t: 0 if t is None else _local(t).numel() * _local(t).element_size()  # noqa: E731
         return {"params": sum(nb(p) for p in self.params), "grads": sum(nb(p.grad) for p in self.params),
                 "optim": sum(nb(v) for st in self.optimizer.state.values() for k, v in st.items() if k != "step")}
 
-    def _ranges(self, for_load: bool):
-        r, w = self.mesh.dp_rank, self.mesh.dims.dp
+    def _ranges(self, for_load: bool) -> Iterator[tuple[str, nn.Parameter, Piece]]:
         for name, p in self.inner.named_parameters():
-            if not p.requires_grad:
-                continue
-            n = p.numel()
-            if self.name == "fsdp2" and w > 1:
-                rows = p.shape[0] if p.ndim else 1
-                c = -(-rows // w)
-                per_row = n // max(rows, 1)
-                s = min(rows, r * c) * per_row
-                e = s + self._local(p).numel()
-            elif for_load:
-                s, e = 0, n  # DDP: every rank needs every param
-            else:
-                s, e = _even_range(n, r, w)  # DDP: each rank writes 1/N of every param
-            yield name, p, Piece(name, tuple(p.shape), None, 0, 1, s, e)
+            if p.requires_grad:
+                s, e = self._range(p, for_load)
+                yield name, p, Piece(name, tuple(p.shape), None, 0, 1, s, e)
 
     def pieces(self) -> list[Piece]:
         return [pc for _, _, pc in self._ranges(False)]
@@ -158,21 +210,19 @@ class TorchEngine:
         out = {}
         for name, p, pc in self._ranges(False):
             st = self._state(p)
-            sl = slice(pc.start, pc.end) if self.name == "ddp" else slice(None)
-            out[name] = {"param": self._local(p.detach()).reshape(-1)[sl],
-                         "exp_avg": self._local(st["exp_avg"]).reshape(-1)[sl],
-                         "exp_avg_sq": self._local(st["exp_avg_sq"]).reshape(-1)[sl]}
+            out[name] = {k: self._held(t, pc.start, pc.end)
+                         for k, t in (("param", p.detach()), ("exp_avg", st["exp_avg"]), ("exp_avg_sq", st["exp_avg_sq"]))}
         return out
 
     @torch.no_grad()
     def load_shard_tensors(self, tensors, step_count: int | None) -> None:
         for name, p, _ in self._ranges(True):
             t = tensors[name]
-            self._local(p.detach()).reshape(-1).copy_(t["param"])
+            _local(p.detach()).reshape(-1).copy_(t["param"])
             if step_count is not None:
                 st = self._state(p)
-                self._local(st["exp_avg"]).reshape(-1).copy_(t["exp_avg"])
-                self._local(st["exp_avg_sq"]).reshape(-1).copy_(t["exp_avg_sq"])
+                _local(st["exp_avg"]).reshape(-1).copy_(t["exp_avg"])
+                _local(st["exp_avg_sq"]).reshape(-1).copy_(t["exp_avg_sq"])
                 st["step"] = torch.tensor(float(step_count))
 
     @torch.no_grad()
@@ -187,19 +237,97 @@ class TorchEngine:
         pass
 
 
-def parallelize(objective: nn.Module, mesh: Mesh, *, engine: str = "ours", zero_stage: int = 2,
-                weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8, bucket_mb: float = 25.0,
+class DDPEngine(_TorchEngine):
+    """PyTorch's DistributedDataParallel (every rank holds everything; one all-reduce per bucket)."""
+
+    name = "ddp"
+
+    def __init__(self, objective: nn.Module, mesh: Mesh, groups: NamedGroups, betas, eps: float, device: torch.device,
+                 bucket_mb: float, param_dtype: str):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if param_dtype != "fp32":
+            raise ConfigError("config: parallel.param_dtype=bf16 is an engine=ours / fsdp2 setting; DDP keeps fp32 "
+                              "weights (use --run.precision=bf16 for bf16 compute)")
+        model = DDP(objective, process_group=mesh.dp_group, bucket_cap_mb=bucket_mb,
+                    device_ids=[device.index] if device.type == "cuda" else None) if mesh.dims.dp > 1 else objective
+        super().__init__(objective, model, mesh, groups, betas, eps, device)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        with self.model.no_sync() if self.model is not self.objective else contextlib.nullcontext():
+            yield
+
+    def _range(self, p, for_load):
+        # every rank needs every element, and writes 1/N of each parameter (nothing stored twice)
+        return (0, p.numel()) if for_load else _even_range(p.numel(), self.mesh.dp_rank, self.mesh.dims.dp)
+
+    def _held(self, t, s, e):
+        return t.reshape(-1)[s:e]
+
+
+class FSDP2Engine(_TorchEngine):
+    """PyTorch's ``fully_shard`` on every transformer block, then on the root (dim-0 shards per rank)."""
+
+    name = "fsdp2"
+
+    def __init__(self, objective: nn.Module, mesh: Mesh, groups: NamedGroups, betas, eps: float, device: torch.device,
+                 param_dtype: str):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dmesh = mesh.device_mesh["dp"] if mesh.device_mesh is not None else None
+        if dmesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            if not dist.is_initialized():
+                raise ConfigError("config: parallel.engine=fsdp2 needs torch.distributed: launch with torchrun "
+                                  "(one process: --nproc_per_node=1)")
+            dmesh = init_device_mesh(device.type, (1,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
+            if param_dtype == "bf16" else MixedPrecisionPolicy()
+        for _, blk in transformer_blocks(objective.model):
+            fully_shard(blk, mesh=dmesh, mp_policy=mp)
+        fully_shard(objective, mesh=dmesh, mp_policy=mp)
+        super().__init__(objective, objective, mesh, groups, betas, eps, device)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def _range(self, p, for_load):
+        w = self.mesh.dims.dp
+        if w == 1:
+            return 0, p.numel()
+        # fully_shard cuts dim 0 into ceil(rows / w) rows per rank; this rank holds its local rows
+        rows = p.shape[0] if p.ndim else 1
+        per_row = p.numel() // max(rows, 1)
+        s = min(rows, self.mesh.dp_rank * -(-rows // w)) * per_row
+        return s, s + _local(p).numel()
+
+    def _held(self, t, s, e):
+        return _local(t).reshape(-1)
+
+
+def parallelize(objective: nn.Module, mesh: Mesh, param_groups: list[dict], *, engine: str = "ours",
+                zero_stage: int = 2, betas=(0.9, 0.999), eps: float = 1e-8, bucket_mb: float = 25.0,
                 prefetch: bool = True, param_dtype: str = "fp32", device: torch.device | str = "cpu",
-                kernel_backend: str | None = None):
+                kernel_backend: str | None = None) -> Engine:
     """Apply parallelism to ``objective`` in the fixed order TP -> data-parallel engine; return the engine.
 
     Args:
-        objective: module with ``forward(imgs, targets, step) -> loss`` and the network as ``.model``,
-            holding the same full weights on every rank.
+        objective: module with ``forward(imgs, targets, step, micro, accum) -> loss`` and the network as
+            ``.model``, holding the same full weights on every rank.
         mesh: from :func:`~maws_fast.parallel.mesh.init_distributed`.
+        param_groups: torch-style AdamW groups over ``objective.model``'s trainable parameters (every one
+            in exactly one group), each with its ``weight_decay`` (default 0), e.g.
+            :func:`maws_fast.train.optim.param_groups` (MAE's no-decay rule).
         engine: ``ours`` | ``fsdp2`` | ``ddp``.
         zero_stage: 0-3 (``ours`` only).
-        weight_decay, betas, eps: AdamW (no decay on 1-D params and biases).
+        betas, eps: AdamW.
         bucket_mb: gradient bucket size (ours stages 0-2, DDP).
         prefetch: ours stage 3: all-gather the next block during the current one.
         param_dtype: ``fp32`` | ``bf16`` (bf16 model weights, fp32 master / optimizer state).
@@ -213,15 +341,18 @@ def parallelize(objective: nn.Module, mesh: Mesh, *, engine: str = "ours", zero_
     if tp > 1 and engine != "ours":
         raise ConfigError(f"config: parallel.tp={tp} needs parallel.engine=ours (our column/row-parallel layers compose "
                           f"with our ZeRO); engine={engine} runs data parallel only: set --parallel.tp=1")
+    groups = named_groups(objective.model, param_groups)  # before TP replaces the split parameters
     apply_tensor_parallel(objective.model, mesh.tp_rank, tp, mesh.tp_group)
     if engine == "ours":
-        return ZeroEngine(objective, mesh, zero_stage, weight_decay, betas, eps, bucket_mb, prefetch, param_dtype,
+        return ZeroEngine(objective, mesh, zero_stage, groups, betas, eps, bucket_mb, prefetch, param_dtype,
                           device, kernel_backend)
-    return TorchEngine(engine, objective, mesh, weight_decay, betas, eps, device, bucket_mb, param_dtype)
+    if engine == "ddp":
+        return DDPEngine(objective, mesh, groups, betas, eps, device, bucket_mb, param_dtype)
+    return FSDP2Engine(objective, mesh, groups, betas, eps, device, param_dtype)
 
 
 @torch.no_grad()
-def consolidated_state_dict(engine, mesh: Mesh) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(engine: Engine, mesh: Mesh) -> dict[str, torch.Tensor]:
     """The full trainable parameters with timm keys (DP- and TP-gathered), fp32, on every rank. Collective.
 
     Frozen tensors (the sin-cos pos-embeds) are not included: every rank has them whole.

@@ -149,8 +149,12 @@ BLOCK_PLAN = {
 }
 
 
-def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every transformer block of the model: the encoder's and, for an MAE, the decoder's."""
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` of every transformer block of the model: the encoder's and, for an MAE, the decoder's.
+
+    The unit that tensor parallelism splits, FSDP2 and ZeRO-3 shard, and (later) compile and
+    activation checkpointing wrap.
+    """
     out = []
     for list_name in ("blocks", "decoder_blocks"):
         for i, blk in enumerate(getattr(model, list_name, [])):
@@ -166,7 +170,7 @@ def apply_tensor_parallel(model: nn.Module, tp_rank: int, tp_size: int, group) -
     """
     if tp_size == 1:
         return model
-    for name, blk in _blocks(model):
+    for name, blk in transformer_blocks(model):
         heads = blk.attn.num_heads
         if heads % tp_size:
             raise ConfigError(f"config: parallel.tp={tp_size} does not divide the {heads} heads of {name}; "

@@ -3,9 +3,9 @@
 Layout. The trainable parameters of (this TP rank's) model are packed into buckets: flat 1-D
 buffers of up to ``bucket_mb`` each, in backward order, every bucket padded to a multiple of the
 data-parallel size ``N`` and cut into ``N`` equal chunks; DP rank ``r`` owns chunk ``r`` of every
-bucket. Inside a bucket the parameters are sorted by (no-decay, replicated-over-TP), so a chunk is
-at most four runs of one weight decay and one TP kind: one fused AdamW launch and one norm term
-per run.
+bucket. Inside a bucket the parameters are sorted by (param group, replicated-over-TP), so a chunk
+is at most (groups x 2) runs of one group (one weight decay) and one TP kind: one fused AdamW
+launch and one norm term per run.
 
 What each rank keeps (Ψ = parameters, N = DP ranks; + fp32 master and model copy where the
 model dtype is bf16):
@@ -27,6 +27,9 @@ stage 3 moves 3Ψ for the blocks (all-gather in forward, again in backward, redu
 2Ψ for the root bucket (embeddings, norms, heads), which stays gathered from the start of forward
 to the end of backward because it is used outside any block's forward.
 
+Stage 3's parameter lifecycle (gather before a block runs, prefetch the next, free after, the
+same again in backward) is :class:`_GatheredParams`'s; the engine calls it at the step's edges.
+
 Gradient reduction is launched from per-parameter post-accumulate-grad hooks as soon as a bucket
 is complete, asynchronously, so it overlaps the rest of backward; buckets are launched in index
 order on every rank, so the collectives match. Under :meth:`ZeroEngine.no_sync` (gradient
@@ -43,7 +46,7 @@ import torch.nn as nn
 
 import maws_kernels
 from maws_fast.parallel.mesh import Mesh
-from maws_fast.parallel.tensor import Piece, TPSplit
+from maws_fast.parallel.tensor import Piece, TPSplit, tp_layout, transformer_blocks
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # torch 2.13 names these *_single (the *_into_tensor / *_tensor names are deprecated there); the GPU
@@ -61,7 +64,7 @@ class _Run:
 
     start: int  # within the chunk
     end: int
-    no_decay: bool
+    group: int  # index of the param group (its weight decay)
     tp_sharded: bool
 
 
@@ -103,6 +106,119 @@ def _storage_alloc(t: torch.Tensor) -> None:
         t.untyped_storage().resize_(nbytes)
 
 
+class _GatheredParams:
+    """ZeRO-3: which buckets hold their full parameters when.
+
+    A block's bucket is all-gathered just before the block runs (the next block's is prefetched,
+    asynchronously, while this one computes) and freed after; in backward the same happens in
+    reverse, started by a hook on the block's output. The root bucket (embeddings, norms, heads:
+    used outside any block's forward) is gathered from :meth:`start_step` to :meth:`end_step`.
+    With one data-parallel rank nothing is ever freed.
+    """
+
+    def __init__(self, buckets: list[Bucket], units: list[tuple[str, nn.Module]], roots: list[nn.Module],
+                 group, shard_world: int, prefetch: bool, hooks: list):
+        self.group, self.shard_world, self.prefetch = group, shard_world, prefetch
+        self._units: dict[nn.Module, Bucket] = {}
+        self.forward_order: list[Bucket] = []
+        by_first_param = {b.params[0]: b for b in buckets}
+        for _prefix, blk in units:
+            params = [p for p in blk.parameters() if p.requires_grad]
+            if not params:
+                continue
+            b = next(by_first_param[p] for p in params if p in by_first_param)
+            self._units[blk] = b
+            self.forward_order.append(b)
+            hooks.append(blk.register_forward_pre_hook(self._pre_forward))
+            hooks.append(blk.register_forward_hook(self._post_forward))
+        self.root = buckets[-1] if len(self.forward_order) < len(buckets) else None
+        if self.root is not None:
+            # start_step() gathers the root ahead of time; a forward without it (evaluation between
+            # step() and the next zero_grad(), through the objective or the network) gathers it here.
+            for m in roots:
+                hooks.append(m.register_forward_pre_hook(lambda *_: self.wait(self.root)))
+
+    def gather(self, b: Bucket, async_op: bool = False) -> None:
+        if b.gathered or b.gather_work is not None:
+            return
+        _storage_alloc(b.full)
+        if self.shard_world == 1:
+            b.full.copy_(b.shard)
+            b.gathered = True
+            return
+        work = _all_gather(b.full, b.shard, group=self.group, async_op=async_op)
+        if async_op:
+            b.gather_work = work
+        else:
+            b.gathered = True
+
+    def wait(self, b: Bucket) -> None:
+        """Block until ``b``'s full parameters are there (gathering them now if nobody started to)."""
+        if b.gather_work is not None:
+            b.gather_work.wait()
+            b.gather_work = None
+            b.gathered = True
+        elif not b.gathered:
+            self.gather(b)
+
+    def free(self, b: Bucket) -> None:
+        """Release ``b``'s full params (a prefetch still in flight is waited for first)."""
+        if self.shard_world == 1:
+            return
+        if b.gather_work is not None:  # e.g. a prefetched block the forward never ran
+            b.gather_work.wait()
+            b.gather_work = None
+        _storage_free(b.full)
+        b.gathered = False
+
+    def regather(self, b: Bucket) -> None:
+        """After new shards were loaded: refresh the full params of a bucket that holds them."""
+        if b is self.root or b.gathered:
+            b.gathered = False
+            self.gather(b)
+
+    def start_step(self) -> None:
+        if self.root is not None:
+            self.wait(self.root)
+        if self.prefetch and self.forward_order:
+            self.gather(self.forward_order[0], async_op=True)
+
+    def free_blocks(self) -> None:
+        """Between micro-batches: accumulation keeps full grads, not gathered params."""
+        for b in self.forward_order:
+            self.free(b)
+
+    def end_step(self) -> None:
+        if self.root is not None:
+            self.free(self.root)  # re-gathered with the new weights at the next start_step
+
+    def _neighbour(self, b: Bucket, delta: int) -> Bucket | None:
+        i = self.forward_order.index(b) + delta
+        return self.forward_order[i] if 0 <= i < len(self.forward_order) else None
+
+    def _pre_forward(self, module, args):
+        b = self._units[module]
+        self.wait(b)
+        nxt = self._neighbour(b, +1)
+        if self.prefetch and nxt is not None:
+            self.gather(nxt, async_op=True)  # overlaps this block's compute
+
+    def _post_forward(self, module, args, out):
+        b = self._units[module]
+        if torch.is_grad_enabled() and out.requires_grad:
+            out.register_hook(self._pre_backward_hook(b))
+        self.free(b)  # the autograd graph keeps views of b.full; backward re-fills the same storage
+        return None
+
+    def _pre_backward_hook(self, b: Bucket):
+        def hook(_grad):
+            self.wait(b)
+            prev = self._neighbour(b, -1)
+            if self.prefetch and prev is not None:
+                self.gather(prev, async_op=True)
+        return hook
+
+
 class ZeroEngine:
     """Our data-parallel engine: ZeRO stage 0-3 over ``mesh.dp_group`` (see the module docstring).
 
@@ -111,7 +227,8 @@ class ZeroEngine:
             attribute is the network (parameter names are taken relative to it: timm keys).
         mesh: process mesh (TP must already be applied to the model).
         stage: ZeRO stage 0-3.
-        weight_decay: AdamW decay of >= 2-D params (1-D params and biases get none).
+        groups: the AdamW param groups by name, ``[(options, names)]`` (see
+            :func:`maws_fast.parallel.engine.named_groups`); a group's ``weight_decay`` defaults to 0.
         betas, eps: AdamW constants.
         bucket_mb: bucket size in MiB of model-dtype elements (stages 0-2; stage 3 uses one bucket
             per transformer block plus one for the rest).
@@ -123,12 +240,14 @@ class ZeroEngine:
 
     name = "ours"
 
-    def __init__(self, objective: nn.Module, mesh: Mesh, stage: int, weight_decay: float, betas=(0.9, 0.999),
-                 eps: float = 1e-8, bucket_mb: float = 25.0, prefetch: bool = True, param_dtype: str = "fp32",
-                 device: torch.device | str = "cpu", kernel_backend: str | None = None):
+    def __init__(self, objective: nn.Module, mesh: Mesh, stage: int, groups: list[tuple[dict, list[str]]],
+                 betas=(0.9, 0.999), eps: float = 1e-8, bucket_mb: float = 25.0, prefetch: bool = True,
+                 param_dtype: str = "fp32", device: torch.device | str = "cpu", kernel_backend: str | None = None):
         self.objective, self.model, self.inner, self.mesh = objective, objective, objective.model, mesh
         self.stage, self.prefetch = stage, prefetch
-        self.weight_decay, self.betas, self.eps = weight_decay, tuple(betas), eps
+        self.betas, self.eps = tuple(betas), eps
+        self.group_decay = [float(opts.get("weight_decay", 0.0)) for opts, _ in groups]
+        self._group_of = {n: i for i, (_, names) in enumerate(groups) for n in names}
         self.dtype = _DTYPES[param_dtype]
         self.device = torch.device(device)
         self.kernel_backend = kernel_backend
@@ -141,35 +260,27 @@ class ZeroEngine:
         self._sync = True
         self._next_launch = 0
         self._in_flight: list[Bucket] = []  # launched reductions not yet waited for, oldest first
-        from maws_fast.parallel.tensor import tp_layout
-
         self.tp_splits: dict[str, TPSplit] = tp_layout(self.inner)
         self.buckets = self._build_buckets(bucket_mb)
-        self._units: dict[nn.Module, Bucket] = {}
-        self._forward_order: list[Bucket] = []
-        self._root: Bucket | None = None
         self._hooks = []
         self._init_buffers()
         if self.dtype != torch.float32:
             self._run_in_model_dtype()
+        self.gathering: _GatheredParams | None = None
         if stage == 3:
-            self._install_stage3_hooks()
+            self.gathering = _GatheredParams(self.buckets, transformer_blocks(self.inner), [self.objective, self.inner],
+                                             self.group, self.shard_world, prefetch, self._hooks)
         for b in self.buckets:
             for i, p in enumerate(b.params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(b, i)))
-        if stage == 3:
+        if self.gathering is not None:
             for b in self.buckets:
-                if b is not self._root:
-                    self._free(b)
+                if b is not self.gathering.root:
+                    self.gathering.free(b)
 
     # --- layout -------------------------------------------------------------------------------
     def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.inner.named_parameters() if p.requires_grad]
-
-    def _block_units(self) -> list[tuple[str, nn.Module]]:
-        from maws_fast.parallel.tensor import _blocks
-
-        return _blocks(self.inner)
 
     def _build_buckets(self, bucket_mb: float) -> list[Bucket]:
         named = self._named_trainable()
@@ -177,8 +288,7 @@ class ZeroEngine:
         if self.stage == 3:
             # One bucket per block, in backward order (decoder last block first), the rest last.
             in_block = set()
-            units = self._block_units()
-            for prefix, blk in reversed(units):
+            for prefix, blk in reversed(transformer_blocks(self.inner)):
                 members = [(f"{prefix}.{n}", p) for n, p in blk.named_parameters() if p.requires_grad]
                 in_block.update(n for n, _ in members)
                 if members:
@@ -200,7 +310,7 @@ class ZeroEngine:
                 groups.append(cur)
         buckets = []
         for i, members in enumerate(groups):
-            members = sorted(members, key=lambda np_: (self._no_decay(*np_), np_[0] not in self.tp_splits))
+            members = sorted(members, key=lambda np_: (self._group_of[np_[0]], np_[0] not in self.tp_splits))
             offsets, off = [], 0
             for _, p in members:
                 offsets.append(off)
@@ -212,20 +322,16 @@ class ZeroEngine:
             buckets.append(b)
         return buckets
 
-    @staticmethod
-    def _no_decay(name: str, p: nn.Parameter) -> bool:
-        return p.ndim <= 1 or name.endswith(".bias")  # the rule of maws_fast.train.optim.param_groups
-
     def _runs(self, b: Bucket, members) -> list[_Run]:
-        """Cut this rank's chunk into stretches of one (no-decay, TP-sharded) kind."""
+        """Cut this rank's chunk into stretches of one (param group, TP-sharded) kind."""
         lo, hi = self.shard_rank * b.chunk, (self.shard_rank + 1) * b.chunk
         runs: list[_Run] = []
         for (n, p), off in zip(members, b.offsets):
             s, e = max(lo, off), min(hi, off + p.numel())
             if s >= e:
                 continue
-            kind = (self._no_decay(n, p), n in self.tp_splits)
-            if runs and (runs[-1].no_decay, runs[-1].tp_sharded) == kind and runs[-1].end == s - lo:
+            kind = (self._group_of[n], n in self.tp_splits)
+            if runs and (runs[-1].group, runs[-1].tp_sharded) == kind and runs[-1].end == s - lo:
                 runs[-1].end = e - lo
             else:
                 runs.append(_Run(s - lo, e - lo, *kind))
@@ -279,83 +385,6 @@ class ZeroEngine:
 
         self._hooks.append(self.objective.register_forward_pre_hook(cast_images, with_kwargs=True))
 
-    # --- stage 3: gather before use, free after --------------------------------------------------
-    def _install_stage3_hooks(self) -> None:
-        by_first_param = {b.params[0]: b for b in self.buckets}
-        for _prefix, blk in self._block_units():
-            params = [p for p in blk.parameters() if p.requires_grad]
-            if not params:
-                continue
-            b = next(by_first_param[p] for p in params if p in by_first_param)
-            self._units[blk] = b
-            self._forward_order.append(b)
-            self._hooks.append(blk.register_forward_pre_hook(self._pre_forward))
-            self._hooks.append(blk.register_forward_hook(self._post_forward))
-        self._root = self.buckets[-1] if len(self._forward_order) < len(self.buckets) else None
-        if self._root is not None:
-            # zero_grad() gathers the root ahead of time; a forward without it (evaluation between
-            # step() and the next zero_grad(), through the objective or the network) gathers it here.
-            for m in (self.objective, self.inner):
-                self._hooks.append(m.register_forward_pre_hook(lambda *_: self._wait_gathered(self._root)))
-
-    def _gather(self, b: Bucket, async_op: bool = False) -> None:
-        if b.gathered or b.gather_work is not None:
-            return
-        _storage_alloc(b.full)
-        if self.shard_world == 1:
-            b.full.copy_(b.shard)
-            b.gathered = True
-            return
-        work = _all_gather(b.full, b.shard, group=self.group, async_op=async_op)
-        if async_op:
-            b.gather_work = work
-        else:
-            b.gathered = True
-
-    def _wait_gathered(self, b: Bucket) -> None:
-        if b.gather_work is not None:
-            b.gather_work.wait()
-            b.gather_work = None
-            b.gathered = True
-        elif not b.gathered:
-            self._gather(b)
-
-    def _free(self, b: Bucket) -> None:
-        """Release a stage-3 bucket's full params (a prefetch still in flight is waited for first)."""
-        if self.shard_world == 1 or self.stage != 3:
-            return
-        if b.gather_work is not None:  # e.g. a prefetched block the forward never ran
-            b.gather_work.wait()
-            b.gather_work = None
-        _storage_free(b.full)
-        b.gathered = False
-
-    def _neighbour(self, b: Bucket, delta: int) -> Bucket | None:
-        i = self._forward_order.index(b) + delta
-        return self._forward_order[i] if 0 <= i < len(self._forward_order) else None
-
-    def _pre_forward(self, module, args):
-        b = self._units[module]
-        self._wait_gathered(b)
-        nxt = self._neighbour(b, +1)
-        if self.prefetch and nxt is not None:
-            self._gather(nxt, async_op=True)  # overlaps this block's compute
-
-    def _post_forward(self, module, args, out):
-        b = self._units[module]
-        if torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(self._pre_backward_hook(b))
-        self._free(b)  # the autograd graph keeps views of b.full; backward re-fills the same storage
-        return None
-
-    def _pre_backward_hook(self, b: Bucket):
-        def hook(_grad):
-            self._wait_gathered(b)
-            prev = self._neighbour(b, -1)
-            if self.prefetch and prev is not None:
-                self._gather(prev, async_op=True)
-        return hook
-
     # --- gradient reduction ------------------------------------------------------------------
     def _grad_hook(self, b: Bucket, index: int):
         def hook(_p):
@@ -392,7 +421,8 @@ class ZeroEngine:
         elif flat is not b.grad_shard:
             b.grad_shard.copy_(flat[:b.chunk])
         b.launched = True
-        self._free(b)  # stage 3: its grads are out, the gathered params are not needed any more
+        if self.gathering is not None:
+            self.gathering.free(b)  # its grads are out, the gathered params are not needed any more
         if b.work is not None:
             self._in_flight.append(b)
             while len(self._in_flight) > MAX_IN_FLIGHT:  # waits for the oldest (on a GPU: the stream, not the CPU)
@@ -423,11 +453,8 @@ class ZeroEngine:
             b.pending, b.launched = len(b.params), False
             b.got_grad = set()
         self._next_launch = 0
-        if self.stage == 3:
-            if self._root is not None:
-                self._wait_gathered(self._root)
-            if self.prefetch and self._forward_order:
-                self._gather(self._forward_order[0], async_op=True)
+        if self.gathering is not None:
+            self.gathering.start_step()
 
     @contextlib.contextmanager
     def no_sync(self):
@@ -442,9 +469,8 @@ class ZeroEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-        if self.stage == 3 and not self._sync:
-            for b in self._forward_order:
-                self._free(b)  # accumulation keeps full grads, not gathered params
+        if self.gathering is not None and not self._sync:
+            self.gathering.free_blocks()
 
     @torch.no_grad()
     def step(self, lr: float, clip_grad: float | None = None) -> torch.Tensor | None:
@@ -471,7 +497,7 @@ class ZeroEngine:
                 maws_kernels.fused_adamw_(
                     b.master[r.start:r.end], g[r.start:r.end], b.exp_avg[r.start:r.end], b.exp_avg_sq[r.start:r.end],
                     step=self.step_count, lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                    weight_decay=0.0 if r.no_decay else self.weight_decay,
+                    weight_decay=self.group_decay[r.group],
                     model_copy=None if copy is None else copy[r.start:r.end],
                     grad_scale=None if gs == 1.0 else gs, backend=self.kernel_backend)
         if self.stage in (1, 2) and self.shard_world > 1:
@@ -479,8 +505,8 @@ class ZeroEngine:
             works = [_all_gather(b.full, b.shard, group=self.group, async_op=True) for b in self.buckets]
             for w in works:
                 w.wait()
-        if self._root is not None:  # stage 3 only
-            self._free(self._root)  # re-gathered with the new weights at the next zero_grad
+        if self.gathering is not None:
+            self.gathering.end_step()
         return norm
 
     def _runs_with_grads(self, b: Bucket) -> list[_Run]:
@@ -490,7 +516,7 @@ class ZeroEngine:
         lo = self.shard_rank * b.chunk
         spans = [(max(lo, off) - lo, min(lo + b.chunk, off + p.numel()) - lo)
                  for i, (p, off) in enumerate(zip(b.params, b.offsets)) if i in b.got_grad]
-        return [_Run(max(r.start, s), min(r.end, e), r.no_decay, r.tp_sharded)
+        return [_Run(max(r.start, s), min(r.end, e), r.group, r.tp_sharded)
                 for r in b.runs for s, e in spans if max(r.start, s) < min(r.end, e)]
 
     def _global_norm(self) -> torch.Tensor:
@@ -580,10 +606,8 @@ class ZeroEngine:
         for b in self.buckets:
             if b.master is not b.shard:
                 b.shard.copy_(b.master)
-            if self.stage == 3 and self.shard_world > 1:
-                if b is self._root or b.gathered:
-                    b.gathered = False
-                    self._gather(b)
+            if self.gathering is not None and self.shard_world > 1:
+                self.gathering.regather(b)
             elif self.shard_world > 1:
                 _all_gather(b.full, b.shard, group=self.group)
 
@@ -613,6 +637,6 @@ def theory_comm_elements(engine: ZeroEngine) -> int:
         return 0
     total = 0
     for b in engine.buckets:
-        per = 3 if engine.stage == 3 and b is not engine._root else 2
+        per = 3 if engine.gathering is not None and b is not engine.gathering.root else 2
         total += per * b.padded
     return total

@@ -1,192 +1,26 @@
-"""Checkpoints: safetensors weights + JSON metadata, written atomically.
+"""What a training stage checkpoints, how it resumes, and the guard that never resumes another config.
 
-Layout of one checkpoint directory::
-
-    step_00000200/
-        model.safetensors   # model state dict (timm / official MAE keys)
-        optim.safetensors   # optimizer tensors, keys "state.<param index>.<name>" (absent in exports)
-        meta.json           # step, config fingerprint, optimizer param groups, file sizes, ...
-
-A checkpoint is built in a hidden temporary directory next to its final place, every file is
-fsync'ed, and the directory is renamed into place in one ``os.rename``: a crash, a full disk or a
-kill leaves either the previous checkpoints or the complete new one, never a torn one.
-``meta.json`` records the byte size of each file, so a file damaged later is detected on load.
+The files themselves are written by :mod:`maws_fast.storage` (atomic writes, the single-process
+format of ``final/``) and :mod:`maws_fast.parallel.checkpoint` (the sharded ``step_*`` format).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import torch.nn as nn
 
-from maws_fast.errors import CheckpointError, UserError
-
-FORMAT_VERSION = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    # safetensors needs contiguous, unshared CPU tensors
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small text file atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able param groups."""
-    sd = optimizer.state_dict()
-    tensors = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            tensors[f"state.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state in the checkpoint does not fit this model: {e}") from None
-
-
-def save_checkpoint(
-    directory: str | Path,
-    name: str,
-    model_state: dict[str, torch.Tensor],
-    meta: dict,
-    optimizer: torch.optim.Optimizer | None = None,
-    keep: int | None = None,
-) -> Path:
-    """Write checkpoint ``directory/name`` atomically and return its path.
-
-    Args:
-        directory: parent directory (created if needed).
-        name: checkpoint directory name, e.g. ``step_00000200`` or ``final``.
-        model_state: tensors to store in model.safetensors.
-        meta: JSON-able metadata (step, config fingerprint, ...).
-        optimizer: also store its state (for resuming).
-        keep: after writing, delete all but the newest ``keep`` ``step_*`` checkpoints.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / name
-    tmp = directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        _write_tensors(tmp / "model.safetensors", model_state)
-        meta = {**meta, "format_version": FORMAT_VERSION}
-        if optimizer is not None:
-            tensors, groups = optimizer_tensors(optimizer)
-            _write_tensors(tmp / "optim.safetensors", tensors)
-            meta["optimizer_param_groups"] = groups
-        meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
-        _write_json(tmp / "meta.json", meta)
-        _fsync_dir(tmp)
-        if final.exists():
-            # Replacing an existing checkpoint of the same name (re-export): move the old one aside
-            # first; only after the new one is in place is the old one deleted.
-            old = directory / f".old-{name}-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(directory)
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
-        raise UserError(f"could not write checkpoint {final}: {getattr(e, 'strerror', None) or e}; free disk space or choose "
-                        f"another --run.out_dir (earlier checkpoints are untouched)") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    if keep is not None:
-        steps = list_checkpoints(directory)
-        for old in steps[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete ``step_*`` checkpoints under ``directory``, oldest first (temp dirs are ignored)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_"))
-
-
-def read_meta(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a checkpoint: meta.json is missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}/meta.json is corrupt ({e}); delete {path} to fall back to an earlier checkpoint") from None
-    for fname, size in meta.get("files", {}).items():
-        f = path / fname
-        if fname != "meta.json" and (not f.exists() or f.stat().st_size != size):
-            raise CheckpointError(
-                f"{f} is missing or truncated (expected {size} bytes); delete {path} to fall back to an earlier checkpoint"
-            )
-    return meta
-
-
-def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning every failure into one CheckpointError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor] | None]:
-    """Returns (model tensors, meta, optimizer tensors or None) of checkpoint directory ``path``."""
-    path = Path(path)
-    meta = read_meta(path)
-    model = load_tensors(path / "model.safetensors")
-    optim = load_tensors(path / "optim.safetensors") if (path / "optim.safetensors").exists() else None
-    return model, meta, optim
+from maws_fast.data.loader import Loader
+from maws_fast.errors import CheckpointError
+from maws_fast.parallel.checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
+from maws_fast.parallel.engine import Engine, consolidated_state_dict
+from maws_fast.parallel.mesh import Mesh
+from maws_fast.storage import read_meta, save_checkpoint
+from maws_fast.train.metrics import drop_rows_after
+from maws_fast.train.optim import param_groups
 
 
 def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -199,3 +33,117 @@ def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
+
+
+def check_fingerprint(saved: dict, fingerprint: dict, where: Path) -> None:
+    """Raise CheckpointError naming the changed keys if ``where`` was made under another config."""
+    current = json.loads(json.dumps(fingerprint))  # tuples -> lists, as they were saved
+    diff = config_diff(saved, current)
+    if diff:
+        raise CheckpointError(
+            f"{where} was made with a different config ({'; '.join(diff[:6])}). Resuming it would mix two runs: "
+            f"use a new --run.out_dir, or delete {where.parent if where.name == 'final' else where.parent.parent} to start over"
+        )
+
+
+def frozen_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the state-dict entries that are not trainable parameters (the sin-cos pos-embeds).
+
+    Taken before parallelism is applied (a bf16 engine casts them, TP never splits them): they
+    are not sharded, rank 0 stores them whole in every checkpoint.
+    """
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in trainable}
+
+
+def legacy_optim_order(model: nn.Module) -> list[str]:
+    """Parameter names in torch AdamW's state index order (decay group, then no-decay): how the
+    single-process checkpoints of earlier versions name the optimizer state."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
+
+
+class Checkpointer:
+    """One stage's checkpoints: what each holds, every rank's shard of it, resume, the final export.
+
+    ``step_*`` checkpoints are sharded (every rank writes its pieces and its loader's position;
+    :mod:`maws_fast.parallel.checkpoint`); ``final`` is consolidated, single-process format,
+    timm keys, written by rank 0.
+
+    Args:
+        name: the stage's name (its directory under the run's out_dir is ``stage_dir``).
+        stage_dir: ``out_dir/<name>``; checkpoints go to ``ckpt/`` and ``final/`` under it.
+        fingerprint: the config the stage's result depends on (never resumed under another).
+        engine: the stage's engine (what is saved and loaded).
+        loader: the stage's loader (its reader position is saved per rank).
+        mesh: the process mesh.
+        zero_stage: parallel.zero_stage (recorded for engine=ours).
+        total_steps, steps_per_epoch: the stage's length.
+        frozen: :func:`frozen_tensors` of the model.
+    """
+
+    def __init__(self, name: str, stage_dir: Path, fingerprint: dict, engine: Engine, loader: Loader, mesh: Mesh,
+                 zero_stage: int, total_steps: int, steps_per_epoch: int, frozen: dict[str, torch.Tensor]):
+        self.name, self.stage_dir, self.fingerprint = name, stage_dir, fingerprint
+        self.engine, self.loader, self.mesh, self.zero_stage = engine, loader, mesh, zero_stage
+        self.total, self.spe, self.frozen = total_steps, steps_per_epoch, frozen
+        self.ckpt_dir, self.final_dir = stage_dir / "ckpt", stage_dir / "final"
+
+    def meta(self, step: int) -> dict:
+        e, dims = self.engine, self.mesh.dims
+        return {"stage": self.name, "step": step, "total_steps": self.total, "steps_per_epoch": self.spe,
+                "fingerprint": self.fingerprint, "optim_steps": e.step_count,
+                "parallel": {"engine": e.name, "world": dims.world, "tp": dims.tp,
+                             "zero_stage": self.zero_stage if e.name == "ours" else None}}
+
+    def rank_meta(self) -> dict:
+        # reader position + bad-sample record of THIS rank's loader: exact resume
+        return {"data_state": self.loader.state_dict()}
+
+    def save(self, step: int) -> None:
+        """Every rank writes its shard of ``ckpt/step_<step>``; the two newest are kept. Collective."""
+        main = self.mesh.rank == 0
+        save_sharded(self.ckpt_dir, f"step_{step:08d}", rank=self.mesh.rank, world=self.mesh.dims.world,
+                     pieces=self.engine.pieces(), tensors=self.engine.shard_tensors(),
+                     extra=self.frozen if main else {}, meta=self.meta(step), rank_meta=self.rank_meta(),
+                     barrier=self.mesh.barrier, keep=2)
+
+    def resume(self, path: Path, legacy_order: list[str], echo: Callable[[str], None]) -> int:
+        """Load checkpoint ``path`` (sharded, or the single-process format of earlier versions) into the
+        engine and the loader; returns the step to continue from."""
+        check_fingerprint(read_meta(path).get("fingerprint", {}), self.fingerprint, path)
+        if is_sharded(path):
+            tensors, _extra, meta, rank_metas = load_sharded(path, self.engine.load_pieces(), with_optim=True)
+            optim_steps = int(meta["optim_steps"])
+        else:
+            tensors, meta, optim_steps = load_single_process(path, self.engine.load_pieces(), legacy_order)
+            rank_metas = [{"data_state": meta.get("data_state")}]  # it was written by one process
+        self.engine.load_shard_tensors(tensors, optim_steps)
+        step = int(meta["step"])
+        states = [m.get("data_state") for m in rank_metas]
+        if any(s is not None for s in states):  # a JPEG loader's reader position: one per process
+            if len(states) != self.mesh.dims.world:
+                raise CheckpointError(
+                    f"{path} was saved by {len(states)} processes; the {type(self.loader).__name__}'s reader "
+                    f"position is per process, so resume it with {len(states)} processes (model and optimizer "
+                    "state reshard to any layout; the in-memory reference loader resumes at any world size)")
+            if states[self.mesh.rank] is not None:
+                self.loader.load_state_dict(states[self.mesh.rank])  # the reader resumes where it stopped
+        if self.mesh.rank == 0:
+            drop_rows_after(self.stage_dir / "metrics.jsonl", step)  # rows past the checkpoint are re-logged
+        saved_world = meta.get("parallel", {}).get("world")
+        echo(f"[{self.name}] resuming from {path} at step {step}/{self.total}"
+             + (f" (saved by {saved_world} processes, resharded)" if saved_world not in (None, self.mesh.dims.world)
+                else ""))
+        return step
+
+    def save_final(self, step: int, train_seconds: float) -> Path:
+        """Consolidate the weights (collective), rank 0 writes ``final/`` and drops ``ckpt/``; every rank
+        returns once it is there."""
+        weights = consolidated_state_dict(self.engine, self.mesh)
+        if self.mesh.rank == 0:
+            save_checkpoint(self.stage_dir, "final", {**self.frozen, **weights},
+                            {**self.meta(step), "done": True, "train_seconds": round(train_seconds, 2)})
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # the final checkpoint supersedes the resumable ones
+        self.mesh.barrier()  # nobody moves on (and reads final) before rank 0 has written it
+        return self.final_dir

@@ -1,9 +1,10 @@
 """The training loop shared by every training stage (MAE, WSP).
 
-One stage = one objective (model + loss), one loader, one parallel engine. The loop reads top to
-bottom: resume or initialise, apply parallelism, then per step: lr -> forward -> backward ->
-reduce, clip, AdamW (the engine's step), with metrics at log steps and a sharded, atomic
-checkpoint every ``run.ckpt_every`` steps. Every rank of a torchrun job runs the same loop.
+One stage = one objective (model + loss), one loader, one parallel engine. ``run_stage`` reads
+top to bottom: skip a finished stage; initialise or resume (:func:`start`); then per step
+lr -> :func:`train_step` (micro-batches, backward, the engine's reduce + clip + AdamW) -> the
+step log (metrics, divergence checks) -> a sharded checkpoint every ``run.ckpt_every`` steps;
+finally the consolidated ``final/`` checkpoint. Every rank of a torchrun job runs the same loop.
 
 Exact resume: data order and augmentation are functions of (seed, epoch, batch) and masking of
 (seed, step), so a resumed run sees the same batches and masks as an uninterrupted one and ends
@@ -11,26 +12,25 @@ with the same weights. Nothing random is drawn from a global RNG here.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
-from contextlib import nullcontext as _nullcontext
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from maws_fast.config import OptimConfig, ParallelConfig, RunConfig
-from maws_fast.errors import CheckpointError, UserError
-from maws_fast.parallel.checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
-from maws_fast.parallel.engine import consolidated_state_dict, parallelize
-from maws_fast.parallel.mesh import Mesh, all_reduce_mean, single_process
-from maws_fast.train.checkpoint import config_diff, list_checkpoints, read_meta, save_checkpoint
-from maws_fast.train.metrics import MetricsWriter, Throughput, drop_rows_after
+from maws_fast.data.loader import Loader
+from maws_fast.errors import UserError
+from maws_fast.parallel.engine import Engine, parallelize
+from maws_fast.parallel.mesh import Mesh, single_process
+from maws_fast.storage import list_checkpoints, read_meta
+from maws_fast.train.checkpoint import Checkpointer, check_fingerprint, frozen_tensors, legacy_optim_order
+from maws_fast.train.metrics import StepLog
 from maws_fast.train.optim import param_groups
 from maws_fast.train.schedule import lr_at
 
@@ -38,6 +38,10 @@ from maws_fast.train.schedule import lr_at
 def say(msg: str) -> None:
     """Status lines go out at once, also when stdout is a pipe or a CI log."""
     print(msg, flush=True)
+
+
+def _silent(_msg: str) -> None:
+    """The echo of ranks other than 0 (one log per job)."""
 
 
 @dataclass
@@ -48,8 +52,8 @@ class Stage:
         name: stage name; also its directory under the run's out_dir.
         objective: module whose ``forward(imgs, targets, step, micro, accum)`` is the loss and whose
             ``model`` attribute is the network (on its device, the same weights on every rank).
-        loader: a BatchLoader-like object (``num_batches``, ``epoch(epoch, start_batch)``) yielding this
-            data-parallel rank's share of each global batch.
+        loader: a :class:`~maws_fast.data.loader.Loader` yielding this data-parallel rank's share of
+            each global batch.
         optim: optimizer / schedule settings.
         flops_per_image: analytic training FLOPs per image (for the logged TFLOP/s).
         fingerprint: the config that determines this stage's result; a checkpoint made with a
@@ -60,7 +64,7 @@ class Stage:
 
     name: str
     objective: nn.Module
-    loader: object
+    loader: Loader
     optim: OptimConfig
     flops_per_image: float
     fingerprint: dict
@@ -82,23 +86,6 @@ def stage_total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil(optim.epochs * steps_per_epoch))
 
 
-def check_fingerprint(saved: dict, fingerprint: dict, where: Path) -> None:
-    """Raise CheckpointError naming the changed keys if ``where`` was made under another config."""
-    current = json.loads(json.dumps(fingerprint))  # tuples -> lists, as they were saved
-    diff = config_diff(saved, current)
-    if diff:
-        raise CheckpointError(
-            f"{where} was made with a different config ({'; '.join(diff[:6])}). Resuming it would mix two runs: "
-            f"use a new --run.out_dir, or delete {where.parent if where.name == 'final' else where.parent.parent} to start over"
-        )
-
-
-def _diverged(name: str, what: str, ckpt_dir: Path) -> UserError:
-    section = name.split("_")[0]  # wsp_scratch -> wsp
-    return UserError(f"[{name}] {what}; lower the learning rate (--{section}.blr) or enable --{section}.clip_grad. "
-                     f"The last good checkpoint is kept under {ckpt_dir}")
-
-
 def _micro_batches(imgs: torch.Tensor, targets, accum: int):
     """Split this rank's batch into ``accum`` equal micro-batches (gradient accumulation)."""
     if accum == 1:
@@ -116,6 +103,50 @@ def _micro_batches(imgs: torch.Tensor, targets, accum: int):
     return list(zip(xs, ts))
 
 
+def train_step(engine: Engine, imgs: torch.Tensor, targets: Any, step: int, lr: float, clip_grad: float | None,
+               accum: int, autocast) -> torch.Tensor:
+    """One optimizer step on this rank's share of global batch ``step``; its mean loss (a device tensor)."""
+    engine.zero_grad()
+    total = torch.zeros((), device=imgs.device)
+    for m, (x, t) in enumerate(_micro_batches(imgs, targets, accum)):
+        with engine.no_sync() if m < accum - 1 else nullcontext():  # communicate on the last micro-batch only
+            with autocast:
+                loss = engine.model(x, t, step, m, accum)
+            engine.backward(loss / accum if accum > 1 else loss)
+        total += loss.detach()
+    engine.step(lr, clip_grad)
+    return total / accum
+
+
+def _batches(loader: Loader, step: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """This rank's batches from global step ``step`` on, epoch after epoch."""
+    epoch, batch = divmod(step, loader.num_batches)
+    while True:
+        yield from loader.epoch(epoch, batch)
+        epoch, batch = epoch + 1, 0
+
+
+def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, device: torch.device, total: int,
+          echo: Callable[[str], None]) -> tuple[Engine, Checkpointer, int]:
+    """Initialise the model (``stage.init_fn``) or find the checkpoint to resume, apply parallelism, and
+    load that checkpoint (either format, with the loader's position). Returns (engine, checkpointer, step)."""
+    ckpts = list_checkpoints(stage_dir / "ckpt")  # sharded, or the single-process format of earlier versions
+    if not ckpts and stage.init_fn is not None:
+        msg = stage.init_fn()  # on the full model, before it is split and sharded
+        if msg:
+            echo(f"[{stage.name}] {msg}")
+    frozen, legacy_order = frozen_tensors(stage.model), legacy_optim_order(stage.model)
+    o = stage.optim
+    engine = parallelize(stage.objective, mesh, param_groups(stage.model, o.weight_decay), engine=parallel.engine,
+                         zero_stage=parallel.zero_stage, betas=(o.beta1, o.beta2), bucket_mb=parallel.bucket_mb,
+                         prefetch=parallel.prefetch, param_dtype=parallel.param_dtype, device=device,
+                         kernel_backend=getattr(stage.model, "kernel_backend", None))
+    ckpt = Checkpointer(stage.name, stage_dir, stage.fingerprint, engine, stage.loader, mesh, parallel.zero_stage,
+                        total, stage.loader.num_batches, frozen)
+    step = ckpt.resume(ckpts[-1], legacy_order, echo) if ckpts else 0
+    return engine, ckpt, step
+
+
 def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.device,
               stop_at_step: int | None = None, echo: Callable[[str], None] = say,
               parallel: ParallelConfig | None = None, mesh: Mesh | None = None) -> Path | None:
@@ -127,7 +158,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     Args:
         stage: what to train.
         out_dir: the run's output directory; the stage writes under ``out_dir/<stage.name>``.
-        run: run settings (checkpoint / log intervals, progress bar, seed).
+        run: run settings (checkpoint / log intervals, progress bar, precision).
         device: training device.
         stop_at_step: checkpoint and return None after this step (simulates an interruption).
         echo: where one-line status messages go (rank 0 only).
@@ -137,159 +168,42 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     Returns:
         Path of ``out_dir/<name>/final`` (consolidated weights + meta), or None if stopped early.
     """
-    parallel = parallel or ParallelConfig()
-    mesh = mesh or single_process()
-    main = mesh.rank == 0
-    if not main:
-        echo = lambda _msg: None  # noqa: E731  (one log, from rank 0)
+    parallel, mesh = parallel or ParallelConfig(), mesh or single_process()
+    echo = echo if mesh.rank == 0 else _silent
     stage_dir = Path(out_dir) / stage.name
-    final_dir, ckpt_dir = stage_dir / "final", stage_dir / "ckpt"
-    if final_dir.exists():
-        meta = read_meta(final_dir)  # metadata only: a finished stage's weights are not needed here
-        check_fingerprint(meta.get("fingerprint", {}), stage.fingerprint, final_dir)
-        echo(f"[{stage.name}] already finished at step {meta['step']} ({final_dir}); skipping")
-        return final_dir
+    if (stage_dir / "final").exists():
+        meta = read_meta(stage_dir / "final")  # metadata only: a finished stage's weights are not needed here
+        check_fingerprint(meta.get("fingerprint", {}), stage.fingerprint, stage_dir / "final")
+        echo(f"[{stage.name}] already finished at step {meta['step']} ({stage_dir / 'final'}); skipping")
+        return stage_dir / "final"
 
-    optim_cfg = stage.optim
-    spe = stage.loader.num_batches
-    total = stage_total_steps(optim_cfg, spe)
-    accum = parallel.grad_accum
-    ckpts = list_checkpoints(ckpt_dir)  # sharded, or the single-process format of earlier versions
-    if not ckpts and stage.init_fn is not None:
-        msg = stage.init_fn()  # on the full model, before it is split and sharded
-        if msg:
-            echo(f"[{stage.name}] {msg}")
-    trainable = {n for n, p in stage.model.named_parameters() if p.requires_grad}
-    # torch AdamW's state index order (decay group, then no-decay): how earlier checkpoints name it
-    groups = param_groups(stage.model, 0.0)
-    names = {id(p): n for n, p in stage.model.named_parameters()}
-    optim_order = [names[id(p)] for g in groups for p in g["params"]]
-    # Frozen tensors (sin-cos pos-embeds) are not sharded: rank 0 stores them whole in each checkpoint.
-    frozen = {k: v.detach().clone() for k, v in stage.model.state_dict().items() if k not in trainable}
-    engine = parallelize(stage.objective, mesh, engine=parallel.engine, zero_stage=parallel.zero_stage,
-                         weight_decay=optim_cfg.weight_decay, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                         bucket_mb=parallel.bucket_mb, prefetch=parallel.prefetch, param_dtype=parallel.param_dtype,
-                         device=device, kernel_backend=getattr(stage.model, "kernel_backend", None))
-    step = 0
-    if ckpts:
-        check_fingerprint(read_meta(ckpts[-1]).get("fingerprint", {}), stage.fingerprint, ckpts[-1])
-        if is_sharded(ckpts[-1]):
-            tensors, _extra, meta, rank_metas = load_sharded(ckpts[-1], engine.load_pieces(), with_optim=True)
-            optim_steps = int(meta["optim_steps"])
-        else:
-            tensors, meta, optim_steps = load_single_process(ckpts[-1], engine.load_pieces(), optim_order)
-            rank_metas = [{"data_state": meta.get("data_state")}]  # it was written by one process
-        engine.load_shard_tensors(tensors, optim_steps)
-        step = int(meta["step"])
-        if hasattr(stage.loader, "load_state_dict"):
-            if len(rank_metas) != mesh.dims.dp * mesh.dims.tp:
-                raise CheckpointError(
-                    f"{ckpts[-1]} was saved by {len(rank_metas)} processes; the {type(stage.loader).__name__}'s reader "
-                    f"position is per process, so resume it with {len(rank_metas)} processes (model and optimizer "
-                    "state reshard to any layout; the in-memory reference loader resumes at any world size)")
-            data_state = rank_metas[mesh.rank].get("data_state")
-            if data_state is not None:
-                stage.loader.load_state_dict(data_state)  # the reader resumes where it stopped
-        if main:
-            drop_rows_after(stage_dir / "metrics.jsonl", step)  # rows past the checkpoint are re-logged below
-        echo(f"[{stage.name}] resuming from {ckpts[-1]} at step {step}/{total}"
-             + (f" (saved by {meta['parallel']['world']} processes, resharded)" if meta.get("parallel", {}).get(
-                 "world") not in (None, mesh.dims.world) else ""))
-
-    def meta_for(s: int) -> dict:
-        return {"stage": stage.name, "step": s, "total_steps": total, "steps_per_epoch": spe,
-                "fingerprint": stage.fingerprint, "optim_steps": engine.step_count,
-                "parallel": {"engine": engine.name, "world": mesh.dims.world, "tp": mesh.dims.tp,
-                             "zero_stage": parallel.zero_stage if engine.name == "ours" else None}}
-
-    def rank_meta() -> dict:
-        # reader position + bad-sample record of THIS rank's loader: exact resume
-        return {"data_state": stage.loader.state_dict() if hasattr(stage.loader, "state_dict") else None}
-
-    def save(s: int) -> None:
-        save_sharded(ckpt_dir, f"step_{s:08d}", rank=mesh.rank, world=mesh.dims.world, pieces=engine.pieces(),
-                     tensors=engine.shard_tensors(), extra=frozen if main else {}, meta=meta_for(s),
-                     rank_meta=rank_meta(), barrier=mesh.barrier, keep=2)
-
+    o, spe = stage.optim, stage.loader.num_batches
+    total = stage_total_steps(o, spe)
+    engine, ckpt, step = start(stage, stage_dir, parallel, mesh, device, total, echo)
     stage.objective.train()
-    metrics = MetricsWriter(stage_dir / "metrics.jsonl") if main else None
-    meter = Throughput(stage.flops_per_image)
-    bar = tqdm(total=total, initial=step, desc=stage.name, unit="step", disable=not (run.progress and main),
-               dynamic_ncols=True, mininterval=1.0)  # a bar redrawn at most once a second keeps piped logs short
+    log = StepLog(stage.name, stage_dir, stage.flops_per_image, stage.loader, run, mesh, total, step, device, echo)
     # bf16 autocast: matmuls in bf16; weights per parallel.param_dtype, AdamW state fp32 (no loss scaling needed).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
-    running = torch.zeros((), device=device)  # loss summed on device: no host sync per step
-    n_running = 0
-    epoch, batch_idx = divmod(step, spe)
-    batches = iter(stage.loader.epoch(epoch, batch_idx))
+    batches = _batches(stage.loader, step)
     t_start = time.perf_counter()
     try:
         while step < total:
-            try:
-                imgs, targets = next(batches)
-            except StopIteration:
-                epoch += 1
-                batches = iter(stage.loader.epoch(epoch, 0))
-                continue
-            imgs = imgs.to(device, non_blocking=True)
-            targets = _to_device(targets, device)
-            lr = lr_at(step / spe, optim_cfg.abs_lr, optim_cfg.min_lr, optim_cfg.warmup_epochs, optim_cfg.epochs)
-
-            engine.zero_grad()
-            micro = _micro_batches(imgs, targets, accum)
-            step_loss = torch.zeros((), device=device)
-            for m, (x, t) in enumerate(micro):
-                last = m == accum - 1
-                with engine.no_sync() if not last else _nullcontext():  # communicate on the last only
-                    with autocast:
-                        loss = engine.model(x, t, step, m, accum)
-                    engine.backward(loss / accum if accum > 1 else loss)
-                step_loss += loss.detach()
-            engine.step(lr, optim_cfg.clip_grad)
-
+            imgs, targets = next(batches)
+            lr = lr_at(step / spe, o.abs_lr, o.min_lr, o.warmup_epochs, o.epochs)
+            loss = train_step(engine, imgs.to(device, non_blocking=True), _to_device(targets, device), step, lr,
+                              o.clip_grad, parallel.grad_accum, autocast)
             step += 1
-            running += step_loss / accum
-            n_running += 1
-            meter.add(imgs.shape[0] * mesh.dims.dp)
-            bar.update(1)
-            at_log = step % run.log_every == 0 or step == total
             at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step)
-            if at_log or at_ckpt:
-                all_reduce_mean(running, mesh)  # the mean over data-parallel ranks; NaN on any rank reaches all
-            if at_log:
-                mean_loss = (running / n_running).item()  # the CPU waits for the GPU here, at log steps only
-                if not math.isfinite(mean_loss):
-                    raise _diverged(stage.name, f"loss is {mean_loss} at step {step}", ckpt_dir)
-                row = {"stage": stage.name, "step": step, "epoch": round(step / spe, 4), "loss": mean_loss, "lr": lr,
-                       **meter.read_and_reset()}
-                if hasattr(stage.loader, "bad"):  # corrupt images replaced so far (each was logged by name)
-                    row["bad_samples"] = len(stage.loader.bad.found)
-                if main:
-                    metrics.write(row)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.0f}")
-                if not run.progress:
-                    echo(f"[{stage.name}] step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e} {row['images_per_s']:.0f} img/s")
-                running.zero_()
-                n_running = 0
+            log.after_step(step, loss, imgs.shape[0] * mesh.dims.dp, lr, sync=at_ckpt)
             if at_ckpt:
-                # Never checkpoint NaN weights: keep=2 would delete the good checkpoints behind it.
-                if n_running and not torch.isfinite(running).item():  # CPU waits here, at checkpoint steps only
-                    raise _diverged(stage.name, f"loss became non-finite by step {step}", ckpt_dir)
-                save(step)
+                ckpt.save(step)
             if step == stop_at_step and step < total:
                 return None
     finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
+        log.close()
 
     elapsed = time.perf_counter() - t_start
-    weights = consolidated_state_dict(engine, mesh)  # collective: every rank takes part
-    if main:
-        save_checkpoint(stage_dir, "final", {**frozen, **weights},
-                        {**meta_for(step), "done": True, "train_seconds": round(elapsed, 2)})
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the final checkpoint supersedes the resumable ones
-    mesh.barrier()  # nobody moves on (and reads final) before rank 0 has written it
+    final = ckpt.save_final(step, elapsed)  # collective: every rank takes part
     engine.close()
-    echo(f"[{stage.name}] done: {total} steps in {elapsed:.1f} s -> {final_dir}")
-    return final_dir
+    echo(f"[{stage.name}] done: {total} steps in {elapsed:.1f} s -> {final}")
+    return final

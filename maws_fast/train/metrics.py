@@ -1,9 +1,19 @@
-"""Metrics: one JSON object per line (JSONL), appended, so a resumed run continues the file."""
+"""Metrics: one JSON object per line (JSONL), appended, so a resumed run continues the file; the
+throughput meter; and :class:`StepLog`, what the training loop records per step."""
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from maws_fast.errors import UserError
+from maws_fast.parallel.mesh import Mesh, all_reduce_mean
+from maws_fast.storage import atomic_write_text
 
 
 class MetricsWriter:
@@ -42,8 +52,6 @@ def drop_rows_after(path: str | Path, step: int) -> int:
 
     The file is rewritten atomically, so a crash here cannot lose the rows that are kept.
     """
-    from maws_fast.train.checkpoint import atomic_write_text
-
     rows = read_metrics(path)
     keep = [r for r in rows if r.get("step", 0) <= step]
     if len(keep) < len(rows):
@@ -69,3 +77,69 @@ class Throughput:
         out = {"images_per_s": round(ips, 2), "tflops": round(ips * self.flops_per_image / 1e12, 6)}
         self.t0, self.images = now, 0
         return out
+
+
+def diverged(stage: str, what: str, ckpt_dir: Path) -> UserError:
+    section = stage.split("_")[0]  # wsp_scratch -> wsp
+    return UserError(f"[{stage}] {what}; lower the learning rate (--{section}.blr) or enable --{section}.clip_grad. "
+                     f"The last good checkpoint is kept under {ckpt_dir}")
+
+
+class StepLog:
+    """A stage's running loss, throughput, progress bar and metrics.jsonl rows, and its divergence checks.
+
+    The loss is summed on the device every step; the CPU reads it only at log steps, and at
+    checkpoint steps to never checkpoint NaN weights (keep=2 would delete the good ones behind).
+    Every rank calls :meth:`after_step` (its all-reduce is a collective); rank 0 writes.
+    """
+
+    def __init__(self, stage: str, stage_dir: Path, flops_per_image: float, loader, run, mesh: Mesh, total: int,
+                 step: int, device: torch.device, echo: Callable[[str], None]):
+        main = mesh.rank == 0
+        self.stage, self.ckpt_dir, self.loader, self.run, self.mesh = stage, stage_dir / "ckpt", loader, run, mesh
+        self.total, self.spe, self.echo = total, loader.num_batches, echo
+        self.metrics = MetricsWriter(stage_dir / "metrics.jsonl") if main else None
+        self.meter = Throughput(flops_per_image)
+        self.bar = tqdm(total=total, initial=step, desc=stage, unit="step", disable=not (run.progress and main),
+                        dynamic_ncols=True, mininterval=1.0)  # redrawn at most once a second: piped logs stay short
+        self.running = torch.zeros((), device=device)  # loss summed on device: no host sync per step
+        self.n = 0
+
+    def after_step(self, step: int, loss: torch.Tensor, images: int, lr: float, sync: bool = False) -> None:
+        """Count global step ``step`` (its mean loss, images over all DP ranks); log at log steps.
+
+        ``sync``: also reduce the loss now and raise if it is not finite (before a checkpoint).
+        """
+        self.running += loss
+        self.n += 1
+        self.meter.add(images)
+        self.bar.update(1)
+        at_log = step % self.run.log_every == 0 or step == self.total
+        if at_log or sync:
+            all_reduce_mean(self.running, self.mesh)  # the mean over data-parallel ranks; NaN on any rank reaches all
+        if at_log:
+            self._log(step, lr)
+        if sync and self.n and not torch.isfinite(self.running).item():  # the CPU waits here, at checkpoints only
+            raise diverged(self.stage, f"loss became non-finite by step {step}", self.ckpt_dir)
+
+    def _log(self, step: int, lr: float) -> None:
+        mean_loss = (self.running / self.n).item()  # the CPU waits for the GPU here, at log steps only
+        if not math.isfinite(mean_loss):
+            raise diverged(self.stage, f"loss is {mean_loss} at step {step}", self.ckpt_dir)
+        row = {"stage": self.stage, "step": step, "epoch": round(step / self.spe, 4), "loss": mean_loss, "lr": lr,
+               **self.meter.read_and_reset()}
+        if self.loader.bad is not None:  # corrupt images replaced so far (each was logged by name)
+            row["bad_samples"] = len(self.loader.bad.found)
+        if self.metrics is not None:
+            self.metrics.write(row)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.0f}")
+        if not self.run.progress:
+            self.echo(f"[{self.stage}] step {step}/{self.total} loss {mean_loss:.4f} lr {lr:.2e} "
+                      f"{row['images_per_s']:.0f} img/s")
+        self.running.zero_()
+        self.n = 0
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 import maws_kernels
-from maws_fast.data.reference import MASK_STREAM, mix_seed
 from maws_fast.models.vit import op_backend
+from maws_fast.seeds import Stream, mix_seed
 
 
 def wsp_loss(model: nn.Module, imgs: torch.Tensor, targets) -> torch.Tensor:
@@ -44,7 +44,7 @@ class MAEObjective(nn.Module):
 
     def forward(self, imgs: torch.Tensor, targets, step: int, micro: int = 0, accum: int = 1) -> torch.Tensor:
         """Loss of micro-batch ``micro`` of ``accum`` of this rank's share of global batch ``step``."""
-        g = torch.Generator(device=imgs.device).manual_seed(mix_seed(MASK_STREAM, self.seed, step))
+        g = torch.Generator(device=imgs.device).manual_seed(mix_seed(Stream.MASK, self.seed, step))
         if self.data_world == 1 and accum == 1:
             return self.model(imgs, mask_ratio=self.mask_ratio, generator=g)[0]
         b, L = imgs.shape[0], self.model.patch_embed.num_patches

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,53 +15,21 @@ import torch
 
 from maws_fast.config import Config
 from maws_fast.data import fmnist
-from maws_fast.data.reference import BatchLoader, mix_seed
-from maws_fast.errors import CheckpointError, ConfigError, DataError, UserError
-from maws_fast.eval.features import extract_features
-from maws_fast.eval.fewshot import fewshot
-from maws_fast.eval.linear_probe import linear_probe
+from maws_fast.data.demo import DemoData, load_data
+from maws_fast.data.loader import check_batch, jpeg_loader
+from maws_fast.data.reference import BatchLoader
+from maws_fast.errors import CheckpointError, ConfigError, UserError
+from maws_fast.eval.evaluate import check_eval_config, feature_sets, probe_encoder, results_table
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
-from maws_fast.train.checkpoint import atomic_write_text, load_checkpoint, load_tensors, read_meta
 from maws_fast.parallel.mesh import Mesh, destroy, init_distributed
-from maws_fast.train.loop import Stage, check_fingerprint, run_stage, say
-from maws_fast.train.objectives import MAEObjective, WSPObjective, wsp_loss  # noqa: F401  (wsp_loss: public here too)
+from maws_fast.seeds import Stream, mix_seed
+from maws_fast.storage import atomic_write_text, load_checkpoint, load_tensors, read_meta
+from maws_fast.train.checkpoint import check_fingerprint
+from maws_fast.train.loop import Stage, run_stage, say
+from maws_fast.train.objectives import MAEObjective, WSPObjective
 
 Echo = Callable[[str], None]
-
-
-@dataclass
-class DemoData:
-    """Fashion-MNIST splits plus the weak-hashtag mosaics made from the train split."""
-
-    train_x: torch.Tensor  # (N, 28, 28) uint8
-    train_y: torch.Tensor  # (N,) int64
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    wsp_x: torch.Tensor  # (M, 28, 28) uint8 mosaics
-    wsp_tags: torch.Tensor  # (M, V) multi-hot
-
-
-def load_data(cfg: Config) -> DemoData | None:
-    """Load Fashion-MNIST and build the WSP hashtag set (deterministic in run.seed).
-
-    None when no stage needs it: JPEG loaders train from data.train, and there is no linprobe.
-    """
-    jpeg = cfg.data.loader != "reference"
-    if cfg.data.dataset != "fmnist" or (jpeg and "linprobe" not in cfg.run.stages):
-        return None
-    if cfg.model.img_size != 28 or cfg.model.in_chans != 1:
-        raise ConfigError(
-            f"config: model.img_size/in_chans: Fashion-MNIST is 28x28 grey; got {cfg.model.img_size}x"
-            f"{cfg.model.img_size} with {cfg.model.in_chans} channels (use --model.preset=tiny)"
-        )
-    train_x, train_y = fmnist.load_fmnist(cfg.data.root, "train")
-    test_x, test_y = fmnist.load_fmnist(cfg.data.root, "test")
-    w = cfg.wsp
-    if jpeg:  # only the eval splits are needed
-        return DemoData(train_x, train_y, test_x, test_y, train_x[:0], torch.zeros(0, len(fmnist.VOCAB)))
-    wsp_x, wsp_tags = fmnist.make_weak_hashtags(train_x, train_y, w.num_samples, seed=cfg.run.seed, drop_p=w.drop_p, wrong_p=w.wrong_p)
-    return DemoData(train_x, train_y, test_x, test_y, wsp_x, wsp_tags)
 
 
 def _fingerprints(cfg: Config) -> dict[str, dict]:
@@ -93,70 +60,16 @@ def _data_shard(mesh: Mesh | None) -> tuple[int, int]:
     return (0, 1) if mesh is None else (mesh.dp_rank, mesh.dims.dp)
 
 
-def _eval_format(path: str) -> str:
-    """Labelled eval data is an image folder or shards written from one: tell them apart."""
-    p = Path(path)
-    return "webdataset" if (p / "manifest.json").exists() or any(p.glob("*.tar")) else "folder"
-
-
-def jpeg_loader(cfg: Config, path, batch_size: int, scale, flip_p: float, targets: str, device: torch.device,
-                eval_transform: bool = False, mesh: Mesh | None = None):
-    """A PIL or DALI loader of JPEG data, sharded by global rank.
-
-    Args:
-        path: the data's path, or an already opened :class:`~maws_fast.data.sources.Source`.
-        batch_size: the GLOBAL batch; each data-parallel rank reads batch_size / dp.
-        eval_transform: resize + centre crop in source order (features) instead of augmenting.
-        mesh: the process mesh (None: one process).
-    """
-    from maws_fast.data.batching import EvalTransform, TrainAugment
-    from maws_fast.data.sources import Source, open_source
-
-    d = cfg.data
-    # Training reads this rank's shard; evaluation reads everything (features are fit in one process).
-    rank, world = _data_shard(mesh) if not eval_transform else (0, 1)
-    _check_batch(batch_size, world, 1 if eval_transform else cfg.parallel.grad_accum)
-    source = path if isinstance(path, Source) else open_source(
-        _eval_format(path) if eval_transform else d.format, path, d.tags, d.vocab)
-    if targets == "tags" and source.num_classes == 0:
-        raise ConfigError(f"config: data: WSP needs hashtags, but {path} has no vocabulary or classes; write shards "
-                          "with their vocab (`maws-data shards ... --tags T.jsonl`) or pass --data.vocab")
-    if eval_transform:
-        aug = EvalTransform(cfg.model.img_size, d.eval_crop_frac)
-    else:
-        aug = TrainAugment(cfg.model.img_size, tuple(scale), flip_p=flip_p)
-    kw = dict(batch_size=batch_size // world, seed=cfg.run.seed, mean=d.mean, std=d.std, transform=aug, targets=targets,
-              rank=rank, world=world, shuffle=not eval_transform,
-              channels=cfg.model.in_chans, max_bad=d.max_bad_samples, max_tags=d.max_tags, log=say)
-    if d.loader == "pil":
-        from maws_fast.data.pil_loader import PilLoader
-
-        return PilLoader(source, num_workers=d.num_workers, **kw)
-    from maws_fast.data.dali import DaliLoader, DaliSettings
-
-    settings = DaliSettings(threads=d.dali_threads, hw_decoder_load=d.hw_decoder_load,
-                            device_memory_padding=d.device_memory_padding, host_memory_padding=d.host_memory_padding,
-                            preallocate_width_hint=d.preallocate_width_hint,
-                            preallocate_height_hint=d.preallocate_height_hint, shuffle_buffer=d.shuffle_buffer,
-                            output=d.dali_output)
-    return DaliLoader(source, device=device, settings=settings, **kw)
-
-
-def _check_batch(batch_size: int, dp: int, accum: int = 1) -> None:
-    if batch_size % (dp * accum):
-        raise ConfigError(f"config: batch_size {batch_size} does not divide over {dp} data-parallel ranks (world / "
-                          f"parallel.tp) x {accum} micro-batches (parallel.grad_accum); use a multiple of {dp * accum}")
-
-
 def mae_stage(cfg: Config, data: DemoData | None, device: torch.device, mesh: Mesh | None = None) -> Stage:
-    torch.manual_seed(mix_seed(cfg.run.seed, 11))  # model init: the same weights on every rank
+    torch.manual_seed(mix_seed(cfg.run.seed, Stream.MAE_INIT))  # model init: the same weights on every rank
     model = build_mae(cfg.model, norm_pix_loss=cfg.mae.norm_pix_loss).to(device)
     m = cfg.mae
     rank, dp = _data_shard(mesh)
     if cfg.data.loader != "reference":
-        loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.crop_scale, m.flip_p, "none", device, mesh=mesh)
+        loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.crop_scale, m.flip_p, "none", device,
+                             shard=(rank, dp), log=say)
     else:
-        _check_batch(m.batch_size, dp, cfg.parallel.grad_accum)
+        check_batch(m.batch_size, dp, cfg.parallel.grad_accum)
         loader = BatchLoader(
             data.train_x, None, m.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
             augment={"out_size": cfg.model.img_size, "scale": m.crop_scale, "flip_p": m.flip_p},
@@ -179,17 +92,17 @@ def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: st
     rank, dp = _data_shard(mesh)
     if cfg.data.loader != "reference":
         loader = jpeg_loader(cfg, cfg.data.wsp_train or cfg.data.train, w.batch_size, w.crop_scale, w.flip_p, "tags",
-                             device, mesh=mesh)
+                             device, shard=(rank, dp), log=say)
         num_tags = loader.source.num_classes
     else:
-        _check_batch(w.batch_size, dp, cfg.parallel.grad_accum)
+        check_batch(w.batch_size, dp, cfg.parallel.grad_accum)
         loader = BatchLoader(
             data.wsp_x, fmnist.tag_targets(data.wsp_tags), w.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
             augment={"out_size": cfg.model.img_size, "scale": w.crop_scale, "flip_p": w.flip_p},
             num_workers=cfg.data.num_workers, shard=(rank, dp),
         )
         num_tags = len(fmnist.VOCAB)
-    torch.manual_seed(mix_seed(cfg.run.seed, 12))  # same head / encoder init for every WSP variant
+    torch.manual_seed(mix_seed(cfg.run.seed, Stream.WSP_INIT))  # same head / encoder init for every WSP variant
     model = build_classifier(cfg.model, num_classes=num_tags).to(device)
 
     def init_fn() -> str | None:
@@ -222,82 +135,12 @@ def wsp_runs(cfg: Config) -> list[tuple[str, str, str]]:
 
 
 # --- evaluation --------------------------------------------------------------------------------
-def eval_subset(cfg: Config, data: DemoData) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed random subset of the train split whose frozen features fit the probes."""
-    g = torch.Generator().manual_seed(mix_seed(cfg.run.seed, 13))
-    n = len(data.train_y) if cfg.eval.train_subset == 0 else min(cfg.eval.train_subset, len(data.train_y))
-    sub = torch.randperm(len(data.train_y), generator=g)[:n]
-    return data.train_x[sub], data.train_y[sub]
-
-
-def check_eval_fits(cfg: Config, data: DemoData) -> None:
-    """Fail before any training if k-shot cannot draw k examples of every class from the subset."""
-    _, y = eval_subset(cfg, data)
-    least = int(torch.bincount(y, minlength=10).min())
-    k = max(int(s) for s in cfg.eval.shots)
-    if least < k:
-        raise ConfigError(f"config: eval.shots: {k}-shot needs {k} images per class but eval.train_subset="
-                          f"{cfg.eval.train_subset} holds only {least} of some class; raise eval.train_subset")
-
-
-def _feature_sets(cfg: Config, data: DemoData | None, device: torch.device):
-    """``(feats(model, "train" | "test") -> (features, labels), num_classes)`` of the eval data.
-
-    Fashion-MNIST (the in-memory splits, train_subset of train) or, for dataset=jpeg, the
-    labelled data.eval_train / data.eval_val through the loader's eval transform.
-    """
-    e = cfg.eval
-    if data is not None:
-        sets = {"train": eval_subset(cfg, data), "test": (data.test_x, data.test_y)}
-
-        def feats(model, split):
-            x, y = sets[split]
-            loader = BatchLoader(x, None, e.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-                                 drop_last=False, shuffle=False)
-            return extract_features(model, loader.epoch(0), device=device), y
-
-        return feats, 10
-
-    from maws_fast.data.sources import open_source
-
-    d = cfg.data
-    paths = {"train": d.eval_train, "test": d.eval_val}
-    # Listed once: every encoder of the run is evaluated on the same two sources.
-    sources = {k: open_source(_eval_format(p), p, d.tags, d.vocab) for k, p in paths.items()}
-
-    def feats(model, split):
-        loader = jpeg_loader(cfg, sources[split], e.batch_size, None, 0.0, "label", device, eval_transform=True)
-        labels: list[torch.Tensor] = []
-
-        def batches():  # features and labels from one pass
-            for x, y in loader.epoch(0):
-                if (y < 0).any():
-                    raise DataError(f"{paths[split]} has images without a class label; evaluation data must be an "
-                                    "image folder or shards written from one (`maws-data shards --folder`)")
-                labels.append(y.cpu())
-                yield x, y
-
-        try:
-            f = extract_features(model, batches(), device=device)
-        finally:
-            if hasattr(loader, "close"):
-                loader.close()  # its reader thread and DALI pipelines (nvJPEG buffers on a GPU)
-        return f, torch.cat(labels)
-
-    num_classes = sources["train"].num_classes
-    if num_classes == 0:
-        raise ConfigError(f"config: data.eval_train: {paths['train']} has no class labels; use an image folder or "
-                          "shards written from one (`maws-data shards --folder`)")
-    return feats, num_classes
-
-
 def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Echo) -> list[dict]:
     """Linear probe and k-shot on frozen cls features of every finished encoder of this run."""
     out = Path(cfg.run.out_dir)
     candidates = [(name, label) for name, _, label in wsp_runs(cfg)] + [("mae", "MAE only (no WSP)")]
-    e = cfg.eval
     fingerprints = _fingerprints(cfg)
-    feats, num_classes = _feature_sets(cfg, data, device)
+    feats, num_classes = feature_sets(cfg, data, device, log=say)
     rows = []
     for name, label in candidates:
         final = out / name / "final"
@@ -309,35 +152,16 @@ def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Ech
         report = load_pretrained(model, tensors, source=str(final))
         if report.initialised:
             raise CheckpointError(f"{final} lacks encoder tensors {report.initialised[:4]}; it cannot be evaluated")
-
-        (f_train, train_y), (f_test, test_y) = feats(model, "train"), feats(model, "test")
-        probe = linear_probe(f_train, train_y, f_test, test_y, num_classes=num_classes, epochs=e.probe_epochs,
-                             batch_size=e.probe_batch_size, lr=e.probe_lr, seed=cfg.run.seed)
         steps = f"{name.split('_')[0]} {meta['step']}"
         if name == "wsp" and cfg.wsp.init == "mae":
             steps = f"mae {read_meta(out / 'mae' / 'final')['step']} + {steps}"
-        row = {"model": label, "stage": name, "train_steps": steps, "linear_probe_top1": probe["top1"],
-               "linear_probe_train": probe["num_train"]}
-        for k in e.shots:
-            fs = fewshot(f_train, train_y, f_test, test_y, num_classes=num_classes, shots=int(k),
-                         trials=e.fewshot_trials, seed=cfg.run.seed)
-            row[f"{k}shot_top1_mean"], row[f"{k}shot_top1_std"] = fs["top1_mean"], fs["top1_std"]
-        echo(f"[linprobe] {label}: linear probe {100 * probe['top1']:.2f}%"
-             + "".join(f", {k}-shot {100 * row[f'{k}shot_top1_mean']:.2f}%" for k in e.shots))
+        row = {"model": label, "stage": name, "train_steps": steps, **probe_encoder(cfg, model, feats, num_classes)}
+        echo(f"[linprobe] {label}: linear probe {100 * row['linear_probe_top1']:.2f}%"
+             + "".join(f", {k}-shot {100 * row[f'{k}shot_top1_mean']:.2f}%" for k in cfg.eval.shots))
         rows.append(row)
     if not rows:
         raise UserError(f"nothing to evaluate under {out}: run the mae and wsp stages first")
     return rows
-
-
-def results_table(rows: list[dict], shots: list[int]) -> str:
-    """A small fixed-width table of the evaluation rows."""
-    head = ["model", "training steps", "linear probe top-1"] + [f"{k}-shot top-1 (mean ± std)" for k in shots]
-    body = [[r["model"], str(r["train_steps"]), f"{100 * r['linear_probe_top1']:.2f}%"]
-            + [f"{100 * r[f'{k}shot_top1_mean']:.2f} ± {100 * r[f'{k}shot_top1_std']:.2f}%" for k in shots] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body])
 
 
 # --- the whole recipe ----------------------------------------------------------------------------
@@ -384,16 +208,8 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
         atomic_write_text(out / "config.json", cfg.to_json())
     data = load_data(cfg)
     # Everything that can be checked before hours of training is checked here.
-    if "linprobe" in cfg.run.stages and data is None:
-        missing = [k for k in ("eval_train", "eval_val") if getattr(cfg.data, k) is None]
-        if missing:
-            raise ConfigError(f"config: data.{missing[0]}: linprobe on data.dataset=jpeg needs labelled images: set "
-                              "--data.eval_train=DIR and --data.eval_val=DIR (image folders, or shards written from "
-                              "folders), or run only [mae, wsp]")
-        if cfg.data.loader == "reference":
-            raise ConfigError("config: data.loader: JPEG evaluation data needs --data.loader=pil or dali")
-    if "linprobe" in cfg.run.stages and data is not None:
-        check_eval_fits(cfg, data)
+    if "linprobe" in cfg.run.stages:
+        check_eval_config(cfg, data)
     if "wsp" in cfg.run.stages and cfg.wsp.init not in ("mae", "scratch") and not Path(cfg.wsp.init).is_file():
         raise ConfigError(f"config: wsp.init: {cfg.wsp.init} is not a file; use mae, scratch or a model.safetensors path")
     summary: dict = {"stages": {}, "results": []}

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import maws_kernels as mk
+from maws_fast.config import ATTN_BACKENDS
 from maws_fast.models import VisionTransformer
-from maws_fast.models.attention import ATTN_BACKENDS, attention, available_attn_backends, check_attn_backend
+from maws_fast.models.attention import attention, available_attn_backends, check_attn_backend
 
 CPU_BACKENDS = ["triton", "sdpa", "manual"]  # triton interpreted
 

@@ -138,6 +138,7 @@ def _train_steps(engine, mesh, layout: Layout, imgs, targets, steps) -> list[flo
 def _engine(task: str, layout: Layout, perturb: bool = False):
     from maws_fast.parallel.engine import parallelize
     from maws_fast.parallel.mesh import init_distributed
+    from maws_fast.train.optim import param_groups
 
     mesh = init_distributed(tp=layout.tp, timeout_s=120)
     model, make, imgs, targets = build(task)
@@ -147,7 +148,7 @@ def _engine(task: str, layout: Layout, perturb: bool = False):
                 if p.requires_grad:
                     p.add_(1.0)
     obj = make(model, mesh.dp_rank, mesh.dims.dp)
-    engine = parallelize(obj, mesh, engine=layout.engine, zero_stage=layout.stage, weight_decay=WD, betas=BETAS,
+    engine = parallelize(obj, mesh, param_groups(model, WD), engine=layout.engine, zero_stage=layout.stage, betas=BETAS,
                          bucket_mb=layout.bucket_mb, prefetch=layout.prefetch, param_dtype=layout.param_dtype,
                          kernel_backend="torch")
     return mesh, engine, imgs, targets
@@ -187,7 +188,7 @@ def run_layout(task: str, layout: Layout, kind: str = "train", path: str | None 
         out["mem"] = mems
         out["params"] = consolidated_state_dict(engine, mesh)
         # stage-3 buckets still holding full params after the step (a block that never ran, ...)
-        out["gathered_bytes"] = sum(b.full.untyped_storage().nbytes() for b in getattr(engine, "_forward_order", []))
+        out["gathered_bytes"] = sum(b.full.untyped_storage().nbytes() for b in getattr(getattr(engine, "gathering", None), "forward_order", []))
     if kind == "save":
         save_sharded(path, "step_00000003", rank=mesh.rank, world=mesh.dims.world, pieces=engine.pieces(),
                      tensors=engine.shard_tensors(), extra={}, meta={"optim_steps": engine.step_count},

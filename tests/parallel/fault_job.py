@@ -23,7 +23,7 @@ if os.environ.get("RANK") == "1":
     elif fault == "save":
         from maws_fast.parallel import checkpoint
 
-        real_write, calls = checkpoint._write_tensors, []
+        real_write, calls = checkpoint.write_tensors, []
 
         def failing_write(path, tensors):
             calls.append(path)
@@ -31,7 +31,7 @@ if os.environ.get("RANK") == "1":
                 raise OSError(28, "No space left on device")
             real_write(path, tensors)
 
-        checkpoint._write_tensors = failing_write
+        checkpoint.write_tensors = failing_write
 
 from maws_fast.cli import train_main  # noqa: E402
 

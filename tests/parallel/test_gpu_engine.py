@@ -17,10 +17,11 @@ if not torch.cuda.is_available():
 def _run(task: str, stage: int, param_dtype: str, backend: str):
     from maws_fast.parallel.engine import parallelize
     from maws_fast.parallel.mesh import single_process
+    from maws_fast.train.optim import param_groups
 
     model, make, imgs, targets = build(task)
     model.cuda()
-    engine = parallelize(make(model, 0, 1), single_process(), engine="ours", zero_stage=stage, weight_decay=WD,
+    engine = parallelize(make(model, 0, 1), single_process(), param_groups(model, WD), engine="ours", zero_stage=stage,
                          betas=BETAS, bucket_mb=0.05, param_dtype=param_dtype, device="cuda", kernel_backend=backend)
     losses = []
     for s in range(STEPS):

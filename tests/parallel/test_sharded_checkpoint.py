@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from maws_fast.cli import ckpt_main
 from maws_fast.errors import CheckpointError, UserError
 from maws_fast.parallel import checkpoint as pc
 from maws_fast.parallel.tensor import Piece, TPSplit, tp_full, tp_local
@@ -155,11 +156,11 @@ def test_export_has_no_optimizer_state_and_consolidates(tmp_path, capsys):
         pc.load_sharded(path, _layout(1, 1, "zero")[0])
     _check_load(path, _layout(1, 2, "zero"), full, with_optim=False)
     out = tmp_path / "export" / "model.safetensors"
-    assert pc.consolidate_main(["consolidate", str(path), str(out)]) == 0
+    assert ckpt_main(["consolidate", str(path), str(out)]) == 0
     got = load_file(str(out))
     assert set(got) == set(full) | {"pos_embed"} and all(torch.equal(got[k], full[k]["param"]) for k in full)
     assert [p.name for p in out.parent.iterdir()] == ["model.safetensors"]
-    assert pc.consolidate_main(["consolidate", str(tmp_path / "nope"), str(out)]) == 2
+    assert ckpt_main(["consolidate", str(tmp_path / "nope"), str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("maws-ckpt: error: ") and "meta.json is missing" in err and err.count("\n") == 1
 
@@ -180,14 +181,14 @@ def test_full_disk_on_one_rank_is_a_user_error_everywhere(tmp_path, monkeypatch)
     full, extra = _model()
     ranks = _layout(1, 3, "zero")
     _save(tmp_path, "final", ranks, full, extra)
-    real = pc._write_tensors
+    real = pc.write_tensors
 
     def full_disk(path, tensors):
         if path.name == "rank_00001.safetensors":
             raise OSError(28, "No space left on device")
         real(path, tensors)
 
-    monkeypatch.setattr(pc, "_write_tensors", full_disk)
+    monkeypatch.setattr(pc, "write_tensors", full_disk)
     results = _save(tmp_path, "final", ranks, full, extra, meta={"step": 8})
     assert isinstance(results[1], UserError) and "No space left on device" in str(results[1])
     assert "earlier checkpoints are untouched" in str(results[1])
@@ -259,7 +260,7 @@ def test_model_that_does_not_fit_names_key_and_shapes(tmp_path):
     with pytest.raises(CheckpointError, match=r"'head\.weight' is not in it"):
         pc.load_sharded(tmp_path / "step_00000001", [Piece("head.weight", (10, D), None, 0, 1, 0, 80)])
     with pytest.raises(CheckpointError, match="single-process checkpoint"):
-        from maws_fast.train.checkpoint import save_checkpoint
+        from maws_fast.storage import save_checkpoint
 
         pc.load_sharded(save_checkpoint(tmp_path, "step_00000002", {"w": torch.ones(2)}, {}), [])
 

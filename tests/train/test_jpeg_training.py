@@ -14,7 +14,7 @@ from maws_fast.data.images import encode_jpeg
 from maws_fast.data.shards import ShardWriter
 from maws_fast.data.sources import Vocab
 from maws_fast.errors import ConfigError
-from maws_fast.train.checkpoint import load_checkpoint, read_meta
+from maws_fast.storage import load_checkpoint, read_meta
 from maws_fast.train.loop import run_stage
 from maws_fast.train.stages import mae_stage, run_recipe, wsp_stage
 

@@ -6,10 +6,11 @@ import torch
 
 from maws_fast.config import load_config
 from maws_fast.data import fmnist
+from maws_fast.data.demo import DemoData
 from maws_fast.errors import CheckpointError, UserError
-from maws_fast.train.checkpoint import list_checkpoints, load_checkpoint
+from maws_fast.storage import list_checkpoints, load_checkpoint
 from maws_fast.train.loop import Stage, run_stage
-from maws_fast.train.stages import DemoData, mae_stage, wsp_stage
+from maws_fast.train.stages import mae_stage, wsp_stage
 
 from conftest import needs_fmnist  # noqa: E402
 
@@ -232,7 +233,7 @@ def test_wsp_loss_is_bitwise_the_unfused_head_and_loss():
     """The WSP stage fuses head and loss; on the torch path that is exactly CE(model(imgs))."""
     import maws_kernels
     from maws_fast.models import VisionTransformer
-    from maws_fast.train.stages import wsp_loss
+    from maws_fast.train.objectives import wsp_loss
 
     torch.manual_seed(0)
     model = VisionTransformer(img_size=28, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=14)
@@ -252,7 +253,7 @@ def test_resumes_a_checkpoint_in_the_single_process_format_of_earlier_versions(t
     from maws_fast.models.vit import load_pretrained
     from maws_fast.parallel.checkpoint import consolidate, load_sharded
     from maws_fast.parallel.tensor import Piece
-    from maws_fast.train.checkpoint import read_meta, save_checkpoint
+    from maws_fast.storage import read_meta, save_checkpoint
     from maws_fast.train.optim import build_optimizer
 
     dev = torch.device("cpu")

@@ -1,0 +1,216 @@
+"""Files that must never be torn: atomic writes, safetensors I/O and checkpoint directories.
+
+The ground floor under both checkpoint formats (``maws_fast.parallel.checkpoint`` writes the
+sharded one, the training loop the final single-process one) and under every small file a run
+writes (config.json, results, metrics rewrites).
+
+The single-process checkpoint format, one directory::
+
+    step_00000200/ or final/
+        model.safetensors   # model state dict (timm / official MAE keys)
+        optim.safetensors   # torch optimizer tensors "state.<param index>.<name>" (older runs only)
+        meta.json           # step, config fingerprint, file sizes, ...
+
+A checkpoint is built in a hidden temporary directory next to its final place, every file is
+fsync'ed, and the directory is renamed into place (:func:`replace_dir`): a crash, a full disk or
+a kill leaves either the previous checkpoints or the complete new one, never a torn one.
+``meta.json`` records the byte size of each file, so a file damaged later is detected on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from maws_fast.errors import CheckpointError, UserError
+
+FORMAT_VERSION = 1
+
+
+# --- atomic files ----------------------------------------------------------------------------------
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as JSON and fsync it (the caller renames the directory it sits in)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file and fsync it."""
+    # safetensors needs contiguous, unshared CPU tensors
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small text file atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``final``, replacing one that exists, then fsync.
+
+    An existing ``final`` is moved aside first and deleted only once the new one is in place; if
+    the rename fails, the old one is put back: a failed save leaves what was there.
+    """
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(old, final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_failed(final: Path, e: Exception) -> UserError:
+    """The one error a failed checkpoint write becomes (OSError, or safetensors' SafetensorError)."""
+    return UserError(f"could not write checkpoint {final}: {getattr(e, 'strerror', None) or e}; free disk space or "
+                     f"choose another --run.out_dir (earlier checkpoints are untouched)")
+
+
+# --- reading ----------------------------------------------------------------------------------------
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete ``step_*`` checkpoints under ``directory``, oldest first (temp dirs are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def read_meta(path: str | Path) -> dict:
+    """``meta.json`` of checkpoint ``path``, after checking every file it lists has its recorded size."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a checkpoint: meta.json is missing") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}/meta.json is corrupt ({e}); delete {path} to fall back to an earlier checkpoint") from None
+    for fname, size in meta.get("files", {}).items():
+        f = path / fname
+        if fname != "meta.json" and (not f.exists() or f.stat().st_size != size):
+            raise CheckpointError(
+                f"{f} is missing or truncated (expected {size} bytes); delete {path} to fall back to an earlier checkpoint"
+            )
+    return meta
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning every failure into one CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+# --- the single-process format ----------------------------------------------------------------------
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able param groups."""
+    sd = optimizer.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            tensors[f"state.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Inverse of :func:`optimizer_tensors`: load them into ``optimizer``."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in the checkpoint does not fit this model: {e}") from None
+
+
+def save_checkpoint(
+    directory: str | Path,
+    name: str,
+    model_state: dict[str, torch.Tensor],
+    meta: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write single-process checkpoint ``directory/name`` atomically and return its path.
+
+    Args:
+        directory: parent directory (created if needed).
+        name: checkpoint directory name, e.g. ``step_00000200`` or ``final``.
+        model_state: tensors to store in model.safetensors.
+        meta: JSON-able metadata (step, config fingerprint, ...).
+        optimizer: also store its state (for resuming).
+        keep: after writing, delete all but the newest ``keep`` ``step_*`` checkpoints.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / name
+    tmp = directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        write_tensors(tmp / "model.safetensors", model_state)
+        meta = {**meta, "format_version": FORMAT_VERSION}
+        if optimizer is not None:
+            tensors, groups = optimizer_tensors(optimizer)
+            write_tensors(tmp / "optim.safetensors", tensors)
+            meta["optimizer_param_groups"] = groups
+        meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        write_json(tmp / "meta.json", meta)
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as SafetensorError
+        raise write_failed(final, e) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep is not None:
+        for old in list_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor] | None]:
+    """Returns (model tensors, meta, optimizer tensors or None) of single-process checkpoint ``path``."""
+    path = Path(path)
+    meta = read_meta(path)
+    model = load_tensors(path / "model.safetensors")
+    optim = load_tensors(path / "optim.safetensors") if (path / "optim.safetensors").exists() else None
+    return model, meta, optim
