@@ -82,16 +82,50 @@ def _tune(backward: bool) -> dict:
 
 
 # --- kernels ------------------------------------------------------------------------------------
+# Shared set-up of the four kernels: every program is (tile, batch * head) of a grid (tiles, B * H),
+# and reads whole (rows, head dim) tiles of one sequence of one head.
 @triton.jit
-def _seq_bounds(cu_ptr, b, N, VARLEN: tl.constexpr):
-    """(first packed row, length) of sequence ``b``: from cu_seqlens when VARLEN, else (0, N)."""
+def _program(cu_ptr, H, N, VARLEN: tl.constexpr):
+    """``(tile, b, h, start, seqlen)`` of this program: batch and head as int64 (B * H * N * D may exceed
+    2**31), and its sequence's first packed row and length (from cu_seqlens when VARLEN, else (0, N))."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
     if VARLEN:
         start = tl.load(cu_ptr + b)
         seqlen = tl.load(cu_ptr + b + 1) - start
     else:
         start = b * 0
         seqlen = N + b * 0
-    return start.to(tl.int64), seqlen
+    return pid, b.to(tl.int64), h.to(tl.int64), start.to(tl.int64), seqlen
+
+
+@triton.jit
+def _head_ptr(ptr, b, h, sb, sh):
+    """Token 0 of head (b, h) of a (B, H, N, D) tensor with strides (sb, sh, sn, 1); packed: sb = 0."""
+    return ptr + b * sb + h * sh
+
+
+@triton.jit
+def _load_rows(base, rows, row_ok, sn, offs_d, D, UPCAST: tl.constexpr):
+    """Tile (len(rows), BLOCK_D) at ``base + rows * sn``; zero where not ``row_ok`` and past ``D``; fp32 if UPCAST.
+
+    A tile loaded once per program indexes from the head (``rows = start + offs``, int64); a tile
+    streamed in a loop from its sequence's first row (int32 ``offs``): ptxas allocates registers
+    better for each that way (sm_90, Triton 3.7: the other way spills at D = 80).
+    """
+    x = tl.load(base + rows[:, None] * sn + offs_d[None, :], mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_rows(base, x, rows, row_ok, sn, offs_d, D):
+    """Store tile ``x`` at ``base + rows * sn`` in the pointer's dtype, masked like :func:`_load_rows`."""
+    tl.store(base + rows[:, None] * sn + offs_d[None, :], x.to(base.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < D)[None, :])
 
 
 @triton.autotune(configs=_FWD_CONFIGS, **_tune(backward=False))
@@ -112,27 +146,17 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    start, seqlen = _seq_bounds(cu_ptr, b, N, VARLEN)
+    pid_m, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:  # varlen: this sequence is shorter than max_seqlen
         return
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)  # B * H * N * D may exceed 2**31
-    q_base = q_ptr + b64 * sqb + h64 * sqh + start * sqn
-    k_base = k_ptr + b64 * skb + h64 * skh + start * skn
-    v_base = v_ptr + b64 * svb + h64 * svh + start * svn
-
+    k_base = _head_ptr(k_ptr, b, h, skb, skh) + start * skn  # this sequence's first key
+    v_base = _head_ptr(v_ptr, b, h, svb, svh) + start * svn
     offs_m = m0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     m_ok = offs_m < seqlen
-    d_ok = offs_d < D
-    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_rows(_head_ptr(q_ptr, b, h, sqb, sqh) + start * sqn, offs_m, m_ok, sqn, offs_d, D, UPCAST)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of the log2-scaled scores
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s - m_i)
@@ -140,12 +164,8 @@ def _attn_fwd_kernel(
     for n0 in range(0, seqlen, BLOCK_N):
         cols = n0 + offs_n
         n_ok = cols < seqlen
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(k_base, cols, n_ok, skn, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_base, cols, n_ok, svn, offs_d, D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Every tile has at least one valid column (n0 < seqlen), so m_new is finite.
         s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -161,11 +181,9 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_base = o_ptr + b64 * sob + h64 * soh + start * son
-    tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    _store_rows(_head_ptr(o_ptr, b, h, sob, soh) + start * son, acc, offs_m, m_ok, son, offs_d, D)
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural-log logsumexp of scale * q k^T
-    tl.store(lse_ptr + b64 * slb + h64 * slh + start + offs_m, lse, mask=m_ok)
+    tl.store(lse_ptr + b * slb + h * slh + start + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -180,21 +198,13 @@ def _attn_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    start, seqlen = _seq_bounds(cu_ptr, b, N, VARLEN)
+    pid_m, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seqlen
-    mask = m_ok[:, None] & (offs_d < D)[None, :]
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    o = tl.load(o_ptr + b64 * sob + h64 * soh + (start + offs_m)[:, None] * son + offs_d[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b64 * sdb + h64 * sdh + (start + offs_m)[:, None] * sdn + offs_d[None, :], mask=mask,
-                 other=0.0).to(tl.float32)
-    tl.store(delta_ptr + b64 * slb + h64 * slh + start + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
+    o = _load_rows(_head_ptr(o_ptr, b, h, sob, soh), start + offs_m, m_ok, son, offs_d, D, True)
+    do = _load_rows(_head_ptr(do_ptr, b, h, sdb, sdh), start + offs_m, m_ok, sdn, offs_d, D, True)
+    tl.store(delta_ptr + b * slb + h * slh + start + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
 @triton.autotune(configs=_BWD_CONFIGS, **_tune(backward=True))
@@ -219,47 +229,30 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # resident K/V tile
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    start, seqlen = _seq_bounds(cu_ptr, b, N, VARLEN)
+    pid_n, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen:
         return
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    q_base = q_ptr + b64 * sqb + h64 * sqh + start * sqn
-    do_base = do_ptr + b64 * sdb + h64 * sdh + start * sdn
-    row_base = b64 * slb + h64 * slh + start  # into lse and delta
-
+    q_base = _head_ptr(q_ptr, b, h, sqb, sqh) + start * sqn  # this sequence's first query
+    do_base = _head_ptr(do_ptr, b, h, sdb, sdh) + start * sdn
+    row_base = b * slb + h * slh + start  # into lse and delta
     offs_n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < seqlen
-    d_ok = offs_d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b64 * skb + h64 * skh + (start + offs_n)[:, None] * skn + offs_d[None, :], mask=kv_mask,
-                other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(v_ptr + b64 * svb + h64 * svh + (start + offs_n)[:, None] * svn + offs_d[None, :], mask=kv_mask,
-                other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_rows(_head_ptr(k_ptr, b, h, skb, skh), start + offs_n, n_ok, skn, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(_head_ptr(v_ptr, b, h, svb, svh), start + offs_n, n_ok, svn, offs_d, D, UPCAST)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for m0 in range(0, seqlen, BLOCK_M):
         rows = m0 + offs_m
         m_ok = rows < seqlen
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * sqn + offs_d[None, :], mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(do_base + rows[:, None] * sdn + offs_d[None, :], mask=q_mask, other=0.0)
+        q = _load_rows(q_base, rows, m_ok, sqn, offs_d, D, UPCAST)  # (BLOCK_M, BLOCK_D)
+        do = _load_rows(do_base, rows, m_ok, sdn, offs_d, D, UPCAST)
         # Padding rows get lse = +inf, hence P = 0: they add nothing to dV or dK.
         lse = tl.load(lse_ptr + row_base + rows, mask=m_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + row_base + rows, mask=m_ok, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         # Transposed scores (BLOCK_N, BLOCK_M): the K/V tile indexes rows, as dK and dV do.
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
@@ -274,10 +267,8 @@ def _attn_bwd_dkdv_kernel(
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PREC)
 
     dk = dk * scale
-    tl.store(dk_ptr + b64 * sdkb + h64 * sdkh + (start + offs_n)[:, None] * sdkn + offs_d[None, :],
-             dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + b64 * sdvb + h64 * sdvh + (start + offs_n)[:, None] * sdvn + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    _store_rows(_head_ptr(dk_ptr, b, h, sdkb, sdkh), dk, start + offs_n, n_ok, sdkn, offs_d, D)
+    _store_rows(_head_ptr(dv_ptr, b, h, sdvb, sdvh), dv, start + offs_n, n_ok, sdvn, offs_d, D)
 
 
 @triton.autotune(configs=_BWD_CONFIGS, **_tune(backward=True))
@@ -300,32 +291,19 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # streamed K/V tile
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    start, seqlen = _seq_bounds(cu_ptr, b, N, VARLEN)
+    pid_m, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
-    b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    k_base = k_ptr + b64 * skb + h64 * skh + start * skn
-    v_base = v_ptr + b64 * svb + h64 * svh + start * svn
-
+    k_base = _head_ptr(k_ptr, b, h, skb, skh) + start * skn  # this sequence's first key
+    v_base = _head_ptr(v_ptr, b, h, svb, svh) + start * svn
     offs_m = m0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < seqlen
-    d_ok = offs_d < D
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b64 * sqb + h64 * sqh + (start + offs_m)[:, None] * sqn + offs_d[None, :], mask=q_mask,
-                other=0.0)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(do_ptr + b64 * sdb + h64 * sdh + (start + offs_m)[:, None] * sdn + offs_d[None, :], mask=q_mask,
-                 other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    row_base = b64 * slb + h64 * slh + start
+    q = _load_rows(_head_ptr(q_ptr, b, h, sqb, sqh), start + offs_m, m_ok, sqn, offs_d, D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    do = _load_rows(_head_ptr(do_ptr, b, h, sdb, sdh), start + offs_m, m_ok, sdn, offs_d, D, UPCAST)
+    row_base = b * slb + h * slh + start
     lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
 
@@ -333,12 +311,8 @@ def _attn_bwd_dq_kernel(
     for n0 in range(0, seqlen, BLOCK_N):
         cols = n0 + offs_n
         n_ok = cols < seqlen
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base + cols[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_rows(k_base, cols, n_ok, skn, offs_d, D, UPCAST)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_base, cols, n_ok, svn, offs_d, D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Padding K rows score 0, not -inf: mask their probabilities explicitly.
         p = tl.where(n_ok[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
@@ -349,8 +323,7 @@ def _attn_bwd_dq_kernel(
         dq = tl.dot(ds, k, dq, input_precision=DOT_PREC)
 
     dq = dq * scale
-    tl.store(dq_ptr + b64 * sdqb + h64 * sdqh + (start + offs_m)[:, None] * sdqn + offs_d[None, :],
-             dq.to(dq_ptr.dtype.element_ty), mask=q_mask)
+    _store_rows(_head_ptr(dq_ptr, b, h, sdqb, sdqh), dq, start + offs_m, m_ok, sdqn, offs_d, D)
 
 
 # --- launchers ----------------------------------------------------------------------------------
