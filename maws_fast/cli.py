@@ -40,15 +40,23 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="maws-train",
         description="MAE pre-pretraining -> weakly supervised pretraining -> linear probe + few-shot.",
-        epilog="Any config field can be overridden: --mae.epochs=2 --run.stages=[mae,wsp] --model.attn_backend=manual",
+        epilog="Any config field can be overridden: --mae.epochs=2 --run.stages=[mae,wsp] --model.attn_backend=manual. "
+               "--help-config lists every field with its type, default and help (--help-config SECTION: one section).",
     )
     parser.add_argument("--config", help="YAML config (e.g. configs/demo_fmnist.yaml); defaults apply without one")
     parser.add_argument("--data", help="dataset directory (same as --data.root=DIR)")
     parser.add_argument("--out", help="output directory (same as --run.out_dir=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
+                        help="list every config field (or one section's: run, data, model, mae, wsp, eval, parallel) "
+                             "with its type, default and help, and exit")
     args, rest = parser.parse_known_args(argv)
     try:
-        from maws_fast.config import load_config
+        from maws_fast.config import config_help, load_config
+
+        if args.help_config is not None:
+            print(config_help(args.help_config or None))
+            return 0
 
         overrides = list(rest)
         if args.data:

@@ -1,7 +1,10 @@
 """Configuration: a tree of dataclasses, YAML files, and ``--section.key=value`` overrides.
 
-Every field has a one-line doc and is validated in ``__post_init__``; unknown keys and bad values
-raise :class:`~maws_fast.errors.ConfigError` naming the key. Model presets are plain functions.
+Every field carries its one-line help next to its definition (:func:`setting`; ``maws-train
+--help-config`` lists them with type and default, :func:`config_help`) and is validated in
+``__post_init__``; unknown keys, bad values and unreadable YAML raise
+:class:`~maws_fast.errors.ConfigError` naming the key or the file position. Model presets are plain
+functions.
 """
 from __future__ import annotations
 
@@ -26,23 +29,31 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config: {key}: {msg}")
 
 
+def setting(default, help: str):
+    """A config field with its one-line help. A mutable default (a list, a section) is given as a
+    zero-argument function (``lambda: [5]``, ``RunConfig``), as dataclasses require."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 # --- model -----------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # name the other fields were filled from (informational once resolved)
-    img_size: int = 28  # input side in pixels
-    patch_size: int = 4  # patch side p
-    in_chans: int = 1  # image channels
-    embed_dim: int = 128  # encoder width D
-    depth: int = 4  # encoder blocks
-    num_heads: int = 4  # encoder heads
-    mlp_ratio: float = 4.0  # MLP hidden = mlp_ratio * width (encoder and decoder)
-    decoder_embed_dim: int = 64  # MAE decoder width
-    decoder_depth: int = 2  # MAE decoder blocks
-    decoder_num_heads: int = 4  # MAE decoder heads
-    attn_backend: str = "sdpa"  # attention backend: triton | sdpa | xformers (GPU) | manual
-    # maws_kernels backend: triton | cuda (csrc twins of patch gather + loss; other ops: best) | torch | None (best)
-    kernel_backend: str | None = None
+    preset: str = setting("tiny", "name the other fields were filled from (informational once resolved)")
+    img_size: int = setting(28, "input side in pixels")
+    patch_size: int = setting(4, "patch side p")
+    in_chans: int = setting(1, "image channels")
+    embed_dim: int = setting(128, "encoder width D")
+    depth: int = setting(4, "encoder blocks")
+    num_heads: int = setting(4, "encoder heads")
+    mlp_ratio: float = setting(4.0, "MLP hidden = mlp_ratio * width (encoder and decoder)")
+    decoder_embed_dim: int = setting(64, "MAE decoder width")
+    decoder_depth: int = setting(2, "MAE decoder blocks")
+    decoder_num_heads: int = setting(4, "MAE decoder heads")
+    attn_backend: str = setting("sdpa", "attention backend: triton | sdpa | xformers (GPU) | manual")
+    kernel_backend: str | None = setting(
+        None, "maws_kernels backend: triton | cuda (csrc twins of patch gather + loss) | torch | null (best available)")
 
     def __post_init__(self):
         for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
@@ -127,16 +138,16 @@ def model_preset(name: str, **overrides) -> ModelConfig:
 # --- stages ----------------------------------------------------------------------------------
 @dataclass
 class OptimConfig:
-    epochs: float = 1.0  # passes over the stage's training set (fractions allowed)
-    batch_size: int = 256  # global batch size
-    blr: float = 1.5e-4  # base lr; the lr is blr * batch_size / 256 (MAE's rule)
-    lr: float | None = None  # absolute lr; overrides blr when set
-    min_lr: float = 0.0  # lr at the end of the cosine
-    warmup_epochs: float = 0.1  # linear warmup length, in epochs
-    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on 1-D params and biases)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2 (MAE uses 0.95)
-    clip_grad: float | None = None  # max global grad norm; null disables clipping
+    epochs: float = setting(1.0, "passes over the stage's training set (fractions allowed)")
+    batch_size: int = setting(256, "global batch size")
+    blr: float = setting(1.5e-4, "base lr; the lr is blr * batch_size / 256 (MAE's rule)")
+    lr: float | None = setting(None, "absolute lr; overrides blr when set")
+    min_lr: float = setting(0.0, "lr at the end of the cosine")
+    warmup_epochs: float = setting(0.1, "linear warmup length, in epochs")
+    weight_decay: float = setting(0.05, "AdamW decoupled weight decay (not on 1-D params and biases)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2 (MAE uses 0.95)")
+    clip_grad: float | None = setting(None, "max global grad norm; null disables clipping")
 
     def __post_init__(self):
         _check(self.epochs > 0, "epochs", "must be > 0")
@@ -156,10 +167,10 @@ class OptimConfig:
 
 @dataclass
 class MAEConfig(OptimConfig):
-    mask_ratio: float = 0.75  # fraction of patches removed
-    norm_pix_loss: bool = True  # per-patch normalised pixel targets
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
-    flip_p: float = 0.5  # horizontal flip probability
+    mask_ratio: float = setting(0.75, "fraction of patches removed")
+    norm_pix_loss: bool = setting(True, "per-patch normalised pixel targets")
+    crop_scale: tuple[float, float] = setting((0.2, 1.0), "RandomResizedCrop area range")
+    flip_p: float = setting(0.5, "horizontal flip probability")
 
     def __post_init__(self):
         super().__post_init__()
@@ -170,16 +181,17 @@ class MAEConfig(OptimConfig):
 
 @dataclass
 class WSPConfig(OptimConfig):
-    blr: float = 1e-3  # base lr (per 256 images)
-    weight_decay: float = 0.1  # AdamW weight decay
-    beta2: float = 0.999  # AdamW beta2
-    init: str = "mae"  # encoder init: mae (from the mae stage's checkpoint) | scratch | PATH to a .safetensors
-    compare_scratch: bool = True  # also train a from-scratch WSP model with the same budget (the demo's baseline)
-    num_samples: int = 60000  # weak-hashtag mosaics generated from the train split
-    drop_p: float = 0.3  # probability a true tag is dropped
-    wrong_p: float = 0.1  # probability a wrong tag is added
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    flip_p: float = 0.5  # horizontal flip probability
+    blr: float = setting(1e-3, "base lr (per 256 images)")
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    beta2: float = setting(0.999, "AdamW beta2")
+    init: str = setting("mae", "encoder init: mae (from the mae stage's checkpoint) | scratch | PATH to a .safetensors")
+    compare_scratch: bool = setting(
+        True, "also train a from-scratch WSP model with the same budget (the demo's baseline)")
+    num_samples: int = setting(60000, "weak-hashtag mosaics generated from the train split")
+    drop_p: float = setting(0.3, "probability a true tag is dropped")
+    wrong_p: float = setting(0.1, "probability a wrong tag is added")
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), "RandomResizedCrop area range")
+    flip_p: float = setting(0.5, "horizontal flip probability")
 
     def __post_init__(self):
         super().__post_init__()
@@ -190,13 +202,14 @@ class WSPConfig(OptimConfig):
 
 @dataclass
 class EvalConfig:
-    train_subset: int = 10000  # Fashion-MNIST train images whose frozen features fit the probe (0 = all; JPEG eval uses all)
-    probe_epochs: int = 30  # linear-probe epochs over the cached features
-    probe_lr: float = 0.1  # linear-probe base lr
-    probe_batch_size: int = 256  # linear-probe batch size
-    shots: list[int] = field(default_factory=lambda: [5])  # k for k-shot evaluation
-    fewshot_trials: int = 5  # random support sets per k
-    batch_size: int = 512  # feature-extraction batch size
+    train_subset: int = setting(
+        10000, "Fashion-MNIST train images whose frozen features fit the probe (0 = all; JPEG eval uses all)")
+    probe_epochs: int = setting(30, "linear-probe epochs over the cached features")
+    probe_lr: float = setting(0.1, "linear-probe base lr")
+    probe_batch_size: int = setting(256, "linear-probe batch size")
+    shots: list[int] = setting(lambda: [5], "k for k-shot evaluation")
+    fewshot_trials: int = setting(5, "random support sets per k")
+    batch_size: int = setting(512, "feature-extraction batch size")
 
     def __post_init__(self):
         _check(self.train_subset >= 0, "eval.train_subset", "must be >= 0")
@@ -213,30 +226,36 @@ FORMATS = ("webdataset", "folder", "filelist")
 
 @dataclass
 class DataConfig:
-    dataset: str = "fmnist"  # fmnist (the demo: eval data, and training data for loader=reference) | jpeg (data.train)
-    root: str | None = None  # Fashion-MNIST directory; null = /usr/share/datasets/fashion-mnist
-    loader: str = "reference"  # reference (in-memory Fashion-MNIST) | pil (PIL/DataLoader JPEG) | dali (NVIDIA DALI)
-    format: str = "webdataset"  # JPEG source of the pil / dali loaders: webdataset | folder | filelist
-    train: str | None = None  # MAE (and WSP) training data for pil / dali: shard dir, image folder or file list
-    wsp_train: str | None = None  # WSP training data if not data.train (e.g. hashtag shards)
-    eval_train: str | None = None  # dataset=jpeg: labelled images the linear probe / k-shot fit on (folder or shards)
-    eval_val: str | None = None  # dataset=jpeg: labelled images they are scored on
-    eval_crop_frac: float = 0.875  # eval transform: resize the shorter side to img_size / crop_frac, centre crop
-    tags: str | None = None  # hashtag JSONL of a file list ({"file": ..., "tags": [...]})
-    vocab: str | None = None  # hashtag vocabulary (vocab.json); shards name theirs in their manifest
-    num_workers: int = 0  # DataLoader worker processes (reference / pil; 0 = load in the training process)
-    max_bad_samples: int = 100  # distinct corrupt images tolerated (each logged by name) before the run stops
-    max_tags: int = 0  # pad width of WSP tag ids (0 = the longest list in the batch)
-    dali_threads: int = 4  # DALI CPU threads per pipeline
-    hw_decoder_load: float = 0.65  # share of JPEGs decoded by the GPU's hardware JPEG decoder (mixed decode)
-    device_memory_padding: int = 16777216  # nvJPEG device buffer over-allocation (bytes)
-    host_memory_padding: int = 8388608  # nvJPEG pinned host buffer over-allocation (bytes)
-    preallocate_width_hint: int = 0  # nvJPEG preallocation: expected max width (0 = none)
-    preallocate_height_hint: int = 0  # nvJPEG preallocation: expected max height (0 = none)
-    shuffle_buffer: int = 4096  # DALI reader shuffle buffer, samples (shards are shuffled when written)
-    dali_output: str = "float32"  # float32 (normalised by DALI) | uint8 (normalised on the device after the copy)
-    mean: list[float] = field(default_factory=lambda: [0.2860])  # per-channel mean of [0,1] pixels
-    std: list[float] = field(default_factory=lambda: [0.3530])  # per-channel std of [0,1] pixels
+    dataset: str = setting(
+        "fmnist", "fmnist (the demo: eval data, and training data for loader=reference) | jpeg (data.train)")
+    root: str | None = setting(None, "Fashion-MNIST directory; null = /usr/share/datasets/fashion-mnist")
+    loader: str = setting(
+        "reference", "reference (in-memory Fashion-MNIST) | pil (PIL/DataLoader JPEG) | dali (NVIDIA DALI)")
+    format: str = setting("webdataset", "JPEG source of the pil / dali loaders: webdataset | folder | filelist")
+    train: str | None = setting(
+        None, "MAE (and WSP) training data for pil / dali: shard dir, image folder or file list")
+    wsp_train: str | None = setting(None, "WSP training data if not data.train (e.g. hashtag shards)")
+    eval_train: str | None = setting(
+        None, "dataset=jpeg: labelled images the linear probe / k-shot fit on (folder or shards)")
+    eval_val: str | None = setting(None, "dataset=jpeg: labelled images they are scored on")
+    eval_crop_frac: float = setting(
+        0.875, "eval transform: resize the shorter side to img_size / crop_frac, centre crop")
+    tags: str | None = setting(None, "hashtag JSONL of a file list ({\"file\": ..., \"tags\": [...]})")
+    vocab: str | None = setting(None, "hashtag vocabulary (vocab.json); shards name theirs in their manifest")
+    num_workers: int = setting(0, "DataLoader worker processes (reference / pil; 0 = load in the training process)")
+    max_bad_samples: int = setting(100, "distinct corrupt images tolerated (each logged by name) before the run stops")
+    max_tags: int = setting(0, "pad width of WSP tag ids (0 = the longest list in the batch)")
+    dali_threads: int = setting(4, "DALI CPU threads per pipeline")
+    hw_decoder_load: float = setting(0.65, "share of JPEGs decoded by the GPU's hardware JPEG decoder (mixed decode)")
+    device_memory_padding: int = setting(16777216, "nvJPEG device buffer over-allocation (bytes)")
+    host_memory_padding: int = setting(8388608, "nvJPEG pinned host buffer over-allocation (bytes)")
+    preallocate_width_hint: int = setting(0, "nvJPEG preallocation: expected max width (0 = none)")
+    preallocate_height_hint: int = setting(0, "nvJPEG preallocation: expected max height (0 = none)")
+    shuffle_buffer: int = setting(4096, "DALI reader shuffle buffer, samples (shards are shuffled when written)")
+    dali_output: str = setting(
+        "float32", "float32 (normalised by DALI) | uint8 (normalised on the device after the copy)")
+    mean: list[float] = setting(lambda: [0.2860], "per-channel mean of [0,1] pixels")
+    std: list[float] = setting(lambda: [0.3530], "per-channel std of [0,1] pixels")
 
     def __post_init__(self):
         _check(self.dataset in ("fmnist", "jpeg"), "data.dataset", f"{self.dataset!r}: use fmnist or jpeg")
@@ -262,14 +281,15 @@ PARALLEL_ENGINES = ("ours", "fsdp2", "ddp")
 
 @dataclass
 class ParallelConfig:
-    engine: str = "ours"  # ours (ZeRO + TP on our collectives) | fsdp2 (torch fully_shard) | ddp (torch DDP)
-    zero_stage: int = 2  # engine=ours: 0 replicate all | 1 shard optimizer | 2 + gradients | 3 + parameters
-    tp: int = 1  # tensor-parallel degree (engine=ours); the data-parallel degree is world / tp
-    bucket_mb: float = 25.0  # gradient bucket size in MiB (ours stages 0-2, ddp)
-    prefetch: bool = True  # stage 3: all-gather the next block while the current one runs
-    param_dtype: str = "fp32"  # model weights: fp32 | bf16 (bf16 copy, fp32 master + AdamW state; ours / fsdp2)
-    grad_accum: int = 1  # micro-batches per optimizer step (no communication until the last)
-    backend: str = "auto"  # process-group backend: auto (nccl on cuda, else gloo) | gloo | nccl
+    engine: str = setting("ours", "ours (ZeRO + TP on our collectives) | fsdp2 (torch fully_shard) | ddp (torch DDP)")
+    zero_stage: int = setting(2, "engine=ours: 0 replicate all | 1 shard optimizer | 2 + gradients | 3 + parameters")
+    tp: int = setting(1, "tensor-parallel degree (engine=ours); the data-parallel degree is world / tp")
+    bucket_mb: float = setting(25.0, "gradient bucket size in MiB (ours stages 0-2, ddp)")
+    prefetch: bool = setting(True, "stage 3: all-gather the next block while the current one runs")
+    param_dtype: str = setting(
+        "fp32", "model weights: fp32 | bf16 (bf16 copy, fp32 master + AdamW state; ours / fsdp2)")
+    grad_accum: int = setting(1, "micro-batches per optimizer step (no communication until the last)")
+    backend: str = setting("auto", "process-group backend: auto (nccl on cuda, else gloo) | gloo | nccl")
 
     def __post_init__(self):
         _check(self.engine in PARALLEL_ENGINES, "parallel.engine", f"{self.engine!r}: choose from {PARALLEL_ENGINES}")
@@ -290,15 +310,15 @@ STAGES = ("mae", "wsp", "linprobe")
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/demo"  # where checkpoints, metrics and results go
-    seed: int = 0  # seeds every RNG (data order, augmentation, masking, init)
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads (0 = torch's default)
-    stages: list[str] = field(default_factory=lambda: list(STAGES))  # stages to run, in order
-    ckpt_every: int = 200  # steps between checkpoints (the end of a stage always writes one)
-    log_every: int = 20  # steps between metric lines (the CPU waits for the loss only here)
-    progress: bool = True  # tqdm progress bar
-    precision: str = "fp32"  # fp32 | bf16 (autocast of forward + loss; fp32 weights and optimizer state)
+    out_dir: str = setting("runs/demo", "where checkpoints, metrics and results go")
+    seed: int = setting(0, "seeds every RNG (data order, augmentation, masking, init)")
+    device: str = setting("cpu", "cpu | cuda | cuda:N")
+    threads: int = setting(0, "torch intra-op threads (0 = torch's default)")
+    stages: list[str] = setting(lambda: list(STAGES), "stages to run, in order")
+    ckpt_every: int = setting(200, "steps between checkpoints (the end of a stage always writes one)")
+    log_every: int = setting(20, "steps between metric lines (the CPU waits for the loss only here)")
+    progress: bool = setting(True, "tqdm progress bar")
+    precision: str = setting("fp32", "fp32 | bf16 (autocast of forward + loss; fp32 weights and optimizer state)")
 
     def __post_init__(self):
         _check(len(self.stages) > 0, "run.stages", f"is empty; choose from {STAGES}")
@@ -312,13 +332,13 @@ class RunConfig:
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)  # where and what to run
-    data: DataConfig = field(default_factory=DataConfig)  # dataset and loader
-    model: ModelConfig = field(default_factory=ModelConfig)  # architecture
-    mae: MAEConfig = field(default_factory=MAEConfig)  # MAE pre-pretraining
-    wsp: WSPConfig = field(default_factory=WSPConfig)  # weakly supervised pretraining
-    eval: EvalConfig = field(default_factory=EvalConfig)  # linear probe and few-shot
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # engine, ZeRO stage, tensor parallel
+    run: RunConfig = setting(RunConfig, "where and what to run")
+    data: DataConfig = setting(DataConfig, "dataset and loader")
+    model: ModelConfig = setting(ModelConfig, "architecture (model.preset fills the other fields first; defaults: tiny)")
+    mae: MAEConfig = setting(MAEConfig, "MAE pre-pretraining")
+    wsp: WSPConfig = setting(WSPConfig, "weakly supervised pretraining")
+    eval: EvalConfig = setting(EvalConfig, "linear probe and few-shot")
+    parallel: ParallelConfig = setting(ParallelConfig, "engine, ZeRO stage, tensor parallel")
 
     def __post_init__(self):
         _check(len(self.data.mean) == self.model.in_chans, "data.mean",
@@ -420,7 +440,8 @@ def _build(cls, data: dict, prefix: str):
     if unknown:
         raise ConfigError(
             f"config: unknown key {prefix}{unknown[0]}" + (f" (and {unknown[1:]})" if unknown[1:] else "")
-            + f"; valid keys under {prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+            + f"; valid keys under {prefix.rstrip('.') or 'the top level'}: {sorted(names)} "
+            + f"(`maws-train --help-config{' ' + prefix.split('.')[0] if prefix else ''}` explains each)"
         )
     kwargs = {}
     for name, value in data.items():
@@ -494,6 +515,48 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _type_name(tp) -> str:
+    """How --help-config spells a field's type (YAML words: null, lists)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def config_help(section: str | None = None) -> str:
+    """Every config field, or one section's, with its type, default and help (``maws-train --help-config``)."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section and section not in sections:
+        raise ConfigError(f"config: no section {section!r}; sections are {sorted(sections)}")
+    defaults, hints = Config(), typing.get_type_hints(Config)
+    blocks = []
+    for name, f in sections.items():
+        if section and name != section:
+            continue
+        cls, inst = hints[name], getattr(defaults, name)
+        sub = typing.get_type_hints(cls)
+        rows = [(f"--{name}.{g.name}", _type_name(sub[g.name]), json.dumps(getattr(inst, g.name)), g.metadata["help"])
+                for g in dataclasses.fields(cls)]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        blocks.append("\n".join([f"{name}: {f.metadata['help']}"]
+                                 + [f"  {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {h}" for k, t, d, h in rows]))
+    return "\n\n".join(blocks)
+
+
+def _yaml_error(path: Path, e: Exception) -> ConfigError:
+    """PyYAML's several-line report as one line: file, line and column, and what is wrong there."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = ": ".join(w for w in (getattr(e, "context", None), getattr(e, "problem", None)) if w) \
+        or str(e).splitlines()[0]
+    fix = "indent with spaces: YAML does not allow tabs" if "'\\t'" in what else "fix the file"
+    return ConfigError(f"config: {where}: not valid YAML ({what}); {fix} (or set the value with --section.key=value)")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply CLI overrides."""
     import yaml
@@ -504,9 +567,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config: file {p} does not exist; pass --config PATH to a YAML file (e.g. configs/demo_fmnist.yaml)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config: {p} is not valid YAML: {e}") from None
+            raise _yaml_error(p, e) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config: {p} is not a text (UTF-8) file; pass --config PATH to a YAML file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config: {p} must hold a mapping of sections (run, data, model, mae, wsp, eval)")
     return config_from_dict(_merge(data, parse_overrides(overrides or [])))

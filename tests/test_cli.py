@@ -150,3 +150,17 @@ def test_maws_bench_train_compares_kernel_backends(tmp_path, capsys):
     assert all(r["baseline"] == "attn=manual kernels=torch" for r in rows)
     assert bench_main(["train", "--kernels", "tpu", "--out", ""]) == 2
     assert "unknown kernel backend(s) ['tpu']" in capsys.readouterr().err
+
+
+def test_help_config_lists_fields_and_help_mentions_it(capsys):
+    assert train_main(["--help-config", "parallel"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("parallel: ") and "--parallel.zero_stage" in out and "--mae." not in out
+    assert train_main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{s}: " in "\n" + out for s in ("run", "data", "model", "mae", "wsp", "eval", "parallel"))
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    assert "--help-config" in capsys.readouterr().out
+    assert train_main(["--help-config", "nope"]) == 2
+    assert "no section 'nope'" in _err(capsys)

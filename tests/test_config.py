@@ -1,4 +1,5 @@
 """Config tree: YAML + dotted overrides, presets, and one clear error per bad key or value."""
+import re
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,50 @@ def test_mae_recipe_defaults_follow_the_official_recipe():
     assert (m.beta1, m.beta2, m.weight_decay, m.blr, m.mask_ratio) == (0.9, 0.95, 0.05, 1.5e-4, 0.75)
     assert m.crop_scale == (0.2, 1.0) and m.flip_p == 0.5 and m.norm_pix_loss
     assert MAEConfig(batch_size=4096).abs_lr == pytest.approx(1.5e-4 * 4096 / 256)
+
+
+def test_invalid_yaml_is_one_line_with_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  seed: 1\n  out_dir: [unclosed\nmae:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"config: {bad}:4:4: not valid YAML (while parsing a flow sequence: ")
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("run:\n\tseed: 1\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config: {tab}:2:1: not valid YAML (") + ".*indent with spaces") as e:
+        load_config(tab)
+    assert "\n" not in str(e.value)
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(b"\x80\x81\xfe\xff" * 8)
+    with pytest.raises(ConfigError, match="not a text .* file"):
+        load_config(binary)
+
+
+def test_every_field_has_its_help_and_help_config_lists_it():
+    import dataclasses
+    import typing
+
+    from maws_fast.config import Config, config_help
+
+    text = config_help()
+    for section in dataclasses.fields(Config):
+        assert section.metadata.get("help"), section.name
+        cls = typing.get_type_hints(Config)[section.name]
+        for f in dataclasses.fields(cls):
+            helptext = f.metadata.get("help", "")
+            assert helptext.strip(), f"{section.name}.{f.name} has no help"
+            line = next(x for x in text.splitlines() if x.split()[:1] == [f"--{section.name}.{f.name}"])
+            assert helptext in line
+    mae = config_help("mae").splitlines()
+    assert mae[0] == "mae: MAE pre-pretraining" and all(x.startswith("  --mae.") for x in mae[1:])
+    epochs = next(x for x in mae if x.split()[0] == "--mae.epochs").split()
+    assert epochs[1:3] == ["float", "1.0"]
+    assert "float | null" in next(x for x in mae if x.split()[0] == "--mae.clip_grad")
+    with pytest.raises(ConfigError, match="no section 'optim'.*'mae'"):
+        config_help("optim")
+
+
+def test_unknown_key_points_at_help_config():
+    with pytest.raises(ConfigError, match=r"unknown key mae\.epochz.*maws-train --help-config mae"):
+        load_config(DEMO, ["--mae.epochz=1"])
