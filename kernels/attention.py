@@ -34,8 +34,8 @@ _IMPLEMENTED = ("triton", "torch")
 _MAX_D = 128  # the Q tile, accumulator and K/V tiles must stay in registers / shared memory
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
-# The interpreter computes tl.dot on bf16 operands wrongly (DESIGN.md): there every dot operand
-# is upcast to fp32 first. On a GPU the native fp16 / bf16 tensor-core dots are kept.
+# The interpreter computes tl.dot on bf16 operands wrongly (the repository's docs/ARCHITECTURE.md): there
+# every dot operand is upcast to fp32 first. On a GPU the native fp16 / bf16 tensor-core dots are kept.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -104,8 +104,8 @@ def test_config_round_trips_through_json():
 
 
 def test_mae_recipe_defaults_follow_the_official_recipe():
-    """DESIGN.md recipe: AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 (lr = blr * batch / 256), 75% masking,
-    RandomResizedCrop scale (0.2, 1.0) with h-flip, norm-pix loss."""
+    """The official recipe (docs/ARCHITECTURE.md, Facts): AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4
+    (lr = blr * batch / 256), 75% masking, RandomResizedCrop scale (0.2, 1.0) with h-flip, norm-pix loss."""
     from maws_fast.config import MAEConfig
 
     m = MAEConfig()

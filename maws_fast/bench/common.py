@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-# Dense bf16 peak of the devices we report MFU for (DESIGN.md: H100 SXM 989 TFLOP/s).
+# Dense bf16 peak of the devices we report MFU for (docs/ARCHITECTURE.md: H100 SXM 989 TFLOP/s).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 

@@ -11,7 +11,7 @@ A shard directory holds
   inputs were rejected when the shards were written.
 
 Container readers only shuffle within a buffer, so the writer shuffles the whole sample list
-before it cuts shards (DESIGN.md, Data).
+before it cuts shards.
 """
 
 from __future__ import annotations

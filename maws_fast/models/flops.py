@@ -6,7 +6,7 @@ Backward is counted as 2x forward for every layer that trains. MAE counts the pa
 over ALL patches, as the official model computes it; with a fused masked patch gather the
 embedding runs on the kept patches only (``masked_embed=True``).
 
-Reference points (DESIGN.md): MAE ViT-B/16-224 at 75% masking ~59 GFLOP per training image
+Reference points (docs/ARCHITECTURE.md, Facts): MAE ViT-B/16-224 at 75% masking ~59 GFLOP per training image
 (the decoder about half); ViT-L/16 ~124.
 """
 from __future__ import annotations

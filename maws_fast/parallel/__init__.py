@@ -1,1 +1,1 @@
-"""Parallelism (ZeRO, tensor parallel, engines) lands here; see DESIGN.md, section Parallelism."""
+"""Parallelism applied to a model from outside: the mesh, tensor parallel, our ZeRO, the engines (docs/ARCHITECTURE.md)."""

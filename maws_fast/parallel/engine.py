@@ -149,7 +149,8 @@ class _TorchEngine:
         named = dict(self.inner.named_parameters())
         torch_groups = [{**opts, "params": [named[n] for n in names]} for opts, names in groups]
         kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(torch_groups, lr=0.0, betas=tuple(betas), eps=eps, **kwargs)
+        # weight_decay=0 is what a group without one gets (torch's AdamW default would be 0.01)
+        self.optimizer = torch.optim.AdamW(torch_groups, lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0, **kwargs)
         self.params = [p for p in self.inner.parameters() if p.requires_grad]
 
     # --- what DDP and FSDP2 do differently ---------------------------------------------------------

@@ -28,7 +28,8 @@ stage 3 moves 3Ψ for the blocks (all-gather in forward, again in backward, redu
 to the end of backward because it is used outside any block's forward.
 
 Stage 3's parameter lifecycle (gather before a block runs, prefetch the next, free after, the
-same again in backward) is :class:`_GatheredParams`'s; the engine calls it at the step's edges.
+same again in backward) is :class:`~maws_fast.parallel.buckets.GatheredParams`'s; the engine calls
+it at the edges of a step.
 
 Gradient reduction is launched from per-parameter post-accumulate-grad hooks as soon as a bucket
 is complete, asynchronously, so it overlaps the rest of backward; buckets are launched in index
@@ -38,185 +39,20 @@ accumulation) nothing is communicated until the last micro-batch.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 import maws_kernels
+from maws_fast.parallel.buckets import Bucket, GatheredParams, Run, all_gather, reduce_scatter
 from maws_fast.parallel.mesh import Mesh
 from maws_fast.parallel.tensor import Piece, TPSplit, tp_layout, transformer_blocks
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# torch 2.13 names these *_single (the *_into_tensor / *_tensor names are deprecated there); the GPU
-# machine's torch 2.11 has only the old ones. Same arguments either way.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 # Gradient buckets being reduced at once (stages 2-3): each holds a bucket-sized flat copy of its
 # grads until its reduce-scatter is done, so this bounds the transient memory of backward.
 MAX_IN_FLIGHT = 2
-
-
-@dataclass
-class _Run:
-    """A stretch of one chunk with one weight decay and one TP kind (a fused AdamW launch)."""
-
-    start: int  # within the chunk
-    end: int
-    group: int  # index of the param group (its weight decay)
-    tp_sharded: bool
-
-
-@dataclass
-class Bucket:
-    """One flat bucket: parameter views, this rank's chunk, and its optimizer state."""
-
-    index: int
-    names: list[str]
-    params: list[nn.Parameter]
-    offsets: list[int]  # start of each param in the flat bucket
-    numel: int  # unpadded
-    padded: int  # multiple of the shard world
-    chunk: int  # padded / shard world
-    runs: list[_Run] = field(default_factory=list)
-    full: torch.Tensor | None = None  # (padded,) model dtype; storage freed between uses at stage 3
-    shard: torch.Tensor | None = None  # (chunk,) model dtype: this rank's params (a view of full below stage 3)
-    master: torch.Tensor | None = None  # (chunk,) fp32 (the shard itself when the model dtype is fp32)
-    exp_avg: torch.Tensor | None = None
-    exp_avg_sq: torch.Tensor | None = None
-    grad_full: torch.Tensor | None = None  # (padded,) stages 0-1: the params' .grad are views of it
-    grad_shard: torch.Tensor | None = None  # (chunk,) reduced grads of this rank's chunk
-    pending: int = 0  # params whose grad has not arrived this backward
-    launched: bool = False
-    gathered: bool = True
-    gather_work: object = None  # stage 3: async all-gather of the params in flight (prefetch)
-    work: object = None  # async gradient reduction in flight
-    got_grad: set = field(default_factory=set)  # indices of params whose grad arrived this step
-    tmp: torch.Tensor | None = None  # stages 2-3: the flat grads being reduce-scattered
-
-
-def _storage_free(t: torch.Tensor) -> None:
-    t.untyped_storage().resize_(0)
-
-
-def _storage_alloc(t: torch.Tensor) -> None:
-    nbytes = t.numel() * t.element_size()
-    if t.untyped_storage().size() != nbytes:
-        t.untyped_storage().resize_(nbytes)
-
-
-class _GatheredParams:
-    """ZeRO-3: which buckets hold their full parameters when.
-
-    A block's bucket is all-gathered just before the block runs (the next block's is prefetched,
-    asynchronously, while this one computes) and freed after; in backward the same happens in
-    reverse, started by a hook on the block's output. The root bucket (embeddings, norms, heads:
-    used outside any block's forward) is gathered from :meth:`start_step` to :meth:`end_step`.
-    With one data-parallel rank nothing is ever freed.
-    """
-
-    def __init__(self, buckets: list[Bucket], units: list[tuple[str, nn.Module]], roots: list[nn.Module],
-                 group, shard_world: int, prefetch: bool, hooks: list):
-        self.group, self.shard_world, self.prefetch = group, shard_world, prefetch
-        self._units: dict[nn.Module, Bucket] = {}
-        self.forward_order: list[Bucket] = []
-        by_first_param = {b.params[0]: b for b in buckets}
-        for _prefix, blk in units:
-            params = [p for p in blk.parameters() if p.requires_grad]
-            if not params:
-                continue
-            b = next(by_first_param[p] for p in params if p in by_first_param)
-            self._units[blk] = b
-            self.forward_order.append(b)
-            hooks.append(blk.register_forward_pre_hook(self._pre_forward))
-            hooks.append(blk.register_forward_hook(self._post_forward))
-        self.root = buckets[-1] if len(self.forward_order) < len(buckets) else None
-        if self.root is not None:
-            # start_step() gathers the root ahead of time; a forward without it (evaluation between
-            # step() and the next zero_grad(), through the objective or the network) gathers it here.
-            for m in roots:
-                hooks.append(m.register_forward_pre_hook(lambda *_: self.wait(self.root)))
-
-    def gather(self, b: Bucket, async_op: bool = False) -> None:
-        if b.gathered or b.gather_work is not None:
-            return
-        _storage_alloc(b.full)
-        if self.shard_world == 1:
-            b.full.copy_(b.shard)
-            b.gathered = True
-            return
-        work = _all_gather(b.full, b.shard, group=self.group, async_op=async_op)
-        if async_op:
-            b.gather_work = work
-        else:
-            b.gathered = True
-
-    def wait(self, b: Bucket) -> None:
-        """Block until ``b``'s full parameters are there (gathering them now if nobody started to)."""
-        if b.gather_work is not None:
-            b.gather_work.wait()
-            b.gather_work = None
-            b.gathered = True
-        elif not b.gathered:
-            self.gather(b)
-
-    def free(self, b: Bucket) -> None:
-        """Release ``b``'s full params (a prefetch still in flight is waited for first)."""
-        if self.shard_world == 1:
-            return
-        if b.gather_work is not None:  # e.g. a prefetched block the forward never ran
-            b.gather_work.wait()
-            b.gather_work = None
-        _storage_free(b.full)
-        b.gathered = False
-
-    def regather(self, b: Bucket) -> None:
-        """After new shards were loaded: refresh the full params of a bucket that holds them."""
-        if b is self.root or b.gathered:
-            b.gathered = False
-            self.gather(b)
-
-    def start_step(self) -> None:
-        if self.root is not None:
-            self.wait(self.root)
-        if self.prefetch and self.forward_order:
-            self.gather(self.forward_order[0], async_op=True)
-
-    def free_blocks(self) -> None:
-        """Between micro-batches: accumulation keeps full grads, not gathered params."""
-        for b in self.forward_order:
-            self.free(b)
-
-    def end_step(self) -> None:
-        if self.root is not None:
-            self.free(self.root)  # re-gathered with the new weights at the next start_step
-
-    def _neighbour(self, b: Bucket, delta: int) -> Bucket | None:
-        i = self.forward_order.index(b) + delta
-        return self.forward_order[i] if 0 <= i < len(self.forward_order) else None
-
-    def _pre_forward(self, module, args):
-        b = self._units[module]
-        self.wait(b)
-        nxt = self._neighbour(b, +1)
-        if self.prefetch and nxt is not None:
-            self.gather(nxt, async_op=True)  # overlaps this block's compute
-
-    def _post_forward(self, module, args, out):
-        b = self._units[module]
-        if torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(self._pre_backward_hook(b))
-        self.free(b)  # the autograd graph keeps views of b.full; backward re-fills the same storage
-        return None
-
-    def _pre_backward_hook(self, b: Bucket):
-        def hook(_grad):
-            self.wait(b)
-            prev = self._neighbour(b, -1)
-            if self.prefetch and prev is not None:
-                self.gather(prev, async_op=True)
-        return hook
 
 
 class ZeroEngine:
@@ -266,9 +102,9 @@ class ZeroEngine:
         self._init_buffers()
         if self.dtype != torch.float32:
             self._run_in_model_dtype()
-        self.gathering: _GatheredParams | None = None
+        self.gathering: GatheredParams | None = None
         if stage == 3:
-            self.gathering = _GatheredParams(self.buckets, transformer_blocks(self.inner), [self.objective, self.inner],
+            self.gathering = GatheredParams(self.buckets, transformer_blocks(self.inner), [self.objective, self.inner],
                                              self.group, self.shard_world, prefetch, self._hooks)
         for b in self.buckets:
             for i, p in enumerate(b.params):
@@ -322,10 +158,10 @@ class ZeroEngine:
             buckets.append(b)
         return buckets
 
-    def _runs(self, b: Bucket, members) -> list[_Run]:
+    def _runs(self, b: Bucket, members) -> list[Run]:
         """Cut this rank's chunk into stretches of one (param group, TP-sharded) kind."""
         lo, hi = self.shard_rank * b.chunk, (self.shard_rank + 1) * b.chunk
-        runs: list[_Run] = []
+        runs: list[Run] = []
         for (n, p), off in zip(members, b.offsets):
             s, e = max(lo, off), min(hi, off + p.numel())
             if s >= e:
@@ -334,7 +170,7 @@ class ZeroEngine:
             if runs and (runs[-1].group, runs[-1].tp_sharded) == kind and runs[-1].end == s - lo:
                 runs[-1].end = e - lo
             else:
-                runs.append(_Run(s - lo, e - lo, *kind))
+                runs.append(Run(s - lo, e - lo, *kind))
         return runs
 
     def _init_buffers(self) -> None:
@@ -417,7 +253,7 @@ class ZeroEngine:
             if self.stage == 0:
                 b.work = dist.all_reduce(flat, group=self.group, async_op=True)
             else:
-                b.work = _reduce_scatter(b.grad_shard, flat, group=self.group, async_op=True)
+                b.work = reduce_scatter(b.grad_shard, flat, group=self.group, async_op=True)
         elif flat is not b.grad_shard:
             b.grad_shard.copy_(flat[:b.chunk])
         b.launched = True
@@ -502,21 +338,21 @@ class ZeroEngine:
                     grad_scale=None if gs == 1.0 else gs, backend=self.kernel_backend)
         if self.stage in (1, 2) and self.shard_world > 1:
             # In place: the shard is this rank's chunk of b.full (NCCL and gloo both accept that).
-            works = [_all_gather(b.full, b.shard, group=self.group, async_op=True) for b in self.buckets]
+            works = [all_gather(b.full, b.shard, group=self.group, async_op=True) for b in self.buckets]
             for w in works:
                 w.wait()
         if self.gathering is not None:
             self.gathering.end_step()
         return norm
 
-    def _runs_with_grads(self, b: Bucket) -> list[_Run]:
+    def _runs_with_grads(self, b: Bucket) -> list[Run]:
         """The runs to update: like torch.optim.AdamW, a param that got no gradient this step is left alone."""
         if len(b.got_grad) == len(b.params):
             return b.runs
         lo = self.shard_rank * b.chunk
         spans = [(max(lo, off) - lo, min(lo + b.chunk, off + p.numel()) - lo)
                  for i, (p, off) in enumerate(zip(b.params, b.offsets)) if i in b.got_grad]
-        return [_Run(max(r.start, s), min(r.end, e), r.group, r.tp_sharded)
+        return [Run(max(r.start, s), min(r.end, e), r.group, r.tp_sharded)
                 for r in b.runs for s, e in spans if max(r.start, s) < min(r.end, e)]
 
     def _global_norm(self) -> torch.Tensor:
@@ -609,7 +445,7 @@ class ZeroEngine:
             if self.gathering is not None and self.shard_world > 1:
                 self.gathering.regather(b)
             elif self.shard_world > 1:
-                _all_gather(b.full, b.shard, group=self.group)
+                all_gather(b.full, b.shard, group=self.group)
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -618,7 +454,7 @@ class ZeroEngine:
         for b in self.buckets:
             if self.shard_world > 1:
                 full = torch.empty(b.padded, dtype=torch.float32, device=self.device)
-                _all_gather(full, b.master.contiguous(), group=self.group)
+                all_gather(full, b.master.contiguous(), group=self.group)
             else:
                 full = b.master
             for n, p, off in zip(b.names, b.params, b.offsets):

@@ -342,3 +342,16 @@ def test_dali_errors_name_the_cause(tmp_path, real_images):
     with pytest.raises(DataError) as e:
         _batches(_loader("dali", src, batch_size=2))
     assert "fn.readers" not in str(e.value) and str(paths[0].name) in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["pil", "dali"])
+def test_jpeg_loaders_implement_the_loader_protocol(tmp_path, real_images, kind):
+    from maws_fast.data.loader import Loader
+
+    loader = _loader(kind, _shards(tmp_path, real_images))
+    try:
+        assert isinstance(loader, Loader)
+        state = loader.state_dict()
+        assert state["kind"] == kind and loader.bad is not None and loader.bad.found == {}  # nothing read yet
+    finally:
+        loader.close()

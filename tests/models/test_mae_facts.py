@@ -1,4 +1,4 @@
-"""Every fact of DESIGN.md's "Facts the code must match" section, pinned by a test that fails
+"""Every fact of docs/ARCHITECTURE.md's "Facts the code must match" section, pinned by a test that fails
 if the fact is broken. Independent re-statements of the official formulas live here, written
 loop-by-loop, so a shared bug in a vectorised helper cannot hide."""
 import math
