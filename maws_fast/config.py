@@ -276,7 +276,7 @@ class DataConfig:
                "mean and std need one value per channel and std > 0")
 
 
-PARALLEL_ENGINES = ("ours", "fsdp2", "ddp")
+PARALLEL_ENGINES = ("ours", "fsdp2", "ddp")  # maws_fast.parallel.engine.parallelize builds each
 
 
 @dataclass

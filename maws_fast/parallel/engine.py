@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import ContextManager, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from maws_fast.config import PARALLEL_ENGINES
 from maws_fast.errors import ConfigError
 from maws_fast.parallel.mesh import Mesh
 from maws_fast.parallel.tensor import Piece, apply_tensor_parallel, transformer_blocks
 from maws_fast.parallel.zero import ZeroEngine
-
-ENGINES = ("ours", "fsdp2", "ddp")
 
 # A parameter group by name: (its options, e.g. {"weight_decay": 0.05}, the names of its parameters).
 # Names survive tensor parallelism, which replaces the split Linear layers and their parameters.
@@ -59,7 +58,7 @@ class Engine(Protocol):
         """Backward of one micro-batch's loss; gradients are reduced as they are produced unless in no_sync."""
         ...
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> contextlib.AbstractContextManager:
         """Micro-batches before the last of a step: gradients accumulate locally, nothing is communicated."""
         ...
 
@@ -335,8 +334,8 @@ def parallelize(objective: nn.Module, mesh: Mesh, param_groups: list[dict], *, e
         device: training device.
         kernel_backend: maws_kernels backend of the fused AdamW.
     """
-    if engine not in ENGINES:
-        raise ConfigError(f"config: parallel.engine: {engine!r} is not one of {ENGINES}")
+    if engine not in PARALLEL_ENGINES:
+        raise ConfigError(f"config: parallel.engine: {engine!r} is not one of {PARALLEL_ENGINES}")
     device = torch.device(device)
     tp = mesh.dims.tp
     if tp > 1 and engine != "ours":
