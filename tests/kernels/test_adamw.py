@@ -238,8 +238,12 @@ def test_torch_compile_fullgraph(seeded, backend):
     fn(*eager)
     compiled = [b.clone() for b in bufs]
     torch.compile(fn, backend="aot_eager", fullgraph=True)(*compiled)
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    # aot_eager decomposes the reference's fused ops, so an element's last rounding may differ: one fp32
+    # ulp (1.2e-7 at |p| ~ 1, seen in 2 of 300 seeds) broke atol=0 wherever |p| < 0.1
+    for a, b in zip(compiled[:4], eager[:4]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=2e-7)
+    # the bf16 copy: that ulp of the master may move it across a bf16 rounding boundary (one bf16 ulp)
+    torch.testing.assert_close(compiled[4].float(), eager[4].float(), rtol=2**-8, atol=0)
 
 
 def test_custom_op_opcheck(seeded):
