@@ -111,9 +111,10 @@ def _head_ptr(ptr, b, h, sb, sh):
 def _load_rows(base, rows, row_ok, sn, offs_d, D, UPCAST: tl.constexpr):
     """Tile (len(rows), BLOCK_D) at ``base + rows * sn``; zero where not ``row_ok`` and past ``D``; fp32 if UPCAST.
 
-    A tile loaded once per program indexes from the head (``rows = start + offs``, int64); a tile
-    streamed in a loop from its sequence's first row (int32 ``offs``): ptxas allocates registers
-    better for each that way (sm_90, Triton 3.7: the other way spills at D = 80).
+    Callers pass a head pointer with absolute int64 rows (``start + offs``) or a sequence pointer
+    (``... + start * sn``) with int32 ``offs``, each load addressed as the kernel was written before
+    these helpers: ptxas allocates registers differently for the two (sm_90, Triton 3.7: the backward
+    kernels' resident tiles spilled at D = 80 when moved to the second form).
     """
     x = tl.load(base + rows[:, None] * sn + offs_d[None, :], mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
     if UPCAST:

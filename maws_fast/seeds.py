@@ -1,9 +1,11 @@
-"""Seeds: every random stream of a run is a generator seeded with ``mix_seed`` of named parts.
+"""Seeds: the random streams of training are seeded with ``mix_seed`` of ``run.seed`` and a named id.
 
-Nothing in maws_fast draws from a global RNG during training: each batch, step or model init
-seeds its own ``torch.Generator`` from ``run.seed`` and a :class:`Stream` id (plus epoch, batch,
-step, rank where the stream is per batch or per step). So a resumed run draws exactly what an
-uninterrupted one does, and two streams never overlap.
+Nothing in the training loop draws from a shared RNG stream: each batch (order, crops, flips) and
+each step (MAE masking) seeds its own ``torch.Generator`` from ``run.seed``, a :class:`Stream` id
+and its epoch / batch / step / rank, so a resumed run draws exactly what an uninterrupted one
+does. Model init seeds the global generator with ``mix_seed(seed, Stream.*_INIT)`` just before
+the model is built (the same weights on every rank). The demo data's hashtags and the probes
+(linear probe, k-shot trials) are seeded from ``run.seed`` directly, in their own modules.
 
 The stream values, and the order of the parts at each call site, fix every run's numbers:
 changing one changes what a seed trains. Per-batch / per-step streams put the stream id first
@@ -18,7 +20,7 @@ _MASK64 = (1 << 64) - 1
 
 
 class Stream(IntEnum):
-    """Domain ids that keep the random streams of a run apart."""
+    """Domain ids that keep the ``mix_seed`` streams of a run apart."""
 
     PERMUTATION = 1  # sample order of an epoch (reference and PIL loaders)
     AUGMENT = 2  # crop boxes and flips of one batch

@@ -6,6 +6,7 @@ Fashion-MNIST), the PIL DataLoader (``data.pil_loader.PilLoader``) and DALI
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -66,7 +67,7 @@ def eval_format(path: str) -> str:
 
 def jpeg_loader(cfg: Config, path: str | Source, batch_size: int, scale, flip_p: float, targets: str,
                 device: torch.device, eval_transform: bool = False, shard: tuple[int, int] = (0, 1),
-                log: Callable[[str], None] = print) -> Loader:
+                log: Callable[[str], None] = functools.partial(print, flush=True)) -> Loader:
     """A PIL or DALI loader (``cfg.data.loader``) of JPEG data, sharded by data-parallel rank.
 
     Args:

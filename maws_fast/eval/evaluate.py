@@ -7,6 +7,7 @@ business (``maws_fast.train.stages``).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -54,7 +55,7 @@ def check_eval_config(cfg: Config, data: DemoData | None) -> None:
 
 
 def feature_sets(cfg: Config, data: DemoData | None, device: torch.device,
-                 log: Callable[[str], None] = print) -> tuple[Features, int]:
+                 log: Callable[[str], None] = functools.partial(print, flush=True)) -> tuple[Features, int]:
     """``(feats, num_classes)`` of the eval data.
 
     Fashion-MNIST (the in-memory splits, train_subset of train) or, for dataset=jpeg, the

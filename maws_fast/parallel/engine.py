@@ -98,16 +98,26 @@ class Engine(Protocol):
         ...
 
 
+# What a group may set: every engine applies these alike (lr and betas are the engine's, for all groups).
+GROUP_OPTIONS = ("weight_decay", "name")
+
+
 def named_groups(model: nn.Module, param_groups: list[dict]) -> NamedGroups:
     """torch-style param groups of ``model`` by parameter name; every trainable parameter in exactly one.
 
     Raises:
         ValueError: a group holds a tensor that is not a trainable parameter of ``model``, a parameter
-            is in two groups, or a trainable parameter is in none (an engine trains all of them).
+            is in two groups, a trainable parameter is in none (an engine trains all of them), or a group
+            sets an option other than :data:`GROUP_OPTIONS` (ours would ignore it where torch's AdamW
+            would not).
     """
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     out, seen = [], set()
     for g in param_groups:
+        other = sorted(set(g) - {"params", *GROUP_OPTIONS})
+        if other:
+            raise ValueError(f"param group options {other} are not supported by the engines; a group sets only "
+                             f"{GROUP_OPTIONS} (lr, betas and eps are parallelize()'s and step()'s, for every group)")
         group_names = []
         for p in g["params"]:
             n = names.get(id(p))

@@ -78,15 +78,15 @@ class Checkpointer:
         loader: the stage's loader (its reader position is saved per rank).
         mesh: the process mesh.
         zero_stage: parallel.zero_stage (recorded for engine=ours).
-        total_steps, steps_per_epoch: the stage's length.
+        total_steps: the stage's length (its steps per epoch are the loader's).
         frozen: :func:`frozen_tensors` of the model.
     """
 
     def __init__(self, name: str, stage_dir: Path, fingerprint: dict, engine: Engine, loader: Loader, mesh: Mesh,
-                 zero_stage: int, total_steps: int, steps_per_epoch: int, frozen: dict[str, torch.Tensor]):
+                 zero_stage: int, total_steps: int, frozen: dict[str, torch.Tensor]):
         self.name, self.stage_dir, self.fingerprint = name, stage_dir, fingerprint
         self.engine, self.loader, self.mesh, self.zero_stage = engine, loader, mesh, zero_stage
-        self.total, self.spe, self.frozen = total_steps, steps_per_epoch, frozen
+        self.total, self.spe, self.frozen = total_steps, loader.num_batches, frozen
         self.ckpt_dir, self.final_dir = stage_dir / "ckpt", stage_dir / "final"
 
     def meta(self, step: int) -> dict:
@@ -120,15 +120,15 @@ class Checkpointer:
             rank_metas = [{"data_state": meta.get("data_state")}]  # it was written by one process
         self.engine.load_shard_tensors(tensors, optim_steps)
         step = int(meta["step"])
-        states = [m.get("data_state") for m in rank_metas]
-        if any(s is not None for s in states):  # a JPEG loader's reader position: one per process
-            if len(states) != self.mesh.dims.world:
+        if self.loader.state_dict() is not None:  # a JPEG loader: its reader position is one per process
+            if len(rank_metas) != self.mesh.dims.world:
                 raise CheckpointError(
-                    f"{path} was saved by {len(states)} processes; the {type(self.loader).__name__}'s reader "
-                    f"position is per process, so resume it with {len(states)} processes (model and optimizer "
+                    f"{path} was saved by {len(rank_metas)} processes; the {type(self.loader).__name__}'s reader "
+                    f"position is per process, so resume it with {len(rank_metas)} processes (model and optimizer "
                     "state reshard to any layout; the in-memory reference loader resumes at any world size)")
-            if states[self.mesh.rank] is not None:
-                self.loader.load_state_dict(states[self.mesh.rank])  # the reader resumes where it stopped
+            data_state = rank_metas[self.mesh.rank].get("data_state")
+            if data_state is not None:
+                self.loader.load_state_dict(data_state)  # the reader resumes where it stopped
         if self.mesh.rank == 0:
             drop_rows_after(self.stage_dir / "metrics.jsonl", step)  # rows past the checkpoint are re-logged
         saved_world = meta.get("parallel", {}).get("world")

@@ -40,7 +40,7 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _silent(_msg: str) -> None:
+def silent(_msg: str) -> None:
     """The echo of ranks other than 0 (one log per job)."""
 
 
@@ -142,7 +142,7 @@ def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, d
                          prefetch=parallel.prefetch, param_dtype=parallel.param_dtype, device=device,
                          kernel_backend=getattr(stage.model, "kernel_backend", None))
     ckpt = Checkpointer(stage.name, stage_dir, stage.fingerprint, engine, stage.loader, mesh, parallel.zero_stage,
-                        total, stage.loader.num_batches, frozen)
+                        total, frozen)
     step = ckpt.resume(ckpts[-1], legacy_order, echo) if ckpts else 0
     return engine, ckpt, step
 
@@ -169,7 +169,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
         Path of ``out_dir/<name>/final`` (consolidated weights + meta), or None if stopped early.
     """
     parallel, mesh = parallel or ParallelConfig(), mesh or single_process()
-    echo = echo if mesh.rank == 0 else _silent
+    echo = echo if mesh.rank == 0 else silent
     stage_dir = Path(out_dir) / stage.name
     if (stage_dir / "final").exists():
         meta = read_meta(stage_dir / "final")  # metadata only: a finished stage's weights are not needed here

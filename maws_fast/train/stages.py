@@ -26,7 +26,7 @@ from maws_fast.parallel.mesh import Mesh, destroy, init_distributed
 from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import atomic_write_text, load_checkpoint, load_tensors, read_meta
 from maws_fast.train.checkpoint import check_fingerprint
-from maws_fast.train.loop import Stage, run_stage, say
+from maws_fast.train.loop import Stage, run_stage, say, silent
 from maws_fast.train.objectives import MAEObjective, WSPObjective
 
 Echo = Callable[[str], None]
@@ -196,7 +196,7 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
         if mesh.distributed and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
         if mesh.rank != 0:
-            echo = lambda _msg: None  # noqa: E731  (one log, from rank 0)
+            echo = silent  # one log, from rank 0
         return _run_stages(cfg, out, device, mesh, echo)
     finally:
         destroy()

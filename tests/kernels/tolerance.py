@@ -1,6 +1,6 @@
 """Tolerances shared by the kernel tests.
 
-The low-precision rule (STYLE.md, from flash-attention): a kernel's error against an fp32
+The low-precision rule (the house style, from flash-attention): a kernel's error against an fp32
 reference may be at most twice the error of the same-dtype torch op, plus a small atol.
 Under Triton's interpreter, fp32 -> fp16/bf16 stores TRUNCATE instead of rounding (docs/ARCHITECTURE.md),
 so interpreted outputs get one extra ulp of their magnitude; a GPU run gets no such slack.

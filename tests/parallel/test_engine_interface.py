@@ -69,3 +69,10 @@ def test_named_groups_refuse_what_an_engine_cannot_train():
         named_groups(model, [{"params": params + [torch.nn.Parameter(torch.zeros(2))]}])
     (opts, names), = named_groups(model, [{"params": params, "weight_decay": 0.2, "name": "all"}])
     assert opts == {"weight_decay": 0.2, "name": "all"} and names[0] == next(iter(dict(model.named_parameters())))
+
+
+def test_named_groups_refuse_options_the_engines_would_apply_differently():
+    model, _, _, _ = build("wsp")
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=r"options \['betas', 'lr'\] are not supported"):
+        named_groups(model, [{"params": params, "lr": 1e-3, "betas": (0.9, 0.9)}])
