@@ -104,21 +104,24 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    """maws-bench train|kernels|data|dist [...]: see benchmarks/bench_train.py, bench_<op>.py, bench_data.py, bench_dist.py."""
+    """maws-bench train|step|kernels|data|dist [...]: see benchmarks/bench_train.py, bench_step.py, bench_<op>.py,
+    bench_data.py, bench_dist.py."""
     parser = argparse.ArgumentParser(prog="maws-bench", description="Benchmarks.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     from maws_fast.bench.data import add_data_args, bench_data
     from maws_fast.bench.dist import add_dist_args, bench_dist
     from maws_fast.bench.kernels import add_kernel_args, bench_kernels
+    from maws_fast.bench.step import add_step_args, bench_step
     from maws_fast.bench.train import add_train_args, bench_train
 
     add_train_args(sub.add_parser("train", help="MAE and WSP training-step throughput of a preset"))
+    add_step_args(sub.add_parser("step", help="official-equivalent vs ours: bytes, FLOPs, roofline, measured img/s"))
     add_kernel_args(sub.add_parser("kernels", help="fused kernels vs torch eager and torch.compile"))
     add_data_args(sub.add_parser("data", help="DALI input pipeline vs the PIL / DataLoader reference"))
     add_dist_args(sub.add_parser("dist", help="ours (ZeRO 1/2/3) vs FSDP2 vs DDP: step time, bytes per step, memory"))
     args = parser.parse_args(argv)
     try:
-        {"train": bench_train, "kernels": bench_kernels, "data": bench_data, "dist": bench_dist}[args.cmd](args)
+        {"train": bench_train, "step": bench_step, "kernels": bench_kernels, "data": bench_data, "dist": bench_dist}[args.cmd](args)
     except UserError as e:
         return _fail("maws-bench", e)
     return 0

@@ -1,0 +1,260 @@
+"""The training-step benchmark (``maws-bench step``, ``benchmarks/bench_step.py``).
+
+Compares, in one run, at ViT-B/16 MAE and ViT-L/16 WSP:
+
+* ``official eager``: the official model structure (:mod:`maws_fast.bench.baseline`) under bf16
+  autocast over fp32 weights -- what a user of the official code gets;
+* ``official compile``: the same under ``torch.compile`` (measured on a GPU only);
+* ``ours eager (autocast)``: maws_fast's model, fused kernels, autocast over fp32 weights;
+* ``ours eager``: the GPU default -- bf16 weights (fp32 master and AdamW state in the engine),
+  a bf16 residual stream, the fused kernels.
+
+Per variant, counted (:mod:`maws_fast.bench.traffic`, no GPU needed): memory-bound bytes, GEMM and
+attention FLOPs and saved-activation bytes per training image, and a labelled roofline PREDICTION
+of images/s and MFU on an H100 and an H200 (GEMMs at 989 TFLOP/s, every other kernel at full HBM
+bandwidth, no overlap: an upper bound, not a measurement). On a GPU it adds measured images/s,
+MFU (analytic FLOPs, the official all-patch count, / 989 TFLOP/s) and peak memory of full steps
+(forward, backward, AdamW). Rows go to ``benchmarks/results/step.json``; the README table is
+generated from it. Nothing here is asserted by a test.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+
+from maws_fast.bench.baseline import OfficialMAE, OfficialViT, soft_target_cross_entropy
+from maws_fast.bench.common import append_results, env_info, peak_tflops, time_steps
+from maws_fast.bench.traffic import per_image
+from maws_fast.config import PRESETS, model_preset
+from maws_fast.errors import ConfigError
+from maws_fast.models import build_classifier, build_mae
+from maws_fast.models.flops import flops_per_image
+from maws_fast.train.objectives import wsp_loss
+
+# Roofline inputs (docs/ARCHITECTURE.md, "Performance physics"): dense bf16 TFLOP/s, HBM TB/s.
+DEVICES = {"H100": (989.0, 3.35), "H200": (989.0, 4.8)}
+VARIANTS = ("official eager", "official compile", "ours eager (autocast)", "ours eager")
+GOAL_BYTES_RATIO, GOAL_MFU = 0.5, 0.5  # memory-bound bytes vs official eager; predicted H100 MFU (B/16 MAE)
+GOAL_VS_EAGER, GOAL_VS_COMPILE = 2.0, 1.25  # measured img/s of ours eager vs the official variants
+
+
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cases", default="mae:vit_b16,wsp:vit_l16",
+                   help="stage:preset pairs (stage mae or wsp; presets from model.preset)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch of the measured steps (GPU)")
+    p.add_argument("--count-batch", type=int, default=8, help="B of the (2B - B) / B traffic count")
+    p.add_argument("--num-classes", type=int, default=30000, help="WSP head (hashtag vocabulary) size")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS}")
+    p.add_argument("--measure", choices=("auto", "yes", "no"), default="auto",
+                   help="time real steps (auto: on a GPU only)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measured variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="benchmarks/results/step.json",
+                   help="JSON file to append to, relative to the current directory ('' = none)")
+
+
+def _bf16_weights(model: torch.nn.Module) -> None:
+    """Cast parameters in place, keeping the Parameter objects (fake tensors cannot be swapped)."""
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+
+
+def _model(stage: str, preset: str, variant: str, num_classes: int, cast: bool = True) -> torch.nn.Module:
+    """The variant's model; ``cast`` = False leaves ours in fp32 for an engine to make the bf16 copy."""
+    cfg = model_preset(preset)
+    if variant.startswith("official"):
+        return OfficialMAE(cfg) if stage == "mae" else OfficialViT(cfg, num_classes)
+    model = build_mae(cfg, norm_pix_loss=True) if stage == "mae" else build_classifier(cfg, num_classes)
+    model.set_kernel_backend("triton")  # the GPU path (counted by its launches on a CPU)
+    model.set_attn_backend("triton")
+    if variant == "ours eager" and cast:
+        _bf16_weights(model)
+    return model
+
+
+def _loss_fn(stage: str, variant: str, model, imgs, target, device_type: str) -> Callable[[], torch.Tensor]:
+    amp = torch.autocast(device_type, dtype=torch.bfloat16)
+
+    def loss():
+        with amp:
+            if stage == "mae":
+                return model(imgs)[0]
+            if variant.startswith("official"):
+                return soft_target_cross_entropy(model(imgs).float(), target)
+            return wsp_loss(model, imgs, target)
+    return loss
+
+
+def _inputs(stage: str, preset: str, batch: int, num_classes: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cfg = model_preset(preset)
+    imgs = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    target = torch.softmax(torch.randn(batch, num_classes, device=device), -1) if stage == "wsp" else None
+    return imgs, target
+
+
+def count_variant(stage: str, preset: str, variant: str, num_classes: int, batch: int) -> dict:
+    """Counted traffic of one eager variant and its roofline predictions (fake tensors, any machine)."""
+    def build():
+        model = _model(stage, preset, variant, num_classes)
+
+        def make(b):
+            imgs, target = _inputs(stage, preset, b, num_classes, "cpu")
+            return _loss_fn(stage, variant, model, imgs, target, "cpu")
+        return make
+
+    r = per_image(build, batch)
+    flops = flops_per_image(model_preset(preset), stage, num_classes)
+    row = {"mem_mb_per_img": round(r.bytes / 1e6, 2), "gemm_gflop_per_img": round(r.gemm_flops / 1e9, 2),
+           "attn_gflop_per_img": round(r.attn_flops / 1e9, 3), "saved_mb_per_img": round(r.saved_bytes / 1e6, 2),
+           "model_gflop_per_img": round(flops / 1e9, 2),
+           "top_ops_mb": {k: round(v / 1e6, 2) for k, v in list(r.bytes_by_op.items())[:8]}}
+    for dev, (tf, bw) in DEVICES.items():
+        ips = 1.0 / r.seconds(tf, bw)
+        row[f"pred_{dev.lower()}_img_s"] = round(ips)
+        row[f"pred_{dev.lower()}_mfu"] = round(flops * ips / (tf * 1e12), 4)
+    return row
+
+
+def measure_variant(stage: str, preset: str, variant: str, num_classes: int, batch: int, device: torch.device,
+                    steps: int, warmup: int) -> dict:
+    """Time full training steps (forward, backward, AdamW) of one variant on real tensors."""
+    from maws_fast.parallel.engine import parallelize
+    from maws_fast.parallel.mesh import single_process
+    from maws_fast.train.optim import param_groups
+
+    model = _model(stage, preset, variant, num_classes, cast=False).to(device)
+    if device.type != "cuda" and not variant.startswith("official"):
+        model.set_kernel_backend(None)  # the interpreter is a correctness tool: CPU runs check the code path
+        model.set_attn_backend("sdpa")
+    imgs, target = _inputs(stage, preset, batch, num_classes, device)
+    if variant.startswith("official"):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                **({"fused": True} if device.type == "cuda" else {}))
+        fwd = torch.compile(model) if variant == "official compile" else model
+        loss_fn = _loss_fn(stage, variant, fwd, imgs, target, device.type)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            opt.step()
+    else:
+        objective = _Objective(stage, variant, model)
+        param_dtype = "bf16" if variant == "ours eager" else "fp32"  # bf16: the engine makes the model copy
+        engine = parallelize(objective, single_process(), param_groups(model, 0.05), engine="ours", zero_stage=0,
+                             betas=(0.9, 0.95), param_dtype=param_dtype, device=device,
+                             kernel_backend=model.kernel_backend)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16)
+
+        def step():
+            engine.zero_grad()
+            with amp:
+                loss = engine.model(imgs, target, 0)
+            engine.backward(loss)
+            engine.step(1e-4, None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sec = time_steps(step, steps, warmup, device)
+    ips = batch / sec
+    flops = flops_per_image(model_preset(preset), stage, num_classes)
+    peak = peak_tflops(env_info()["device"])
+    return {"ms_per_step": round(sec * 1e3, 3), "img_s": round(ips, 1),
+            "mfu": round(ips * flops / (peak * 1e12), 4) if peak and device.type == "cuda" else None,
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+
+
+class _Objective(torch.nn.Module):
+    """The loss as a module (engines wrap one module); ``model`` keeps the timm parameter names."""
+
+    def __init__(self, stage: str, variant: str, model: torch.nn.Module):
+        super().__init__()
+        self.stage, self.variant, self.model = stage, variant, model
+
+    def forward(self, imgs, target, step, micro=0, accum=1):
+        if self.stage == "mae":
+            return self.model(imgs)[0]
+        return wsp_loss(self.model, imgs, target)
+
+
+def _parse_cases(text: str) -> list[tuple[str, str]]:
+    out = []
+    for item in [c for c in text.split(",") if c]:
+        stage, _, preset = item.partition(":")
+        if stage not in ("mae", "wsp") or preset not in PRESETS:
+            raise ConfigError(f"maws-bench step: bad case {item!r}; write stage:preset with stage mae or wsp and a "
+                              f"preset from {sorted(PRESETS)}")
+        out.append((stage, preset))
+    return out
+
+
+def bench_step(args: argparse.Namespace) -> list[dict]:
+    cases = _parse_cases(args.cases)
+    variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"maws-bench step: unknown variant(s) {bad}; choose from {VARIANTS}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("maws-bench step: --device cuda but torch sees no CUDA device")
+    measure = args.measure == "yes" or (args.measure == "auto" and device.type == "cuda")
+    info, rows = env_info(), []
+    for stage, preset in cases:
+        base: dict = {}
+        for variant in variants:
+            row = {"bench": "step", "stage": stage, "preset": preset, "variant": variant, "batch_size": args.batch_size,
+                   "count_batch": args.count_batch, **info}
+            if variant != "official compile":  # inductor's own byte count needs a GPU compile
+                row.update(count_variant(stage, preset, variant, args.num_classes, args.count_batch))
+            if measure:
+                row.update(measure_variant(stage, preset, variant, args.num_classes, args.batch_size, device,
+                                           args.steps, args.warmup))
+            if variant.startswith("official"):
+                base[variant] = row
+            rows.append(row)
+        _ratios(rows[-len(variants):], base)
+    _print(rows)
+    if args.out:
+        append_results(args.out, rows)
+        print(f"appended {len(rows)} rows to {args.out}")
+    return rows
+
+
+def _ratios(rows: list[dict], base: dict) -> None:
+    eager, comp = base.get("official eager"), base.get("official compile")
+    for r in rows:
+        if eager and "mem_mb_per_img" in r and "mem_mb_per_img" in eager:
+            r["mem_vs_official"] = round(r["mem_mb_per_img"] / eager["mem_mb_per_img"], 3)
+        if eager and r.get("img_s") and eager.get("img_s"):
+            r["speedup_vs_official_eager"] = round(r["img_s"] / eager["img_s"], 3)
+        if comp and r.get("img_s") and comp.get("img_s"):
+            r["speedup_vs_official_compile"] = round(r["img_s"] / comp["img_s"], 3)
+
+
+def _print(rows: list[dict]) -> None:
+    print("memory-bound MB / image counted over one eager forward + backward; img/s and MFU 'pred' are a roofline "
+          "PREDICTION (GEMMs at peak, other kernels at full HBM bandwidth), not a measurement")
+    for r in rows:
+        parts = [f"{r['stage']} {r['preset']:<8} {r['variant']:<22}"]
+        if "mem_mb_per_img" in r:
+            parts.append(f"{r['mem_mb_per_img']:7.1f} MB/img (x{r.get('mem_vs_official', 1):.2f})  "
+                         f"GEMM {r['gemm_gflop_per_img']:6.1f} GF  saved {r['saved_mb_per_img']:6.1f} MB  "
+                         f"pred H100 {r['pred_h100_img_s']:6d} img/s MFU {100 * r['pred_h100_mfu']:4.1f}%  "
+                         f"pred H200 {r['pred_h200_img_s']:6d} img/s")
+        if r.get("img_s"):
+            mfu = f" MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
+            parts.append(f"measured {r['img_s']:.1f} img/s{mfu}"
+                         + (f" x{r['speedup_vs_official_eager']:.2f} vs official eager" if r.get("speedup_vs_official_eager") else "")
+                         + (f" x{r['speedup_vs_official_compile']:.2f} vs compile" if r.get("speedup_vs_official_compile") else ""))
+        print("  ".join(parts))
+    for r in rows:
+        if r["variant"] == "ours eager" and "mem_vs_official" in r:
+            ok_b = r["mem_vs_official"] <= GOAL_BYTES_RATIO
+            print(f"goal {r['stage']} {r['preset']}: memory-bound bytes x{r['mem_vs_official']:.2f} of official "
+                  f"(goal <= {GOAL_BYTES_RATIO}): {'met' if ok_b else 'NOT met'}; predicted H100 MFU "
+                  f"{100 * r['pred_h100_mfu']:.1f}% (goal >= {100 * GOAL_MFU:.0f}% at B/16 MAE)")
+        if r["variant"] == "ours eager" and r.get("speedup_vs_official_eager"):
+            print(f"goal {r['stage']} {r['preset']}: measured x{r['speedup_vs_official_eager']:.2f} vs official eager "
+                  f"(goal >= {GOAL_VS_EAGER}), x{r.get('speedup_vs_official_compile', float('nan')):.2f} vs its compile "
+                  f"(goal >= {GOAL_VS_COMPILE})")
