@@ -385,10 +385,12 @@ def _fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale):
     return o, lse
 
 
-def _bwd_triton(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
+def _bwd_triton(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, out=None):
+    """dq, dk, dv; written into ``out`` (three strided (B, H, N, D) views, e.g. of one packed
+    gradient) when given, else into fresh (B, N, H, D)-memory tensors."""
     varlen = cu_seqlens is not None
     do, q, k, v = unit_last_stride(do), unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    dq, dk, dv = _alloc_like(q, varlen), _alloc_like(q, varlen), _alloc_like(q, varlen)
+    dq, dk, dv = out if out is not None else (_alloc_like(q, varlen), _alloc_like(q, varlen), _alloc_like(q, varlen))
     B, H, N, D = _geometry(q, cu_seqlens, max_seqlen)
     if B * H == 0 or N == 0 or q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -461,6 +463,56 @@ def _backward(ctx, do, _dlse):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _unpack(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 3, H, D) -> q, k, v as strided (B, H, N, D) views (no copy)."""
+    return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+
+
+@torch.library.custom_op("maws_kernels::attention_packed_fwd", mutates_args=())
+def _attention_packed_fwd_op(qkv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, 3, H, D) packed qkv -> o (B, N, H, D) contiguous in qkv's dtype, lse (B, H, N) fp32."""
+    q, k, v = _unpack(qkv)
+    o, lse = _fwd_triton(q, k, v, None, q.shape[2], scale)
+    return o.transpose(1, 2), lse  # the (B, N, H, D) memory _alloc_like made, now seen as it is
+
+
+@_attention_packed_fwd_op.register_fake
+def _(qkv, scale):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, N, H, D)), qkv.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("maws_kernels::attention_packed_bwd", mutates_args=())
+def _attention_packed_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """dqkv (B, N, 3, H, D) in qkv's dtype: the kernels write dq, dk and dv straight into their slots, so
+    the gradient of the qkv projection needs no stack and no copy."""
+    dqkv = qkv.new_empty(qkv.shape)
+    q, k, v = _unpack(qkv)
+    _bwd_triton(do.transpose(1, 2), q, k, v, o.transpose(1, 2), lse, None, q.shape[2], scale, out=_unpack(dqkv))
+    return dqkv
+
+
+@_attention_packed_bwd_op.register_fake
+def _(do, qkv, o, lse, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_packed(ctx, inputs, output):
+    qkv, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.scale = scale
+
+
+def _backward_packed(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return _attention_packed_bwd_op(do, qkv, o, lse, ctx.scale), None
+
+
+_attention_packed_fwd_op.register_autograd(_backward_packed, setup_context=_setup_packed)
+
+
 # --- public functions ---------------------------------------------------------------------------
 def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: int, layout: str) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -516,6 +568,39 @@ def attention(
         return attention_ref(q, k, v, scale)
     _check_triton("attention", q)
     o, _ = _attention_fwd_op(q, k, v, None, q.shape[2], scale)
+    return o
+
+
+def attention_qkvpacked(qkv: torch.Tensor, scale: Optional[float] = None, backend: str | None = None) -> torch.Tensor:
+    """:func:`attention` on a packed (B, N, 3, H, D) qkv -- the qkv projection's output seen as
+    ``(B, N, 3, H, D)`` -- returning (B, N, H, D).
+
+    Nothing is copied either way: q, k and v are read through strides, the output is (B, N, H, D)
+    so ``o.reshape(B, N, H * D)`` is a view, and the backward writes dq, dk and dv into one packed
+    (B, N, 3, H, D) gradient (unpacked q / k / v would need a stack and a copy to make it).
+
+    Args:
+        qkv: (B, N, 3, H, D) with unit last stride; fp32 / fp16 / bf16 for the Triton backend, D <= 128.
+        scale: softmax scale; default ``D ** -0.5``.
+        backend: "triton" | "torch" | None; "torch" is :func:`attention_ref` on the unpacked views.
+
+    Returns:
+        (B, N, H, D) in qkv's dtype.
+
+    Raises:
+        ValueError: qkv is not (B, N, 3, H, D) floating, or (Triton) an unsupported dtype or D > 128.
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3 or not qkv.is_floating_point():
+        raise ValueError(f"attention_qkvpacked: qkv must be a floating (B, N, 3, H, D) tensor, got {qkv.dtype} "
+                         f"of shape {tuple(qkv.shape)}")
+    if qkv.shape[-1] == 0:
+        raise ValueError("attention_qkvpacked: head dim must be >= 1")
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = resolve_backend("attention", backend, _IMPLEMENTED, qkv.device)
+    if backend == "torch":
+        return attention_ref(*_unpack(qkv), scale).transpose(1, 2)
+    _check_triton("attention_qkvpacked", qkv)
+    o, _ = _attention_packed_fwd_op(unit_last_stride(qkv), scale)
     return o
 
 

@@ -59,6 +59,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTN_BACKENDS}")
 
 
+def attention_packed(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Attention on the qkv projection's output seen as (B, N, 3, H, Dh); returns (B, N, H, Dh).
+
+    ``triton`` reads q, k and v in place and writes its gradient packed (no stack, no copy); the
+    other backends unpack to (B, H, N, Dh) views, as timm does.
+    """
+    if backend == "triton":
+        return maws_kernels.attention_qkvpacked(qkv, backend="triton")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
+    return attention(q, k, v, backend).transpose(1, 2)
+
+
 def available_attn_backends(device: torch.device | str) -> list[str]:
     """The backends worth running on ``device`` here, for benchmark defaults. Triton on a CPU is the
     interpreter (a correctness tool, ~1 ms per program): it runs when named, but is not listed."""

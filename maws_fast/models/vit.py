@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import maws_kernels
 from maws_fast.errors import CheckpointError
-from maws_fast.models.attention import attention, check_attn_backend
+from maws_fast.models.attention import attention_packed, check_attn_backend
 from maws_fast.models.pos_embed import sincos_2d
 
 def op_backend(model_backend: str | None, has_cuda_twin: bool) -> str | None:
@@ -78,10 +78,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
-        x = attention(q, k, v, self.attn_backend)
-        return self.proj(x.transpose(1, 2).reshape(B, N, -1))  # (B, N, D), or D / tp under tensor parallel
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # a view of the projection
+        x = attention_packed(qkv, self.attn_backend)  # (B, N, H, Dh)
+        return self.proj(x.reshape(B, N, -1))  # (B, N, D), or D / tp under tensor parallel
 
 
 class Mlp(nn.Module):

@@ -7,7 +7,10 @@ import torch
 from maws_kernels import BackendUnavailableError
 from maws_kernels.attention import (
     _attention_fwd_op,
+    _attention_packed_bwd_op,
+    _attention_packed_fwd_op,
     attention,
+    attention_qkvpacked,
     attention_ref,
     attention_varlen,
     attention_varlen_ref,
@@ -90,6 +93,61 @@ def test_strided_qkv_like_the_vit(seeded, dtype):
             assert_rule(a, b, c, dtype, name)
     # the output is (B, N, H, D) in memory: the ViT's transpose + reshape after attention is free
     assert ours[0].transpose(1, 2).is_contiguous()
+
+
+def _packed_ref(qkv):
+    """attention_ref on the unpacked views, returned as (B, N, H, D)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return attention_ref(q, k, v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,H,D", [(1, 1, 32), (33, 2, 32), (50, 3, 64), (20, 2, 80)])
+def test_qkvpacked_matches_reference_and_writes_one_packed_grad(seeded, N, H, D, dtype):
+    qkv = torch.randn(2, N, 3, H, D, dtype=dtype, requires_grad=True)
+    do = torch.randn(2, N, H, D, dtype=dtype)
+    ours = _fwd_bwd(lambda t: attention_qkvpacked(t, backend="triton"), [qkv], do)
+    assert ours[0].shape == (2, N, H, D) and ours[0].is_contiguous() and ours[1].is_contiguous()
+    ref32 = _fwd_bwd(_packed_ref, [qkv.detach().float().requires_grad_(True)], do.float())
+    if dtype == torch.float32:
+        for name, a, b in zip(("o", "dqkv"), ours, ref32):
+            torch.testing.assert_close(a, b, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+    else:
+        torch_lowp = _fwd_bwd(_packed_ref, [qkv.detach().clone().requires_grad_(True)], do)
+        for name, a, b, c in zip(("o", "dqkv"), ours, ref32, torch_lowp):
+            assert_rule(a, b, c, dtype, f"{name} {dtype}")
+
+
+def test_qkvpacked_equals_unpacked_kernel_and_the_torch_backend(seeded):
+    # same kernels, different addressing: bitwise equal to attention() on the permuted views
+    qkv = torch.randn(2, 19, 3, 2, 32, requires_grad=True)
+    do = torch.randn(2, 19, 2, 32)
+    packed = _fwd_bwd(lambda t: attention_qkvpacked(t, backend="triton"), [qkv], do)
+    unpacked = _fwd_bwd(lambda t: attention(*t.permute(2, 0, 3, 1, 4).unbind(0), backend="triton").transpose(1, 2),
+                        [qkv], do)
+    for a, b in zip(packed, unpacked):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(attention_qkvpacked(qkv, backend="torch"), packed[0], **FP32_TOL)
+    # a qkv Linear's output (B, N, 3 * H * D) viewed as (B, N, 3, H, D), with a strided token dim
+    wide = torch.randn(2, 19, 3 * 2 * 32 + 8)[..., :192].reshape(2, 19, 3, 2, 32)
+    torch.testing.assert_close(attention_qkvpacked(wide, backend="triton"), _packed_ref(wide), **FP32_TOL)
+
+
+def test_qkvpacked_custom_ops_and_compile(seeded):
+    qkv = torch.randn(1, 9, 3, 2, 16)
+    torch.library.opcheck(_attention_packed_fwd_op, (qkv, 0.25))
+    o, lse = _attention_packed_fwd_op(qkv, 0.25)
+    torch.library.opcheck(_attention_packed_bwd_op, (torch.randn_like(o), qkv, o, lse, 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    leaf = qkv.clone().requires_grad_(True)
+
+    def step(t):
+        return (attention_qkvpacked(t, backend="triton") ** 2).sum()
+
+    got = torch.autograd.grad(torch.compile(step, backend="aot_eager", fullgraph=True)(leaf), leaf)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(step(leaf), leaf)[0], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"\(B, N, 3, H, D\)"):
+        attention_qkvpacked(torch.randn(1, 9, 2, 2, 16), backend="triton")
 
 
 def test_non_unit_last_stride_and_strided_grad(seeded):
@@ -217,6 +275,16 @@ class TestGPU:
         do = torch.randn(sum(lens), 4, 64, dtype=dtype, device="cuda")
         _check(lambda q, k, v: attention_varlen(q, k, v, cu, max(lens), backend="triton"),
                lambda q, k, v: attention_varlen_ref(q, k, v, cu), leaves, do)
+
+    @pytest.mark.parametrize("N,H,D", [(50, 12, 64), (197, 16, 32), (257, 16, 80)])
+    def test_qkvpacked(self, seeded, N, H, D):
+        qkv = torch.randn(8, N, 3, H, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+        do = torch.randn(8, N, H, D, dtype=torch.bfloat16, device="cuda")
+        ours = _fwd_bwd(lambda t: attention_qkvpacked(t, backend="triton"), [qkv], do)
+        ref32 = _fwd_bwd(_packed_ref, [qkv.detach().float().requires_grad_(True)], do.float())
+        torch_lowp = _fwd_bwd(_packed_ref, [qkv.detach().clone().requires_grad_(True)], do)
+        for name, a, b, c in zip(("o", "dqkv"), ours, ref32, torch_lowp):
+            assert_rule(a, b, c, torch.bfloat16, name)
 
     def test_matches_sdpa_and_compiles_with_inductor(self, seeded):
         q, k, v = _leaves((4, 12, 197, 64), torch.bfloat16, "cuda")
