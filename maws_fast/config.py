@@ -282,24 +282,28 @@ PARALLEL_ENGINES = ("ours", "fsdp2", "ddp")  # maws_fast.parallel.engine.paralle
 @dataclass
 class ParallelConfig:
     engine: str = setting("ours", "ours (ZeRO + TP on our collectives) | fsdp2 (torch fully_shard) | ddp (torch DDP)")
-    zero_stage: int = setting(2, "engine=ours: 0 replicate all | 1 shard optimizer | 2 + gradients | 3 + parameters")
+    zero_stage: int | None = setting(
+        None, "engine=ours: 0 replicate all | 1 shard optimizer | 2 + gradients | 3 + parameters | "
+        "null = auto: 0 when the data-parallel world is 1 (nothing to shard), else 2")
     tp: int = setting(1, "tensor-parallel degree (engine=ours); the data-parallel degree is world / tp")
     bucket_mb: float = setting(25.0, "gradient bucket size in MiB (ours stages 0-2, ddp)")
     prefetch: bool = setting(True, "stage 3: all-gather the next block while the current one runs")
     param_dtype: str = setting(
-        "fp32", "model weights: fp32 | bf16 (bf16 copy, fp32 master + AdamW state; ours / fsdp2)")
+        "auto", "model weights: fp32 | bf16 (bf16 copy, fp32 master + AdamW state; ours / fsdp2) | "
+        "auto = bf16 when run.precision resolves to bf16 and the engine is ours or fsdp2, else fp32")
     grad_accum: int = setting(1, "micro-batches per optimizer step (no communication until the last)")
     backend: str = setting("auto", "process-group backend: auto (nccl on cuda, else gloo) | gloo | nccl")
 
     def __post_init__(self):
         _check(self.engine in PARALLEL_ENGINES, "parallel.engine", f"{self.engine!r}: choose from {PARALLEL_ENGINES}")
-        _check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage}: use 0, 1, 2 or 3")
+        _check(self.zero_stage in (None, 0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage}: use 0, 1, 2, 3 or null (auto)")
         _check(self.tp >= 1, "parallel.tp", "must be >= 1")
         _check(self.engine == "ours" or self.tp == 1, "parallel.tp",
                f"tensor parallel runs with engine=ours; engine={self.engine} is data parallel only (set --parallel.tp=1)")
         _check(self.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
-        _check(self.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", f"{self.param_dtype!r}: use fp32 or bf16")
-        _check(self.engine != "ddp" or self.param_dtype == "fp32", "parallel.param_dtype",
+        _check(self.param_dtype in ("auto", "fp32", "bf16"), "parallel.param_dtype",
+               f"{self.param_dtype!r}: use auto, fp32 or bf16")
+        _check(self.engine != "ddp" or self.param_dtype in ("auto", "fp32"), "parallel.param_dtype",
                "ddp keeps fp32 weights; use engine=ours or fsdp2 for a bf16 model copy (or run.precision=bf16)")
         _check(self.grad_accum >= 1, "parallel.grad_accum", "must be >= 1")
         _check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", f"{self.backend!r}: use auto, gloo or nccl")
@@ -318,7 +322,10 @@ class RunConfig:
     ckpt_every: int = setting(200, "steps between checkpoints (the end of a stage always writes one)")
     log_every: int = setting(20, "steps between metric lines (the CPU waits for the loss only here)")
     progress: bool = setting(True, "tqdm progress bar")
-    precision: str = setting("fp32", "fp32 | bf16 (autocast of forward + loss; fp32 weights and optimizer state)")
+    precision: str = setting(
+        "auto", "compute dtype: fp32 | bf16 (bf16 activations; weights per parallel.param_dtype, fp32 master and "
+        "AdamW state) | auto = bf16 on cuda, fp32 on cpu")
+    tf32: bool = setting(True, "cuda: TF32 tensor cores for whatever matmuls and convolutions stay fp32")
 
     def __post_init__(self):
         _check(len(self.stages) > 0, "run.stages", f"is empty; choose from {STAGES}")
@@ -327,7 +334,7 @@ class RunConfig:
         _check(self.ckpt_every >= 1 and self.log_every >= 1, "run.ckpt_every", "intervals must be >= 1")
         _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "run.device", f"{self.device!r}: use cpu or cuda[:N]")
         _check(self.threads >= 0, "run.threads", "must be >= 0 (0 = torch's default)")
-        _check(self.precision in ("fp32", "bf16"), "run.precision", f"{self.precision!r}: use fp32 or bf16")
+        _check(self.precision in ("auto", "fp32", "bf16"), "run.precision", f"{self.precision!r}: use auto, fp32 or bf16")
 
 
 @dataclass
@@ -362,6 +369,49 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# --- defaults that depend on the device and the world size -----------------------------------
+def resolve_run(run: RunConfig) -> RunConfig:
+    """``run`` with ``precision="auto"`` made concrete: bf16 on cuda, fp32 on cpu (exact tests and demo)."""
+    if run.precision != "auto":
+        return run
+    return dataclasses.replace(run, precision="bf16" if run.device.startswith("cuda") else "fp32")
+
+
+def resolve_parallel(par: ParallelConfig, precision: str, dp_world: int) -> ParallelConfig:
+    """``par`` with its automatic fields made concrete for a run of ``precision`` (resolved) on a
+    data-parallel world of ``dp_world``: ZeRO stage 0 when there is nothing to shard, else 2; bf16
+    weights (fp32 master and AdamW state in the engine) with bf16 compute unless DDP keeps fp32."""
+    out = par
+    if par.zero_stage is None:
+        out = dataclasses.replace(out, zero_stage=0 if dp_world == 1 else 2)
+    if par.param_dtype == "auto":
+        bf16 = precision == "bf16" and par.engine != "ddp"
+        out = dataclasses.replace(out, param_dtype="bf16" if bf16 else "fp32")
+    return out
+
+
+def resolve_defaults(cfg: Config, dp_world: int) -> tuple[Config, list[str]]:
+    """The config with every automatic default made concrete, and one line per default chosen.
+
+    Called once at start (after the process group is up, so the data-parallel world is known);
+    the lines are printed, and the resolved config is what ``config.json`` and checkpoints record.
+    """
+    run = resolve_run(cfg.run)
+    par = resolve_parallel(cfg.parallel, run.precision, dp_world)
+    lines = []
+    if cfg.run.precision == "auto":
+        lines.append(f"run.precision={run.precision} (auto for {run.device})")
+    if cfg.parallel.param_dtype == "auto":
+        why = "ddp keeps fp32 weights" if par.engine == "ddp" and run.precision == "bf16" else f"run.precision={run.precision}"
+        lines.append(f"parallel.param_dtype={par.param_dtype} (auto: {why}; master weights and AdamW state fp32)")
+    if cfg.parallel.zero_stage is None and par.engine == "ours":
+        lines.append(f"parallel.zero_stage={par.zero_stage} (auto: data-parallel world {dp_world})")
+    if run.device.startswith("cuda"):
+        lines.append(f"run.tf32={'on' if run.tf32 else 'off'} (fp32 matmuls and convolutions); host batches pinned, "
+                     "copied with non_blocking")
+    return dataclasses.replace(cfg, run=run, parallel=par), lines
 
 
 # --- building from dicts, YAML and overrides -----------------------------------------------

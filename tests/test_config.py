@@ -159,3 +159,45 @@ def test_every_field_has_its_help_and_help_config_lists_it():
 def test_unknown_key_points_at_help_config():
     with pytest.raises(ConfigError, match=r"unknown key mae\.epochz.*maws-train --help-config mae"):
         load_config(DEMO, ["--mae.epochz=1"])
+
+
+# --- defaults that depend on the device and the world ------------------------------------------
+def test_auto_defaults_on_cpu_keep_fp32_and_replicate_one_process():
+    from maws_fast.config import Config, resolve_defaults
+
+    cfg, lines = resolve_defaults(Config(), dp_world=1)
+    assert (cfg.run.precision, cfg.parallel.param_dtype, cfg.parallel.zero_stage) == ("fp32", "fp32", 0)
+    assert lines == ["run.precision=fp32 (auto for cpu)",
+                     "parallel.param_dtype=fp32 (auto: run.precision=fp32; master weights and AdamW state fp32)",
+                     "parallel.zero_stage=0 (auto: data-parallel world 1)"]
+
+
+def test_auto_defaults_on_cuda_are_the_fast_path():
+    from maws_fast.config import Config, ParallelConfig, RunConfig, resolve_defaults
+
+    cfg, lines = resolve_defaults(Config(run=RunConfig(device="cuda")), dp_world=4)
+    assert (cfg.run.precision, cfg.parallel.param_dtype, cfg.parallel.zero_stage) == ("bf16", "bf16", 2)
+    assert any("tf32=on" in line and "pinned" in line for line in lines)
+    # DDP keeps fp32 weights (autocast does the bf16 compute); fsdp2 gets a bf16 copy
+    ddp, _ = resolve_defaults(Config(run=RunConfig(device="cuda"), parallel=ParallelConfig(engine="ddp")), 2)
+    assert (ddp.run.precision, ddp.parallel.param_dtype) == ("bf16", "fp32")
+    fsdp, _ = resolve_defaults(Config(run=RunConfig(device="cuda"), parallel=ParallelConfig(engine="fsdp2")), 2)
+    assert fsdp.parallel.param_dtype == "bf16"
+
+
+def test_explicit_settings_are_kept_and_resolution_is_idempotent():
+    from maws_fast.config import Config, ParallelConfig, RunConfig, resolve_defaults
+
+    cfg = Config(run=RunConfig(device="cuda", precision="fp32"), parallel=ParallelConfig(zero_stage=1, param_dtype="fp32"))
+    out, lines = resolve_defaults(cfg, dp_world=1)
+    assert out == cfg and all("auto" not in line for line in lines)
+    again, more = resolve_defaults(out, dp_world=1)
+    assert again == out and not [line for line in more if "auto" in line]
+
+
+def test_resolved_sharded_fp32_weights_under_bf16_still_refused():
+    from maws_fast.config import Config, ParallelConfig, RunConfig, resolve_defaults
+
+    cfg = Config(run=RunConfig(device="cuda"), parallel=ParallelConfig(engine="fsdp2", param_dtype="fp32"))
+    with pytest.raises(ConfigError, match="autocast keeps a bf16 copy"):
+        resolve_defaults(cfg, dp_world=2)

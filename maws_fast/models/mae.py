@@ -152,8 +152,10 @@ class MaskedAutoencoderViT(VisionTransformer):
         proj = self.patch_embed.proj  # Conv2d weight (D, C, p, p) -> (D, p*p*C) in the patches' (p, q, c) order
         w = proj.weight.permute(0, 2, 3, 1).reshape(proj.weight.shape[0], -1)
         x = F.linear(patches, w, proj.bias)  # (B, K, D): patch-embed of the kept patches only
-        x = x + self.pos_embed[0, 1:][ids_keep]  # the same pos-embed rows the official gather would keep
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(B, -1, -1)
+        # the same pos-embed rows the official gather would keep, in the activations' dtype (an fp32
+        # table would promote the residual stream to fp32 for every block after it)
+        x = x + self.pos_embed[0, 1:][ids_keep].to(x.dtype)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype).expand(B, -1, -1)
         x = torch.cat([cls, x], dim=1)  # cls prepended AFTER masking
         for blk in self.blocks:
             x = blk(x)
@@ -173,10 +175,11 @@ class MaskedAutoencoderViT(VisionTransformer):
         """(B, 1+K, D) latent -> (B, L, p*p*C) pixel predictions (cls output dropped)."""
         x = self.decoder_embed(x)  # (B, 1+K, Dd)
         B, L = ids_restore.shape
-        mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
+        # mask token and pos-embed in the activations' dtype, so the decoder stream stays bf16 under bf16
+        mask_tokens = self.mask_token.to(x.dtype).expand(B, L + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # un-shuffle
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed.to(x.dtype)
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_norm(x)

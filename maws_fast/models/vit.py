@@ -8,6 +8,7 @@ Pure model code: no data, no torch.distributed. Parallelism is applied from outs
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,11 @@ def op_backend(model_backend: str | None, has_cuda_twin: bool) -> str | None:
     return None if model_backend == "cuda" and not has_cuda_twin else model_backend
 
 
+def _no_autocast(x: torch.Tensor):
+    """Autocast off for an op that keeps its input dtype (a no-op context when autocast is off)."""
+    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same keys, eps 1e-6 by default) that runs maws_kernels.layer_norm.
 
@@ -42,8 +48,11 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.normalized_shape) != 1:
             return super().forward(x)
-        return maws_kernels.layer_norm(x, self.weight, self.bias, self.eps,
-                                       backend=op_backend(self.kernel_backend, has_cuda_twin=False))
+        # Input and output in the compute dtype, statistics in fp32, whatever the backend: CUDA autocast
+        # would run torch's layer_norm in fp32 and hand an fp32 tensor to the next block.
+        with _no_autocast(x):
+            return maws_kernels.layer_norm(x, self.weight, self.bias, self.eps,
+                                           backend=op_backend(self.kernel_backend, has_cuda_twin=False))
 
 
 class PatchEmbed(nn.Module):
@@ -199,8 +208,11 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1+L, D) tokens after the final norm."""
-        x = self.patch_embed(x) + self.pos_embed[:, 1:, :]  # (B, L, D)
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = self.patch_embed(x)  # (B, L, D) in the compute dtype
+        # pos-embed and cls token in the activations' dtype: an fp32 table would promote the whole
+        # residual stream to fp32 (twice the bytes in every add, norm and cast after it)
+        x = x + self.pos_embed[:, 1:, :].to(x.dtype)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from maws_fast.config import OptimConfig, ParallelConfig, RunConfig
+from maws_fast.config import OptimConfig, ParallelConfig, RunConfig, resolve_parallel, resolve_run
 from maws_fast.data.loader import Loader
 from maws_fast.errors import UserError
 from maws_fast.parallel.engine import Engine, parallelize
@@ -75,11 +75,19 @@ class Stage:
         return self.objective.model
 
 
-def _to_device(targets, device: torch.device):
-    """Targets: None, a tensor, or a tuple of tensors (sparse tag ids + weights)."""
-    if isinstance(targets, (tuple, list)):
-        return tuple(t.to(device, non_blocking=True) for t in targets)
-    return targets.to(device, non_blocking=True) if targets is not None else None
+def _to_device(t, device: torch.device):
+    """A batch tensor, None, or a tuple of tensors (sparse tag ids + weights) on ``device``.
+
+    Host tensors bound for a GPU go through pinned memory: ``non_blocking=True`` from pageable
+    memory is a synchronous copy, from pinned memory it overlaps the step still running.
+    """
+    if isinstance(t, (tuple, list)):
+        return tuple(_to_device(x, device) for x in t)
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()  # a host copy into torch's cached pinned blocks
+    return t.to(device, non_blocking=True)
 
 
 def stage_total_steps(optim: OptimConfig, steps_per_epoch: int) -> int:
@@ -168,7 +176,9 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     Returns:
         Path of ``out_dir/<name>/final`` (consolidated weights + meta), or None if stopped early.
     """
-    parallel, mesh = parallel or ParallelConfig(), mesh or single_process()
+    mesh = mesh or single_process()
+    run = resolve_run(run)  # automatic defaults (run_recipe has resolved them already; direct callers may not)
+    parallel = resolve_parallel(parallel or ParallelConfig(), run.precision, mesh.dims.dp)
     echo = echo if mesh.rank == 0 else silent
     stage_dir = Path(out_dir) / stage.name
     if (stage_dir / "final").exists():
@@ -190,7 +200,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
         while step < total:
             imgs, targets = next(batches)
             lr = lr_at(step / spe, o.abs_lr, o.min_lr, o.warmup_epochs, o.epochs)
-            loss = train_step(engine, imgs.to(device, non_blocking=True), _to_device(targets, device), step, lr,
+            loss = train_step(engine, _to_device(imgs, device), _to_device(targets, device), step, lr,
                               o.clip_grad, parallel.grad_accum, autocast)
             step += 1
             at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from maws_fast.config import Config
+from maws_fast.config import Config, resolve_defaults
 from maws_fast.data import fmnist
 from maws_fast.data.demo import DemoData, load_data
 from maws_fast.data.loader import check_batch, jpeg_loader
@@ -197,6 +197,12 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
         if mesh.rank != 0:
             echo = silent  # one log, from rank 0
+        cfg, chosen = resolve_defaults(cfg, mesh.dims.dp)
+        for line in chosen:
+            echo(f"[defaults] {line}")
+        if device.type == "cuda" and cfg.run.tf32:
+            torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
+            torch.backends.cudnn.allow_tf32 = True
         return _run_stages(cfg, out, device, mesh, echo)
     finally:
         destroy()

@@ -17,11 +17,13 @@ def _err(capsys) -> str:
     (["--parallel.tp=3"], "parallel.tp: 3 must divide the encoder and decoder head counts (4, 4)"),
     (["--parallel.engine=fsdp2", "--parallel.tp=2"], "tensor parallel runs with engine=ours"),
     (["--parallel.engine=ddp", "--parallel.param_dtype=bf16"], "ddp keeps fp32 weights"),
-    (["--parallel.zero_stage=4"], "parallel.zero_stage: 4: use 0, 1, 2 or 3"),
+    (["--parallel.zero_stage=4"], "parallel.zero_stage: 4: use 0, 1, 2, 3 or null (auto)"),
     (["--parallel.engine=megatron"], "parallel.engine: 'megatron': choose from"),
     (["--parallel.backend=mpi"], "parallel.backend: 'mpi'"),
-    (["--parallel.zero_stage=3", "--run.precision=bf16"], "set --parallel.param_dtype=bf16"),
-    (["--parallel.engine=fsdp2", "--run.precision=bf16"], "autocast keeps a bf16 copy of every weight"),
+    (["--parallel.zero_stage=3", "--run.precision=bf16", "--parallel.param_dtype=fp32"],
+     "set --parallel.param_dtype=bf16"),
+    (["--parallel.engine=fsdp2", "--run.precision=bf16", "--parallel.param_dtype=fp32"],
+     "autocast keeps a bf16 copy of every weight"),
 ])
 def test_bad_parallel_config_is_one_line(tmp_path, capsys, args, needle):
     assert train_main([f"--run.out_dir={tmp_path}", *args]) == 2
