@@ -53,6 +53,15 @@ def main(argv: list[str]) -> int:
                 loss = mk.norm_pix_loss(pred, x.detach(), mask, p, backend=be)
                 ok &= _close(loss, ref, f"norm_pix_loss {be} {dtype} p{p}", tol)
                 ok &= _close(torch.autograd.grad(loss, pred)[0], gref, f"norm_pix_loss bwd {be} {dtype} p{p}", tol)
+        for N in (2048, 3072, 5120):
+            x = (torch.randn(197 * 3, N, device=dev) * 2).to(dtype).requires_grad_()
+            bb = torch.randn(N, device=dev, requires_grad=True)  # fp32 bias, as under autocast
+            y = mk.bias_gelu(x, bb, backend="triton")
+            r = mk.bias_gelu_ref(x, bb, upcast=True)
+            ok &= _close(y, r, f"bias_gelu {dtype} N={N}", tol)
+            gy = torch.randn_like(y)
+            for a, c, n in zip(torch.autograd.grad(y, (x, bb), gy), torch.autograd.grad(r, (x, bb), gy.float()), "xb"):
+                ok &= _close(a, c, f"bias_gelu bwd d{n} {dtype} N={N}", tol * 10)
         for D in (512, 768, 1280, 4096):
             x = torch.randn(197 * 3, D, device=dev, dtype=dtype, requires_grad=True)
             w = torch.randn(D, device=dev, requires_grad=True)

@@ -24,7 +24,8 @@ def test_every_op_benchmark_runs_and_writes_rows(tmp_path, capsys, op):
     rows = json.loads(out.read_text())
     assert rows and all(COLUMNS <= r.keys() for r in rows)
     # the selected providers, plus op-specific ones (attention's padded-SDPA varlen baseline)
-    assert {r["provider"] for r in rows} == ({"ours", "torch", "sdpa-padded"} if op == "attention" else {"ours", "torch"})
+    extra = {"attention": {"sdpa-padded"}, "bias_gelu": {"ours_sum"}}.get(op, set())
+    assert {r["provider"] for r in rows} == {"ours", "torch"} | extra
     assert all(r["interpreted"] and r["ms"] > 0 for r in rows)
     modes = {r["mode"] for r in rows}
     assert modes == ({"fwd"} if op == "adamw" else {"fwd", "bwd", "both"})

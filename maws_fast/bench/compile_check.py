@@ -261,6 +261,16 @@ def _layer_norm(M: int, D: int, act, data, affine) -> Callable[[str], None]:
     return run
 
 
+def _bias_gelu(M: int, N: int, act, data, has_bias, fuse) -> Callable[[str], None]:
+    def run(dev):
+        m = importlib.import_module("maws_kernels.bias_gelu")
+        x = _empty((M, N), act, dev)
+        b = _empty((N,), data, dev) if has_bias else None
+        y = _impl(m, "_bias_gelu_fwd_op")(x, b, fuse)
+        _impl(m, "_bias_gelu_bwd_op")(y, x, b, has_bias, fuse)
+    return run
+
+
 def _cross_entropy(B: int, V: int, T: int, act, data, sparse) -> Callable[[str], None]:
     def run(dev):
         m = importlib.import_module("maws_kernels.cross_entropy")
@@ -347,6 +357,14 @@ def _scenarios(batches, precs, vocabs, variants: bool, spill_free: bool) -> Iter
                     for affine in (True, False):
                         yield Scenario(f"{tag} {where} M={M} D={D} {pn}{'' if affine else ' no-affine'}",
                                        _layer_norm(M, D, act, data, affine), spill_free=spill_free)
+                r = model_preset(model).mlp_ratio
+                for where, M, N in (("enc", B * (s.keep + 1), int(r * s.width)),
+                                    ("dec", B * (s.num_patches + 1), int(r * s.dec_width)),
+                                    ("wsp", B * (s.num_patches + 1), int(r * s.width))):
+                    for has_bias, fuse in ((True, True), (True, False), (False, True)):
+                        flags = ("" if fuse else " torch-dbias") if has_bias else " no-bias"
+                        yield Scenario(f"{tag} mlp {where} M={M} N={N} {pn}{flags}",
+                                       _bias_gelu(M, N, act, data, has_bias, fuse), spill_free=spill_free)
                 for where, H, N, D in _attention_shapes(model, B):
                     for varlen in (False, True) if where == "enc" else (False,):
                         # The model-zoo set compiles each (head dim, dtype) once and varlen once per

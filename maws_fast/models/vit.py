@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import maws_kernels
 from maws_fast.errors import CheckpointError
@@ -92,15 +93,32 @@ class Attention(nn.Module):
         return self.proj(x.reshape(B, N, -1))  # (B, N, D), or D / tp under tensor parallel
 
 
+def linear_without_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``linear(x)`` without its bias, the bias) for a fused kernel to add; a parallel layer that
+    knows how says so with ``forward_without_bias``, anything else runs whole (bias None)."""
+    if type(linear) is nn.Linear:
+        return F.linear(x, linear.weight), linear.bias
+    if hasattr(linear, "forward_without_bias"):
+        return linear.forward_without_bias(x)
+    return linear(x), None
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, kernel_backend: str | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()  # exact (erf) GELU, as timm's default
         self.fc2 = nn.Linear(hidden, dim)
+        self.kernel_backend = kernel_backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        backend = maws_kernels.resolve_backend("bias_gelu", op_backend(self.kernel_backend, False),
+                                               ("triton", "torch"), x.device)
+        if backend == "torch":  # the reference path, bit for bit the official one
+            return self.fc2(self.act(self.fc1(x)))
+        # fc1 without its bias; bias + GELU in one kernel whose backward also reduces the bias gradient
+        h, b = linear_without_bias(self.fc1, x)
+        return self.fc2(maws_kernels.bias_gelu(h, b, backend=backend))
 
 
 class Block(nn.Module):
@@ -197,7 +215,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"kernel backend {backend!r} is not one of {maws_kernels.BACKENDS} or None")
         self.kernel_backend = backend
         for m in self.modules():
-            if isinstance(m, LayerNorm):
+            if isinstance(m, (LayerNorm, Mlp)):
                 m.kernel_backend = backend
 
     def set_attn_backend(self, backend: str) -> None:

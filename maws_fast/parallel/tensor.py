@@ -124,6 +124,10 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_CopyToTP.apply(x, self.group), self.weight, self.bias)
 
+    def forward_without_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's output slice without the bias, and the bias slice, for a fused bias kernel."""
+        return F.linear(_CopyToTP.apply(x, self.group), self.weight), self.bias
+
 
 class RowParallelLinear(nn.Module):
     """The input-feature slice of a Linear; partial products are summed over TP, then the bias."""

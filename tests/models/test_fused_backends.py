@@ -7,7 +7,7 @@ import torch
 
 import maws_kernels as mk
 from maws_fast.models import MaskedAutoencoderViT, VisionTransformer
-from maws_fast.models.vit import LayerNorm
+from maws_fast.models.vit import LayerNorm, Mlp
 
 
 def _mae():
@@ -30,7 +30,7 @@ def test_mae_training_step_triton_matches_torch(seeded):
     ref = _mae()
     fused = copy.deepcopy(ref)
     fused.set_kernel_backend("triton")
-    assert all(m.kernel_backend == "triton" for m in fused.modules() if isinstance(m, LayerNorm))
+    assert all(m.kernel_backend == "triton" for m in fused.modules() if isinstance(m, (LayerNorm, Mlp)))
     imgs = torch.randn(3, 3, 32, 32)
     noise = torch.rand(3, 16)
     l_ref, g_ref = _step(ref, lambda m: m(imgs, 0.75, noise=noise)[0])
