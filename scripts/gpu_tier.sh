@@ -4,6 +4,7 @@
 #   bash scripts/gpu_tier.sh build      # build maws_kernels._C (kept between calls on a warm machine)
 #   bash scripts/gpu_tier.sh test       # build + every GPU-marked test
 #   bash scripts/gpu_tier.sh sanitize   # build + compute-sanitizer memcheck and racecheck on every fused kernel
+#   bash scripts/gpu_tier.sh step       # build + GPU tests of the step's kernels + sanitizer + maws-bench step (one call)
 #   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step + data + dist
 #   bash scripts/gpu_tier.sh all        # all of the above
 #
@@ -44,6 +45,13 @@ case "$what" in build) ;; test | all)
     step gpu_tests "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
     step compile "$PY" benchmarks/compile_kernels.py --full --json "$OUT/compile_sm90.json" ;;
 esac
+case "$what" in step)
+    # issue 13's one call: the new kernels' GPU tests, compute-sanitizer, then the step benchmark
+    step gpu_tests_step "$PY" -m pytest -q -m gpu tests/kernels/test_bias_gelu.py tests/kernels/test_add_layer_norm.py \
+        tests/kernels/test_attention.py tests/models -p no:cacheprovider
+    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
+    step bench_step bench_main step --cases mae:vit_b16 --batch-size 256 --steps 20 --out "$OUT/step.json" ;;
+esac
 case "$what" in sanitize | all)
     for tool in memcheck racecheck; do
         step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
@@ -51,6 +59,7 @@ case "$what" in sanitize | all)
 esac
 case "$what" in bench | all)
     step bench_kernels bench_main kernels --out "$OUT/{group}.json"
+    step bench_step bench_main step --batch-size 256 --out "$OUT/step.json"
     step bench_train bench_main train --preset vit_b16 --batch-size 128 --attn sdpa --kernels triton,torch \
         --out "$OUT/train.json"
     # DALI mixed decode where the wheel is installed (it is ~200 MB: a device call carries 64 MiB),
