@@ -10,7 +10,7 @@ by name), ``"cuda"`` (the csrc twins of masked_patchify and norm_pix_loss, in ``
 the best available for the tensor's device. A backend that cannot run raises
 :class:`BackendUnavailableError`; nothing falls back silently.
 
-Ops: attention / attention_qkvpacked / attention_varlen (flash attention, any N, head dim <= 128), masked_patchify, norm_pix_loss, layer_norm, bias_gelu (bias + exact GELU, dbias fused), soft_target_cross_entropy (dense or sparse
+Ops: attention / attention_qkvpacked / attention_varlen (flash attention, any N, head dim <= 128), masked_patchify, norm_pix_loss, layer_norm, add_layer_norm (residual add + LayerNorm), bias_gelu (bias + exact GELU, dbias fused), soft_target_cross_entropy (dense or sparse
 targets), linear_soft_target_cross_entropy (fused WSP head), fused_adamw_ / FlatAdamW (flat
 fp32 master shards + bf16 model copy). Each is a torch.library custom op, so torch.compile
 traces through it.
@@ -25,6 +25,7 @@ from maws_kernels.cross_entropy import (
     sparse_to_dense,
 )
 from maws_kernels.layer_norm import layer_norm, layer_norm_ref
+from maws_kernels.add_layer_norm import add_layer_norm, add_layer_norm_ref
 from maws_kernels.bias_gelu import bias_gelu, bias_gelu_ref
 from maws_kernels.adamw import FlatAdamW, fused_adamw_, fused_adamw_ref
 from maws_kernels.attention import (
@@ -52,6 +53,8 @@ __all__ = [
     "sparse_to_dense",
     "layer_norm",
     "layer_norm_ref",
+    "add_layer_norm",
+    "add_layer_norm_ref",
     "bias_gelu",
     "bias_gelu_ref",
     "fused_adamw_",

@@ -261,6 +261,18 @@ def _layer_norm(M: int, D: int, act, data, affine) -> Callable[[str], None]:
     return run
 
 
+def _add_layer_norm(M: int, D: int, act, data, residual: bool, with_ds: bool) -> Callable[[str], None]:
+    def run(dev):
+        m = importlib.import_module("maws_kernels.add_layer_norm")
+        x = _empty((M, D), act, dev)
+        r = _empty((M, D), act, dev) if residual else None
+        w, b, xb = (_empty((D,), data, dev) for _ in range(3))
+        y, s_, mean, rstd = _impl(m, "_add_layer_norm_fwd_op")(x, r, w, b, xb, 1e-6)
+        _impl(m, "_add_layer_norm_bwd_op")(y, s_ if with_ds else None, s_, w, mean, rstd, act,
+                                           act if residual else None, data, data)
+    return run
+
+
 def _bias_gelu(M: int, N: int, act, data, has_bias, fuse) -> Callable[[str], None]:
     def run(dev):
         m = importlib.import_module("maws_kernels.bias_gelu")
@@ -357,6 +369,11 @@ def _scenarios(batches, precs, vocabs, variants: bool, spill_free: bool) -> Iter
                     for affine in (True, False):
                         yield Scenario(f"{tag} {where} M={M} D={D} {pn}{'' if affine else ' no-affine'}",
                                        _layer_norm(M, D, act, data, affine), spill_free=spill_free)
+                for where, M, D in (("enc", B * (s.keep + 1), s.width), ("dec", B * (s.num_patches + 1), s.dec_width)):
+                    for residual, with_ds in ((True, True), (True, False), (False, True)):
+                        flags = ("" if with_ds else " no-ds") if residual else " no-residual"
+                        yield Scenario(f"{tag} add-ln {where} M={M} D={D} {pn}{flags}",
+                                       _add_layer_norm(M, D, act, data, residual, with_ds), spill_free=spill_free)
                 r = model_preset(model).mlp_ratio
                 for where, M, N in (("enc", B * (s.keep + 1), int(r * s.width)),
                                     ("dec", B * (s.num_patches + 1), int(r * s.dec_width)),
