@@ -128,3 +128,17 @@ def test_bad_cases_raise():
         bench_step(p.parse_args(["--cases", "mae:nope", "--out", ""]))
     with pytest.raises(ConfigError, match="unknown variant"):
         bench_step(p.parse_args(["--cases", "mae:tiny", "--variants", "fast", "--out", ""]))
+
+
+def test_packed_attention_flops_are_counted():
+    # the MAE's triton path runs attention_qkvpacked: its FLOPs must reach the tally (4 B H N^2 D fwd, 2x bwd)
+    from maws_kernels import attention_qkvpacked
+
+    def build():
+        def make(b):
+            qkv = torch.randn(b, 10, 3, 2, 16, requires_grad=True)
+            return lambda: attention_qkvpacked(qkv, backend="triton").sum()
+        return make
+
+    r = per_image(build, batch=2)
+    assert r.attn_flops == 3 * 4 * 2 * 10 * 10 * 16

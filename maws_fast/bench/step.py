@@ -31,7 +31,7 @@ from maws_fast.config import PRESETS, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.flops import flops_per_image
-from maws_fast.train.objectives import wsp_loss
+from maws_fast.train.objectives import MAEObjective, WSPObjective, wsp_loss
 
 # Roofline inputs (docs/ARCHITECTURE.md, "Performance physics"): dense bf16 TFLOP/s, HBM TB/s.
 DEVICES = {"H100": (989.0, 3.35), "H200": (989.0, 4.8)}
@@ -141,7 +141,7 @@ def measure_variant(stage: str, preset: str, variant: str, num_classes: int, bat
             loss_fn().backward()
             opt.step()
     else:
-        objective = _Objective(stage, variant, model)
+        objective = MAEObjective(model, 0.75, seed=0) if stage == "mae" else WSPObjective(model)
         param_dtype = "bf16" if variant == "ours eager" else "fp32"  # bf16: the engine makes the model copy
         engine = parallelize(objective, single_process(), param_groups(model, 0.05), engine="ours", zero_stage=0,
                              betas=(0.9, 0.95), param_dtype=param_dtype, device=device,
@@ -163,19 +163,6 @@ def measure_variant(stage: str, preset: str, variant: str, num_classes: int, bat
     return {"ms_per_step": round(sec * 1e3, 3), "img_s": round(ips, 1),
             "mfu": round(ips * flops / (peak * 1e12), 4) if peak and device.type == "cuda" else None,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
-
-
-class _Objective(torch.nn.Module):
-    """The loss as a module (engines wrap one module); ``model`` keeps the timm parameter names."""
-
-    def __init__(self, stage: str, variant: str, model: torch.nn.Module):
-        super().__init__()
-        self.stage, self.variant, self.model = stage, variant, model
-
-    def forward(self, imgs, target, step, micro=0, accum=1):
-        if self.stage == "mae":
-            return self.model(imgs)[0]
-        return wsp_loss(self.model, imgs, target)
 
 
 def _parse_cases(text: str) -> list[tuple[str, str]]:

@@ -73,13 +73,18 @@ def _distinct_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def _attention_flops(name: str, args) -> float:
-    """Model FLOPs of an attention op from its q, k (first two tensor arguments): 4*B*H*Nq*Nk*D
-    forward, twice that backward (recomputation inside a flash backward is not model work)."""
+    """Model FLOPs of an attention op, 4*B*H*Nq*Nk*D forward and twice that backward (recomputation
+    inside a flash backward is not model work), from q and k: the first two tensor arguments, or a
+    packed (B, N, 3, H, D) qkv among them (``attention_qkvpacked``)."""
     ts = _tensors(args)
-    if len(ts) < 2 or ts[0].dim() < 3:
+    packed = next((t for t in ts[:2] if t.dim() == 5 and t.shape[2] == 3), None)
+    if packed is not None:
+        B, N, _, H, D = packed.shape
+        fwd = 4.0 * B * H * N * N * D
+    elif len(ts) >= 2 and ts[0].dim() >= 3:
+        fwd = 4.0 * ts[0].numel() * ts[1].shape[-2]
+    else:
         return 0.0
-    q, k = ts[0], ts[1]
-    fwd = 4.0 * q.numel() * k.shape[-2]
     return 2 * fwd if "backward" in name or "bwd" in name else fwd
 
 
@@ -215,19 +220,12 @@ class _LaunchRecorder:
 
 
 def _kernels() -> list[tuple[object, str, object]]:
-    """(module, name, kernel) of every ``*_kernel`` of maws_kernels (jitted, autotuned or interpreted)."""
-    import importlib
-    import pkgutil
+    """(module, name, kernel) of every ``*_kernel`` of maws_kernels -- jitted, autotuned or interpreted
+    (the compile check's ``find_kernels`` accepts compilable ones only)."""
+    from maws_fast.bench.compile_check import kernel_modules
 
-    import maws_kernels
-
-    out = []
-    for info in pkgutil.iter_modules(maws_kernels.__path__):
-        if info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"maws_kernels.{info.name}")
-        out += [(mod, n, v) for n, v in vars(mod).items() if n.endswith("_kernel") and hasattr(v, "fn")]
-    return out
+    return [(mod, n, v) for mod in kernel_modules().values() for n, v in vars(mod).items()
+            if n.endswith("_kernel") and hasattr(v, "fn")]
 
 
 @contextlib.contextmanager
