@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import maws_kernels
 from maws_fast.models.attention import check_attn_backend
 from maws_fast.models.pos_embed import sincos_2d
-from maws_fast.models.vit import Block, LayerNorm, VisionTransformer, init_vit_weights
+from maws_fast.models.vit import Block, LayerNorm, VisionTransformer, init_vit_weights, run_blocks
 
 
 def mask_indices(
@@ -157,9 +157,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         x = x + self.pos_embed[0, 1:][ids_keep].to(x.dtype)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype).expand(B, -1, -1)
         x = torch.cat([cls, x], dim=1)  # cls prepended AFTER masking
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        return run_blocks(self.blocks, x, self.norm), mask, ids_restore
 
     def forward_encoder_official(self, imgs, mask_ratio, noise=None, generator=None):
         """The official order -- embed all L patches, add pos-embed, then mask. Kept as the reference."""
@@ -180,9 +178,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))  # un-shuffle
         x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed.to(x.dtype)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
+        x = run_blocks(self.decoder_blocks, x, self.decoder_norm)
         # Dropping the cls row BEFORE the (row-wise) projection gives the official result, skips
         # one row of the GEMM, and leaves pred contiguous for the fused loss.
         return self.decoder_pred(x[:, 1:, :])

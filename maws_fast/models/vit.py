@@ -55,6 +55,23 @@ class LayerNorm(nn.LayerNorm):
             return maws_kernels.layer_norm(x, self.weight, self.bias, self.eps,
                                            backend=op_backend(self.kernel_backend, has_cuda_twin=False))
 
+    def add_backend(self, x: torch.Tensor) -> str | None:
+        """The backend of :meth:`forward_add` on ``x``'s device when it is a fused kernel; None when
+        it would be torch's add then layer_norm (callers then keep the unfused code, bit for bit)."""
+        if len(self.normalized_shape) != 1:
+            return None
+        backend = maws_kernels.resolve_backend("add_layer_norm", op_backend(self.kernel_backend, has_cuda_twin=False),
+                                               ("triton", "torch"), x.device)
+        return None if backend == "torch" else backend
+
+    def forward_add(self, branch: torch.Tensor, residual: torch.Tensor, branch_bias: torch.Tensor | None = None,
+                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this norm of s, s) with ``s = residual + branch + branch_bias`` in one pass (maws_kernels.add_layer_norm):
+        the residual add of a block and the LayerNorm after it, backward fused as well."""
+        with _no_autocast(branch):
+            return maws_kernels.add_layer_norm(branch, residual, self.weight, self.bias, self.eps, x_bias=branch_bias,
+                                               backend=backend or op_backend(self.kernel_backend, has_cuda_twin=False))
+
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D channels. (B, C, H, W) -> (B, L, D)."""
@@ -86,11 +103,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> the heads' outputs (B, N, H * Dh), before the output projection."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # a view of the projection
-        x = attention_packed(qkv, self.attn_backend)  # (B, N, H, Dh)
-        return self.proj(x.reshape(B, N, -1))  # (B, N, D), or D / tp under tensor parallel
+        return attention_packed(qkv, self.attn_backend).reshape(B, N, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self._mix(x))  # (B, N, D), or D / tp under tensor parallel
+
+    def forward_without_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the output without the projection's bias, that bias), for the residual-add kernel to add."""
+        return linear_without_bias(self.proj, self._mix(x))
 
 
 def linear_without_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -122,7 +146,14 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    Where the norms' kernel backend is a fused one (Triton on a GPU), each residual add happens
+    inside the LayerNorm after it (``maws_kernels.add_layer_norm``, which also adds the attention
+    projection's bias and reduces its gradient). :func:`run_blocks` goes further and hands each
+    block's MLP output to the next block unadded (``defer``), so that add too lands in a norm. On the
+    torch backend the block is the official arithmetic, bit for bit.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa", norm_layer=LayerNorm):
         super().__init__()
@@ -131,9 +162,54 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def fused_add_backend(self, x: torch.Tensor) -> str | None:
+        """The add_layer_norm backend this block fuses its residual adds with on ``x``, or None (unfused)."""
+        if not (isinstance(self.norm1, LayerNorm) and isinstance(self.norm2, LayerNorm)):
+            return None
+        return self.norm2.add_backend(x)
+
+    def forward(self, x: torch.Tensor, branch: torch.Tensor | None = None, defer: bool = False):
+        """One block on the residual stream ``x`` (+ ``branch``, the previous block's MLP output still
+        to be added, when the caller deferred it).
+
+        Returns the new stream, or with ``defer`` the pair (stream, MLP output) for the next norm to
+        add (the MLP output is None when this block did the add itself, unfused).
+        """
+        backend = self.fused_add_backend(x)
+        if backend is None:
+            if branch is not None:
+                x = x + branch
+            x = x + self.attn(self.norm1(x))
+            x = x + self.mlp(self.norm2(x))
+            return (x, None) if defer else x
+        if branch is None:
+            h = self.norm1(x)
+        else:
+            h, x = self.norm1.forward_add(branch, x, backend=backend)
+        a, a_bias = self.attn.forward_without_bias(h)
+        h, x = self.norm2.forward_add(a, x, a_bias, backend=backend)
+        m = self.mlp(h)
+        return (x, m) if defer else x + m
+
+
+def run_blocks(blocks, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``norm(blocks(x))``, each block called as a module (so parallel engines' hooks see it).
+
+    With fused norms every residual add happens inside a LayerNorm kernel: a block returns its
+    stream and its unadded MLP output, the next block's first norm (or ``norm``) adds them.
+    """
+    fuse = isinstance(norm, LayerNorm) and norm.add_backend(x) is not None
+    if not fuse:
+        for blk in blocks:
+            x = blk(x)
+        return norm(x)
+    branch = None
+    for blk in blocks:
+        x, branch = blk(x, branch, True)
+    if branch is None:
+        return norm(x)
+    y, _ = norm.forward_add(branch, x)
+    return y
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -232,9 +308,7 @@ class VisionTransformer(nn.Module):
         x = x + self.pos_embed[:, 1:, :].to(x.dtype)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return run_blocks(self.blocks, x, self.norm)
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, D): the cls token after the final norm (timm's global_pool='token')."""

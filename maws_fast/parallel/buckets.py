@@ -165,14 +165,20 @@ class GatheredParams:
 
     def _post_forward(self, module, args, out):
         b = self._units[module]
-        if torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(self._pre_backward_hook(b))
+        if torch.is_grad_enabled():
+            # A block may return several tensors (a fused block hands on its stream and its unadded
+            # MLP output): a hook on each, the first gradient to arrive gathers, the rest find it there.
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            hook = self._pre_backward_hook(b)
+            for t in outs:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(hook)
         self.free(b)  # the autograd graph keeps views of b.full; backward re-fills the same storage
         return None
 
     def _pre_backward_hook(self, b: Bucket):
         def hook(_grad):
-            self.wait(b)
+            self.wait(b)  # no-op when an earlier output's hook already gathered b
             prev = self._neighbour(b, -1)
             if self.prefetch and prev is not None:
                 self.gather(prev, async_op=True)

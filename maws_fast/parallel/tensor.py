@@ -143,6 +143,10 @@ class RowParallelLinear(nn.Module):
         y = _ReduceFromTP.apply(F.linear(x, self.weight), self.group)  # (..., D): sum of the TP partials
         return y + self.bias if self.bias is not None else y
 
+    def forward_without_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The summed partial products without the (replicated) bias, and the bias, for a fused kernel."""
+        return _ReduceFromTP.apply(F.linear(x, self.weight), self.group), self.bias
+
 
 # A TP plan: module-name suffix inside a block -> how it is split (torchtitan's dict style).
 BLOCK_PLAN = {

@@ -60,6 +60,52 @@ def test_wsp_step_triton_matches_torch(seeded):
         torch.testing.assert_close(g_fused[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def _count_norm_calls(monkeypatch):
+    calls = {"add_layer_norm": 0, "layer_norm": 0}
+    for name in calls:
+        real = getattr(mk, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(mk, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_residual_adds_land_in_the_norms(backend, monkeypatch, seeded):
+    """Fused: every residual add but the first block's input is inside a norm (per block: norm2, and
+    norm1 of every block after the first; the final norm takes the last MLP output). Torch: none is."""
+    model = _mae()  # encoder depth 2, decoder depth 1
+    model.set_kernel_backend(backend)
+    calls = _count_norm_calls(monkeypatch)
+    model(torch.randn(2, 3, 32, 32), 0.75)[0].backward()
+    if backend == "triton":
+        # encoder: norm2, norm1 + norm2, final norm; decoder: norm2, final norm
+        assert calls == {"add_layer_norm": 6, "layer_norm": 2}  # norm1 of each stack's first block
+    else:
+        assert calls == {"add_layer_norm": 0, "layer_norm": 8}
+
+
+def test_block_alone_returns_its_stream_on_both_paths(seeded):
+    """A block called as before (one tensor in, one out) computes the same thing fused or not;
+    with ``defer`` it hands back (stream, MLP output), whose sum is that output."""
+    from maws_fast.models.vit import Block
+
+    ref = Block(24, 4)
+    fused = copy.deepcopy(ref)
+    for m in fused.modules():
+        if isinstance(m, (LayerNorm, Mlp)):
+            m.kernel_backend = "triton"
+    x, branch = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
+    want = ref(x + branch)
+    torch.testing.assert_close(fused(x + branch), want, rtol=1e-5, atol=1e-5)
+    s, m = fused(x, branch, True)
+    torch.testing.assert_close(s + m, want, rtol=1e-5, atol=1e-5)
+    s, none = ref(x, branch, True)
+    assert none is None and torch.equal(s, want)
+
+
 def test_model_backend_cuda_selects_twins_only_where_they_exist():
     from maws_fast.models.vit import op_backend
 

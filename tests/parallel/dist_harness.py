@@ -31,10 +31,12 @@ class Layout:
     param_dtype: str = "fp32"
     bucket_mb: float = 0.05  # tiny buckets: several per model, so bucketing and padding are exercised
     prefetch: bool = True
+    kernels: str = "torch"  # the model's kernel backend; "triton" (interpreted) fuses the residual adds into norms
 
     @property
     def key(self) -> str:
-        return f"{self.engine}-z{self.stage}-tp{self.tp}-acc{self.accum}-{self.param_dtype}-pf{int(self.prefetch)}"
+        key = f"{self.engine}-z{self.stage}-tp{self.tp}-acc{self.accum}-{self.param_dtype}-pf{int(self.prefetch)}"
+        return key if self.kernels == "torch" else f"{key}-{self.kernels}"
 
 
 def free_port() -> int:
@@ -59,16 +61,17 @@ def _skip_block(model, index: int) -> None:
     model.forward_features = types.MethodType(forward_features, model)
 
 
-def build(task: str):
+def build(task: str, kernels: str = "torch"):
     """The tiny model of ``task``, its objective factory and its batches (the same on every rank).
 
     ``wsp_skip``: the WSP model with a block that never runs (its params get no gradient).
+    ``kernels``: the model's kernel backend.
     """
     from maws_fast.config import model_preset
     from maws_fast.models import build_classifier, build_mae
     from maws_fast.train.objectives import MAEObjective, WSPObjective
 
-    cfg = model_preset("tiny", attn_backend="manual", kernel_backend="torch")
+    cfg = model_preset("tiny", attn_backend="manual", kernel_backend=kernels)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     n = STEPS + 1  # one more batch: the step after a checkpoint is loaded
@@ -90,11 +93,11 @@ def build(task: str):
     return model, make, imgs, targets
 
 
-def reference(task: str) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+def reference(task: str, kernels: str = "torch") -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     """One process, unsharded: torch AdamW (MAE's decay groups) + clip_grad_norm_ on the global batch."""
     from maws_fast.train.optim import param_groups
 
-    model, make, imgs, targets = build(task)
+    model, make, imgs, targets = build(task, kernels)
     obj = make(model, 0, 1)
     opt = torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=BETAS, foreach=False)
     losses, norms = [], []
@@ -141,7 +144,7 @@ def _engine(task: str, layout: Layout, perturb: bool = False):
     from maws_fast.train.optim import param_groups
 
     mesh = init_distributed(tp=layout.tp, timeout_s=120)
-    model, make, imgs, targets = build(task)
+    model, make, imgs, targets = build(task, layout.kernels)
     if perturb:  # a loaded checkpoint must overwrite every trained tensor
         with torch.no_grad():
             for p in model.parameters():

@@ -35,22 +35,30 @@ LAYOUTS = {
     "zero3_bf16": Layout("ours", 3, param_dtype="bf16"),
     "fsdp2_bf16": Layout("fsdp2", 0, param_dtype="bf16"),
 }
+# The Triton kernels (interpreted): blocks hand (stream, MLP output) pairs to each other and fuse the
+# residual adds into their norms, through the engines' block hooks. Two ranks only (the interpreter is slow).
+FUSED = {
+    "fsdp2_fused": Layout("fsdp2", 0, kernels="triton"),
+    "zero3_fused": Layout("ours", 3, kernels="triton"),
+    "tp2_fused": Layout("ours", 0, tp=2, kernels="triton"),
+}
 TASKS = ("mae", "wsp")
 _RESULTS: dict[int, dict] = {}
 _REFS: dict[str, tuple] = {}
 
 
-def results(world: int, tmp_path_factory) -> dict:
-    if world not in _RESULTS:
-        jobs = [(task, lay) for lay in LAYOUTS.values() for task in TASKS]
-        _RESULTS[world] = run_world(world, jobs, tmp_path_factory.mktemp(f"world{world}"))
-    return _RESULTS[world]
+def results(world: int, tmp_path_factory, layouts: dict = LAYOUTS) -> dict:
+    key = world if layouts is LAYOUTS else (world, tuple(layouts))
+    if key not in _RESULTS:
+        jobs = [(task, lay) for lay in layouts.values() for task in TASKS]
+        _RESULTS[key] = run_world(world, jobs, tmp_path_factory.mktemp(f"world{world}"))
+    return _RESULTS[key]
 
 
-def ref(task: str):
-    if task not in _REFS:
-        _REFS[task] = reference(task)
-    return _REFS[task]
+def ref(task: str, kernels: str = "torch"):
+    if (task, kernels) not in _REFS:
+        _REFS[task, kernels] = reference(task, kernels)
+    return _REFS[task, kernels]
 
 
 def max_param_diff(params: dict, ref_params: dict) -> float:
@@ -60,17 +68,18 @@ def max_param_diff(params: dict, ref_params: dict) -> float:
     return max((params[k].float() - ref_params[k]).abs().max().item() for k in ref_params)
 
 
-def check_matches(world: int, name: str, task: str, tmp_path_factory) -> None:
-    res = results(world, tmp_path_factory)[("train", task, LAYOUTS[name].key)]
-    ref_losses, ref_norms, ref_params = ref(task)
+def check_matches(world: int, name: str, task: str, tmp_path_factory, layouts: dict = LAYOUTS) -> None:
+    res = results(world, tmp_path_factory, layouts)[("train", task, layouts[name].key)]
+    ref_losses, ref_norms, ref_params = ref(task, layouts[name].kernels)
     assert len(res["losses"]) == STEPS
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=0)
     assert min(ref_norms) > 1.0  # so clipping was active in every step
     diff = max_param_diff(res["params"], ref_params)
     assert diff < 1e-6, f"{name} at {world} ranks: params off by {diff}"
-    if LAYOUTS[name].tp == 1:
-        fsdp2 = max_param_diff(results(world, tmp_path_factory)[("train", task, LAYOUTS["fsdp2"].key)]["params"],
+    if layouts[name].tp == 1 and layouts[name].engine != "fsdp2":
+        fsdp2_name = "fsdp2" if layouts is LAYOUTS else "fsdp2_fused"
+        fsdp2 = max_param_diff(results(world, tmp_path_factory, layouts)[("train", task, layouts[fsdp2_name].key)]["params"],
                                ref_params)
         assert diff <= 2 * fsdp2 + 1e-7, f"{name}: {diff} vs FSDP2 {fsdp2}"
     # the run moved the weights: a layout that skipped its updates could not pass
@@ -128,6 +137,12 @@ def test_tp2_matches_unsharded(world, task, tmp_path_factory):
 @pytest.mark.parametrize("world", WORLDS)
 def test_zero2_tp2_matches_unsharded(world, task, tmp_path_factory):
     check_matches(world, "zero2_tp2", task, tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+@pytest.mark.parametrize("task", TASKS)
+def test_fused_blocks_match_unsharded(name, task, tmp_path_factory):
+    check_matches(2, name, task, tmp_path_factory, FUSED)
 
 
 @pytest.mark.parametrize("name", ["zero2_accum", "zero3_accum"])
