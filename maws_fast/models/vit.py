@@ -46,7 +46,12 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(normalized_shape, eps=eps, **kwargs)
         self.kernel_backend = kernel_backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
+                backend: str | None = None):
+        """This norm of ``x``; with a ``residual`` (the stream ``x`` is to be added to), the pair
+        (norm of s, s) for ``s = residual + x + x_bias``, in one pass (:meth:`forward_add`)."""
+        if residual is not None:
+            return self.forward_add(x, residual, x_bias, backend)
         if len(self.normalized_shape) != 1:
             return super().forward(x)
         # Input and output in the compute dtype, statistics in fp32, whatever the backend: CUDA autocast
@@ -185,9 +190,9 @@ class Block(nn.Module):
         if branch is None:
             h = self.norm1(x)
         else:
-            h, x = self.norm1.forward_add(branch, x, backend=backend)
+            h, x = self.norm1(branch, x, backend=backend)
         a, a_bias = self.attn.forward_without_bias(h)
-        h, x = self.norm2.forward_add(a, x, a_bias, backend=backend)
+        h, x = self.norm2(a, x, a_bias, backend)
         m = self.mlp(h)
         return (x, m) if defer else x + m
 
@@ -208,7 +213,7 @@ def run_blocks(blocks, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         x, branch = blk(x, branch, True)
     if branch is None:
         return norm(x)
-    y, _ = norm.forward_add(branch, x)
+    y, _ = norm(branch, x)
     return y
 
 
