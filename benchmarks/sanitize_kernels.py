@@ -73,6 +73,20 @@ def main(argv: list[str]) -> int:
             for a, c, n in zip(torch.autograd.grad(y, (x, w, b), gy), torch.autograd.grad(r, (x, w, b), gy.float()),
                                "xwb"):
                 ok &= _close(a, c, f"layer_norm bwd d{n} {dtype} D={D}", tol * 10)
+        for D in (512, 768, 1024):
+            x = torch.randn(197 * 3, D, device=dev, dtype=dtype, requires_grad=True)
+            res = torch.randn(197 * 3, D, device=dev, dtype=dtype, requires_grad=True)
+            w, b, xb = (torch.randn(D, device=dev, requires_grad=True) for _ in range(3))
+            y, s = mk.add_layer_norm(x, res, w, b, 1e-6, x_bias=xb, backend="triton")
+            ry, rs = mk.add_layer_norm_ref(x, res, w, b, 1e-6, x_bias=xb, upcast=True)
+            ok &= _close(y, ry, f"add_layer_norm y {dtype} D={D}", tol)
+            ok &= _close(s, rs, f"add_layer_norm s {dtype} D={D}", tol)
+            gy, gs = torch.randn_like(y), torch.randn_like(s)
+            ins = (x, res, w, b, xb)
+            got = torch.autograd.grad((y, s), ins, (gy, gs))
+            want = torch.autograd.grad((ry, rs), ins, (gy.to(ry.dtype), gs.to(rs.dtype)))
+            for a, c, n in zip(got, want, ("x", "residual", "w", "b", "x_bias")):
+                ok &= _close(a, c, f"add_layer_norm bwd d{n} {dtype} D={D}", tol * 10)
         V = 30011
         logits = (torch.randn(67, V, device=dev) * 3).to(dtype).requires_grad_()
         ids = torch.randint(0, V, (67, 5), device=dev)
