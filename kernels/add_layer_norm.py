@@ -30,7 +30,8 @@ import triton.language as tl
 from maws_kernels._backend import resolve_backend, unit_last_stride
 # Shared policy with layer_norm (same row-in-registers limit, same reduction shape); _num_sms is
 # looked up as this module's global at launch time, so compile_check can answer it for a target.
-from maws_kernels.layer_norm import _BWD_PROGRAMS_PER_SM, _MAX_D, _REDUCE_MAX_G, _REDUCE_TILE, _num_sms
+from maws_kernels.layer_norm import (_BWD_PROGRAMS_PER_SM, _MAX_D, _REDUCE_MAX_G, _REDUCE_TILE, _num_sms,
+                                     load_norm_weight, normalize_rows, normalize_rows_bwd)
 
 _IMPLEMENTED = ("triton", "torch")
 _TILE_ELEMS = 4096  # rows * BLOCK_D per forward program step, as layer_norm
@@ -101,18 +102,7 @@ def _add_layer_norm_fwd_kernel(
     tl.store(s_ptr + rows64[:, None] * D + cols[None, :], s_st, mask=mask)
     s = s_st.to(tl.float32)
 
-    mean = tl.sum(s, axis=1) / D  # (BLOCK_M,); padding lanes are 0
-    # Padding lanes would contribute mean**2 to the variance: zero them.
-    sc = tl.where(mask, s - mean[:, None], 0.0)
-    var = tl.sum(sc * sc, axis=1) / D  # biased, as LayerNorm
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = sc * rstd[:, None]
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = y * w[None, :]
-    if HAS_B:
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = y + b[None, :]
+    y, mean, rstd = normalize_rows(s, mask, cols, col_ok, D, eps, w_ptr, b_ptr, HAS_W, HAS_B)  # padding lanes are 0
     tl.store(y_ptr + rows64[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_ok)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -142,8 +132,8 @@ def _add_layer_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     col_ok = cols < D
+    w = load_norm_weight(w_ptr, cols, col_ok, DW_ROW >= 0)
     if DW_ROW >= 0:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # 2-D accumulators: the sum over rows is done once at the end, not in every step.
     if DB_ROW >= 0:
@@ -164,14 +154,7 @@ def _add_layer_norm_bwd_kernel(
         # Padding columns have xhat = -mean * rstd but dy = 0, so they add nothing to c1, c2 or any
         # column sum (their dx is masked at the stores and never summed into a stored column);
         # padding rows load rstd = 0, so their dx is 0 and adds nothing to the x_bias sum.
-        xhat = (s - mean[:, None]) * rstd[:, None]
-        if DW_ROW >= 0:
-            g = dy * w[None, :]
-        else:
-            g = dy
-        c1 = tl.sum(g * xhat, axis=1) / D  # (BLOCK_M,)
-        c2 = tl.sum(g, axis=1) / D
-        dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dx, xhat = normalize_rows_bwd(dy, s, mean, rstd, w, D, DW_ROW >= 0)
         if HAS_DS:
             dx += tl.load(ds_ptr + rows64[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows64[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -63,6 +63,50 @@ def _num_sms(index: int) -> int:
 
 
 @triton.jit
+def normalize_rows(x, mask, cols, col_ok, D, eps, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of an fp32 (BLOCK_M, BLOCK_D) tile over its D valid columns (padding lanes hold 0):
+    returns (y fp32, mean, rstd), biased variance as LayerNorm. Shared with add_layer_norm."""
+    mean = tl.sum(x, axis=1) / D  # (BLOCK_M,)
+    # Padding lanes would contribute mean**2 to the variance: zero them.
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    return y, mean, rstd
+
+
+@triton.jit
+def load_norm_weight(w_ptr, cols, col_ok, HAS_W: tl.constexpr):
+    """The (BLOCK_D,) fp32 weight for :func:`normalize_rows_bwd` (a placeholder 1 without weight)."""
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.full(cols.shape, 1.0, tl.float32)
+    return w
+
+
+@triton.jit
+def normalize_rows_bwd(dy, x, mean, rstd, w, D, HAS_W: tl.constexpr):
+    """LayerNorm's input gradient for an fp32 tile: returns (dx fp32, xhat). ``w`` from
+    :func:`load_norm_weight`. Shared with add_layer_norm."""
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    if HAS_W:
+        g = dy * w[None, :]
+    else:
+        g = dy
+    c1 = tl.sum(g * xhat, axis=1) / D  # (BLOCK_M,)
+    c2 = tl.sum(g, axis=1) / D
+    dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    return dx, xhat
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     x_ptr,  # (M, D) row stride stride_x, unit column stride
     w_ptr,  # (D,) or a dummy when HAS_W is False
@@ -84,18 +128,7 @@ def _layer_norm_fwd_kernel(
     rows64 = rows.to(tl.int64)  # M * D may exceed 2**31
 
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / D  # (BLOCK_M,)
-    # Padding lanes would contribute mean**2 to the variance: zero them.
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / D  # biased, as LayerNorm
-    rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd[:, None]
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = y * w[None, :]
-    if HAS_B:
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        y = y + b[None, :]
+    y, mean, rstd = normalize_rows(x, mask, cols, col_ok, D, eps, w_ptr, b_ptr, HAS_W, HAS_B)
     tl.store(y_ptr + rows64[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + rows, mean, mask=row_ok)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
@@ -118,8 +151,7 @@ def _layer_norm_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     col_ok = cols < D
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    w = load_norm_weight(w_ptr, cols, col_ok, HAS_W)
     # 2-D accumulators: the sum over rows is done once at the end, not in every step.
     dw_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -135,14 +167,7 @@ def _layer_norm_bwd_kernel(
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         # Padding lanes have xhat = -mean * rstd but dy = 0, so they add nothing to any sum below.
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        if HAS_W:
-            g = dy * w[None, :]
-        else:
-            g = dy
-        c1 = tl.sum(g * xhat, axis=1) / D  # (BLOCK_M,)
-        c2 = tl.sum(g, axis=1) / D
-        dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        dx, xhat = normalize_rows_bwd(dy, x, mean, rstd, w, D, HAS_W)
         tl.store(dx_ptr + rows64[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
