@@ -31,7 +31,7 @@ from maws_kernels._backend import resolve_backend, unit_last_stride
 # Shared policy with layer_norm (same row-in-registers limit, same reduction shape); _num_sms is
 # looked up as this module's global at launch time, so compile_check can answer it for a target.
 from maws_kernels.layer_norm import (_BWD_PROGRAMS_PER_SM, _MAX_D, _REDUCE_MAX_G, _REDUCE_TILE, _num_sms,
-                                     load_norm_weight, normalize_rows, normalize_rows_bwd)
+                                     load_norm_weight, normalize_rows, normalize_rows_bwd, sum_partials)
 
 _IMPLEMENTED = ("triton", "torch")
 _TILE_ELEMS = 4096  # rows * BLOCK_D per forward program step, as layer_norm
@@ -176,18 +176,6 @@ def _add_layer_norm_bwd_kernel(
 
 
 @triton.jit
-def _sum_partials(part_ptr, row, G, D, cols, col_ok, K: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Column sums of slab row ``row`` of the (G, K, D) partials over G, in a fixed order."""
-    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        grp = g0 + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
-        mask = (grp < G)[:, None] & col_ok[None, :]
-        acc += tl.load(part_ptr + (grp.to(tl.int64)[:, None] * K + row) * D + cols[None, :], mask=mask, other=0.0)
-    return tl.sum(acc, axis=0)  # (BLOCK_N,)
-
-
-@triton.jit
 def _add_layer_norm_bwd_reduce_kernel(
     part_ptr,  # (G, K, D) fp32 partial sums
     dw_ptr,  # (D,) weight's dtype, or a dummy when DW_ROW < 0
@@ -205,13 +193,13 @@ def _add_layer_norm_bwd_reduce_kernel(
     col_ok = cols < D
     # One sum at a time: a single (BLOCK_G, BLOCK_N) accumulator is live, as in layer_norm's reduction.
     if DW_ROW >= 0:
-        dw = _sum_partials(part_ptr, DW_ROW, G, D, cols, col_ok, K, BLOCK_G, BLOCK_N)
+        dw = sum_partials(part_ptr, DW_ROW, G, D, cols, col_ok, K, BLOCK_G, BLOCK_N)
         tl.store(dw_ptr + cols, dw.to(dw_ptr.dtype.element_ty), mask=col_ok)
     if DB_ROW >= 0:
-        db = _sum_partials(part_ptr, DB_ROW, G, D, cols, col_ok, K, BLOCK_G, BLOCK_N)
+        db = sum_partials(part_ptr, DB_ROW, G, D, cols, col_ok, K, BLOCK_G, BLOCK_N)
         tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
     if DXB_ROW >= 0:
-        dxb = _sum_partials(part_ptr, DXB_ROW, G, D, cols, col_ok, K, BLOCK_G, BLOCK_N)
+        dxb = sum_partials(part_ptr, DXB_ROW, G, D, cols, col_ok, K, BLOCK_G, BLOCK_N)
         tl.store(dxb_ptr + cols, dxb.to(dxb_ptr.dtype.element_ty), mask=col_ok)
 
 

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
-from maws_kernels.layer_norm import _num_sms  # a module global here too, so the compile check can stand in for it
+# _num_sms: a module global here too, so the compile check can stand in for it
+from maws_kernels.layer_norm import _num_sms, sum_partials
 
 _IMPLEMENTED = ("triton", "torch")
 _FUSE_DBIAS = True  # dbias from the backward kernel's partials (False: torch sums dx afterwards)
@@ -145,12 +146,8 @@ def _bias_gelu_bwd_reduce_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):  # fixed order over groups: deterministic
-        grp = g0 + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
-        mask = (grp < G)[:, None] & col_ok[None, :]
-        acc += tl.load(part_ptr + grp.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
-    tl.store(db_ptr + cols, tl.sum(acc, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
+    db = sum_partials(part_ptr, 0, G, N, cols, col_ok, 1, BLOCK_G, BLOCK_N)
+    tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _fwd_triton(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -177,6 +177,19 @@ def _layer_norm_bwd_kernel(
 
 
 @triton.jit
+def sum_partials(part_ptr, row, G, D, cols, col_ok, K: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Column sums over G of slab row ``row`` of (G, K, D) fp32 per-program partials, in a fixed
+    order (deterministic): the second pass of every two-pass column reduction here."""
+    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        grp = g0 + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
+        mask = (grp < G)[:, None] & col_ok[None, :]
+        acc += tl.load(part_ptr + (grp.to(tl.int64)[:, None] * K + row) * D + cols[None, :], mask=mask, other=0.0)
+    return tl.sum(acc, axis=0)  # (BLOCK_N,)
+
+
+@triton.jit
 def _layer_norm_bwd_reduce_kernel(
     part_ptr,  # (G, 2, D) fp32 partial sums
     dw_ptr,  # (D,) weight's dtype
@@ -187,16 +200,10 @@ def _layer_norm_bwd_reduce_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     col_ok = cols < D
-    dw = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    db = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):  # fixed order over groups: deterministic
-        grp = g0 + tl.arange(0, BLOCK_G)  # (BLOCK_G,)
-        mask = (grp < G)[:, None] & col_ok[None, :]
-        base = part_ptr + grp.to(tl.int64)[:, None] * 2 * D + cols[None, :]
-        dw += tl.load(base, mask=mask, other=0.0)
-        db += tl.load(base + D, mask=mask, other=0.0)
-    tl.store(dw_ptr + cols, tl.sum(dw, axis=0).to(dw_ptr.dtype.element_ty), mask=col_ok)
-    tl.store(db_ptr + cols, tl.sum(db, axis=0).to(db_ptr.dtype.element_ty), mask=col_ok)
+    dw = sum_partials(part_ptr, 0, G, D, cols, col_ok, 2, BLOCK_G, BLOCK_N)
+    tl.store(dw_ptr + cols, dw.to(dw_ptr.dtype.element_ty), mask=col_ok)
+    db = sum_partials(part_ptr, 1, G, D, cols, col_ok, 2, BLOCK_G, BLOCK_N)
+    tl.store(db_ptr + cols, db.to(db_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _fwd_triton(
