@@ -7,10 +7,10 @@ stream past; an online softmax in fp32 (scores pre-scaled by ``scale * log2(e)``
 the exponentials) rescales an fp32 accumulator. Each row's logsumexp (natural log, fp32) is
 stored for the backward.
 
-Backward (no atomics, deterministic): ``delta = rowsum(dO * O)`` (a small kernel); then one kernel
-over K/V tiles that walks every Q tile, recomputes ``P = exp(S - lse)`` and accumulates ``dV = P^T dO``
-and ``dK = scale * dS^T Q`` with ``dS = P * (dO V^T - delta)``; and one kernel over Q tiles that walks
-every K/V tile for ``dQ = scale * dS K``. Recomputing P twice costs one extra QK^T matmul, which
+Backward (no atomics, deterministic): one kernel over Q tiles computes ``delta = rowsum(dO * O)``
+from the dO tile it holds, stores it, and walks every K/V tile for ``dQ = scale * dS K`` with
+``dS = P * (dO V^T - delta)``; then one kernel over K/V tiles walks every Q tile, recomputes
+``P = exp(S - lse)`` and accumulates ``dV = P^T dO`` and ``dK = scale * dS^T Q``. Recomputing P twice costs one extra QK^T matmul, which
 is cheaper than fp32 atomics on dQ at ViT sequence lengths and keeps the result bitwise stable.
 
 Ragged tails are masked in Q and K/V tiles alike, so any N works (50, 65, 197, 257, 1025, ...);
@@ -187,27 +187,6 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + b * slb + h * slh + start + offs_m, lse, mask=m_ok)
 
 
-@triton.jit
-def _attn_bwd_delta_kernel(
-    o_ptr,  # (B, H, N, D) strides (sob, soh, son, 1); varlen: (T, H, D) with sob = 0
-    do_ptr,  # same layout as o (own strides)
-    delta_ptr,  # (B, H, N) fp32 like lse, strides (slb, slh, 1)
-    cu_ptr,  # (B + 1,) int32 when VARLEN
-    sob, soh, son, sdb, sdh, sdn, slb, slh,
-    H, N, D,
-    VARLEN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_m, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < seqlen
-    o = _load_rows(_head_ptr(o_ptr, b, h, sob, soh), start + offs_m, m_ok, son, offs_d, D, True)
-    do = _load_rows(_head_ptr(do_ptr, b, h, sdb, sdh), start + offs_m, m_ok, sdn, offs_d, D, True)
-    tl.store(delta_ptr + b * slb + h * slh + start + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
-
-
 @triton.autotune(configs=_BWD_CONFIGS, **_tune(backward=True))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -279,11 +258,12 @@ def _attn_bwd_dq_kernel(
     k_ptr,  # same layout (own strides)
     v_ptr,  # same layout (own strides)
     do_ptr,  # same layout (own strides)
+    o_ptr,  # same layout (own strides): the forward output, for delta
     lse_ptr,  # (B, H, N) fp32 strides (slb, slh, 1) -- also the layout of delta
-    delta_ptr,  # (B, H, N) fp32 rowsum(dO * O)
+    delta_ptr,  # (B, H, N) fp32 rowsum(dO * O), written here for the dK/dV kernel after this one
     dq_ptr,  # same layout (own strides), q's dtype
     cu_ptr,  # (B + 1,) int32 when VARLEN
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, slb, slh, sdqb, sdqh, sdqn,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sob, soh, son, slb, slh, sdqb, sdqh, sdqn,
     H, N, D, scale, qk_scale,
     VARLEN: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -306,7 +286,10 @@ def _attn_bwd_dq_kernel(
     do = _load_rows(_head_ptr(do_ptr, b, h, sdb, sdh), start + offs_m, m_ok, sdn, offs_d, D, UPCAST)
     row_base = b * slb + h * slh + start
     lse = tl.load(lse_ptr + row_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(delta_ptr + row_base + offs_m, mask=m_ok, other=0.0)
+    # delta from the dO tile already here: no separate pass re-reads dO (padding rows: 0)
+    o = _load_rows(_head_ptr(o_ptr, b, h, sob, soh), start + offs_m, m_ok, son, offs_d, D, True)
+    delta = tl.sum(o * do.to(tl.float32), axis=1)  # (BLOCK_M,)
+    tl.store(delta_ptr + row_base + offs_m, delta, mask=m_ok)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
@@ -397,20 +380,17 @@ def _bwd_triton(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, out=None):
     consts = _common_consts(q, varlen, D)
     cu = cu_seqlens if varlen else lse
     ls = _lse_strides(lse, varlen)
+    o = unit_last_stride(o)
     delta = torch.empty_like(lse)
-    block = 16 if _INTERPRET else 64
-    _attn_bwd_delta_kernel[(triton.cdiv(N, block), B * H)](
-        o, do, delta, cu, *_row_strides(o, varlen), *_row_strides(do, varlen), *ls, H, N, D,
-        VARLEN=varlen, BLOCK_M=block, BLOCK_D=consts["BLOCK_D"], num_warps=4,
-    )
     qs, ks, vs, dos = (_row_strides(t, varlen) for t in (q, k, v, do))
+    # dQ first: it computes delta = rowsum(dO * O) from the dO tile it loads anyway, for dK / dV.
+    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, o, lse, delta, dq, cu, *qs, *ks, *vs, *dos, *_row_strides(o, varlen), *ls,
+        *_row_strides(dq, varlen), H, N, D, scale, scale * _LOG2E, **consts,
+    )
     _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, cu, *qs, *ks, *vs, *dos, *ls,
         *_row_strides(dk, varlen), *_row_strides(dv, varlen),
-        H, N, D, scale, scale * _LOG2E, **consts,
-    )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, cu, *qs, *ks, *vs, *dos, *ls, *_row_strides(dq, varlen),
         H, N, D, scale, scale * _LOG2E, **consts,
     )
     return dq, dk, dv
