@@ -8,6 +8,7 @@ Pure model code: no data, no torch.distributed. Parallelism is applied from outs
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 import maws_kernels
 from maws_fast.errors import CheckpointError
 from maws_fast.models.attention import attention_packed, check_attn_backend
-from maws_fast.models.pos_embed import sincos_2d
+from maws_fast.models.pos_embed import resample_pos_embed, sincos_2d
 
 def op_backend(model_backend: str | None, has_cuda_twin: bool) -> str | None:
     """The maws_kernels backend one op of a model runs with.
@@ -330,16 +331,21 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
     initialised: list[str] = field(default_factory=list)  # in the model, kept at its fresh init
+    resampled: list[str] = field(default_factory=list)  # learned pos-embeds resized to the model's grid ("key g0 -> g")
+    regenerated: list[str] = field(default_factory=list)  # fixed sin-cos tables of another grid ("key g0 -> g"): the model's own kept
 
     def summary(self) -> str:
         def short(keys: list[str]) -> str:
             prefixes = sorted({k.split(".")[0] for k in keys})
             return ", ".join(prefixes) if prefixes else "none"
 
-        return (
-            f"loaded {len(self.loaded)} tensors; dropped {len(self.dropped)} ({short(self.dropped)}); "
-            f"initialised {len(self.initialised)} ({short(self.initialised)})"
-        )
+        out = (f"loaded {len(self.loaded)} tensors; dropped {len(self.dropped)} ({short(self.dropped)}); "
+               f"initialised {len(self.initialised)} ({short(self.initialised)})")
+        if self.resampled:
+            out += f"; resampled bicubically: {', '.join(self.resampled)}"
+        if self.regenerated:
+            out += f"; sin-cos regenerated for the model's grid: {', '.join(self.regenerated)}"
+        return out
 
 
 def unwrap_state_dict(sd: dict) -> dict:
@@ -349,11 +355,52 @@ def unwrap_state_dict(sd: dict) -> dict:
     return sd
 
 
+POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
+
+
+def _fit_pos_embeds(model: nn.Module, sd: dict, own: dict) -> tuple[dict, list[str], dict[str, str]]:
+    """``sd`` with each position embedding of another patch grid made to fit ``model``'s grid.
+
+    A learned table is resampled (:func:`resample_pos_embed`, the official rule); a fixed sin-cos
+    one is dropped from ``sd``, the model keeping the table it built for its own grid. Tables that
+    cannot be fitted (another width, not a square grid) are left for the shape check to report.
+    Returns (state dict, what was resampled, {regenerated key: what}), each "key g0xg0 -> gxg".
+    """
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        return sd, [], {}
+    params = dict(model.named_parameters())
+    sd, resampled, regenerated = dict(sd), [], {}
+    for key in POS_EMBED_KEYS:
+        if key not in sd or key not in own or sd[key].shape == own[key].shape:
+            continue
+        src, dst = sd[key], own[key]
+        extra = dst.shape[-2] - grid * grid
+        if src.ndim != 3 or dst.ndim != 3 or src.shape[-1] != dst.shape[-1] or extra < 0:
+            continue
+        try:
+            fitted = resample_pos_embed(src, grid, extra)
+        except ValueError:
+            continue
+        g0 = math.isqrt(src.shape[-2] - extra)
+        what = f"{key} {g0}x{g0} -> {grid}x{grid}"
+        if key in params and not params[key].requires_grad:
+            del sd[key]
+            regenerated[key] = what
+        else:
+            sd[key] = fitted
+            resampled.append(what)
+    return sd, resampled, regenerated
+
+
 def load_pretrained(model: nn.Module, state_dict: dict, strict: bool = False, source: str = "checkpoint") -> LoadReport:
     """Load matching keys of ``state_dict`` into ``model`` and say what was dropped / initialised.
 
     Every shared key must have the same shape: a mismatch raises CheckpointError naming the keys
-    (a silent partial load would train a different model than the one asked for).
+    (a silent partial load would train a different model than the one asked for). The one
+    exception is a position embedding of another patch grid (a checkpoint of another resolution):
+    a learned table is resampled bicubically as the official MAE does, a fixed sin-cos table is the
+    model's own for its grid; the report lists both.
 
     Args:
         model: the destination module.
@@ -363,6 +410,7 @@ def load_pretrained(model: nn.Module, state_dict: dict, strict: bool = False, so
     """
     sd = unwrap_state_dict(state_dict)
     own = model.state_dict()
+    sd, resampled, regenerated = _fit_pos_embeds(model, sd, own)
     # in the model's own key order, so the message starts where the model does (cls_token, ...)
     bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if bad:
@@ -373,7 +421,9 @@ def load_pretrained(model: nn.Module, state_dict: dict, strict: bool = False, so
     report = LoadReport(
         loaded=[k for k in sd if k in own],
         dropped=[k for k in sd if k not in own],
-        initialised=[k for k in own if k not in sd],
+        initialised=[k for k in own if k not in sd and k not in regenerated],
+        resampled=resampled,
+        regenerated=list(regenerated.values()),
     )
     if strict and (report.dropped or report.initialised):
         raise CheckpointError(
