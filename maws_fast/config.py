@@ -184,7 +184,8 @@ class WSPConfig(OptimConfig):
     blr: float = setting(1e-3, "base lr (per 256 images)")
     weight_decay: float = setting(0.1, "AdamW weight decay")
     beta2: float = setting(0.999, "AdamW beta2")
-    init: str = setting("mae", "encoder init: mae (from the mae stage's checkpoint) | scratch | PATH to a .safetensors")
+    init: str = setting("mae", "encoder init: mae (the mae stage's final weights) | scratch | PATH (a checkpoint "
+                        "directory, .safetensors, or .pth/.pt/.bin: official MAE, MAWS, timm)")
     compare_scratch: bool = setting(
         True, "also train a from-scratch WSP model with the same budget (the demo's baseline)")
     num_samples: int = setting(60000, "weak-hashtag mosaics generated from the train split")

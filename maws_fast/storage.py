@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -135,6 +136,59 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a released or trained checkpoint, whatever its format.
+
+    Accepts one of our checkpoint directories (``final/``, ``step_*``: its ``model.safetensors``),
+    a ``.safetensors`` file (ours, timm's), or a torch pickle (``.pth`` / ``.pt`` / ``.bin`` /
+    ``.ckpt``: the official MAE's ``{"model": ...}``, MAWS's and timm's bare state dicts). A
+    pickle is read with ``torch.load(weights_only=True)``: tensors, containers and plain values
+    only (plus ``argparse.Namespace``, which official MAE training checkpoints carry as ``args``),
+    so a payload can never run. Returns the file's top-level dict as is; see
+    ``maws_fast.models.vit.unwrap_state_dict`` for the state dict inside it.
+
+    Raises:
+        CheckpointError: missing, unreadable, of an unknown format, or holding other objects.
+    """
+    path = Path(path)
+    if path.is_dir():
+        inner = path / "model.safetensors"
+        if not inner.is_file():
+            raise CheckpointError(f"{path} is a directory without model.safetensors; point at a checkpoint "
+                                  f"directory (final/ or step_*/) or a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+        return load_tensors(inner)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; use one of {', '.join(WEIGHT_SUFFIXES)} "
+                              "or a checkpoint directory")
+    import argparse
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:  # not a pickle of anything: truncated or another kind of file
+            raise CheckpointError(f"{path} is not a readable torch checkpoint (truncated, or not a torch.save file)") from None
+        raise CheckpointError(
+            f"{path} holds Python objects other than tensors ({found.group(1)}), so it is refused: unpickling them "
+            "could run code. If you trust the file, re-save only its state dict: "
+            "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
 
 
 # --- the single-process format ----------------------------------------------------------------------

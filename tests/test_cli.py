@@ -88,6 +88,34 @@ def test_wsp_init_from_foreign_checkpoint_names_keys(tmp_path, capsys):
 
 
 @has_data
+def test_wsp_init_reads_an_official_mae_pth(tmp_path, capsys):
+    """A released-style MAE checkpoint ({"model": ..., "epoch", "args"}) initialises WSP from the CLI."""
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    assert train_main(["--config", DEMO, "--out", str(tmp_path / "other"), "--run.stages=[mae]", *FAST]) == 0
+    sd = load_file(str(tmp_path / "other" / "mae" / "final" / "model.safetensors"))
+    pth = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": sd, "epoch": 3, "args": argparse.Namespace(model="mae_vit_tiny")}, pth)
+    capsys.readouterr()
+    rc = train_main(["--config", DEMO, "--out", str(tmp_path / "run"), "--run.stages=[wsp]", *FAST,
+                     f"--wsp.init={pth}", "--wsp.compare_scratch=false"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"encoder initialised from {pth}: loaded" in out and "dropped" in out
+
+
+@has_data
+def test_wsp_init_path_that_does_not_exist_fails_before_training(tmp_path, capsys):
+    rc = train_main(["--config", DEMO, "--out", str(tmp_path / "run"), "--run.stages=[wsp]", *FAST,
+                     f"--wsp.init={tmp_path / 'nope.pth'}"])
+    err = _err(capsys)
+    assert rc == 2 and "wsp.init" in err and "does not exist" in err
+    assert not (tmp_path / "run" / "wsp").exists()
+
+
+@has_data
 def test_demo_end_to_end_through_the_console_script(tmp_path):
     """The README's main command, shrunk: maws-train runs MAE -> WSP -> linear probe + 5-shot."""
     exe = Path(sys.executable).with_name("maws-train")

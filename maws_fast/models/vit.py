@@ -348,10 +348,22 @@ class LoadReport:
         return out
 
 
+WRAPPER_KEYS = ("model", "state_dict", "module")  # official MAE / lightning-style / DeepSpeed-style wrappers
+PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers in saved key names
+
+
 def unwrap_state_dict(sd: dict) -> dict:
-    """Accept ``{"model": sd}`` (official MAE checkpoints) as well as a bare state dict."""
-    if "model" in sd and isinstance(sd["model"], dict):
-        return sd["model"]
+    """The model's tensors inside a checkpoint: ``{"model": sd}`` (official MAE), ``{"state_dict": sd}``
+    or a bare state dict (ours, timm's, MAWS's), with a DDP ``module.`` or compile ``_orig_mod.``
+    prefix on every key removed. Non-tensor entries (an epoch, args) are left out."""
+    for key in WRAPPER_KEYS:
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 

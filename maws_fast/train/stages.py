@@ -24,12 +24,13 @@ from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
 from maws_fast.parallel.mesh import Mesh, destroy, init_distributed
 from maws_fast.seeds import Stream, mix_seed
-from maws_fast.storage import atomic_write_text, load_checkpoint, load_tensors, read_meta
+from maws_fast.storage import WEIGHT_SUFFIXES, atomic_write_text, load_checkpoint, read_meta, read_weights
 from maws_fast.train.checkpoint import check_fingerprint
 from maws_fast.train.loop import Stage, run_stage, say, silent
 from maws_fast.train.objectives import MAEObjective, WSPObjective
 
 Echo = Callable[[str], None]
+TRAINED = ("mae", "wsp")  # stages whose final/ weights a later stage's init can name
 
 
 def _fingerprints(cfg: Config) -> dict[str, dict]:
@@ -80,10 +81,26 @@ def mae_stage(cfg: Config, data: DemoData | None, device: torch.device, mesh: Me
                  _fingerprints(cfg)["mae"])
 
 
-def _mae_weights_path(cfg: Config, init: str) -> Path:
-    if init == "mae":
-        return Path(cfg.run.out_dir) / "mae" / "final" / "model.safetensors"
+def init_path(cfg: Config, init: str) -> Path:
+    """The checkpoint an ``init`` setting names: a training stage of this run (its ``final/``
+    directory) or a path in any format :func:`~maws_fast.storage.read_weights` reads."""
+    if init in TRAINED:
+        return Path(cfg.run.out_dir) / init / "final"
     return Path(init)
+
+
+def check_init(key: str, init: str, stages: tuple[str, ...]) -> None:
+    """Before any training: a path ``init`` must exist and have a weights format (a stage name
+    is checked when its stage has run)."""
+    if init in stages or init == "scratch":
+        return
+    p = Path(init)
+    if not p.exists():
+        raise ConfigError(f"config: {key}: {init} does not exist; use {' | '.join(stages)}, or the path of a checkpoint "
+                          f"directory or weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    if p.is_file() and p.suffix not in WEIGHT_SUFFIXES:
+        raise ConfigError(f"config: {key}: {init} is not a weights file; use one of {', '.join(WEIGHT_SUFFIXES)} "
+                          "or a checkpoint directory")
 
 
 def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: str, init: str,
@@ -108,17 +125,17 @@ def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: st
     def init_fn() -> str | None:
         if init == "scratch":
             return "encoder initialised from scratch (random init)"
-        path = _mae_weights_path(cfg, init)
+        path = init_path(cfg, init)
         if not path.exists():
             hint = ("run the mae stage first (--run.stages=[mae,wsp,linprobe]) or set --wsp.init=scratch"
-                    if init == "mae" else "point --wsp.init at an MAE model.safetensors")
+                    if init == "mae" else "point --wsp.init at an MAE or ViT checkpoint")
             raise CheckpointError(f"wsp.init={init!r} needs {path}, which does not exist; {hint}")
-        report = load_pretrained(model, load_tensors(path), source=str(path))
+        report = load_pretrained(model, read_weights(path), source=str(path))
         missing = [k for k in report.initialised if not k.startswith("head.")]
         if missing:
             # A file that fits nothing would silently train from scratch under an "MAE -> WSP" label.
             raise CheckpointError(f"{path} lacks encoder tensors {missing[:6]} ({len(missing)} in all); "
-                                  f"--wsp.init must point at an MAE or ViT model.safetensors of this model config")
+                                  f"--wsp.init must point at an MAE or ViT checkpoint of this model config")
         return f"encoder initialised from {path}: {report.summary()}"
 
     fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
@@ -216,8 +233,8 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
     # Everything that can be checked before hours of training is checked here.
     if "linprobe" in cfg.run.stages:
         check_eval_config(cfg, data)
-    if "wsp" in cfg.run.stages and cfg.wsp.init not in ("mae", "scratch") and not Path(cfg.wsp.init).is_file():
-        raise ConfigError(f"config: wsp.init: {cfg.wsp.init} is not a file; use mae, scratch or a model.safetensors path")
+    if "wsp" in cfg.run.stages:
+        check_init("wsp.init", cfg.wsp.init, ("mae",))
     summary: dict = {"stages": {}, "results": []}
     train = dict(parallel=cfg.parallel, mesh=mesh, echo=echo)
     if "mae" in cfg.run.stages:
