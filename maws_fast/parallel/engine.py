@@ -98,8 +98,9 @@ class Engine(Protocol):
         ...
 
 
-# What a group may set: every engine applies these alike (lr and betas are the engine's, for all groups).
-GROUP_OPTIONS = ("weight_decay", "name")
+# What a group may set: every engine applies these alike (lr and betas are the engine's, for all groups;
+# a group's lr is the step's lr times its lr_scale, the layer-wise decay of a fine-tune).
+GROUP_OPTIONS = ("weight_decay", "lr_scale", "name")
 
 
 def named_groups(model: nn.Module, param_groups: list[dict]) -> NamedGroups:
@@ -186,7 +187,7 @@ class _TorchEngine:
 
     def step(self, lr: float, clip_grad: float | None = None):
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip_grad) if clip_grad is not None else None
         self.optimizer.step()
         return norm

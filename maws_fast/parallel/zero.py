@@ -64,7 +64,8 @@ class ZeroEngine:
         mesh: process mesh (TP must already be applied to the model).
         stage: ZeRO stage 0-3.
         groups: the AdamW param groups by name, ``[(options, names)]`` (see
-            :func:`maws_fast.parallel.engine.named_groups`); a group's ``weight_decay`` defaults to 0.
+            :func:`maws_fast.parallel.engine.named_groups`); a group's ``weight_decay`` defaults to 0,
+            its ``lr_scale`` (the step's lr multiplier: layer-wise decay) to 1.
         betas, eps: AdamW constants.
         bucket_mb: bucket size in MiB of model-dtype elements (stages 0-2; stage 3 uses one bucket
             per transformer block plus one for the rest).
@@ -83,6 +84,7 @@ class ZeroEngine:
         self.stage, self.prefetch = stage, prefetch
         self.betas, self.eps = tuple(betas), eps
         self.group_decay = [float(opts.get("weight_decay", 0.0)) for opts, _ in groups]
+        self.group_lr_scale = [float(opts.get("lr_scale", 1.0)) for opts, _ in groups]
         self._group_of = {n: i for i, (_, names) in enumerate(groups) for n in names}
         self.dtype = _DTYPES[param_dtype]
         self.device = torch.device(device)
@@ -332,7 +334,8 @@ class ZeroEngine:
             for r in self._runs_with_grads(b):
                 maws_kernels.fused_adamw_(
                     b.master[r.start:r.end], g[r.start:r.end], b.exp_avg[r.start:r.end], b.exp_avg_sq[r.start:r.end],
-                    step=self.step_count, lr=lr, beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
+                    step=self.step_count, lr=lr * self.group_lr_scale[r.group], beta1=self.betas[0],
+                    beta2=self.betas[1], eps=self.eps,
                     weight_decay=self.group_decay[r.group],
                     model_copy=None if copy is None else copy[r.start:r.end],
                     grad_scale=None if gs == 1.0 else gs, backend=self.kernel_backend)

@@ -32,11 +32,14 @@ class Layout:
     bucket_mb: float = 0.05  # tiny buckets: several per model, so bucketing and padding are exercised
     prefetch: bool = True
     kernels: str = "torch"  # the model's kernel backend; "triton" (interpreted) fuses the residual adds into norms
+    layer_decay: float | None = None  # the fine-tune's layer-wise lr decay groups instead of MAE's two
 
     @property
     def key(self) -> str:
         key = f"{self.engine}-z{self.stage}-tp{self.tp}-acc{self.accum}-{self.param_dtype}-pf{int(self.prefetch)}"
-        return key if self.kernels == "torch" else f"{key}-{self.kernels}"
+        if self.kernels != "torch":
+            key += f"-{self.kernels}"
+        return key if self.layer_decay is None else f"{key}-lrd{self.layer_decay}"
 
 
 def free_port() -> int:
@@ -93,13 +96,20 @@ def build(task: str, kernels: str = "torch"):
     return model, make, imgs, targets
 
 
-def reference(task: str, kernels: str = "torch") -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
-    """One process, unsharded: torch AdamW (MAE's decay groups) + clip_grad_norm_ on the global batch."""
-    from maws_fast.train.optim import param_groups
+def groups_for(model, layer_decay: float | None) -> list[dict]:
+    """MAE's decay / no-decay groups, or the fine-tune's layer-wise decay ones."""
+    from maws_fast.train.optim import layer_decay_groups, param_groups
 
+    return param_groups(model, WD) if layer_decay is None else layer_decay_groups(model, WD, layer_decay)
+
+
+def reference(task: str, kernels: str = "torch", layer_decay: float | None = None
+              ) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """One process, unsharded: torch AdamW (each group at LR * its lr_scale) + clip_grad_norm_ on the global batch."""
     model, make, imgs, targets = build(task, kernels)
     obj = make(model, 0, 1)
-    opt = torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=BETAS, foreach=False)
+    groups = [{**g, "lr": LR * g.get("lr_scale", 1.0)} for g in groups_for(model, layer_decay)]
+    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, foreach=False)
     losses, norms = [], []
     for s in range(STEPS):
         opt.zero_grad(set_to_none=True)
@@ -141,7 +151,6 @@ def _train_steps(engine, mesh, layout: Layout, imgs, targets, steps) -> list[flo
 def _engine(task: str, layout: Layout, perturb: bool = False):
     from maws_fast.parallel.engine import parallelize
     from maws_fast.parallel.mesh import init_distributed
-    from maws_fast.train.optim import param_groups
 
     mesh = init_distributed(tp=layout.tp, timeout_s=120)
     model, make, imgs, targets = build(task, layout.kernels)
@@ -151,7 +160,7 @@ def _engine(task: str, layout: Layout, perturb: bool = False):
                 if p.requires_grad:
                     p.add_(1.0)
     obj = make(model, mesh.dp_rank, mesh.dims.dp)
-    engine = parallelize(obj, mesh, param_groups(model, WD), engine=layout.engine, zero_stage=layout.stage, betas=BETAS,
+    engine = parallelize(obj, mesh, groups_for(model, layout.layer_decay), engine=layout.engine, zero_stage=layout.stage, betas=BETAS,
                          bucket_mb=layout.bucket_mb, prefetch=layout.prefetch, param_dtype=layout.param_dtype,
                          kernel_backend="torch")
     return mesh, engine, imgs, targets

@@ -42,6 +42,14 @@ FUSED = {
     "zero3_fused": Layout("ours", 3, kernels="triton"),
     "tp2_fused": Layout("ours", 0, tp=2, kernels="triton"),
 }
+# The fine-tune's layer-wise lr decay (a group per layer, lr_scale 0.5 ** depth-to-top) in every engine.
+LRD = {
+    "fsdp2_lrd": Layout("fsdp2", 0, layer_decay=0.5),
+    "ddp_lrd": Layout("ddp", 0, layer_decay=0.5),
+    "zero2_lrd": Layout("ours", 2, layer_decay=0.5),
+    "zero3_lrd": Layout("ours", 3, layer_decay=0.5),
+    "zero2_tp2_lrd": Layout("ours", 2, tp=2, layer_decay=0.5),
+}
 TASKS = ("mae", "wsp")
 _RESULTS: dict[int, dict] = {}
 _REFS: dict[str, tuple] = {}
@@ -55,10 +63,10 @@ def results(world: int, tmp_path_factory, layouts: dict = LAYOUTS) -> dict:
     return _RESULTS[key]
 
 
-def ref(task: str, kernels: str = "torch"):
-    if (task, kernels) not in _REFS:
-        _REFS[task, kernels] = reference(task, kernels)
-    return _REFS[task, kernels]
+def ref(task: str, kernels: str = "torch", layer_decay: float | None = None):
+    if (task, kernels, layer_decay) not in _REFS:
+        _REFS[task, kernels, layer_decay] = reference(task, kernels, layer_decay)
+    return _REFS[task, kernels, layer_decay]
 
 
 def max_param_diff(params: dict, ref_params: dict) -> float:
@@ -70,7 +78,7 @@ def max_param_diff(params: dict, ref_params: dict) -> float:
 
 def check_matches(world: int, name: str, task: str, tmp_path_factory, layouts: dict = LAYOUTS) -> None:
     res = results(world, tmp_path_factory, layouts)[("train", task, layouts[name].key)]
-    ref_losses, ref_norms, ref_params = ref(task, layouts[name].kernels)
+    ref_losses, ref_norms, ref_params = ref(task, layouts[name].kernels, layouts[name].layer_decay)
     assert len(res["losses"]) == STEPS
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.tensor(res["norms"]), torch.tensor(ref_norms), rtol=1e-5, atol=0)
@@ -78,7 +86,7 @@ def check_matches(world: int, name: str, task: str, tmp_path_factory, layouts: d
     diff = max_param_diff(res["params"], ref_params)
     assert diff < 1e-6, f"{name} at {world} ranks: params off by {diff}"
     if layouts[name].tp == 1 and layouts[name].engine != "fsdp2":
-        fsdp2_name = "fsdp2" if layouts is LAYOUTS else "fsdp2_fused"
+        fsdp2_name = next(n for n, lay in layouts.items() if lay.engine == "fsdp2")
         fsdp2 = max_param_diff(results(world, tmp_path_factory, layouts)[("train", task, layouts[fsdp2_name].key)]["params"],
                                ref_params)
         assert diff <= 2 * fsdp2 + 1e-7, f"{name}: {diff} vs FSDP2 {fsdp2}"
@@ -143,6 +151,13 @@ def test_zero2_tp2_matches_unsharded(world, task, tmp_path_factory):
 @pytest.mark.parametrize("task", TASKS)
 def test_fused_blocks_match_unsharded(name, task, tmp_path_factory):
     check_matches(2, name, task, tmp_path_factory, FUSED)
+
+
+@pytest.mark.parametrize("name", list(LRD))
+@pytest.mark.parametrize("task", TASKS)
+def test_layer_decay_groups_match_unsharded(name, task, tmp_path_factory):
+    """Each group at lr * lr_scale, in every engine (the MAE's decoder sits in the top layer)."""
+    check_matches(2, name, task, tmp_path_factory, LRD)
 
 
 @pytest.mark.parametrize("name", ["zero2_accum", "zero3_accum"])
