@@ -20,10 +20,11 @@ def build_mae(cfg: ModelConfig, norm_pix_loss: bool = True) -> MaskedAutoencoder
     )
 
 
-def build_classifier(cfg: ModelConfig, num_classes: int) -> VisionTransformer:
-    """The encoder described by ``cfg`` plus a linear head over the cls token."""
+def build_classifier(cfg: ModelConfig, num_classes: int, **kwargs) -> VisionTransformer:
+    """The encoder described by ``cfg`` plus a linear head over the cls token; ``kwargs`` go to
+    :class:`VisionTransformer` (the fine-tune's ``global_pool``, ``drop_path_rate``, ...)."""
     return VisionTransformer(**{k: getattr(cfg, k) for k in _ENCODER_KEYS}, num_classes=num_classes,
-                             kernel_backend=cfg.kernel_backend)
+                             kernel_backend=cfg.kernel_backend, **kwargs)
 
 
 __all__ = ["MaskedAutoencoderViT", "VisionTransformer", "LoadReport", "load_pretrained", "build_mae", "build_classifier"]

@@ -151,6 +151,33 @@ class Mlp(nn.Module):
         return self.fc2(maws_kernels.bias_gelu(h, b, backend=backend))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (timm's ``drop_path``): in training each sample's branch is zeroed with
+    probability ``p`` and the kept ones scaled by ``1 / (1 - p)``; the identity otherwise.
+
+    ``generator``, when set, is where the per-sample draws come from (the fine-tune objective
+    seeds one per step, so a resumed run drops the same branches as an uninterrupted one).
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability {p} is not in [0, 1)")
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device)
+        mask.bernoulli_(keep, generator=self.generator).div_(keep)
+        return x * mask.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
@@ -161,12 +188,14 @@ class Block(nn.Module):
     torch backend the block is the official arithmetic, bit for bit.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa", norm_layer=LayerNorm):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa", norm_layer=LayerNorm,
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, attn_backend)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)  # no parameters, no keys
 
     def fused_add_backend(self, x: torch.Tensor) -> str | None:
         """The add_layer_norm backend this block fuses its residual adds with on ``x``, or None (unfused)."""
@@ -185,37 +214,45 @@ class Block(nn.Module):
         if backend is None:
             if branch is not None:
                 x = x + branch
-            x = x + self.attn(self.norm1(x))
-            x = x + self.mlp(self.norm2(x))
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
             return (x, None) if defer else x
         if branch is None:
             h = self.norm1(x)
         else:
             h, x = self.norm1(branch, x, backend=backend)
-        a, a_bias = self.attn.forward_without_bias(h)
+        if self.training and self.drop_path1.p > 0:  # the dropped branch includes the projection's bias
+            a, a_bias = self.drop_path1(self.attn(h)), None
+        else:
+            a, a_bias = self.attn.forward_without_bias(h)
         h, x = self.norm2(a, x, a_bias, backend)
-        m = self.mlp(h)
+        m = self.drop_path2(self.mlp(h))
         return (x, m) if defer else x + m
 
 
-def run_blocks(blocks, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """``norm(blocks(x))``, each block called as a module (so parallel engines' hooks see it).
+def run_blocks(blocks, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+    """``norm(blocks(x))`` (just ``blocks(x)`` when ``norm`` is None), each block called as a module
+    (so parallel engines' hooks see it).
 
     With fused norms every residual add happens inside a LayerNorm kernel: a block returns its
     stream and its unadded MLP output, the next block's first norm (or ``norm``) adds them.
     """
-    fuse = isinstance(norm, LayerNorm) and norm.add_backend(x) is not None
+    first = blocks[0] if len(blocks) else None
+    fuse = isinstance(first, Block) and first.fused_add_backend(x) is not None
     if not fuse:
         for blk in blocks:
             x = blk(x)
-        return norm(x)
+        return x if norm is None else norm(x)
     branch = None
     for blk in blocks:
         x, branch = blk(x, branch, True)
     if branch is None:
-        return norm(x)
-    y, _ = norm(branch, x)
-    return y
+        return x if norm is None else norm(x)
+    if norm is None:
+        return x + branch
+    if isinstance(norm, LayerNorm):
+        return norm(branch, x)[0]
+    return norm(x + branch)
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -241,6 +278,11 @@ class VisionTransformer(nn.Module):
         norm_layer: LayerNorm factory (eps 1e-6 by default, as every MAE model).
         kernel_backend: maws_kernels backend of the fused ops (LayerNorm here; patch gather and
             loss in the MAE); None = best available for the device.
+        global_pool: ``"token"``: the cls token after the final ``norm`` (MAE / WSP / probes);
+            ``"avg"``: the mean of the patch tokens through ``fc_norm``, with no final ``norm``
+            (the official MAE fine-tune's default; its checkpoints have ``fc_norm.*``, no ``norm.*``).
+        drop_path_rate: stochastic depth of the last block; block i gets ``rate * i / (depth - 1)``
+            (timm's linear rule: ``torch.linspace(0, rate, depth)``).
     """
 
     def __init__(
@@ -257,17 +299,26 @@ class VisionTransformer(nn.Module):
         attn_backend: str = "sdpa",
         norm_layer=LayerNorm,
         kernel_backend: str | None = None,
+        global_pool: str = "token",
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool {global_pool!r} is not 'token' or 'avg'")
+        self.global_pool = global_pool
         self.in_chans, self.embed_dim, self.num_classes = in_chans, embed_dim, num_classes
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         L = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, embed_dim), requires_grad=pos_embed_learnable)
+        # timm's linspace(0, rate, depth) rule, in Python (the model may be built on the meta device)
+        rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, attn_backend, norm_layer) for _ in range(depth)]
+            [Block(embed_dim, num_heads, mlp_ratio, attn_backend, norm_layer, rate) for rate in rates]
         )
-        self.norm = norm_layer(embed_dim)
+        # "avg" pooling: fc_norm after the pool replaces the final norm (the official fine-tune model)
+        self.norm = norm_layer(embed_dim) if global_pool == "token" else None
+        self.fc_norm = norm_layer(embed_dim) if global_pool == "avg" else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.set_kernel_backend(kernel_backend)
         self._init_encoder()
@@ -307,7 +358,7 @@ class VisionTransformer(nn.Module):
                 m.attn_backend = backend
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1+L, D) tokens after the final norm."""
+        """(B, C, H, W) -> (B, 1+L, D) tokens after the final norm (``avg`` pooling: no final norm)."""
         x = self.patch_embed(x)  # (B, L, D) in the compute dtype
         # pos-embed and cls token in the activations' dtype: an fp32 table would promote the whole
         # residual stream to fp32 (twice the bytes in every add, norm and cast after it)
@@ -317,8 +368,17 @@ class VisionTransformer(nn.Module):
         return run_blocks(self.blocks, x, self.norm)
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D): the cls token after the final norm (timm's global_pool='token')."""
+        """(B, C, H, W) -> (B, D): the cls token after the final norm (``token``), or fc_norm of the
+        patch tokens' mean (``avg``, the cls token left out as in the official fine-tune)."""
+        if self.global_pool == "avg":
+            return self.fc_norm(self.forward_features(x)[:, 1:].mean(dim=1))
         return self.forward_features(x)[:, 0]
+
+    def set_drop_path_generator(self, generator: torch.Generator | None) -> None:
+        """Where every block's stochastic-depth draws come from (None: torch's default generator)."""
+        for m in self.modules():
+            if isinstance(m, DropPath):
+                m.generator = generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_pooled(x))
