@@ -202,6 +202,47 @@ class WSPConfig(OptimConfig):
 
 
 @dataclass
+class FinetuneConfig(OptimConfig):
+    """The official MAE fine-tune recipe (main_finetune.py), each piece on where it is on there."""
+
+    blr: float = setting(1e-3, "base lr (per 256 images); the official B/16 recipe uses 5e-4, L and H 1e-3")
+    min_lr: float = setting(1e-6, "lr at the end of the cosine")
+    weight_decay: float = setting(0.05, "AdamW weight decay (not on 1-D params, pos_embed, cls_token)")
+    beta2: float = setting(0.999, "AdamW beta2")
+    init: str = setting("wsp", "encoder to fine-tune: mae | wsp | wsp_scratch (this run's final weights) | PATH "
+                        "(a checkpoint directory, .safetensors, or .pth/.pt/.bin: official MAE, MAWS, timm)")
+    compare: list[str] = setting(lambda: [], "more of this run's encoders fine-tuned alike, each its own stage "
+                                 "finetune_<name> (the demo: [wsp_scratch, mae])")
+    layer_decay: float = setting(0.75, "layer-wise lr decay: block i's lr scale is layer_decay ** (depth + 1 - (i + 1))")
+    drop_path: float = setting(0.1, "stochastic depth of the last block (timm's linear rule over depth)")
+    global_pool: str = setting("avg", "avg (mean of patch tokens + fc_norm, the official default) | token (cls + norm)")
+    mixup: float = setting(0.8, "Mixup alpha (0 = off)")
+    cutmix: float = setting(1.0, "CutMix alpha (0 = off)")
+    mixup_prob: float = setting(1.0, "probability a batch is mixed")
+    mixup_switch_prob: float = setting(0.5, "probability of CutMix instead of Mixup when both are on")
+    smoothing: float = setting(0.1, "label smoothing, folded into the (mixed) soft targets")
+    img_size: int = setting(0, "fine-tune resolution (0 = model.img_size); a checkpoint's learned pos-embed is resampled")
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), "RandomResizedCrop area range")
+    flip_p: float = setting(0.5, "horizontal flip probability")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0 < self.layer_decay <= 1, "finetune.layer_decay", "must be in (0, 1]")
+        _check(0 <= self.drop_path < 1, "finetune.drop_path", "must be in [0, 1)")
+        _check(self.global_pool in ("avg", "token"), "finetune.global_pool", f"{self.global_pool!r}: use avg or token")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "finetune.mixup", "alphas must be >= 0")
+        _check(0 <= self.mixup_prob <= 1 and 0 <= self.mixup_switch_prob <= 1, "finetune.mixup_prob",
+               "probabilities must be in [0, 1]")
+        _check(0 <= self.smoothing < 1, "finetune.smoothing", "must be in [0, 1)")
+        _check(self.img_size >= 0, "finetune.img_size", "must be >= 0 (0 = model.img_size)")
+        _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "finetune.crop_scale", "must satisfy 0 < lo <= hi <= 1")
+        _check(0 <= self.flip_p <= 1, "finetune.flip_p", "must be in [0, 1]")
+        bad = [c for c in self.compare if c not in ("mae", "wsp", "wsp_scratch") or c == self.init]
+        _check(not bad, "finetune.compare", f"{bad}: list other encoders of this run (mae, wsp, wsp_scratch), "
+               "not finetune.init itself")
+
+
+@dataclass
 class EvalConfig:
     train_subset: int = setting(
         10000, "Fashion-MNIST train images whose frozen features fit the probe (0 = all; JPEG eval uses all)")
@@ -310,7 +351,7 @@ class ParallelConfig:
         _check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", f"{self.backend!r}: use auto, gloo or nccl")
 
 
-STAGES = ("mae", "wsp", "linprobe")
+STAGES = ("mae", "wsp", "finetune", "linprobe")
 
 
 @dataclass
@@ -345,6 +386,7 @@ class Config:
     model: ModelConfig = setting(ModelConfig, "architecture (model.preset fills the other fields first; defaults: tiny)")
     mae: MAEConfig = setting(MAEConfig, "MAE pre-pretraining")
     wsp: WSPConfig = setting(WSPConfig, "weakly supervised pretraining")
+    finetune: FinetuneConfig = setting(FinetuneConfig, "fine-tuning on labelled data (the official MAE recipe)")
     eval: EvalConfig = setting(EvalConfig, "linear probe and few-shot")
     parallel: ParallelConfig = setting(ParallelConfig, "engine, ZeRO stage, tensor parallel")
 

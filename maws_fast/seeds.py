@@ -25,8 +25,11 @@ class Stream(IntEnum):
     PERMUTATION = 1  # sample order of an epoch (reference and PIL loaders)
     AUGMENT = 2  # crop boxes and flips of one batch
     MASK = 3  # MAE masking noise of one optimizer step (drawn for the global batch)
+    MIXUP = 4  # fine-tune Mixup / CutMix draws of one micro-batch on one rank
+    DROP_PATH = 5  # fine-tune stochastic-depth draws of one micro-batch on one rank
     MAE_INIT = 11  # weights of the MAE model (the same on every rank)
     WSP_INIT = 12  # weights of the WSP classifier (the same for every WSP variant of a run)
+    FT_INIT = 14  # weights of the fine-tune classifier (its head; the encoder comes from a checkpoint)
     EVAL_SUBSET = 13  # the train-split subset the frozen-feature probes fit on
     DALI_PIPELINE = 21  # DALI's own pipeline seed (its reader shuffle buffer)
     FOLDER_ORDER = 23  # the one permutation of an image folder handed to DALI's file reader

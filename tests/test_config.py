@@ -34,7 +34,7 @@ def test_preset_fills_model_and_fields_override_it():
         (["--model.num_heads=3"], r"model\.embed_dim: 128 is not divisible by model\.num_heads=3"),
         (["--model.preset=vit_z"], r"model\.preset: unknown preset 'vit_z'"),
         (["--model.attn_backend=flash"], r"model\.attn_backend: 'flash' is not one of"),
-        (["--run.stages=[mae,finetune]"], r"run\.stages: unknown stage\(s\) \['finetune'\]"),
+        (["--run.stages=[mae,deploy]"], r"run\.stages: unknown stage\(s\) \[.deploy.\]"),
         (["--run.progress=maybe"], r"run\.progress: expected true/false"),
         (["--data.mean=[0.5,0.5]", "--data.std=[0.5,0.5]"], r"data\.mean: has 2 values but model\.in_chans is 1"),
         (["--mae.warmup_epochs=5"], r"mae\.warmup_epochs: must be in \[0, epochs"),

@@ -121,10 +121,24 @@ def probe_encoder(cfg: Config, model: nn.Module, feats: Features, num_classes: i
 
 
 def results_table(rows: list[dict], shots: list[int]) -> str:
-    """A small fixed-width table of the evaluation rows."""
+    """A small fixed-width table of the evaluation rows (with fine-tune columns when any row has them)."""
+    ft = any("finetune_top1" in r for r in rows)
     head = ["model", "training steps", "linear probe top-1"] + [f"{k}-shot top-1 (mean ± std)" for k in shots]
-    body = [[r["model"], str(r["train_steps"]), f"{100 * r['linear_probe_top1']:.2f}%"]
-            + [f"{100 * r[f'{k}shot_top1_mean']:.2f} ± {100 * r[f'{k}shot_top1_std']:.2f}%" for k in shots] for r in rows]
+    head += ["fine-tune steps", "fine-tuned top-1 / top-5"] if ft else []
+
+    def pct(r, key):
+        return f"{100 * r[key]:.2f}%" if key in r else "-"
+
+    def cells(r):
+        out = [r["model"], str(r["train_steps"]), pct(r, "linear_probe_top1")]
+        out += [f"{100 * r[f'{k}shot_top1_mean']:.2f} ± {100 * r[f'{k}shot_top1_std']:.2f}%"
+                if f"{k}shot_top1_mean" in r else "-" for k in shots]
+        if ft:
+            out += [str(r.get("finetune_steps", "-")),
+                    f"{pct(r, 'finetune_top1')} / {pct(r, 'finetune_top5')}" if "finetune_top1" in r else "-"]
+        return out
+
+    body = [cells(r) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(b) for b in body])

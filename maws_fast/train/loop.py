@@ -1,4 +1,4 @@
-"""The training loop shared by every training stage (MAE, WSP).
+"""The training loop shared by every training stage (MAE, WSP, fine-tune).
 
 One stage = one objective (model + loss), one loader, one parallel engine. ``run_stage`` reads
 top to bottom: skip a finished stage; initialise or resume (:func:`start`); then per step
@@ -60,6 +60,8 @@ class Stage:
             different fingerprint is never silently resumed.
         init_fn: called once when the stage starts from scratch (e.g. load MAE weights), before
             parallelism is applied; returns a line for the log, or None.
+        param_groups: the AdamW groups of the model (e.g. layer-wise lr decay); None: MAE's two
+            (decay / no decay at ``optim.weight_decay``).
     """
 
     name: str
@@ -69,6 +71,7 @@ class Stage:
     flops_per_image: float
     fingerprint: dict
     init_fn: Callable[[], str | None] | None = None
+    param_groups: Callable[[nn.Module], list[dict]] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -145,7 +148,8 @@ def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, d
             echo(f"[{stage.name}] {msg}")
     frozen, legacy_order = frozen_tensors(stage.model), legacy_optim_order(stage.model)
     o = stage.optim
-    engine = parallelize(stage.objective, mesh, param_groups(stage.model, o.weight_decay), engine=parallel.engine,
+    groups = stage.param_groups(stage.model) if stage.param_groups else param_groups(stage.model, o.weight_decay)
+    engine = parallelize(stage.objective, mesh, groups, engine=parallel.engine,
                          zero_stage=parallel.zero_stage, betas=(o.beta1, o.beta2), bucket_mb=parallel.bucket_mb,
                          prefetch=parallel.prefetch, param_dtype=parallel.param_dtype, device=device,
                          kernel_backend=getattr(stage.model, "kernel_backend", None))

@@ -10,6 +10,7 @@ sees exactly the masks a one-process run of the same global batch does.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -62,3 +63,28 @@ class WSPObjective(nn.Module):
 
     def forward(self, imgs: torch.Tensor, targets, step: int, micro: int = 0, accum: int = 1) -> torch.Tensor:
         return wsp_loss(self.model, imgs, targets)
+
+
+class FinetuneObjective(nn.Module):
+    """Fine-tune loss: Mixup / CutMix + label smoothing into soft targets, stochastic depth, and the
+    soft-target cross-entropy of the classifier's head (fused with its loss, as WSP's).
+
+    Every draw is a function of (seed, step, rank, micro-batch): a resumed run mixes and drops
+    exactly as an uninterrupted one. Each data-parallel rank mixes its own share (as timm under
+    DDP), so unlike MAE a sharded run is not the same computation as one process.
+    """
+
+    def __init__(self, model: nn.Module, mixup, seed: int, data_rank: int = 0):
+        super().__init__()
+        self.model, self.mixup, self.seed, self.data_rank = model, mixup, seed, data_rank
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor, step: int, micro: int = 0, accum: int = 1) -> torch.Tensor:
+        which = self.data_rank * accum + micro
+        rng = np.random.RandomState(mix_seed(Stream.MIXUP, self.seed, step, which) % 2**32)
+        imgs, targets = self.mixup(imgs, labels, rng)
+        g = torch.Generator(device=imgs.device).manual_seed(mix_seed(Stream.DROP_PATH, self.seed, step, which))
+        self.model.set_drop_path_generator(g)
+        try:
+            return wsp_loss(self.model, imgs, targets)
+        finally:
+            self.model.set_drop_path_generator(None)
