@@ -249,6 +249,11 @@ class EvalConfig:
     probe_epochs: int = setting(30, "linear-probe epochs over the cached features")
     probe_lr: float = setting(0.1, "linear-probe base lr")
     probe_batch_size: int = setting(256, "linear-probe batch size")
+    probe_optimizer: str = setting("sgd", "linear-probe optimizer: sgd (momentum 0.9) | lars (the official MAE probe's: "
+                                   "momentum 0.9, trust 0.001, no rescale or decay of 1-D params)")
+    probe_warmup_epochs: float = setting(0.0, "linear-probe lr warmup before the cosine (official: 10 of 90)")
+    init: str | None = setting(None, "probe this checkpoint instead of the run's encoders: a checkpoint directory, "
+                               ".safetensors or .pth/.pt/.bin (official MAE, MAWS, timm); null = this run's")
     shots: list[int] = setting(lambda: [5], "k for k-shot evaluation")
     fewshot_trials: int = setting(5, "random support sets per k")
     batch_size: int = setting(512, "feature-extraction batch size")
@@ -260,6 +265,9 @@ class EvalConfig:
         _check(self.fewshot_trials >= 1, "eval.fewshot_trials", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.probe_batch_size >= 2, "eval.probe_batch_size", "must be >= 2 (the probe's BatchNorm needs 2)")
+        _check(self.probe_optimizer in ("sgd", "lars"), "eval.probe_optimizer", f"{self.probe_optimizer!r}: use sgd or lars")
+        _check(0 <= self.probe_warmup_epochs < self.probe_epochs, "eval.probe_warmup_epochs",
+               f"must be in [0, probe_epochs={self.probe_epochs})")
 
 
 LOADERS = ("reference", "pil", "dali")

@@ -18,6 +18,7 @@ FAST = [
     "--model.decoder_embed_dim=16", "--model.decoder_num_heads=2", "--model.decoder_depth=1",
     "--mae.epochs=0.02", "--mae.warmup_epochs=0.01", "--wsp.num_samples=1024", "--wsp.epochs=0.5",
     "--wsp.warmup_epochs=0.1", "--eval.train_subset=300", "--eval.probe_epochs=2", "--eval.fewshot_trials=2",
+    "--finetune.epochs=0.01", "--finetune.warmup_epochs=0.005",
 ]
 
 
@@ -104,6 +105,30 @@ def test_wsp_init_reads_an_official_mae_pth(tmp_path, capsys):
                      f"--wsp.init={pth}", "--wsp.compare_scratch=false"])
     out = capsys.readouterr().out
     assert rc == 0 and f"encoder initialised from {pth}: loaded" in out and "dropped" in out
+
+
+@has_data
+def test_eval_init_probes_a_released_style_checkpoint_as_the_run_probed_its_own(tmp_path, capsys):
+    """--eval.init: an MAE encoder saved as an official-style .pth, probed in a run that trained nothing,
+    gets exactly the numbers the run that trained it reported for it."""
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    base = [*FAST, "--wsp.compare_scratch=false"]
+    assert train_main(["--config", DEMO, "--out", str(tmp_path / "a"), "--run.stages=[mae,wsp,linprobe]", *base]) == 0
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "a" / "results.json").read_text())}
+    pth = tmp_path / "mae.pth"
+    torch.save({"model": load_file(str(tmp_path / "a" / "mae" / "final" / "model.safetensors")), "epoch": 0,
+                "args": argparse.Namespace()}, pth)
+    capsys.readouterr()
+    assert train_main(["--config", DEMO, "--out", str(tmp_path / "b"), "--run.stages=[linprobe]", *base,
+                       f"--eval.init={pth}"]) == 0
+    (row,) = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert row["model"] == str(pth) and "token pooling" in capsys.readouterr().out
+    assert row["linear_probe_top1"] == rows["mae"]["linear_probe_top1"]
+    assert row["5shot_top1_mean"] == rows["mae"]["5shot_top1_mean"]
 
 
 @has_data

@@ -111,7 +111,8 @@ def probe_encoder(cfg: Config, model: nn.Module, feats: Features, num_classes: i
     e = cfg.eval
     (f_train, train_y), (f_test, test_y) = feats(model, "train"), feats(model, "test")
     probe = linear_probe(f_train, train_y, f_test, test_y, num_classes=num_classes, epochs=e.probe_epochs,
-                         batch_size=e.probe_batch_size, lr=e.probe_lr, seed=cfg.run.seed)
+                         batch_size=e.probe_batch_size, lr=e.probe_lr, seed=cfg.run.seed,
+                         optimizer=e.probe_optimizer, warmup_epochs=e.probe_warmup_epochs)
     row = {"linear_probe_top1": probe["top1"], "linear_probe_train": probe["num_train"]}
     for k in e.shots:
         fs = fewshot(f_train, train_y, f_test, test_y, num_classes=num_classes, shots=int(k),

@@ -310,12 +310,36 @@ def _check_finetune_inits(cfg: Config) -> None:
 
 
 # --- evaluation --------------------------------------------------------------------------------
+def _probe_checkpoint(cfg: Config, feats, num_classes: int, device: torch.device, echo: Echo) -> dict:
+    """``eval.init``: the probes of any checkpoint (ours, the official MAE's, MAWS's, timm's) on
+    ``cfg.model``'s architecture; a checkpoint with ``fc_norm`` and no ``norm`` is pooled as it was
+    trained (patch-token mean + fc_norm), any other by its cls token after ``norm``."""
+    path = Path(cfg.eval.init)
+    sd = unwrap_state_dict(read_weights(path))
+    pool = "avg" if "fc_norm.weight" in sd and "norm.weight" not in sd else "token"
+    # learnable: a trained table (MAWS, timm, fine-tunes) is kept, resampled if the grid differs
+    model = build_classifier(cfg.model, num_classes=0, global_pool=pool, pos_embed_learnable=True).to(device)
+    report = load_pretrained(model, {k: v for k, v in sd.items() if not k.startswith("head.")}, source=str(path))
+    if report.initialised:
+        raise CheckpointError(f"{path} lacks encoder tensors {report.initialised[:4]} of this model config; set "
+                              "--model.preset (and img_size / patch_size) to the checkpoint's architecture")
+    echo(f"[linprobe] {path}: {report.summary()} ({pool} pooling)")
+    return {"model": str(path), "stage": "eval.init", "train_steps": "-",
+            **probe_encoder(cfg, model, feats, num_classes)}
+
+
 def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Echo) -> list[dict]:
-    """Linear probe and k-shot on frozen cls features of every finished encoder of this run."""
+    """Linear probe and k-shot on frozen cls features of every finished encoder of this run (or of
+    the one checkpoint ``eval.init`` names)."""
     out = Path(cfg.run.out_dir)
     candidates = [(name, label) for name, _, label in wsp_runs(cfg)] + [("mae", "MAE only (no WSP)")]
     fingerprints = _fingerprints(cfg)
     feats, num_classes = feature_sets(cfg, data, device, log=say)
+    if cfg.eval.init is not None:
+        row = _probe_checkpoint(cfg, feats, num_classes, device, echo)
+        echo(f"[linprobe] {row['model']}: linear probe {100 * row['linear_probe_top1']:.2f}%"
+             + "".join(f", {k}-shot {100 * row[f'{k}shot_top1_mean']:.2f}%" for k in cfg.eval.shots))
+        return [row]
     rows = []
     for name, label in candidates:
         final = out / name / "final"
@@ -410,6 +434,8 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
     # Everything that can be checked before hours of training is checked here.
     if "linprobe" in cfg.run.stages:
         check_eval_config(cfg, data)
+        if cfg.eval.init is not None:
+            check_init("eval.init", cfg.eval.init, ())
     if "wsp" in cfg.run.stages:
         check_init("wsp.init", cfg.wsp.init, ("mae",))
     if "finetune" in cfg.run.stages:

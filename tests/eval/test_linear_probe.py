@@ -73,3 +73,47 @@ def test_bad_input_raises_config_error(mutate, match: str) -> None:
     args = dict(train_x=x, train_y=y, test_x=x, test_y=y, num_classes=3, epochs=1)
     with pytest.raises(ConfigError, match=match):
         linear_probe(**mutate(args))
+
+
+def test_lars_step_by_hand():
+    from maws_fast.eval.linear_probe import LARS
+
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    z = torch.nn.Parameter(torch.zeros(1, 2))  # zero norm: no rescale (q = 1)
+    w.grad, b.grad, z.grad = torch.tensor([[0.0, 1.0]]), torch.tensor([2.0]), torch.tensor([[1.0, 1.0]])
+    opt = LARS([w, b, z], lr=0.5, weight_decay=0.1, trust_coefficient=0.001)
+    opt.step()
+    d = torch.tensor([[0.3, 1.4]])  # g + wd * w
+    q = 0.001 * 5.0 / d.norm()
+    torch.testing.assert_close(w.data, torch.tensor([[3.0, 4.0]]) - 0.5 * q * d)
+    torch.testing.assert_close(b.data, torch.tensor([1.0 - 0.5 * 2.0]))  # 1-D: no decay, no rescale
+    torch.testing.assert_close(z.data, -0.5 * torch.tensor([[1.0, 1.0]]))
+    w.grad = torch.tensor([[0.0, 1.0]])
+    before = w.data.clone()
+    opt.step()  # momentum 0.9: mu = 0.9 * mu + d'
+    d2 = torch.tensor([[0.0, 1.0]]) + 0.1 * before
+    mu = 0.9 * q * d + 0.001 * before.norm() / d2.norm() * d2
+    torch.testing.assert_close(w.data, before - 0.5 * mu)
+
+
+def test_warmup_then_cosine_schedule():
+    from maws_fast.eval.linear_probe import _lr_at
+
+    assert _lr_at(0, 10, 90, 1.0, 10) == 0.0
+    assert _lr_at(50, 10, 90, 1.0, 10) == pytest.approx(0.5)  # half way through warmup
+    assert _lr_at(100, 10, 90, 1.0, 10) == pytest.approx(1.0)
+    assert _lr_at(500, 10, 90, 1.0, 10) == pytest.approx(0.5)  # half way through the cosine
+    assert _lr_at(0, 10, 90, 1.0, 0) == 1.0
+
+
+def test_lars_probe_learns_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    y = torch.randint(0, 4, (800,), generator=g)
+    x = centers[y] + torch.randn(800, 16, generator=g)
+    res = linear_probe(x[:600], y[:600], x[600:], y[600:], num_classes=4, epochs=20, batch_size=64, lr=6.4,
+                       optimizer="lars", warmup_epochs=2)
+    assert res["top1"] > 0.95
+    with pytest.raises(ConfigError, match="not sgd or lars"):
+        linear_probe(x[:600], y[:600], x[600:], y[600:], num_classes=4, epochs=2, optimizer="adam")
