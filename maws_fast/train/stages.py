@@ -455,10 +455,11 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
             stage = wsp_stage(cfg, data, device, name, init, mesh)
             summary["stages"][name] = str(run_stage(stage, out, cfg.run, device, **train))
     if "finetune" in cfg.run.stages:
-        for name, init, label in finetune_runs(cfg):
+        for name, init, _ in finetune_runs(cfg):
             stage = finetune_stage(cfg, data, device, name, init, mesh)
             summary["stages"][name] = str(run_stage(stage, out, cfg.run, device, **train))
-            if main:
+        if main:  # after every fine-tune has trained: the other ranks never wait on rank 0 mid-recipe
+            for name, _, label in finetune_runs(cfg):
                 row = finetune_eval(cfg, data, device, name)
                 echo(f"[{name}] {label}: top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
                      f"on {row['num_test']} held-out images")
