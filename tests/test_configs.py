@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_the_recipe_configs_are_there():
     names = {p.stem for p in CONFIGS}
     assert {"demo_fmnist", "mae_vit_b16", "mae_vit_l16", "mae_vit_h14", "finetune_vit_b16_224",
-            "finetune_vit_h14_518", "linprobe_vit_b16"} <= names
+            "finetune_vit_h14_518", "linprobe_vit_b16", "wsp_vit_b16", "wsp_vit_l16"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
