@@ -221,6 +221,9 @@ class FinetuneConfig(OptimConfig):
     mixup_prob: float = setting(1.0, "probability a batch is mixed")
     mixup_switch_prob: float = setting(0.5, "probability of CutMix instead of Mixup when both are on")
     smoothing: float = setting(0.1, "label smoothing, folded into the (mixed) soft targets")
+    rand_aug: str = setting("rand-m9-mstd0.5-inc1", "RandAugment policy after the crop and flip (timm's rand-* "
+                            "syntax; none = off)")
+    reprob: float = setting(0.25, "random erasing probability on the normalised image ('pixel' mode, one box; 0 = off)")
     img_size: int = setting(0, "fine-tune resolution (0 = model.img_size); a checkpoint's learned pos-embed is resampled")
     crop_scale: tuple[float, float] = setting((0.08, 1.0), "RandomResizedCrop area range")
     flip_p: float = setting(0.5, "horizontal flip probability")
@@ -235,6 +238,9 @@ class FinetuneConfig(OptimConfig):
                "probabilities must be in [0, 1]")
         _check(0 <= self.smoothing < 1, "finetune.smoothing", "must be in [0, 1)")
         _check(self.img_size >= 0, "finetune.img_size", "must be >= 0 (0 = model.img_size)")
+        _check(self.rand_aug == "none" or self.rand_aug.startswith("rand"), "finetune.rand_aug",
+               f"{self.rand_aug!r}: use a timm policy like rand-m9-mstd0.5-inc1, or none")
+        _check(0 <= self.reprob <= 1, "finetune.reprob", "must be in [0, 1]")
         _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "finetune.crop_scale", "must satisfy 0 < lo <= hi <= 1")
         _check(0 <= self.flip_p <= 1, "finetune.flip_p", "must be in [0, 1]")
         bad = [c for c in self.compare if c not in ("mae", "wsp", "wsp_scratch") or c == self.init]

@@ -27,6 +27,8 @@ class Stream(IntEnum):
     MASK = 3  # MAE masking noise of one optimizer step (drawn for the global batch)
     MIXUP = 4  # fine-tune Mixup / CutMix draws of one micro-batch on one rank
     DROP_PATH = 5  # fine-tune stochastic-depth draws of one micro-batch on one rank
+    RANDAUG = 6  # fine-tune RandAugment of one sample (ops, magnitudes, signs)
+    ERASE = 7  # fine-tune RandomErasing of one sample (box and noise)
     MAE_INIT = 11  # weights of the MAE model (the same on every rank)
     WSP_INIT = 12  # weights of the WSP classifier (the same for every WSP variant of a run)
     FT_INIT = 14  # weights of the fine-tune classifier (its head; the encoder comes from a checkpoint)

@@ -27,12 +27,15 @@ Bad samples (the corrupt-data policy)
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from maws_fast.data.images import ImageInfo
+from maws_fast.data.randaug import RandAugment, RandomErasing, parse_rand_policy
 from maws_fast.data.transforms import sample_crop_boxes
 from maws_fast.errors import ConfigError, DataError
 from maws_fast.seeds import Stream, mix_seed
@@ -40,16 +43,68 @@ from maws_fast.seeds import Stream, mix_seed
 
 @dataclass(frozen=True)
 class TrainAugment:
-    """RandomResizedCrop + horizontal flip (MAE: scale (0.2, 1); WSP: (0.08, 1))."""
+    """RandomResizedCrop + horizontal flip (MAE: scale (0.2, 1); WSP: (0.08, 1)); for a fine-tune also
+    a timm RandAugment policy after them and RandomErasing on the normalised image (:class:`FinetuneAugment`)."""
 
     out_size: int
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
+    rand_aug: str | None = None  # e.g. "rand-m9-mstd0.5-inc1"; None: off
+    reprob: float = 0.0  # RandomErasing probability ('pixel' mode, one box); 0: off
 
     def __post_init__(self) -> None:
         if self.out_size < 1 or not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 <= self.flip_p <= 1:
             raise ConfigError(f"augment: out_size >= 1, 0 < scale[0] <= scale[1] <= 1 and flip_p in [0, 1]; got {self}")
+        if not 0 <= self.reprob <= 1:
+            raise ConfigError(f"augment: reprob must be in [0, 1]; got {self.reprob}")
+        if self.rand_aug is not None:
+            parse_rand_policy(self.rand_aug)  # a bad policy fails here, naming the part
+
+    @property
+    def has_extras(self) -> bool:
+        return self.rand_aug is not None or self.reprob > 0
+
+
+class FinetuneAugment:
+    """The official fine-tune's augmentation after the crop and flip, as timm's ``create_transform``
+    orders it: RandAugment on each (uint8) image, then RandomErasing on the normalised tensor.
+
+    Every sample draws from its own generators, seeded from (seed, epoch, batch, rank, index in
+    the batch), so a batch is a pure function of them (exact resume, any worker).
+    """
+
+    def __init__(self, aug: TrainAugment, mean: Sequence[float]):
+        self.randaug = RandAugment.from_policy(aug.rand_aug, aug.out_size, mean=_rgb(mean)) if aug.rand_aug else None
+        self.erase = RandomErasing(aug.reprob, mode="pixel", max_count=1) if aug.reprob > 0 else None
+
+    def images(self, pixels: list[np.ndarray], seed: int, epoch: int, batch: int, rank: int) -> list[np.ndarray]:
+        """RandAugment of (H, W[, C]) uint8 images (the identity without a policy)."""
+        if self.randaug is None:
+            return pixels
+        from PIL import Image
+
+        out = []
+        for i, px in enumerate(pixels):
+            s = mix_seed(Stream.RANDAUG, seed, epoch, batch, rank, i)
+            im = self.randaug(Image.fromarray(np.ascontiguousarray(px)), random.Random(s), np.random.RandomState(s % 2**32))
+            out.append(np.asarray(im))
+        return out
+
+    def tensors(self, x: torch.Tensor, seed: int, epoch: int, batch: int, rank: int) -> torch.Tensor:
+        """RandomErasing of normalised (B, C, H, W) images (the identity when off)."""
+        if self.erase is None:
+            return x
+        rows = []
+        for i in range(x.shape[0]):
+            s = mix_seed(Stream.ERASE, seed, epoch, batch, rank, i)
+            rows.append(self.erase(x[i], random.Random(s), torch.Generator().manual_seed(s)))
+        return torch.stack(rows)
+
+
+def _rgb(mean: Sequence[float]) -> tuple[float, ...]:
+    """The RandAugment fill colour's mean: one grey value stands for all three channels."""
+    return tuple(mean) * 3 if len(mean) == 1 else tuple(mean)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ def eval_format(path: str) -> str:
 
 def jpeg_loader(cfg: Config, path: str | Source, batch_size: int, scale, flip_p: float, targets: str,
                 device: torch.device, eval_transform: bool = False, shard: tuple[int, int] = (0, 1),
-                log: Callable[[str], None] = functools.partial(print, flush=True)) -> Loader:
+                log: Callable[[str], None] = functools.partial(print, flush=True), rand_aug: str | None = None,
+                reprob: float = 0.0) -> Loader:
     """A PIL or DALI loader (``cfg.data.loader``) of JPEG data, sharded by data-parallel rank.
 
     Args:
@@ -81,6 +82,8 @@ def jpeg_loader(cfg: Config, path: str | Source, batch_size: int, scale, flip_p:
             evaluation reads everything in one process, whatever ``shard`` says.
         shard: ``(data-parallel rank, data-parallel size)`` of this process.
         log: where bad-sample lines go.
+        rand_aug, reprob: a fine-tune's RandAugment policy and RandomErasing probability (training;
+            the PIL loader runs them, the DALI pipeline does not have them yet and says so).
     """
     from maws_fast.data.batching import EvalTransform, TrainAugment
     from maws_fast.data.sources import Source, open_source
@@ -96,7 +99,11 @@ def jpeg_loader(cfg: Config, path: str | Source, batch_size: int, scale, flip_p:
     if eval_transform:
         aug = EvalTransform(cfg.model.img_size, d.eval_crop_frac)
     else:
-        aug = TrainAugment(cfg.model.img_size, tuple(scale), flip_p=flip_p)
+        aug = TrainAugment(cfg.model.img_size, tuple(scale), flip_p=flip_p, rand_aug=rand_aug, reprob=reprob)
+        if aug.has_extras and d.loader == "dali":
+            raise ConfigError("config: finetune.rand_aug / finetune.reprob: RandAugment and random erasing run in the "
+                              "PIL loader; the DALI pipeline does not have them yet. Use --data.loader=pil for this "
+                              "fine-tune, or turn them off (--finetune.rand_aug=none --finetune.reprob=0)")
     kw = dict(batch_size=batch_size // world, seed=cfg.run.seed, mean=d.mean, std=d.std, transform=aug, targets=targets,
               rank=rank, world=world, shuffle=not eval_transform,
               channels=cfg.model.in_chans, max_bad=d.max_bad_samples, max_tags=d.max_tags, log=log)

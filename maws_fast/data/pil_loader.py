@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from maws_fast.data.batching import (
-    BadSamples, EvalTransform, TrainAugment, augment_batch, batches_per_epoch, real_in_batch, shard_indices,
+    BadSamples, EvalTransform, FinetuneAugment, TrainAugment, augment_batch, batches_per_epoch, real_in_batch,
+    shard_indices,
 )
 from maws_fast.data.images import ImageInfo, decode_pil, inspect_image
 from maws_fast.data.shards import ShardReader
@@ -109,6 +110,8 @@ class _Batches(Dataset):
             boxes, flips = augment_batch(infos, ld.seed, self.epoch, b, ld.rank, ld.transform)
             size = (ld.transform.out_size, ld.transform.out_size)
             out = [_resize_pil(p, boxes[i].tolist(), size, bool(flips[i])) for i, p in enumerate(pixels)]
+            if ld.extras is not None:
+                out = ld.extras.images(out, ld.seed, self.epoch, b, ld.rank)
         else:
             out = []
             for p in pixels:
@@ -155,6 +158,9 @@ class PilLoader:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.bad = BadSamples(max_bad, log, verify_hint(source))
         self.position = (0, 0)
+        # a fine-tune's RandAugment (in the workers, per image) and RandomErasing (here, normalised)
+        aug = transform if isinstance(transform, TrainAugment) and transform.has_extras else None
+        self.extras = FinetuneAugment(aug, mean) if aug is not None else None
 
     @property
     def num_batches(self) -> int:
@@ -202,6 +208,8 @@ class PilLoader:
             keep = x.shape[0] if self.shuffle else real_in_batch(len(self.source), self.rank, self.world,
                                                                  self.batch_size, k)
             imgs = (x[:keep].float().div_(255) - self.mean) / self.std
+            if self.extras is not None:
+                imgs = self.extras.tensors(imgs, self.seed, epoch, k, self.rank)
             self.position = (epoch, k + 1) if k + 1 < self.num_batches else (epoch + 1, 0)
             yield imgs, make_targets(self.targets, tags[:keep], labels[:keep], self.max_tags)
 

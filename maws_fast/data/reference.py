@@ -14,9 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from maws_fast.data.batching import FinetuneAugment
 from maws_fast.data.transforms import normalize, random_resized_crop_flip
 from maws_fast.errors import ConfigError, DataError
 from maws_fast.seeds import Stream, mix_seed
@@ -48,6 +50,8 @@ class _EpochBatches(Dataset):
         if ld.augment is not None:
             g = torch.Generator().manual_seed(mix_seed(Stream.AUGMENT, ld.seed, self.epoch, b))
             x = random_resized_crop_flip(x, generator=g, **ld.augment)  # (B, C, S, S)
+            if ld.extras is not None:
+                x = _finetune_extras(x, ld, self.epoch, b)
         y = None if ld.targets is None else ld.targets[idx]
         rank, world = ld.shard
         if world > 1:  # this rank's rows of the global batch
@@ -55,6 +59,20 @@ class _EpochBatches(Dataset):
             x = x[rank * b:(rank + 1) * b].contiguous()
             y = None if y is None else y[rank * b:(rank + 1) * b]
         return x, y
+
+
+def _finetune_extras(x: torch.Tensor, ld: BatchLoader, epoch: int, batch: int) -> torch.Tensor:
+    """RandAugment on the uint8 images of the normalised batch, then RandomErasing (rank 0's draws:
+    the batch is the global one, sliced per rank afterwards)."""
+    mean = torch.as_tensor(ld.mean, dtype=x.dtype).reshape(1, -1, 1, 1)
+    std = torch.as_tensor(ld.std, dtype=x.dtype).reshape(1, -1, 1, 1)
+    if ld.extras.randaug is not None:
+        u8 = (x * std + mean).mul_(255).round_().clamp_(0, 255).to(torch.uint8)  # (B, C, S, S)
+        px = [a[..., 0] if a.shape[-1] == 1 else a for a in u8.permute(0, 2, 3, 1).numpy()]
+        out = np.stack(ld.extras.images(px, ld.seed, epoch, batch, 0))
+        out = torch.from_numpy(out.reshape(*out.shape[:3], -1)).permute(0, 3, 1, 2)  # (B, C, S, S)
+        x = (out.float().div_(255) - mean) / std
+    return ld.extras.tensors(x, ld.seed, epoch, batch, 0)
 
 
 class BatchLoader:
@@ -76,6 +94,8 @@ class BatchLoader:
         shard: ``(rank, world)``: yield rows ``[rank*b, (rank+1)*b)`` of each batch, b = batch_size /
             world (data parallel). The whole batch is augmented and then sliced, so every rank's
             share is exactly what a one-process run of the same batch sees.
+        extras: a fine-tune's RandAugment + RandomErasing after the crop and flip (the cropped
+            images are quantised to uint8 for RandAugment's PIL ops, as a JPEG loader's are).
     """
 
     def __init__(
@@ -91,6 +111,7 @@ class BatchLoader:
         num_workers: int = 0,
         shuffle: bool = True,
         shard: tuple[int, int] = (0, 1),
+        extras: FinetuneAugment | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim not in (3, 4):
             raise DataError(
@@ -142,6 +163,7 @@ class BatchLoader:
         self.num_workers = int(num_workers)
         self.shuffle = shuffle
         self.shard = (int(rank), int(world))
+        self.extras = extras
 
     @property
     def num_samples(self) -> int:

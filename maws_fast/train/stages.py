@@ -15,6 +15,8 @@ import torch
 
 from maws_fast.config import Config, resolve_defaults
 from maws_fast.data import fmnist
+from maws_fast.data.batching import FinetuneAugment, TrainAugment
+from maws_fast.data.randaug import parse_rand_policy
 from maws_fast.data.demo import DemoData, load_data
 from maws_fast.data.loader import check_batch, eval_format, jpeg_loader
 from maws_fast.data.reference import BatchLoader
@@ -214,18 +216,21 @@ def finetune_stage(cfg: Config, data: DemoData | None, device: torch.device, nam
     rank, dp = _data_shard(mesh)
     mcfg = finetune_model_config(cfg)
     num_classes = _num_labels(cfg, data)
+    rand_aug = None if f.rand_aug == "none" else f.rand_aug
     if data is not None:
         check_batch(f.batch_size, dp, cfg.parallel.grad_accum)
+        extras = TrainAugment(mcfg.img_size, f.crop_scale, flip_p=f.flip_p, rand_aug=rand_aug, reprob=f.reprob)
         loader = BatchLoader(
             data.train_x, data.train_y, f.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
             augment={"out_size": mcfg.img_size, "scale": f.crop_scale, "flip_p": f.flip_p},
             num_workers=cfg.data.num_workers, shard=(rank, dp),
+            extras=FinetuneAugment(extras, cfg.data.mean) if extras.has_extras else None,
         )
     else:
         d = cfg.data
         source = open_source(eval_format(d.eval_train), d.eval_train, d.tags, d.vocab)
         loader = jpeg_loader(dataclasses.replace(cfg, model=mcfg), source, f.batch_size, f.crop_scale, f.flip_p,
-                             "label", device, shard=(rank, dp), log=say)
+                             "label", device, shard=(rank, dp), log=say, rand_aug=rand_aug, reprob=f.reprob)
     torch.manual_seed(mix_seed(cfg.run.seed, Stream.FT_INIT))
     model = build_finetune_model(cfg, num_classes).to(device)
 
@@ -440,6 +445,16 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
         check_init("wsp.init", cfg.wsp.init, ("mae",))
     if "finetune" in cfg.run.stages:
         _check_finetune_inits(cfg)
+        f = cfg.finetune
+        if f.rand_aug != "none":
+            try:
+                parse_rand_policy(f.rand_aug)
+            except ConfigError as e:
+                raise ConfigError(f"config: finetune.rand_aug: {e}") from None
+        if data is None and cfg.data.loader == "dali" and (f.rand_aug != "none" or f.reprob > 0):
+            raise ConfigError("config: finetune.rand_aug / finetune.reprob: RandAugment and random erasing run in the "
+                              "PIL loader; the DALI pipeline does not have them yet. Use --data.loader=pil for the "
+                              "fine-tune, or turn them off (--finetune.rand_aug=none --finetune.reprob=0)")
         if data is not None and finetune_model_config(cfg).img_size != 28:
             raise ConfigError("config: finetune.img_size: the Fashion-MNIST demo data are 28x28; leave it 0 "
                               "(fine-tuning at another resolution needs JPEG data, data.dataset=jpeg)")

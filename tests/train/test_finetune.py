@@ -101,9 +101,13 @@ def test_recipe_refuses_bad_inits_before_training(tmp_path, data):
     with pytest.raises(ConfigError, match="finetune.img_size: the Fashion-MNIST demo data are 28x28"):
         run_recipe(small_cfg(tmp_path / "r3", "--run.stages=[mae,finetune]", "--finetune.img_size=32"),
                    echo=lambda s: None)
+    with pytest.raises(ConfigError, match="finetune.rand_aug: .*q9"):
+        run_recipe(small_cfg(tmp_path / "r5", "--run.stages=[mae,finetune]", "--finetune.rand_aug=rand-q9"),
+                   echo=lambda s: None)
     with pytest.raises(ConfigError, match="finetune.compare"):
         small_cfg(tmp_path / "r4", "--finetune.compare=[mae]")  # the init itself
-    assert not (tmp_path / "r1" / "finetune").exists() and not (tmp_path / "r3" / "mae").exists()
+    assert not (tmp_path / "r1" / "finetune").exists()
+    assert not (tmp_path / "r3" / "mae").exists() and not (tmp_path / "r5" / "mae").exists()
 
 
 def test_finetune_alone_from_an_official_mae_pth(tmp_path, data):
