@@ -107,7 +107,8 @@ def test_whole_recipe_on_jpeg_data_with_folder_evaluation(tmp_path, shards):
     """dataset=jpeg: MAE and WSP from shards, linear probe + k-shot on labelled image folders (DALI eval pipeline)."""
     pytest.importorskip("nvidia.dali")
     c = cfg_for(tmp_path / "run", shards, "dali", "--data.dataset=jpeg", f"--data.eval_train={shards / 'eval_train'}",
-                f"--data.eval_val={shards / 'eval_val'}", "--eval.probe_epochs=2", "--eval.shots=[1]",
+                f"--data.eval_val={shards / 'eval_val'}", "--run.stages=[mae,wsp,linprobe]", "--eval.probe_epochs=2",
+                "--eval.shots=[1]",
                 "--eval.fewshot_trials=2", "--eval.batch_size=50", "--wsp.compare_scratch=false", "--wsp.init=mae",
                 "--mae.epochs=0.4", "--wsp.epochs=0.4", "--mae.warmup_epochs=0.2", "--wsp.warmup_epochs=0.2")
     summary = run_recipe(c, echo=lambda s: None)
@@ -116,3 +117,21 @@ def test_whole_recipe_on_jpeg_data_with_folder_evaluation(tmp_path, shards):
     for r in rows:
         assert r["linear_probe_train"] == 120 and 0.0 <= r["linear_probe_top1"] <= 1.0
         assert "1shot_top1_mean" in r
+
+
+def test_finetune_on_labelled_jpeg_folders_with_the_pil_loader(tmp_path, shards):
+    """dataset=jpeg: MAE from shards, then the fine-tune on data.eval_train (PIL loader, RandAugment and
+    erasing on) and its top-1 / top-5 on data.eval_val through the eval transform; DALI refuses the
+    augmentation before any training."""
+    args = ["--data.dataset=jpeg", f"--data.eval_train={shards / 'eval_train'}", f"--data.eval_val={shards / 'eval_val'}",
+            "--run.stages=[mae,finetune]", "--finetune.init=mae", "--finetune.batch_size=24", "--finetune.epochs=0.4",
+            "--finetune.warmup_epochs=0.2", "--eval.batch_size=50", "--mae.epochs=0.4", "--mae.warmup_epochs=0.2"]
+    with pytest.raises(ConfigError, match="DALI pipeline does not have them yet"):
+        run_recipe(cfg_for(tmp_path / "dali", shards, "dali", *args), echo=lambda s: None)
+    assert not (tmp_path / "dali" / "mae").exists()
+    logs = []
+    summary = run_recipe(cfg_for(tmp_path / "run", shards, "pil", *args), echo=logs.append)
+    assert "finetune" in summary["stages"]
+    row = json.loads((tmp_path / "run" / "finetune" / "eval.json").read_text())
+    assert row["num_test"] == 120 and 0 <= row["top1"] <= row["top5"] <= 1 and row["step"] == 2
+    assert any("MAE only (no WSP) -> FT: top-1" in line for line in logs)
