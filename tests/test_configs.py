@@ -37,5 +37,7 @@ def test_config_loads_and_builds_its_models(path):
             size = finetune_model_config(cfg).img_size
             assert ft.patch_embed.img_size == (size, size) and ft.pos_embed.requires_grad
             assert ft.global_pool == cfg.finetune.global_pool
+    if "finetune" in cfg.run.stages:  # a config that would be refused before training is no recipe
+        assert cfg.data.loader != "dali" or (cfg.finetune.rand_aug == "none" and cfg.finetune.reprob == 0)
     if path.stem == "finetune_vit_h14_518":
         assert finetune_model_config(cfg).img_size == 518 and cfg.finetune.layer_decay == 0.75
