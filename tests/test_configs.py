@@ -19,7 +19,8 @@ def test_the_recipe_configs_are_there():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_loads_and_builds_its_models(path):
-    from maws_fast.train.stages import build_finetune_model, finetune_model_config
+    from maws_fast.train.finetune import build_finetune_model
+    from maws_fast.train.runs import finetune_model_config
 
     cfg = load_config(path, [])
     text = path.read_text()

@@ -78,7 +78,8 @@ class FinetuneObjective(nn.Module):
         super().__init__()
         self.model, self.mixup, self.seed, self.data_rank = model, mixup, seed, data_rank
 
-    def forward(self, imgs: torch.Tensor, labels: torch.Tensor, step: int, micro: int = 0, accum: int = 1) -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor, step: int, micro: int = 0,
+                accum: int = 1) -> torch.Tensor:
         which = self.data_rank * accum + micro
         rng = np.random.RandomState(mix_seed(Stream.MIXUP, self.seed, step, which) % 2**32)
         imgs, targets = self.mixup(imgs, labels, rng)

@@ -1,11 +1,12 @@
 """The MAWS recipe as stages: MAE pre-pretraining -> WSP -> fine-tune -> linear probe + few-shot.
 
 Each training stage is a :class:`~maws_fast.train.loop.Stage` handed to the shared loop; this
-module only says what data, model, loss and initialisation each stage uses.
+module says what data, model, loss and initialisation MAE and WSP use (the fine-tune's are in
+:mod:`maws_fast.train.finetune`; every stage's name, init and fingerprint in :mod:`maws_fast.train.runs`),
+runs the recipe and evaluates its encoders.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
 from pathlib import Path
@@ -15,72 +16,31 @@ import torch
 
 from maws_fast.config import Config, resolve_defaults
 from maws_fast.data import fmnist
-from maws_fast.data.batching import FinetuneAugment, TrainAugment
-from maws_fast.data.randaug import parse_rand_policy
 from maws_fast.data.demo import DemoData, load_data
-from maws_fast.data.loader import check_batch, eval_format, jpeg_loader
+from maws_fast.data.loader import check_batch, jpeg_loader
 from maws_fast.data.reference import BatchLoader
-from maws_fast.data.sources import open_source
 from maws_fast.errors import CheckpointError, ConfigError, UserError
 from maws_fast.eval.evaluate import check_eval_config, feature_sets, probe_encoder, results_table
 from maws_fast.models import build_classifier, build_mae, load_pretrained
-from maws_fast.models.vit import unwrap_state_dict
 from maws_fast.models.flops import flops_per_image
+from maws_fast.models.vit import unwrap_state_dict
 from maws_fast.parallel.mesh import Mesh, destroy, init_distributed
 from maws_fast.seeds import Stream, mix_seed
-from maws_fast.storage import WEIGHT_SUFFIXES, atomic_write_text, load_checkpoint, read_meta, read_weights
+from maws_fast.storage import atomic_write_text, load_checkpoint, read_meta, read_weights
 from maws_fast.train.checkpoint import check_fingerprint
+from maws_fast.train.finetune import check_finetune_config, finetune_eval, finetune_stage
 from maws_fast.train.loop import Stage, run_stage, say, silent
-from maws_fast.train.mixup import Mixup
-from maws_fast.train.objectives import FinetuneObjective, MAEObjective, WSPObjective
-from maws_fast.train.optim import layer_decay_groups
+from maws_fast.train.objectives import MAEObjective, WSPObjective
+from maws_fast.train.runs import check_init, data_shard, finetune_runs, fingerprints, init_path, wsp_runs
 
 Echo = Callable[[str], None]
-TRAINED = ("mae", "wsp", "wsp_scratch")  # stages whose final/ weights a later stage's init can name
-
-
-def _fingerprints(cfg: Config) -> dict[str, dict]:
-    """The config each stage's result depends on (a changed one must not resume an old run)."""
-    d = cfg.data
-    data = {"dataset": d.dataset, "mean": d.mean, "std": d.std}
-    resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
-    if d.loader != "reference":  # another loader reads other samples in another order
-        data.update(loader=d.loader, format=d.format, train=resolve(d.train), wsp_train=resolve(d.wsp_train),
-                    tags=resolve(d.tags), vocab=resolve(d.vocab), max_tags=d.max_tags)
-    model = dataclasses.asdict(cfg.model)
-    mae = {"seed": cfg.run.seed, "data": data, "model": model, "mae": dataclasses.asdict(cfg.mae)}
-    wsp_cfg = {k: v for k, v in dataclasses.asdict(cfg.wsp).items() if k not in ("init", "compare_scratch")}
-    wsp = {"seed": cfg.run.seed, "data": data, "model": model, "wsp": wsp_cfg}
-    init = cfg.wsp.init if cfg.wsp.init in ("mae", "scratch") else str(Path(cfg.wsp.init).resolve())
-    out = {
-        "mae": mae,
-        "wsp": {**wsp, "init": init, **({"mae": mae} if init == "mae" else {})},
-        "wsp_scratch": {**wsp, "init": "scratch"},
-    }
-    f = cfg.finetune
-    ft_cfg = {k: v for k, v in dataclasses.asdict(f).items() if k not in ("init", "compare")}
-    ft_data = dict(data, eval_train=resolve(d.eval_train)) if d.loader != "reference" else data
-    ft = {"seed": cfg.run.seed, "data": ft_data, "model": dataclasses.asdict(finetune_model_config(cfg)),
-          "finetune": ft_cfg}
-    for name, ft_init, _ in finetune_runs(cfg):
-        src = out[ft_init] if ft_init in out else str(Path(ft_init).resolve())
-        out[name] = {**ft, "init": ft_init if ft_init in out else src, **({"from": src} if ft_init in out else {})}
-    return out
-
-
-def _data_shard(mesh: Mesh | None) -> tuple[int, int]:
-    """(data-parallel rank, data-parallel size): which share of each global batch this process reads.
-
-    Tensor-parallel ranks of one DP rank read the same share (every TP rank sees the same batch).
-    """
-    return (0, 1) if mesh is None else (mesh.dp_rank, mesh.dims.dp)
 
 
 def mae_stage(cfg: Config, data: DemoData | None, device: torch.device, mesh: Mesh | None = None) -> Stage:
     torch.manual_seed(mix_seed(cfg.run.seed, Stream.MAE_INIT))  # model init: the same weights on every rank
     model = build_mae(cfg.model, norm_pix_loss=cfg.mae.norm_pix_loss).to(device)
     m = cfg.mae
-    rank, dp = _data_shard(mesh)
+    rank, dp = data_shard(mesh)
     if cfg.data.loader != "reference":
         loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.crop_scale, m.flip_p, "none", device,
                              shard=(rank, dp), log=say)
@@ -93,35 +53,13 @@ def mae_stage(cfg: Config, data: DemoData | None, device: torch.device, mesh: Me
         )
     objective = MAEObjective(model, m.mask_ratio, cfg.run.seed, rank, dp)
     return Stage("mae", objective, loader, m, flops_per_image(cfg.model, "mae", mask_ratio=m.mask_ratio),
-                 _fingerprints(cfg)["mae"])
-
-
-def init_path(cfg: Config, init: str) -> Path:
-    """The checkpoint an ``init`` setting names: a training stage of this run (its ``final/``
-    directory) or a path in any format :func:`~maws_fast.storage.read_weights` reads."""
-    if init in TRAINED:
-        return Path(cfg.run.out_dir) / init / "final"
-    return Path(init)
-
-
-def check_init(key: str, init: str, stages: tuple[str, ...]) -> None:
-    """Before any training: a path ``init`` must exist and have a weights format (a stage name
-    is checked when its stage has run)."""
-    if init in stages or init == "scratch":
-        return
-    p = Path(init)
-    if not p.exists():
-        raise ConfigError(f"config: {key}: {init} does not exist; use {' | '.join(stages)}, or the path of a checkpoint "
-                          f"directory or weights file ({', '.join(WEIGHT_SUFFIXES)})")
-    if p.is_file() and p.suffix not in WEIGHT_SUFFIXES:
-        raise ConfigError(f"config: {key}: {init} is not a weights file; use one of {', '.join(WEIGHT_SUFFIXES)} "
-                          "or a checkpoint directory")
+                 fingerprints(cfg)["mae"])
 
 
 def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: str, init: str,
               mesh: Mesh | None = None) -> Stage:
     w = cfg.wsp
-    rank, dp = _data_shard(mesh)
+    rank, dp = data_shard(mesh)
     if cfg.data.loader != "reference":
         loader = jpeg_loader(cfg, cfg.data.wsp_train or cfg.data.train, w.batch_size, w.crop_scale, w.flip_p, "tags",
                              device, shard=(rank, dp), log=say)
@@ -153,165 +91,8 @@ def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: st
                                   f"--wsp.init must point at an MAE or ViT checkpoint of this model config")
         return f"encoder initialised from {path}: {report.summary()}"
 
-    fp = _fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
+    fp = fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
     return Stage(name, WSPObjective(model), loader, w, flops_per_image(cfg.model, "wsp", num_tags), fp, init_fn)
-
-
-def wsp_runs(cfg: Config) -> list[tuple[str, str, str]]:
-    """(stage name, init, table label) of every WSP model this config trains."""
-    label = {"mae": "MAE -> WSP", "scratch": "WSP (random init)"}.get(cfg.wsp.init, f"{cfg.wsp.init} -> WSP")
-    runs = [("wsp", cfg.wsp.init, label)]
-    if cfg.wsp.compare_scratch and cfg.wsp.init != "scratch":
-        runs.append(("wsp_scratch", "scratch", "WSP (random init)"))
-    return runs
-
-
-# --- fine-tuning -------------------------------------------------------------------------------
-ENCODER_LABELS = {"mae": "MAE only (no WSP)", "wsp_scratch": "WSP (random init)"}
-
-
-def _encoder_label(cfg: Config, init: str) -> str:
-    if init == "wsp":
-        return wsp_runs(cfg)[0][2]
-    return ENCODER_LABELS.get(init, init)
-
-
-def finetune_runs(cfg: Config) -> list[tuple[str, str, str]]:
-    """(stage name, init, table label) of every fine-tune this config runs: ``finetune`` from
-    ``finetune.init``, then ``finetune_<name>`` from each of ``finetune.compare``."""
-    f = cfg.finetune
-    runs = [("finetune", f.init, f"{_encoder_label(cfg, f.init)} -> FT")]
-    runs += [(f"finetune_{c}", c, f"{_encoder_label(cfg, c)} -> FT") for c in f.compare]
-    return runs
-
-
-def finetune_model_config(cfg: Config):
-    """The model config at the fine-tune resolution (``finetune.img_size``, 0 = the model's)."""
-    size = cfg.finetune.img_size or cfg.model.img_size
-    return cfg.model if size == cfg.model.img_size else dataclasses.replace(cfg.model, img_size=size)
-
-
-def _num_labels(cfg: Config, data: DemoData | None) -> int:
-    if data is not None:
-        return 10
-    d = cfg.data
-    n = open_source(eval_format(d.eval_train), d.eval_train, d.tags, d.vocab).num_classes
-    if n == 0:
-        raise ConfigError(f"config: data.eval_train: {d.eval_train} has no class labels to fine-tune on; use an image "
-                          "folder or shards written from one (`maws-data shards --folder`)")
-    return n
-
-
-def build_finetune_model(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The fine-tune classifier: learnable pos-embed, ``finetune.global_pool``, stochastic depth."""
-    f = cfg.finetune
-    return build_classifier(finetune_model_config(cfg), num_classes, global_pool=f.global_pool,
-                            drop_path_rate=f.drop_path, pos_embed_learnable=True)
-
-
-def finetune_stage(cfg: Config, data: DemoData | None, device: torch.device, name: str, init: str,
-                   mesh: Mesh | None = None) -> Stage:
-    """Fine-tune an encoder on the labelled data (Fashion-MNIST's train split, or data.eval_train)."""
-    f = cfg.finetune
-    rank, dp = _data_shard(mesh)
-    mcfg = finetune_model_config(cfg)
-    num_classes = _num_labels(cfg, data)
-    rand_aug = None if f.rand_aug == "none" else f.rand_aug
-    if data is not None:
-        check_batch(f.batch_size, dp, cfg.parallel.grad_accum)
-        extras = TrainAugment(mcfg.img_size, f.crop_scale, flip_p=f.flip_p, rand_aug=rand_aug, reprob=f.reprob)
-        loader = BatchLoader(
-            data.train_x, data.train_y, f.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-            augment={"out_size": mcfg.img_size, "scale": f.crop_scale, "flip_p": f.flip_p},
-            num_workers=cfg.data.num_workers, shard=(rank, dp),
-            extras=FinetuneAugment(extras, cfg.data.mean) if extras.has_extras else None,
-        )
-    else:
-        d = cfg.data
-        source = open_source(eval_format(d.eval_train), d.eval_train, d.tags, d.vocab)
-        loader = jpeg_loader(dataclasses.replace(cfg, model=mcfg), source, f.batch_size, f.crop_scale, f.flip_p,
-                             "label", device, shard=(rank, dp), log=say, rand_aug=rand_aug, reprob=f.reprob)
-    torch.manual_seed(mix_seed(cfg.run.seed, Stream.FT_INIT))
-    model = build_finetune_model(cfg, num_classes).to(device)
-
-    def init_fn() -> str:
-        path = init_path(cfg, init)
-        if not path.exists():
-            raise CheckpointError(f"finetune from {init!r} needs {path}, which does not exist; run that stage first "
-                                  f"or point --finetune.init at a checkpoint")
-        # The head is always new (another task's classes); the official re-initialises it too.
-        sd = unwrap_state_dict(read_weights(path))
-        old_head = [k for k in sd if k.startswith("head.")]
-        report = load_pretrained(model, {k: v for k, v in sd.items() if k not in old_head}, source=str(path))
-        fresh = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}  # new in a fine-tune, as the official
-        missing = [k for k in report.initialised if k not in fresh]
-        if missing:
-            raise CheckpointError(f"{path} lacks encoder tensors {missing[:6]} ({len(missing)} in all); "
-                                  "--finetune.init must point at an MAE or ViT checkpoint of this model config")
-        with torch.no_grad():  # the official head init
-            torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
-            torch.nn.init.zeros_(model.head.bias)
-        replaced = f"; its head ({tuple(sd['head.weight'].shape)[0]} outputs) replaced" if "head.weight" in sd else ""
-        return f"encoder initialised from {path}: {report.summary()}{replaced}; new head trunc-normal std 2e-5"
-
-    mixup = Mixup(num_classes, mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
-                  switch_prob=f.mixup_switch_prob, label_smoothing=f.smoothing)
-    objective = FinetuneObjective(model, mixup, cfg.run.seed, rank)
-    return Stage(name, objective, loader, f, flops_per_image(mcfg, "wsp", num_classes), _fingerprints(cfg)[name],
-                 init_fn, param_groups=lambda m: layer_decay_groups(m, f.weight_decay, f.layer_decay))
-
-
-def finetune_eval(cfg: Config, data: DemoData | None, device: torch.device, name: str) -> dict:
-    """Top-1 / top-5 of a finished fine-tune on the held-out split (Fashion-MNIST's test split, or
-    data.eval_val through the eval transform: resize to size / crop_frac, centre crop; crop
-    fraction 1 above 224 px, as the official). Written to ``<out>/<name>/eval.json``."""
-    final = Path(cfg.run.out_dir) / name / "final"
-    tensors, meta, _ = load_checkpoint(final)
-    check_fingerprint(meta.get("fingerprint", {}), _fingerprints(cfg)[name], final)
-    num_classes = _num_labels(cfg, data)
-    model = build_finetune_model(cfg, num_classes).to(device)
-    load_pretrained(model, tensors, strict=True, source=str(final))
-    model.eval()
-    if data is not None:
-        batches = BatchLoader(data.test_x, data.test_y, cfg.eval.batch_size, cfg.run.seed, cfg.data.mean,
-                              cfg.data.std, drop_last=False, shuffle=False).epoch(0)
-        close = lambda: None  # noqa: E731
-    else:
-        mcfg = finetune_model_config(cfg)
-        ecfg = dataclasses.replace(cfg, model=mcfg, data=dataclasses.replace(
-            cfg.data, eval_crop_frac=cfg.data.eval_crop_frac if mcfg.img_size <= 224 else 1.0))
-        loader = jpeg_loader(ecfg, cfg.data.eval_val, cfg.eval.batch_size, None, 0.0, "label", device,
-                             eval_transform=True, log=say)
-        batches, close = loader.epoch(0), loader.close
-    k = min(5, num_classes)
-    hits1 = hits5 = n = 0
-    try:
-        with torch.inference_mode():
-            for x, y in batches:
-                y = y.to(device)
-                top = model(x.to(device, non_blocking=True)).float().topk(k, dim=1).indices  # (B, k)
-                hits1 += int((top[:, 0] == y).sum())
-                hits5 += int((top == y[:, None]).any(1).sum())
-                n += y.shape[0]
-    finally:
-        close()
-    row = {"top1": hits1 / n, "top5": hits5 / n, "num_test": n, "step": meta["step"]}
-    atomic_write_text(Path(cfg.run.out_dir) / name / "eval.json", json.dumps(row, indent=2))
-    return row
-
-
-def _check_finetune_inits(cfg: Config) -> None:
-    """Before any training: every encoder a fine-tune starts from is there, or is trained first."""
-    made = {"mae": "mae" in cfg.run.stages, "wsp": "wsp" in cfg.run.stages,
-            "wsp_scratch": "wsp" in cfg.run.stages and cfg.wsp.compare_scratch and cfg.wsp.init != "scratch"}
-    for name, init, _ in finetune_runs(cfg):
-        key = "finetune.init" if name == "finetune" else "finetune.compare"
-        if init in made:
-            if not made[init] and not init_path(cfg, init).exists():
-                raise ConfigError(f"config: {key}: {init} is not trained by this run (run.stages={cfg.run.stages}) and "
-                                  f"{init_path(cfg, init)} does not exist; add its stage or use a checkpoint path")
-        else:
-            check_init(key, init, ())
 
 
 # --- evaluation --------------------------------------------------------------------------------
@@ -338,7 +119,7 @@ def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Ech
     the one checkpoint ``eval.init`` names)."""
     out = Path(cfg.run.out_dir)
     candidates = [(name, label) for name, _, label in wsp_runs(cfg)] + [("mae", "MAE only (no WSP)")]
-    fingerprints = _fingerprints(cfg)
+    prints = fingerprints(cfg)
     feats, num_classes = feature_sets(cfg, data, device, log=say)
     if cfg.eval.init is not None:
         row = _probe_checkpoint(cfg, feats, num_classes, device, echo)
@@ -351,7 +132,7 @@ def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Ech
         if not final.exists():
             continue
         tensors, meta, _ = load_checkpoint(final)
-        check_fingerprint(meta.get("fingerprint", {}), fingerprints[name], final)
+        check_fingerprint(meta.get("fingerprint", {}), prints[name], final)
         model = build_classifier(cfg.model, num_classes=0).to(device)
         report = load_pretrained(model, tensors, source=str(final))
         if report.initialised:
@@ -444,23 +225,7 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
     if "wsp" in cfg.run.stages:
         check_init("wsp.init", cfg.wsp.init, ("mae",))
     if "finetune" in cfg.run.stages:
-        _check_finetune_inits(cfg)
-        f = cfg.finetune
-        if f.rand_aug != "none":
-            try:
-                parse_rand_policy(f.rand_aug)
-            except ConfigError as e:
-                raise ConfigError(f"config: finetune.rand_aug: {e}") from None
-        if data is None and cfg.data.loader == "dali" and (f.rand_aug != "none" or f.reprob > 0):
-            raise ConfigError("config: finetune.rand_aug / finetune.reprob: RandAugment and random erasing run in the "
-                              "PIL loader; the DALI pipeline does not have them yet. Use --data.loader=pil for the "
-                              "fine-tune, or turn them off (--finetune.rand_aug=none --finetune.reprob=0)")
-        if data is not None and finetune_model_config(cfg).img_size != 28:
-            raise ConfigError("config: finetune.img_size: the Fashion-MNIST demo data are 28x28; leave it 0 "
-                              "(fine-tuning at another resolution needs JPEG data, data.dataset=jpeg)")
-        if data is None and (cfg.data.eval_train is None or cfg.data.eval_val is None):
-            raise ConfigError("config: data.eval_train: finetune on data.dataset=jpeg needs labelled images: set "
-                              "--data.eval_train=DIR (it trains on them) and --data.eval_val=DIR (top-1 on them)")
+        check_finetune_config(cfg, data)
     summary: dict = {"stages": {}, "results": []}
     train = dict(parallel=cfg.parallel, mesh=mesh, echo=echo)
     if "mae" in cfg.run.stages:
