@@ -505,3 +505,16 @@ def load_pretrained(model: nn.Module, state_dict: dict, strict: bool = False, so
         for k in report.loaded:
             own[k].copy_(sd[k])
     return report
+
+
+def load_encoder(model: nn.Module, state_dict: dict, source: str, new: tuple[str, ...] = (),
+                 hint: str = "") -> LoadReport:
+    """:func:`load_pretrained` that refuses a checkpoint leaving any of the model's tensors at their
+    fresh init except those in ``new`` (a head, a fine-tune's ``fc_norm``): a file that fits nothing
+    would otherwise train or probe a random encoder under another one's name. ``hint`` says what
+    to point at instead."""
+    report = load_pretrained(model, state_dict, source=source)
+    missing = [k for k in report.initialised if k not in new]
+    if missing:
+        raise CheckpointError(f"{source} lacks encoder tensors {missing[:6]} ({len(missing)} in all); {hint}")
+    return report

@@ -10,14 +10,14 @@ import torch
 from maws_fast.config import Config
 from maws_fast.data.batching import FinetuneAugment, TrainAugment
 from maws_fast.data.demo import DemoData
-from maws_fast.data.loader import check_batch, eval_format, jpeg_loader
+from maws_fast.data.loader import DALI_HAS_NO_FINETUNE_AUGMENT, check_batch, eval_format, jpeg_loader
 from maws_fast.data.randaug import parse_rand_policy
 from maws_fast.data.reference import BatchLoader
 from maws_fast.data.sources import open_source
 from maws_fast.errors import CheckpointError, ConfigError
 from maws_fast.models import build_classifier, load_pretrained
 from maws_fast.models.flops import flops_per_image
-from maws_fast.models.vit import unwrap_state_dict
+from maws_fast.models.vit import load_encoder, unwrap_state_dict
 from maws_fast.parallel.mesh import Mesh
 from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import atomic_write_text, load_checkpoint, read_weights
@@ -28,15 +28,15 @@ from maws_fast.train.objectives import FinetuneObjective
 from maws_fast.train.optim import layer_decay_groups
 from maws_fast.train.runs import check_init, data_shard, finetune_model_config, finetune_runs, fingerprints, init_path
 
-def _num_labels(cfg: Config, data: DemoData | None) -> int:
-    if data is not None:
-        return 10
+
+def _labelled_source(cfg: Config):
+    """data.eval_train, the labelled images a JPEG fine-tune trains on (listed once per stage)."""
     d = cfg.data
-    n = open_source(eval_format(d.eval_train), d.eval_train, d.tags, d.vocab).num_classes
-    if n == 0:
+    source = open_source(eval_format(d.eval_train), d.eval_train, d.tags, d.vocab)
+    if source.num_classes == 0:
         raise ConfigError(f"config: data.eval_train: {d.eval_train} has no class labels to fine-tune on; use an image "
                           "folder or shards written from one (`maws-data shards --folder`)")
-    return n
+    return source
 
 
 def build_finetune_model(cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -52,9 +52,9 @@ def finetune_stage(cfg: Config, data: DemoData | None, device: torch.device, nam
     f = cfg.finetune
     rank, dp = data_shard(mesh)
     mcfg = finetune_model_config(cfg)
-    num_classes = _num_labels(cfg, data)
     rand_aug = None if f.rand_aug == "none" else f.rand_aug
     if data is not None:
+        num_classes = 10  # Fashion-MNIST
         check_batch(f.batch_size, dp, cfg.parallel.grad_accum)
         extras = TrainAugment(mcfg.img_size, f.crop_scale, flip_p=f.flip_p, rand_aug=rand_aug, reprob=f.reprob)
         loader = BatchLoader(
@@ -64,8 +64,8 @@ def finetune_stage(cfg: Config, data: DemoData | None, device: torch.device, nam
             extras=FinetuneAugment(extras, cfg.data.mean) if extras.has_extras else None,
         )
     else:
-        d = cfg.data
-        source = open_source(eval_format(d.eval_train), d.eval_train, d.tags, d.vocab)
+        source = _labelled_source(cfg)
+        num_classes = source.num_classes
         loader = jpeg_loader(dataclasses.replace(cfg, model=mcfg), source, f.batch_size, f.crop_scale, f.flip_p,
                              "label", device, shard=(rank, dp), log=say, rand_aug=rand_aug, reprob=f.reprob)
     torch.manual_seed(mix_seed(cfg.run.seed, Stream.FT_INIT))
@@ -79,12 +79,9 @@ def finetune_stage(cfg: Config, data: DemoData | None, device: torch.device, nam
         # The head is always new (another task's classes); the official re-initialises it too.
         sd = unwrap_state_dict(read_weights(path))
         old_head = [k for k in sd if k.startswith("head.")]
-        report = load_pretrained(model, {k: v for k, v in sd.items() if k not in old_head}, source=str(path))
-        fresh = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}  # new in a fine-tune, as the official
-        missing = [k for k in report.initialised if k not in fresh]
-        if missing:
-            raise CheckpointError(f"{path} lacks encoder tensors {missing[:6]} ({len(missing)} in all); "
-                                  "--finetune.init must point at an MAE or ViT checkpoint of this model config")
+        report = load_encoder(model, {k: v for k, v in sd.items() if k not in old_head}, str(path),
+                              new=("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"),  # as the official
+                              hint="--finetune.init must point at an MAE or ViT checkpoint of this model config")
         with torch.no_grad():  # the official head init
             torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
             torch.nn.init.zeros_(model.head.bias)
@@ -105,7 +102,7 @@ def finetune_eval(cfg: Config, data: DemoData | None, device: torch.device, name
     final = Path(cfg.run.out_dir) / name / "final"
     tensors, meta, _ = load_checkpoint(final)
     check_fingerprint(meta.get("fingerprint", {}), fingerprints(cfg)[name], final)
-    num_classes = _num_labels(cfg, data)
+    num_classes = int(tensors["head.weight"].shape[0])  # the classes it was trained on
     model = build_finetune_model(cfg, num_classes).to(device)
     load_pretrained(model, tensors, strict=True, source=str(final))
     model.eval()
@@ -162,9 +159,7 @@ def check_finetune_config(cfg: Config, data: DemoData | None) -> None:
         except ConfigError as e:
             raise ConfigError(f"config: finetune.rand_aug: {e}") from None
     if data is None and cfg.data.loader == "dali" and (f.rand_aug != "none" or f.reprob > 0):
-        raise ConfigError("config: finetune.rand_aug / finetune.reprob: RandAugment and random erasing run in the "
-                          "PIL loader; the DALI pipeline does not have them yet. Use --data.loader=pil for the "
-                          "fine-tune, or turn them off (--finetune.rand_aug=none --finetune.reprob=0)")
+        raise ConfigError(DALI_HAS_NO_FINETUNE_AUGMENT)  # jpeg_loader's refusal, before any stage trains
     if data is not None and finetune_model_config(cfg).img_size != 28:
         raise ConfigError("config: finetune.img_size: the Fashion-MNIST demo data are 28x28; leave it 0 "
                           "(fine-tuning at another resolution needs JPEG data, data.dataset=jpeg)")

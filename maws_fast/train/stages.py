@@ -23,7 +23,7 @@ from maws_fast.errors import CheckpointError, ConfigError, UserError
 from maws_fast.eval.evaluate import check_eval_config, feature_sets, probe_encoder, results_table
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
-from maws_fast.models.vit import unwrap_state_dict
+from maws_fast.models.vit import load_encoder, unwrap_state_dict
 from maws_fast.parallel.mesh import Mesh, destroy, init_distributed
 from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import atomic_write_text, load_checkpoint, read_meta, read_weights
@@ -83,12 +83,8 @@ def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: st
             hint = ("run the mae stage first (--run.stages=[mae,wsp,linprobe]) or set --wsp.init=scratch"
                     if init == "mae" else "point --wsp.init at an MAE or ViT checkpoint")
             raise CheckpointError(f"wsp.init={init!r} needs {path}, which does not exist; {hint}")
-        report = load_pretrained(model, read_weights(path), source=str(path))
-        missing = [k for k in report.initialised if not k.startswith("head.")]
-        if missing:
-            # A file that fits nothing would silently train from scratch under an "MAE -> WSP" label.
-            raise CheckpointError(f"{path} lacks encoder tensors {missing[:6]} ({len(missing)} in all); "
-                                  f"--wsp.init must point at an MAE or ViT checkpoint of this model config")
+        report = load_encoder(model, read_weights(path), str(path), new=("head.weight", "head.bias"),
+                              hint="--wsp.init must point at an MAE or ViT checkpoint of this model config")
         return f"encoder initialised from {path}: {report.summary()}"
 
     fp = fingerprints(cfg)["wsp_scratch" if init == "scratch" else "wsp"]
@@ -105,10 +101,8 @@ def _probe_checkpoint(cfg: Config, feats, num_classes: int, device: torch.device
     pool = "avg" if "fc_norm.weight" in sd and "norm.weight" not in sd else "token"
     # learnable: a trained table (MAWS, timm, fine-tunes) is kept, resampled if the grid differs
     model = build_classifier(cfg.model, num_classes=0, global_pool=pool, pos_embed_learnable=True).to(device)
-    report = load_pretrained(model, {k: v for k, v in sd.items() if not k.startswith("head.")}, source=str(path))
-    if report.initialised:
-        raise CheckpointError(f"{path} lacks encoder tensors {report.initialised[:4]} of this model config; set "
-                              "--model.preset (and img_size / patch_size) to the checkpoint's architecture")
+    report = load_encoder(model, {k: v for k, v in sd.items() if not k.startswith("head.")}, str(path),
+                          hint="set --model.preset (and img_size / patch_size) to the checkpoint's architecture")
     echo(f"[linprobe] {path}: {report.summary()} ({pool} pooling)")
     return {"model": str(path), "stage": "eval.init", "train_steps": "-",
             **probe_encoder(cfg, model, feats, num_classes)}

@@ -125,3 +125,16 @@ def test_finetune_alone_from_an_official_mae_pth(tmp_path, data):
     assert any(f"encoder initialised from {pth}" in line for line in logs)
     assert any("MAE" not in line and "-> FT: top-1" in line for line in logs)
     assert (tmp_path / "run" / "finetune" / "eval.json").exists()
+
+
+def test_a_checkpoint_that_fits_no_encoder_is_refused(tmp_path, data):
+    from safetensors.torch import save_file
+
+    from maws_fast.errors import CheckpointError
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"fc.weight": torch.randn(3, 3)}, str(foreign))
+    cfg = small_cfg(tmp_path / "run", f"--finetune.init={foreign}")
+    stage = finetune_stage(cfg, data, torch.device("cpu"), "finetune", str(foreign))
+    with pytest.raises(CheckpointError, match=r"lacks encoder tensors \['cls_token', 'pos_embed'.*--finetune.init"):
+        stage.init_fn()
