@@ -188,8 +188,8 @@ class Block(nn.Module):
     torch backend the block is the official arithmetic, bit for bit.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa", norm_layer=LayerNorm,
-                 drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa",
+                 norm_layer=LayerNorm, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, attn_backend)
@@ -392,7 +392,8 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
     initialised: list[str] = field(default_factory=list)  # in the model, kept at its fresh init
     resampled: list[str] = field(default_factory=list)  # learned pos-embeds resized to the model's grid ("key g0 -> g")
-    regenerated: list[str] = field(default_factory=list)  # fixed sin-cos tables of another grid ("key g0 -> g"): the model's own kept
+    # fixed sin-cos tables of another grid ("key g0 -> g"): the model's own table is kept
+    regenerated: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         def short(keys: list[str]) -> str:
