@@ -76,7 +76,15 @@ class FinetuneAugment:
 
     def __init__(self, aug: TrainAugment, mean: Sequence[float]):
         self.randaug = RandAugment.from_policy(aug.rand_aug, aug.out_size, mean=_rgb(mean)) if aug.rand_aug else None
-        self.erase = RandomErasing(aug.reprob, mode="pixel", max_count=1) if aug.reprob > 0 else None
+        # in place on the one copy tensors() makes of the batch
+        self.erase = RandomErasing(aug.reprob, mode="pixel", max_count=1, inplace=True) if aug.reprob > 0 else None
+
+    @classmethod
+    def for_transform(cls, transform: TrainAugment | EvalTransform, mean: Sequence[float]) -> FinetuneAugment | None:
+        """The extras a loader's transform asks for, or None (evaluation, MAE, WSP)."""
+        if isinstance(transform, TrainAugment) and transform.has_extras:
+            return cls(transform, mean)
+        return None
 
     def images(self, pixels: list[np.ndarray], seed: int, epoch: int, batch: int, rank: int) -> list[np.ndarray]:
         """RandAugment of (H, W[, C]) uint8 images (the identity without a policy)."""
@@ -92,14 +100,14 @@ class FinetuneAugment:
         return out
 
     def tensors(self, x: torch.Tensor, seed: int, epoch: int, batch: int, rank: int) -> torch.Tensor:
-        """RandomErasing of normalised (B, C, H, W) images (the identity when off)."""
+        """RandomErasing of normalised (B, C, H, W) images (the identity when off); a new tensor."""
         if self.erase is None:
             return x
-        rows = []
+        out = x.clone()
         for i in range(x.shape[0]):
             s = mix_seed(Stream.ERASE, seed, epoch, batch, rank, i)
-            rows.append(self.erase(x[i], random.Random(s), torch.Generator().manual_seed(s)))
-        return torch.stack(rows)
+            self.erase(out[i], random.Random(s), torch.Generator().manual_seed(s))  # a view: erased in place
+        return out
 
 
 def _rgb(mean: Sequence[float]) -> tuple[float, ...]:

@@ -9,13 +9,18 @@ Two DALI pipelines per loader, with a thin host step between them::
                                crop boxes + flips from (seed, epoch, batch, rank)
         -> decode pipeline     fn.decoders.image_slice (device="mixed" on a GPU: nvJPEG, with
                                hw_decoder_load and the preallocation hints) -> fn.resize ->
+                               [fine-tune: fn.flip -> RandAugment ops, see dali_randaug.py] ->
                                fn.crop_mirror_normalize -> torch tensor on the training device
+                               [fine-tune: -> RandomErasing, as the PIL loader erases]
 
 Why split: a DALI decoder that meets a broken file stops the pipeline without naming the file,
 so the bytes are checked (by name) before they reach it, and a decode error that still happens
-costs only a rebuild of the stateless decode pipeline, not the reader position. Crop boxes come
-from the host so augmentation is a pure function of (seed, epoch, batch, rank), identical to the
-PIL reference loader's, and the only state to checkpoint is the reader's (DALI checkpointing).
+costs only a rebuild of the stateless decode pipeline, not the reader position. Crop boxes, and a
+fine-tune's RandAugment choices, come from the host so augmentation is a pure function of (seed,
+epoch, batch, rank), the same draws as the PIL reference loader's, and the only state to
+checkpoint is the reader's (DALI checkpointing). RandomErasing runs on the delivered batch with
+the PIL loader's code: timm's 'pixel' mode fills with per-pixel noise, which ``fn.erase`` (one
+fill value) cannot, and DALI's noise would not be a function of the sample's seed.
 
 On a machine without a GPU both pipelines run on CPU operators (``device_id=None``); that is how
 CI tests them. One batch is decoded ahead of the one being trained on.
@@ -35,8 +40,9 @@ import numpy as np
 import torch
 
 from maws_fast.data.batching import (
-    BadSamples, EvalTransform, TrainAugment, augment_batch, batches_per_epoch, real_in_batch,
+    BadSamples, EvalTransform, FinetuneAugment, TrainAugment, augment_batch, batches_per_epoch, real_in_batch,
 )
+from maws_fast.data.dali_randaug import apply_rand_augment, plan_batch
 from maws_fast.data.images import ImageInfo, decode_pil, inspect_image
 from maws_fast.data.pil_loader import check_identity, check_loader_args, loader_identity, make_targets, verify_hint
 from maws_fast.data.shards import parse_meta
@@ -104,6 +110,7 @@ class _Prepared:
     infos: list[ImageInfo]
     bad: list[tuple[str, str]]  # (name, reason), counted when the batch is handed out
     reader_state: bytes  # reader checkpoint after this batch was read
+    randaug: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # a fine-tune's op codes and parameters
     scheduled: bool = False
 
 
@@ -116,7 +123,8 @@ class DaliLoader:
         seed: base seed (reader shuffle, augmentation).
         mean: per-channel mean of [0, 1] pixels.
         std: per-channel std of [0, 1] pixels.
-        transform: :class:`TrainAugment` (MAE / WSP) or :class:`EvalTransform`.
+        transform: :class:`TrainAugment` (MAE / WSP, or a fine-tune's with RandAugment and
+            RandomErasing) or :class:`EvalTransform`.
         targets: "none", "tags" (padded ids + uniform weights) or "label".
         rank: global rank (the reader shard).
         world: global world size.
@@ -147,6 +155,7 @@ class DaliLoader:
         self.settings = settings or DaliSettings()
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.bad = BadSamples(max_bad, log, verify_hint(source))
+        self.extras = FinetuneAugment.for_transform(transform, self.mean)
         self.log = log
         self.position = (0, 0)  # (epoch, batch) of the next batch handed out
         self._reader = None
@@ -208,6 +217,8 @@ class DaliLoader:
                 if not cur.scheduled:
                     self._schedule(cur)
                 imgs = self._collect(cur)
+                if self.extras is not None:
+                    imgs = self.extras.tensors(imgs, self.seed, epoch, b, self.rank)
                 # Look one batch ahead (it may be the next epoch's first): its decode runs while
                 # the training step on this one does.
                 self._pending = self._take()
@@ -326,6 +337,11 @@ class DaliLoader:
         bad_slots = [not i.ok for i in infos]
         bad = [(names[i], infos[i].problem) for i in range(len(infos)) if bad_slots[i]]
         prep = _Prepared(position, encoded, names, tags, labels, infos, bad, state)
+        if self.extras is not None and self.extras.randaug is not None:
+            # A function of the slot and the position only (not of the sample): a replaced bad
+            # sample keeps its slot's draws, as in the PIL loader.
+            prep.randaug = plan_batch(self.extras.randaug, len(encoded), self.transform.out_size, self.seed,
+                                      position[0], position[1], self.rank)
         if bad:
             _replace(prep, self.bad.substitute(bad_slots))
         return prep
@@ -349,8 +365,12 @@ class DaliLoader:
                     mean=[m * scale for m in self.mean] if st.output == "float32" else [0.0] * self.channels,
                     std=[s * scale for s in self.std] if st.output == "float32" else [1.0] * self.channels)
         dev_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
+        randaug = self.extras.randaug if self.extras is not None else None
+        fill = randaug.fill_for(self.channels) if randaug is not None else ()
+        channels = self.channels
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=st.threads, device_id=dev_id, prefetch_queue_depth=1)
+        @pipeline_def(batch_size=self.batch_size, num_threads=st.threads, device_id=dev_id, prefetch_queue_depth=1,
+                      enable_conditionals=randaug is not None)
         def decoder():
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
             if isinstance(t, TrainAugment):
@@ -360,7 +380,14 @@ class DaliLoader:
                 x = fn.decoders.image_slice(enc, anchor, shape, normalized_anchor=False, normalized_shape=False,
                                             axis_names="WH", **dec)
                 x = fn.resize(x, size=[t.out_size, t.out_size], interp_type=types.INTERP_LINEAR, antialias=True)
-                return fn.crop_mirror_normalize(x, mirror=flip, **norm)
+                if randaug is None:
+                    return fn.crop_mirror_normalize(x, mirror=flip, **norm)
+                # timm's order: crop, flip, RandAugment (the ops are not flip-symmetric).
+                codes = fn.external_source(name="ra_code", dtype=types.INT32, ndim=1)
+                params = fn.external_source(name="ra_param", dtype=types.FLOAT, ndim=2)
+                x = fn.flip(x, horizontal=flip)
+                x = apply_rand_augment(x, codes, params, randaug.num_ops, fill, t.out_size, channels, gpu)
+                return fn.crop_mirror_normalize(x, **norm)
             x = fn.decoders.image(enc, **dec)
             x = fn.resize(x, resize_shorter=t.resize_shorter, interp_type=types.INTERP_LINEAR, antialias=True)
             return fn.crop_mirror_normalize(x, crop=[t.out_size, t.out_size], **norm)
@@ -384,6 +411,9 @@ class DaliLoader:
             self._decoder.feed_input("anchor", list(np.ascontiguousarray(b[:, [1, 0]])))
             self._decoder.feed_input("shape", list(np.ascontiguousarray(b[:, [3, 2]])))
             self._decoder.feed_input("flip", list(flips.to(torch.int32).numpy()))
+            if p.randaug is not None:
+                self._decoder.feed_input("ra_code", p.randaug[0])
+                self._decoder.feed_input("ra_param", p.randaug[1])
 
     def _collect(self, p: _Prepared) -> torch.Tensor:
         """The decoded batch as a normalised float32 (B, C, S, S) tensor on the training device."""

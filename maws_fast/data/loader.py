@@ -65,12 +65,6 @@ def eval_format(path: str) -> str:
     return "webdataset" if (p / "manifest.json").exists() or any(p.glob("*.tar")) else "folder"
 
 
-DALI_HAS_NO_FINETUNE_AUGMENT = (
-    "config: finetune.rand_aug / finetune.reprob: RandAugment and random erasing run in the PIL loader; the DALI "
-    "pipeline does not have them yet. Use --data.loader=pil for the fine-tune, or turn them off "
-    "(--finetune.rand_aug=none --finetune.reprob=0)")
-
-
 def jpeg_loader(cfg: Config, path: str | Source, batch_size: int, scale, flip_p: float, targets: str,
                 device: torch.device, eval_transform: bool = False, shard: tuple[int, int] = (0, 1),
                 log: Callable[[str], None] = functools.partial(print, flush=True), rand_aug: str | None = None,
@@ -89,7 +83,7 @@ def jpeg_loader(cfg: Config, path: str | Source, batch_size: int, scale, flip_p:
         shard: ``(data-parallel rank, data-parallel size)`` of this process.
         log: where bad-sample lines go.
         rand_aug, reprob: a fine-tune's RandAugment policy and RandomErasing probability (training;
-            the PIL loader runs them, the DALI pipeline does not have them yet and says so).
+            both loaders run them, with the same draws).
     """
     from maws_fast.data.batching import EvalTransform, TrainAugment
     from maws_fast.data.sources import Source, open_source
@@ -106,8 +100,6 @@ def jpeg_loader(cfg: Config, path: str | Source, batch_size: int, scale, flip_p:
         aug = EvalTransform(cfg.model.img_size, d.eval_crop_frac)
     else:
         aug = TrainAugment(cfg.model.img_size, tuple(scale), flip_p=flip_p, rand_aug=rand_aug, reprob=reprob)
-        if aug.has_extras and d.loader == "dali":
-            raise ConfigError(DALI_HAS_NO_FINETUNE_AUGMENT)
     kw = dict(batch_size=batch_size // world, seed=cfg.run.seed, mean=d.mean, std=d.std, transform=aug, targets=targets,
               rank=rank, world=world, shuffle=not eval_transform,
               channels=cfg.model.in_chans, max_bad=d.max_bad_samples, max_tags=d.max_tags, log=log)

@@ -159,8 +159,7 @@ class PilLoader:
         self.bad = BadSamples(max_bad, log, verify_hint(source))
         self.position = (0, 0)
         # a fine-tune's RandAugment (in the workers, per image) and RandomErasing (here, normalised)
-        aug = transform if isinstance(transform, TrainAugment) and transform.has_extras else None
-        self.extras = FinetuneAugment(aug, mean) if aug is not None else None
+        self.extras = FinetuneAugment.for_transform(transform, mean)
 
     @property
     def num_batches(self) -> int:

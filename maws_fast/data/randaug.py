@@ -189,6 +189,16 @@ class _OpSpec:
     geometric: bool = False  # takes resample + fill
 
 
+@dataclass(frozen=True)
+class OpDraw:
+    """One op of a RandAugment call as drawn: its name, argument (None: takes none) and, for
+    geometric ops, the resampling filter."""
+
+    name: str
+    arg: float | int | None = None
+    resample: Image.Resampling | None = None
+
+
 OPS: dict[str, _OpSpec] = {
     "AutoContrast": _OpSpec(lambda img: ImageOps.autocontrast(img)),
     "Equalize": _OpSpec(lambda img: ImageOps.equalize(img)),
@@ -214,6 +224,29 @@ OPS: dict[str, _OpSpec] = {
     "TranslateXRel": _OpSpec(_translate_x_rel, _arg_translate_rel, geometric=True),
     "TranslateYRel": _OpSpec(_translate_y_rel, _arg_translate_rel, geometric=True),
 }
+
+
+def affine_coeffs(d: OpDraw, width: int, height: int) -> tuple[float, ...]:
+    """The PIL ``AFFINE`` coefficients ``(a, b, c, d, e, f)`` of a geometric op on a ``width`` x
+    ``height`` image: output pixel (x, y) samples the input at (a x + b y + c, d x + e y + f), in
+    pixel-corner coordinates (the centre of pixel i at i + 0.5), as PIL and DALI's warp_affine both
+    read them. Rotate is PIL's ``Image.rotate`` matrix (about the centre, counter-clockwise)."""
+    n, v = d.name, float(d.arg)
+    if n == "Rotate":
+        a = -math.radians(v % 360.0)
+        m = [round(math.cos(a), 15), round(math.sin(a), 15), 0.0, round(-math.sin(a), 15), round(math.cos(a), 15), 0.0]
+        cx, cy = width / 2, height / 2
+        m[2] = m[0] * -cx + m[1] * -cy + cx
+        m[5] = m[3] * -cx + m[4] * -cy + cy
+        return tuple(m)
+    table = {
+        "ShearX": (1, v, 0, 0, 1, 0), "ShearY": (1, 0, 0, v, 1, 0),
+        "TranslateX": (1, 0, v, 0, 1, 0), "TranslateY": (1, 0, 0, 0, 1, v),
+        "TranslateXRel": (1, 0, v * width, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, v * height),
+    }
+    if n not in table:
+        raise ValueError(f"{n} is not a geometric op")
+    return tuple(float(c) for c in table[n])
 
 _POLICY_FORM = "rand-m<int>[-n<int>][-p<float>][-mstd<float>][-mmax<int>][-inc<0|1>]"
 
@@ -384,15 +417,16 @@ class RandAugment:
         # PIL refuses a 3-colour fill on a 1-band image; use the colour's grey value.
         return Image.new("RGB", (1, 1), self.fill[:3]).convert("L").getpixel((0, 0))
 
-    def apply_op(self, img: Image.Image, name: str, rng: random.Random | None = None):
-        """Applies one op as timm's ``AugmentOp(name, prob, magnitude, hparams)`` does.
+    def draw_op(self, name: str, rng: random.Random | None = None) -> OpDraw | None:
+        """Draws one op's random parameters as timm's ``AugmentOp(name, prob, magnitude, hparams)`` does,
+        touching no pixels; None when the op is skipped.
 
         Draws from ``rng`` (default: this object's) in timm's order: the skip test (prob < 1),
         the magnitude noise (magnitude_std > 0), the sign, the interpolation ('random' only).
         """
         rng = self.rng if rng is None else rng
         if self.prob < 1.0 and rng.random() > self.prob:
-            return img
+            return None
         level = self.magnitude
         if self.magnitude_std == math.inf:
             level = rng.uniform(0, level)
@@ -400,14 +434,40 @@ class RandAugment:
             level = rng.gauss(level, self.magnitude_std)
         level = max(0.0, min(level, self.magnitude_max or _LEVEL_DENOM))
         spec = OPS[name]
-        args = () if spec.level_to_arg is None else (spec.level_to_arg(level, rng, self),)
+        arg = None if spec.level_to_arg is None else spec.level_to_arg(level, rng, self)
         if not spec.geometric:
-            return spec.apply(img, *args)
+            return OpDraw(name, arg)
         if self.interpolation == "random":
             resample = rng.choice(_RANDOM_INTERPOLATION)  # drawn after the sign, as timm
         else:
             resample = _INTERPOLATIONS[self.interpolation]
-        return spec.apply(img, *args, resample, self._fill_for(img))
+        return OpDraw(name, arg, resample)
+
+    def plan(self, rng: random.Random | None = None, np_rng: np.random.RandomState | None = None) -> list[OpDraw]:
+        """Every random draw of one call (the ops applied, in order, with their arguments), no pixels.
+
+        ``__call__`` is ``plan`` followed by :meth:`apply_draw` of each, so the DALI pipeline,
+        which runs the ops on its own operators, makes exactly the PIL path's choices.
+        """
+        rng = self.rng if rng is None else rng
+        np_rng = self.np_rng if np_rng is None else np_rng
+        # Same draw as timm's np.random.choice(ops, n, replace=True): randint(0, len, n).
+        picks = np_rng.choice(len(self.ops), self.num_ops, replace=True)
+        return [d for d in (self.draw_op(self.ops[i], rng) for i in picks) if d is not None]
+
+    def apply_draw(self, img: Image.Image, d: OpDraw) -> Image.Image:
+        """Applies one drawn op to a PIL image."""
+        spec = OPS[d.name]
+        args = () if d.arg is None else (d.arg,)
+        if not spec.geometric:
+            return spec.apply(img, *args)
+        return spec.apply(img, *args, d.resample, self._fill_for(img))
+
+    def apply_op(self, img: Image.Image, name: str, rng: random.Random | None = None):
+        """Applies one op as timm's ``AugmentOp(name, prob, magnitude, hparams)`` does (draws as
+        :meth:`draw_op`)."""
+        d = self.draw_op(name, rng)
+        return img if d is None else self.apply_draw(img, d)
 
     def __call__(
         self,
@@ -430,11 +490,18 @@ class RandAugment:
                 f"RandAugment takes RGB or L images, got mode {img.mode!r}; "
                 "convert it first with img.convert('RGB')"
             )
-        np_rng = self.np_rng if np_rng is None else np_rng
-        # Same draw as timm's np.random.choice(ops, n, replace=True): randint(0, len, n).
-        for i in np_rng.choice(len(self.ops), self.num_ops, replace=True):
-            img = self.apply_op(img, self.ops[i], rng)
+        for d in self.plan(rng, np_rng):
+            img = self.apply_draw(img, d)
         return img
+
+    def fill_for(self, channels: int) -> tuple[int, ...]:
+        """The colour geometric ops uncover, one value per channel (grey images: as PIL converts it)."""
+        if isinstance(self.fill, int):
+            return (self.fill,) * channels
+        if channels == 1:
+            grey = self._fill_for(Image.new("L", (1, 1)))
+            return (grey,) if isinstance(grey, int) else tuple(grey[:1])
+        return tuple(self.fill[:channels])
 
     def __repr__(self) -> str:
         return (

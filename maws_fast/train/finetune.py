@@ -10,7 +10,7 @@ import torch
 from maws_fast.config import Config
 from maws_fast.data.batching import FinetuneAugment, TrainAugment
 from maws_fast.data.demo import DemoData
-from maws_fast.data.loader import DALI_HAS_NO_FINETUNE_AUGMENT, check_batch, eval_format, jpeg_loader
+from maws_fast.data.loader import check_batch, eval_format, jpeg_loader
 from maws_fast.data.randaug import parse_rand_policy
 from maws_fast.data.reference import BatchLoader
 from maws_fast.data.sources import open_source
@@ -158,8 +158,6 @@ def check_finetune_config(cfg: Config, data: DemoData | None) -> None:
             parse_rand_policy(f.rand_aug)
         except ConfigError as e:
             raise ConfigError(f"config: finetune.rand_aug: {e}") from None
-    if data is None and cfg.data.loader == "dali" and (f.rand_aug != "none" or f.reprob > 0):
-        raise ConfigError(DALI_HAS_NO_FINETUNE_AUGMENT)  # jpeg_loader's refusal, before any stage trains
     if data is not None and finetune_model_config(cfg).img_size != 28:
         raise ConfigError("config: finetune.img_size: the Fashion-MNIST demo data are 28x28; leave it 0 "
                           "(fine-tuning at another resolution needs JPEG data, data.dataset=jpeg)")

@@ -1,6 +1,7 @@
 """The fine-tune's RandAugment + RandomErasing inside the loaders: after the crop and flip (PIL loader:
 on each decoded image; reference loader: on the uint8 crops), erasing on the normalised batch, each
-sample a pure function of its seed (exact resume), off unless asked for, refused by DALI."""
+sample a pure function of its seed (exact resume), off unless asked for; the DALI pipeline's own are
+tested in test_dali_randaug.py."""
 import itertools
 import random
 
@@ -80,14 +81,20 @@ def test_erasing_alone_draws_its_boxes_from_the_sample_seed():
     assert torch.equal(x, torch.zeros(4, 3, 16, 16))  # not in place
 
 
-def test_off_by_default_bad_policy_and_dali_refusal(tmp_path, real_images):
+def test_off_by_default_bad_policy_and_both_jpeg_loaders_take_them(tmp_path, real_images):
     assert not TrainAugment(32).has_extras
     with pytest.raises(ConfigError, match="rand"):
         TrainAugment(32, rand_aug="rand-q9")
     from maws_fast.config import load_config
     from maws_fast.data.loader import jpeg_loader
 
-    cfg = load_config(None, ["--data.dataset=jpeg", "--data.loader=dali", f"--data.train={tmp_path}",
-                             "--model.in_chans=3", "--data.mean=[0.5,0.5,0.5]", "--data.std=[0.5,0.5,0.5]"])
-    with pytest.raises(ConfigError, match="DALI pipeline does not have them yet"):
-        jpeg_loader(cfg, _source(tmp_path, real_images), 3, (0.3, 1.0), 0.5, "label", torch.device("cpu"), **FT)
+    src = _source(tmp_path, real_images)
+    for kind in ("pil", "dali"):
+        if kind == "dali":
+            pytest.importorskip("nvidia.dali")
+        cfg = load_config(None, ["--data.dataset=jpeg", f"--data.loader={kind}", f"--data.train={tmp_path}",
+                                 "--model.in_chans=3", "--data.mean=[0.5,0.5,0.5]", "--data.std=[0.5,0.5,0.5]"])
+        ld = jpeg_loader(cfg, src, 3, (0.3, 1.0), 0.5, "label", torch.device("cpu"), **FT)
+        assert ld.extras.randaug is not None and ld.extras.erase.probability == 0.25, kind
+        assert FinetuneAugment.for_transform(ld.transform, [0.5] * 3) is not None
+        ld.close()

@@ -119,19 +119,24 @@ def test_whole_recipe_on_jpeg_data_with_folder_evaluation(tmp_path, shards):
         assert "1shot_top1_mean" in r
 
 
-def test_finetune_on_labelled_jpeg_folders_with_the_pil_loader(tmp_path, shards):
+def test_finetune_on_labelled_jpeg_folders_with_both_loaders(tmp_path, shards):
     """dataset=jpeg: MAE from shards, then the fine-tune on data.eval_train (PIL loader, RandAugment and
-    erasing on) and its top-1 / top-5 on data.eval_val through the eval transform; DALI refuses the
-    augmentation before any training."""
+    erasing on) and its top-1 / top-5 on data.eval_val through the eval transform; then the same
+    fine-tune from that MAE checkpoint with the DALI loader (its RandAugment and erasing on)."""
     args = ["--data.dataset=jpeg", f"--data.eval_train={shards / 'eval_train'}", f"--data.eval_val={shards / 'eval_val'}",
             "--run.stages=[mae,finetune]", "--finetune.init=mae", "--finetune.batch_size=24", "--finetune.epochs=0.4",
             "--finetune.warmup_epochs=0.2", "--eval.batch_size=50", "--mae.epochs=0.4", "--mae.warmup_epochs=0.2"]
-    with pytest.raises(ConfigError, match="DALI pipeline does not have them yet"):
-        run_recipe(cfg_for(tmp_path / "dali", shards, "dali", *args), echo=lambda s: None)
-    assert not (tmp_path / "dali" / "mae").exists()
     logs = []
     summary = run_recipe(cfg_for(tmp_path / "run", shards, "pil", *args), echo=logs.append)
     assert "finetune" in summary["stages"]
     row = json.loads((tmp_path / "run" / "finetune" / "eval.json").read_text())
     assert row["num_test"] == 120 and 0 <= row["top1"] <= row["top5"] <= 1 and row["step"] == 2
     assert any("MAE only (no WSP) -> FT: top-1" in line for line in logs)
+    pytest.importorskip("nvidia.dali")
+    dali_args = [a for a in args if not a.startswith(("--run.stages", "--finetune.init"))]
+    dali = cfg_for(tmp_path / "dali", shards, "dali", *dali_args, "--run.stages=[finetune]",
+                   f"--finetune.init={tmp_path / 'run' / 'mae' / 'final'}")
+    assert dali.finetune.rand_aug != "none" and dali.finetune.reprob > 0
+    run_recipe(dali, echo=lambda s: None)
+    row = json.loads((tmp_path / "dali" / "finetune" / "eval.json").read_text())
+    assert row["num_test"] == 120 and 0 <= row["top1"] <= row["top5"] <= 1 and row["step"] == 2
