@@ -44,11 +44,11 @@ def _kernels_table(rows: list[dict]) -> list[str]:
 
 
 def _data_table(rows: list[dict]) -> list[str]:
-    out = ["| provider | decode | images/s | vs PIL | size | batch | threads | images | device | commit | date |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| provider | decode | transform | images/s | vs PIL | size | batch | threads | images | device | commit | date |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"x{r['vs_pil']:.2f}" if r.get("vs_pil") else "-"
-        out.append(f"| {r['provider']} | {r['decode']} | {r['images_per_s']:.0f} | {ratio} | {r['size']} | "
+        out.append(f"| {r['provider']} | {r['decode']} | {r.get('transform', 'mae')} | {r['images_per_s']:.0f} | {ratio} | {r['size']} | "
                    f"{r['batch_size']} | {r['threads']} | {r['images']} | {r['device']} | {r['commit']} | {r['date']} |")
     return out
 

@@ -66,6 +66,8 @@ case "$what" in bench | all)
     # else the nvJPEG row (torchvision decode_jpeg on the GPU) stands in; PIL is the baseline.
     step bench_data bench_main data --device cuda --providers dali,dali_uint8,pil,nvjpeg --images 4096 \
         --batch-size 256 --threads 16 --out "$OUT/data.json"
+    step bench_data_ft bench_main data --device cuda --providers dali,pil --transform finetune --images 4096 \
+        --batch-size 256 --threads 16 --out "$OUT/data.json"
     # Engines on one H100 (world 1, NCCL): ours ZeRO-1/2/3 vs FSDP2 vs DDP step time and peak memory at the
     # largest MAE that fits (H/14 in bf16; 2B/14 tried after it, its failure is logged, not fatal).
     step bench_dist_h14 bench_main dist --world 1 --preset vit_h14 --task mae --batch-size 64 --steps 10 \

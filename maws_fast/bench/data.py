@@ -2,9 +2,10 @@
 
 Both loaders read the same webdataset shards of real photographs (scikit-learn's china.jpg and
 flower.jpg and scikit-image's JPEG photos, re-encoded at ImageNet-like sizes with varied crops)
-and apply the same MAE transform (RandomResizedCrop(224, scale (0.2, 1)) + flip + normalise)
-with the same number of CPU threads (DALI threads = DataLoader workers). On a GPU the DALI row
-uses mixed (nvJPEG / hardware) decode; where DALI is not installed there, a torchvision
+and apply the same transform with the same number of CPU threads (DALI threads = DataLoader workers). On a GPU the DALI row
+uses mixed (nvJPEG / hardware) decode; ``--transform mae`` is RandomResizedCrop(224, scale (0.2, 1)) + flip +
+normalise, ``--transform finetune`` the official fine-tune's (scale (0.08, 1), then RandAugment
+``rand-m9-mstd0.5-inc1`` and random erasing 0.25: DALI operators against PIL's); where DALI is not installed there, a torchvision
 ``decode_jpeg(device="cuda")`` row measures nvJPEG instead. Rows go to benchmarks/results/data.json.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="DALI threads = DataLoader workers")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per provider (after one warm-up batch)")
     p.add_argument("--providers", default="dali,dali_uint8,pil", help="dali, dali_uint8, pil, nvjpeg")
+    p.add_argument("--transform", default="mae", choices=("mae", "finetune"),
+                   help="mae: crop + flip; finetune: + RandAugment rand-m9-mstd0.5-inc1 + random erasing 0.25")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shards", default=None, help="existing shard dir to read instead of the generated photos")
     p.add_argument("--out", default="benchmarks/results/data.json", help="JSON file to append to ('' = none)")
@@ -67,8 +70,12 @@ def photo_shards(root: Path, n: int, seed: int = 0) -> Path:
 def _loader(kind: str, source, args, device: torch.device):
     from maws_fast.data.batching import TrainAugment
 
+    if args.transform == "finetune":
+        aug = TrainAugment(args.size, (0.08, 1.0), rand_aug="rand-m9-mstd0.5-inc1", reprob=0.25)
+    else:
+        aug = TrainAugment(args.size, (0.2, 1.0))
     kw = dict(batch_size=args.batch_size, seed=0, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-              transform=TrainAugment(args.size, (0.2, 1.0)), targets="none", shuffle=True, log=lambda s: None)
+              transform=aug, targets="none", shuffle=True, log=lambda s: None)
     if kind == "pil":
         from maws_fast.data.pil_loader import PilLoader
 
@@ -153,12 +160,13 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
             decode = {"pil": "cpu (PIL)", "nvjpeg": "gpu (torchvision nvJPEG)"}.get(
                 p, "mixed (nvJPEG)" if device.type == "cuda" else "cpu (DALI)")
             rows.append({**env, "provider": p, "decode": decode, "images": n, "seconds": round(secs, 4),
-                         "images_per_s": round(n / secs, 1), "size": args.size, "batch_size": args.batch_size,
+                         "images_per_s": round(n / secs, 1), "transform": args.transform, "size": args.size,
+                         "batch_size": args.batch_size,
                          "threads": args.threads, "source_images": len(source)})
     base = next((r["images_per_s"] for r in rows if r["provider"] == "pil"), None)
     for r in rows:
         r["vs_pil"] = round(r["images_per_s"] / base, 2) if base else None
-        print(f"{r['provider']:<11} {r['decode']:<26} {r['images_per_s']:>9.1f} img/s  "
+        print(f"{r['provider']:<11} {r['decode']:<26} {r['transform']:<9} {r['images_per_s']:>9.1f} img/s  "
               f"x{r['vs_pil'] if base else float('nan'):.2f} vs PIL  ({r['images']} images, {r['threads']} threads)")
     if args.out and rows:
         append_results(args.out, rows)

@@ -117,7 +117,8 @@ def apply_rand_augment(x, codes, params, num_ops: int, fill: tuple[int, ...], si
     def dev(node):
         return node.gpu() if gpu else node
 
-    fill_c = dev(types.Constant(np.asarray(fill, dtype=np.float32)))
+    fill_u8 = dev(types.Constant(np.asarray(fill, dtype=np.uint8)))
+    one_u8, u255 = types.Constant(1, dtype=types.UINT8), types.Constant(255, dtype=types.UINT8)
     interior = np.zeros((size, size, 1), dtype=np.float32)  # PIL's 3x3 filters copy the border pixels
     interior[1:-1, 1:-1] = 1
     interior_c = dev(types.Constant(interior))
@@ -128,15 +129,13 @@ def apply_rand_augment(x, codes, params, num_ops: int, fill: tuple[int, ...], si
         return fn.cast(dmath.floor(dmath.clamp(v, 0.0, 255.0)), dtype=types.UINT8)
 
     def luma(v):
-        """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 2**15) >> 16, as float (H, W, 1)."""
+        """PIL's RGB -> L: (19595 R + 38470 G + 7471 B + 2**15) >> 16, int32 (H, W, 1)."""
         if channels == 1:
-            return fn.cast(v, dtype=types.FLOAT)
-        i = fn.cast(v, dtype=types.INT32)
-        y = dmath.floor((i[:, :, 0:1] * 19595 + i[:, :, 1:2] * 38470 + i[:, :, 2:3] * 7471 + 32768) / 65536.0)
-        return fn.cast(y, dtype=types.FLOAT)
+            return v
+        return (v[:, :, 0:1] * 19595 + v[:, :, 1:2] * 38470 + v[:, :, 2:3] * 7471 + 32768) // 65536
 
     def blend(degenerate, v, factor):
-        return u8(degenerate + factor * (fn.cast(v, dtype=types.FLOAT) - degenerate))
+        return u8(degenerate + factor * (v - degenerate))  # float degenerate: the uint8 image promotes
 
     for k in range(num_ops):
         code, p = codes[k], params[k]
@@ -147,8 +146,8 @@ def apply_rand_augment(x, codes, params, num_ops: int, fill: tuple[int, ...], si
             # and a nearest-neighbour warp of ones (fill 0) that is 1 exactly where the point is inside.
             m = fn.reshape(p, shape=[2, 3])
             inside = fn.warp_affine(ones, matrix=m, fill_value=0.0, interp_type=types.INTERP_NN)
-            warped = fn.warp_affine(fn.cast(x, dtype=types.FLOAT), matrix=m, interp_type=types.INTERP_LINEAR)
-            x = fn.cast(fill_c + fn.cast(inside, dtype=types.FLOAT) * (warped - fill_c), dtype=types.UINT8)
+            warped = fn.warp_affine(x, matrix=m, interp_type=types.INTERP_LINEAR)  # uint8, rounded
+            x = warped * inside + fill_u8 * (one_u8 - inside)  # one uint8 expression: no term exceeds 255
         elif code == AUTOCONTRAST:
             # PIL's lookup table, int(i * scale + offset), evaluated in float64 as PIL does.
             xd = fn.cast(x, dtype=types.FLOAT64)
@@ -163,17 +162,15 @@ def apply_rand_augment(x, codes, params, num_ops: int, fill: tuple[int, ...], si
             # below(v) the pixels darker than v and rest = N - (pixels at the top level), i.e. PIL's
             # exclusive CDF over rest / 255. PIL divides by the truncated step floor(rest / 255)
             # instead, and leaves a channel alone when that step is 0: rescaled and masked here.
-            i = fn.cast(x, dtype=types.INT32)
-            below = 255.0 - fn.cast(fn.equalize(fn.cast(255 - i, dtype=types.UINT8)), dtype=types.FLOAT64)
+            below = 255.0 - fn.equalize(u255 - x)  # uint8 - uint8 stays uint8; the float constant promotes
             top = fn.reductions.sum(fn.cast(x == fn.reductions.max(x, axes=[0, 1]), dtype=types.INT32), axes=[0, 1])
-            rest = float(size * size) - fn.cast(top, dtype=types.FLOAT64)
+            rest = float(size * size) - top
             step = dmath.floor(rest / 255.0)
-            on = fn.cast(step > 0.0, dtype=types.FLOAT64)
+            on = step > 0.0
             lut = dmath.floor(below * rest / (255.0 * dmath.max(step, 1.0)) + 0.5)
-            xd = fn.cast(x, dtype=types.FLOAT64)
-            x = fn.cast(dmath.clamp(xd + on * (lut - xd), 0.0, 255.0), dtype=types.UINT8)
+            x = fn.cast(dmath.clamp(x + on * (lut - x), 0.0, 255.0), dtype=types.UINT8)
         elif code == INVERT:
-            x = fn.cast(255 - fn.cast(x, dtype=types.INT32), dtype=types.UINT8)
+            x = u255 - x
         elif code == POSTERIZE:
             x = x & fn.cast(arg, dtype=types.UINT8)
         elif code == SOLARIZE:
@@ -188,10 +185,10 @@ def apply_rand_augment(x, codes, params, num_ops: int, fill: tuple[int, ...], si
         elif code == COLOR:
             x = blend(luma(x), x, arg) if channels == 3 else x  # a grey image has no colour to change
         elif code == CONTRAST:
-            mean = dmath.floor(fn.reductions.mean(luma(x)) + 0.5)
+            mean = dmath.floor(fn.reductions.mean(luma(x), dtype=types.FLOAT) + 0.5)
             x = blend(mean, x, arg)
         elif code == BRIGHTNESS:
-            x = u8(arg * fn.cast(x, dtype=types.FLOAT))
+            x = u8(arg * x)
         elif code == SHARPNESS:
             xf = fn.cast(x, dtype=types.FLOAT)
             smooth = fn.filter(xf, _SMOOTH, border="clamp")

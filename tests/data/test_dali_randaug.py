@@ -66,6 +66,7 @@ def _run(pixels, codes, params, channels=3, fill=(124, 116, 104)):  # the ImageN
     p = pipe()
     p.build()
     (out,) = p.run()
+    assert out.dtype == dali.types.UINT8  # every branch merges uint8 (the next op, or the normalise, takes it)
     return [np.array(out[i]).astype(np.int16) for i in range(len(pixels))]
 
 
