@@ -134,9 +134,13 @@ def test_finetune_on_labelled_jpeg_folders_with_both_loaders(tmp_path, shards):
     assert any("MAE only (no WSP) -> FT: top-1" in line for line in logs)
     pytest.importorskip("nvidia.dali")
     dali_args = [a for a in args if not a.startswith(("--run.stages", "--finetune.init"))]
+    # at 44 px from the 28-px MAE: the 7x7 pos-embed grid is resampled to 11x11, and the DALI
+    # pipeline crops, augments and evaluates at 44
     dali = cfg_for(tmp_path / "dali", shards, "dali", *dali_args, "--run.stages=[finetune]",
-                   f"--finetune.init={tmp_path / 'run' / 'mae' / 'final'}")
+                   f"--finetune.init={tmp_path / 'run' / 'mae' / 'final'}", "--finetune.img_size=44")
     assert dali.finetune.rand_aug != "none" and dali.finetune.reprob > 0
-    run_recipe(dali, echo=lambda s: None)
+    logs = []
+    run_recipe(dali, echo=logs.append)
+    assert any("resampled bicubically: pos_embed" in line for line in logs), logs
     row = json.loads((tmp_path / "dali" / "finetune" / "eval.json").read_text())
     assert row["num_test"] == 120 and 0 <= row["top1"] <= row["top5"] <= 1 and row["step"] == 2
