@@ -18,9 +18,8 @@ import torch
 from maws_fast.data.batching import FinetuneAugment, TrainAugment
 from maws_fast.data.pil_loader import PilLoader
 from maws_fast.data.randaug import OPS, RAND_INCREASING_OPS, RAND_OPS, OpDraw, RandAugment
-from maws_fast.data.shards import ShardWriter
-from maws_fast.data.sources import open_source
 from maws_fast.seeds import Stream, mix_seed
+from tests.data.test_finetune_augment import _source  # labelled shards of the photos
 
 dali = pytest.importorskip("nvidia.dali")
 from maws_fast.data import dali_randaug as dr  # noqa: E402
@@ -169,14 +168,6 @@ def test_plan_and_apply_is_the_pil_call():
         for d in ra.plan(random.Random(s), np.random.RandomState(s)):
             b = ra.apply_draw(b, d)
         assert np.array_equal(np.asarray(a), np.asarray(b))
-
-
-def _source(tmp_path, real_images):
-    w = ShardWriter(tmp_path / "s", 3)
-    for i, (key, data) in enumerate(sorted(real_images.items())):
-        w.write(f"{i:06d}", data, {"label": i % 2, "src": key})
-    w.finish()
-    return open_source("webdataset", tmp_path / "s")
 
 
 def _loader(kind, src, **kw):
