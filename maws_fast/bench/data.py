@@ -2,10 +2,11 @@
 
 Both loaders read the same webdataset shards of real photographs (scikit-learn's china.jpg and
 flower.jpg and scikit-image's JPEG photos, re-encoded at ImageNet-like sizes with varied crops)
-and apply the same transform with the same number of CPU threads (DALI threads = DataLoader workers). On a GPU the DALI row
-uses mixed (nvJPEG / hardware) decode; ``--transform mae`` is RandomResizedCrop(224, scale (0.2, 1)) + flip +
-normalise, ``--transform finetune`` the official fine-tune's (scale (0.08, 1), then RandAugment
-``rand-m9-mstd0.5-inc1`` and random erasing 0.25: DALI operators against PIL's); where DALI is not installed there, a torchvision
+and apply the same transform with the same number of CPU threads (DALI threads = DataLoader
+workers): ``--transform mae`` is RandomResizedCrop(224, scale (0.2, 1)) + flip + normalise,
+``--transform finetune`` the official fine-tune's (scale (0.08, 1), then RandAugment
+``rand-m9-mstd0.5-inc1`` and random erasing 0.25: DALI operators against PIL's). On a GPU the DALI
+row uses mixed (nvJPEG / hardware) decode; where DALI is not installed there, a torchvision
 ``decode_jpeg(device="cuda")`` row measures nvJPEG instead. Rows go to benchmarks/results/data.json.
 """
 from __future__ import annotations

@@ -26,9 +26,9 @@ Known differences from the PIL path (measured in tests/data/test_dali_randaug.py
 sample bilinearly where the recipe's PIL ops sample bicubically (DALI's warp_affine has nearest
 and linear filters only; against PIL's own bilinear the warp agrees to one grey level, bar the
 odd pixel on the edge of the uncovered area, where float32 and float64 decide inside/outside
-differently); Equalize is DALI's (OpenCV's rule: the inclusive histogram CDF stretched from its
-first occupied level), not PIL's (the exclusive CDF over a step that leaves out the top level),
-which DALI operators cannot reproduce without a histogram. Every other op is PIL's to the grey level.
+differently); Equalize rebuilds PIL's lookup table from DALI's (OpenCV's) through its rounded
+output, so it can be one grey level off (exact on small images). Every other op is PIL's to the
+grey level.
 
 This module imports DALI only inside :func:`apply_rand_augment` (called while a pipeline is defined).
 """
@@ -39,7 +39,7 @@ import random
 
 import numpy as np
 
-from maws_fast.data.randaug import RandAugment, affine_coeffs
+from maws_fast.data.randaug import OpDraw, RandAugment, affine_coeffs
 from maws_fast.seeds import Stream, mix_seed
 
 # Op codes fed to the pipeline (0: the slot's op was skipped).
@@ -66,6 +66,20 @@ def _posterize_mask(bits: int) -> int:
     return ~(2 ** (8 - bits) - 1) & 0xFF
 
 
+def encode_draw(d: OpDraw, size: int) -> tuple[int, np.ndarray]:
+    """One drawn op as the pipeline takes it: its code and a float32 ``(6,)`` row, an affine op's
+    PIL matrix, the others' argument first (Posterize: the AND mask; Solarize: the threshold;
+    SolarizeAdd: the addend; the enhance ops: the factor)."""
+    code, row = _CODES[d.name], np.zeros(6, dtype=np.float32)
+    if code == AFFINE:
+        row[:] = affine_coeffs(d, size, size)
+    elif code == POSTERIZE:
+        row[0] = _posterize_mask(int(d.arg))
+    elif d.arg is not None:
+        row[0] = d.arg
+    return code, row
+
+
 def plan_batch(randaug: RandAugment, n: int, size: int, seed: int, epoch: int, batch: int,
                rank: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The op codes and parameters of one batch, from the seeds the PIL path uses.
@@ -74,9 +88,8 @@ def plan_batch(randaug: RandAugment, n: int, size: int, seed: int, epoch: int, b
     :meth:`~maws_fast.data.batching.FinetuneAugment.images` does.
 
     Returns:
-        ``(codes, params)``: per sample an int32 ``(num_ops,)`` and a float32 ``(num_ops, 6)``;
-        an affine op's row is its PIL matrix, the others' first entry their argument (Posterize:
-        the AND mask; Solarize: the threshold; SolarizeAdd: the addend; the enhance ops: the factor).
+        ``(codes, params)``: per sample an int32 ``(num_ops,)`` and a float32 ``(num_ops, 6)``, one
+        :func:`encode_draw` per op applied; the slots after them are skipped (code 0).
     """
     k = randaug.num_ops
     codes, params = [], []
@@ -84,13 +97,7 @@ def plan_batch(randaug: RandAugment, n: int, size: int, seed: int, epoch: int, b
         s = mix_seed(Stream.RANDAUG, seed, epoch, batch, rank, i)
         c, p = np.zeros(k, dtype=np.int32), np.zeros((k, 6), dtype=np.float32)
         for j, d in enumerate(randaug.plan(random.Random(s), np.random.RandomState(s % 2**32))):
-            c[j] = _CODES[d.name]
-            if c[j] == AFFINE:
-                p[j] = affine_coeffs(d, size, size)
-            elif c[j] == POSTERIZE:
-                p[j, 0] = _posterize_mask(int(d.arg))
-            elif d.arg is not None:
-                p[j, 0] = d.arg
+            c[j], p[j] = encode_draw(d, size)
         codes.append(c)
         params.append(p)
     return codes, params

@@ -73,13 +73,7 @@ def _encode(draws: list[OpDraw]):
     """One op row per draw, as plan_batch writes it."""
     c, p = np.zeros(len(draws), np.int32), np.zeros((len(draws), 6), np.float32)
     for j, d in enumerate(draws):
-        c[j] = dr._CODES[d.name]
-        if c[j] == dr.AFFINE:
-            p[j] = dr.affine_coeffs(d, S, S)
-        elif c[j] == dr.POSTERIZE:
-            p[j, 0] = dr._posterize_mask(int(d.arg))
-        elif d.arg is not None:
-            p[j, 0] = d.arg
+        c[j], p[j] = dr.encode_draw(d, S)
     return c, p
 
 
