@@ -9,14 +9,16 @@ pytest.importorskip("nvidia.dali")
 pytest.importorskip("sklearn")
 
 
-def test_bench_data_rows(tmp_path, capsys):
+@pytest.mark.parametrize("transform", ["mae", "finetune"])
+def test_bench_data_rows(tmp_path, capsys, transform):
     out = tmp_path / "data.json"
     assert bench_main(["data", "--images", "24", "--batch-size", "8", "--threads", "1", "--epochs", "1",
-                       "--size", "32", "--device", "cpu", "--out", str(out)]) == 0
+                       "--size", "32", "--device", "cpu", "--transform", transform, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["provider"] for r in rows] == ["dali", "dali_uint8", "pil"]
     for r in rows:
         assert r["images"] == 16 and r["images_per_s"] > 0 and r["commit"] and r["device"].startswith("cpu")
+        assert r["transform"] == transform
     assert rows[2]["vs_pil"] == 1.0
     assert "vs PIL" in capsys.readouterr().out
 
