@@ -79,6 +79,34 @@ class Throughput:
         return out
 
 
+# Dense peak TFLOP/s per GPU from the vendors' data sheets (no structured sparsity), by the math the
+# step's matmuls run in: bf16 tensor cores, TF32 tensor cores, or plain fp32.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 67.0},
+    "H100 SXM": {"bf16": 989.4, "tf32": 494.7, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+
+
+def peak_tflops(device: torch.device, precision: str, tf32: bool) -> tuple[str, float] | None:
+    """``(what, TFLOP/s)`` one device of this kind peaks at for the run's matmul precision, or None
+    (a CPU, or a GPU not in :data:`PEAK_TFLOPS`: its rows carry no MFU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H200" in name:
+        gpu = "H200"
+    elif "H100" in name:
+        gpu = "H100 PCIe" if "PCIe" in name else "H100 SXM"
+    elif "A100" in name:
+        gpu = "A100"
+    else:
+        return None
+    math_mode = "bf16" if precision == "bf16" else "tf32" if tf32 else "fp32"
+    return f"{gpu} {math_mode}", PEAK_TFLOPS[gpu][math_mode]
+
+
 def diverged(stage: str, what: str, ckpt_dir: Path) -> UserError:
     section = stage.split("_")[0]  # wsp_scratch -> wsp
     return UserError(f"[{stage}] {what}; lower the learning rate (--{section}.blr) or enable --{section}.clip_grad. "
@@ -104,6 +132,12 @@ class StepLog:
                         dynamic_ncols=True, mininterval=1.0)  # redrawn at most once a second: piped logs stay short
         self.running = torch.zeros((), device=device)  # loss summed on device: no host sync per step
         self.n = 0
+        self.device = device
+        self.peak = peak_tflops(device, run.precision, run.tf32)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the rows' peak memory is this stage's
+        if self.peak is not None and main:
+            echo(f"[{stage}] MFU against {self.peak[1]:g} TFLOP/s per GPU ({self.peak[0]}, dense) x {mesh.dims.world}")
 
     def after_step(self, step: int, loss: torch.Tensor, images: int, lr: float, sync: bool = False) -> None:
         """Count global step ``step`` (its mean loss, images over all DP ranks); log at log steps.
@@ -128,6 +162,10 @@ class StepLog:
             raise diverged(self.stage, f"loss is {mean_loss} at step {step}", self.ckpt_dir)
         row = {"stage": self.stage, "step": step, "epoch": round(step / self.spe, 4), "loss": mean_loss, "lr": lr,
                **self.meter.read_and_reset()}
+        # MFU: the achieved model FLOP/s of all ranks over their summed peak (None on a CPU). Peak memory:
+        # this rank's most allocated since the stage began (None on a CPU: no allocator statistics).
+        row["mfu"] = round(row["tflops"] / (self.peak[1] * self.mesh.dims.world), 5) if self.peak else None
+        row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         if self.loader.bad is not None:  # corrupt images replaced so far (each was logged by name)
             row["bad_samples"] = len(self.loader.bad.found)
         if self.metrics is not None:

@@ -140,6 +140,23 @@ def test_metrics_rows_have_throughput(tmp_path, data):
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
     assert all(r["images_per_s"] > 0 and r["tflops"] > 0 and r["loss"] > 0 for r in rows)
     assert rows[0]["lr"] < rows[2]["lr"]  # warming up over the first 4 steps
+    # a CPU has no peak in the table and no allocator statistics: the columns are there, empty
+    assert all(r["mfu"] is None and r["peak_mem_bytes"] is None for r in rows)
+
+
+@pytest.mark.parametrize("name, precision, tf32, want", [
+    ("NVIDIA H100 80GB HBM3", "bf16", True, ("H100 SXM bf16", 989.4)),
+    ("NVIDIA H100 PCIe", "fp32", True, ("H100 PCIe tf32", 378.0)),
+    ("NVIDIA H200", "fp32", False, ("H200 fp32", 67.0)),
+    ("NVIDIA A100-SXM4-80GB", "bf16", False, ("A100 bf16", 312.0)),
+    ("NVIDIA GeForce RTX 4090", "bf16", True, None),
+])
+def test_mfu_peak_by_device_and_matmul_precision(monkeypatch, name, precision, tf32, want):
+    from maws_fast.train.metrics import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_tflops(torch.device("cuda", 0), precision, tf32) == want
+    assert peak_tflops(torch.device("cpu"), precision, tf32) is None
 
 
 def test_custom_stage_runs_through_the_loop(tmp_path):
@@ -282,3 +299,16 @@ def test_resumes_a_checkpoint_in_the_single_process_format_of_earlier_versions(t
     assert set(wa) == set(wb)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.gpu
+def test_metrics_rows_on_a_gpu_carry_mfu_and_peak_memory(tmp_path, data):
+    dev = torch.device("cuda")
+    cfg = small_cfg(tmp_path, "--run.device=cuda")
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "mae" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["peak_mem_bytes"] > 0 for r in rows)
+    from maws_fast.train.metrics import peak_tflops
+
+    if peak_tflops(dev, "bf16", True) is not None:  # a GPU of the table (the lent H100 / H200)
+        assert all(0 < r["mfu"] < 1 for r in rows)
