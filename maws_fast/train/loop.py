@@ -115,8 +115,9 @@ def _micro_batches(imgs: torch.Tensor, targets, accum: int):
 
 
 def train_step(engine: Engine, imgs: torch.Tensor, targets: Any, step: int, lr: float, clip_grad: float | None,
-               accum: int, autocast) -> torch.Tensor:
-    """One optimizer step on this rank's share of global batch ``step``; its mean loss (a device tensor)."""
+               accum: int, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step on this rank's share of global batch ``step``: its mean loss and, when the
+    engine clips, the global gradient norm before clipping (device tensors; None without clipping)."""
     engine.zero_grad()
     total = torch.zeros((), device=imgs.device)
     for m, (x, t) in enumerate(_micro_batches(imgs, targets, accum)):
@@ -125,8 +126,8 @@ def train_step(engine: Engine, imgs: torch.Tensor, targets: Any, step: int, lr: 
                 loss = engine.model(x, t, step, m, accum)
             engine.backward(loss / accum if accum > 1 else loss)
         total += loss.detach()
-    engine.step(lr, clip_grad)
-    return total / accum
+    norm = engine.step(lr, clip_grad)
+    return total / accum, norm
 
 
 def _batches(loader: Loader, step: int) -> Iterator[tuple[torch.Tensor, Any]]:
@@ -204,11 +205,11 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
         while step < total:
             imgs, targets = next(batches)
             lr = lr_at(step / spe, o.abs_lr, o.min_lr, o.warmup_epochs, o.epochs)
-            loss = train_step(engine, _to_device(imgs, device), _to_device(targets, device), step, lr,
-                              o.clip_grad, parallel.grad_accum, autocast)
+            loss, norm = train_step(engine, _to_device(imgs, device), _to_device(targets, device), step, lr,
+                                    o.clip_grad, parallel.grad_accum, autocast)
             step += 1
             at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step)
-            log.after_step(step, loss, imgs.shape[0] * mesh.dims.dp, lr, sync=at_ckpt)
+            log.after_step(step, loss, imgs.shape[0] * mesh.dims.dp, lr, sync=at_ckpt, grad_norm=norm)
             if at_ckpt:
                 ckpt.save(step)
             if step == stop_at_step and step < total:

@@ -139,10 +139,13 @@ class StepLog:
         if self.peak is not None and main:
             echo(f"[{stage}] MFU against {self.peak[1]:g} TFLOP/s per GPU ({self.peak[0]}, dense) x {mesh.dims.world}")
 
-    def after_step(self, step: int, loss: torch.Tensor, images: int, lr: float, sync: bool = False) -> None:
+    def after_step(self, step: int, loss: torch.Tensor, images: int, lr: float, sync: bool = False,
+                   grad_norm: torch.Tensor | None = None) -> None:
         """Count global step ``step`` (its mean loss, images over all DP ranks); log at log steps.
 
         ``sync``: also reduce the loss now and raise if it is not finite (before a checkpoint).
+        ``grad_norm``: the step's global gradient norm where the engine computed it (clipping on);
+        a log row carries its own step's, read with the loss (no extra host sync).
         """
         self.running += loss
         self.n += 1
@@ -152,11 +155,11 @@ class StepLog:
         if at_log or sync:
             all_reduce_mean(self.running, self.mesh)  # the mean over data-parallel ranks; NaN on any rank reaches all
         if at_log:
-            self._log(step, lr)
+            self._log(step, lr, grad_norm)
         if sync and self.n and not torch.isfinite(self.running).item():  # the CPU waits here, at checkpoints only
             raise diverged(self.stage, f"loss became non-finite by step {step}", self.ckpt_dir)
 
-    def _log(self, step: int, lr: float) -> None:
+    def _log(self, step: int, lr: float, grad_norm: torch.Tensor | None = None) -> None:
         mean_loss = (self.running / self.n).item()  # the CPU waits for the GPU here, at log steps only
         if not math.isfinite(mean_loss):
             raise diverged(self.stage, f"loss is {mean_loss} at step {step}", self.ckpt_dir)
@@ -166,6 +169,10 @@ class StepLog:
         # this rank's most allocated since the stage began (None on a CPU: no allocator statistics).
         row["mfu"] = round(row["tflops"] / (self.peak[1] * self.mesh.dims.world), 5) if self.peak else None
         row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        # the global norm before clipping (every engine reduces it over DP and TP); None without clipping
+        if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2's clip returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        row["grad_norm"] = grad_norm.item() if grad_norm is not None else None
         if self.loader.bad is not None:  # corrupt images replaced so far (each was logged by name)
             row["bad_samples"] = len(self.loader.bad.found)
         if self.metrics is not None:

@@ -142,6 +142,29 @@ def test_metrics_rows_have_throughput(tmp_path, data):
     assert rows[0]["lr"] < rows[2]["lr"]  # warming up over the first 4 steps
     # a CPU has no peak in the table and no allocator statistics: the columns are there, empty
     assert all(r["mfu"] is None and r["peak_mem_bytes"] is None for r in rows)
+    assert all(r["grad_norm"] is None for r in rows)  # MAE does not clip: no norm was computed
+
+
+def test_metrics_rows_carry_the_gradient_norm_when_the_stage_clips(tmp_path, data, monkeypatch):
+    from maws_fast.train import loop
+
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)  # wsp.clip_grad=1.0
+    norms = []
+    step_fn = loop.train_step
+
+    def spy(*args, **kw):  # the norm each engine step returns
+        loss, norm = step_fn(*args, **kw)
+        norms.append(norm.item())
+        return loss, norm
+
+    monkeypatch.setattr(loop, "train_step", spy)
+    run_stage(wsp_stage(cfg, data, dev, "wsp", "scratch"), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "wsp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) >= 3 and len(norms) == rows[-1]["step"]  # one norm per step, the last step logged
+    # each row: its own step's norm before clipping
+    assert [r["grad_norm"] for r in rows] == [norms[r["step"] - 1] for r in rows]
+    assert all(r["grad_norm"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("name, precision, tf32, want", [
