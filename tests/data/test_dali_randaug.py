@@ -17,7 +17,7 @@ import torch
 
 from maws_fast.data.batching import FinetuneAugment, TrainAugment
 from maws_fast.data.pil_loader import PilLoader
-from maws_fast.data.randaug import OPS, RAND_INCREASING_OPS, RAND_OPS, OpDraw, RandAugment
+from maws_fast.data.randaug import OPS, OpDraw, RandAugment
 from maws_fast.seeds import Stream, mix_seed
 from tests.data.test_finetune_augment import _source  # labelled shards of the photos
 
