@@ -366,6 +366,7 @@ class ParallelConfig:
 
 
 STAGES = ("mae", "wsp", "finetune", "linprobe")
+CHECKPOINT_MODES = ("none", "full", "selective")  # maws_fast.models.vit.set_block_options implements each
 
 
 @dataclass
@@ -382,6 +383,15 @@ class RunConfig:
         "auto", "compute dtype: fp32 | bf16 (bf16 activations; weights per parallel.param_dtype, fp32 master and "
         "AdamW state) | auto = bf16 on cuda, fp32 on cpu")
     tf32: bool = setting(True, "cuda: TF32 tensor cores for whatever matmuls and convolutions stay fp32")
+    compile: bool = setting(
+        False, "regional torch.compile: each transformer block's body compiled on its own (fullgraph), the engines' "
+        "hooks left eager around it; the first steps pay the compile")
+    activation_checkpoint: str = setting(
+        "none", "per block: none | full (keep only the block's input, recompute its forward in backward) | "
+        "selective (also keep the qkv and fc1 GEMM outputs; recompute norms, attention, GELU, the attention "
+        "projection)")
+    tensorboard: bool = setting(False, "also write every metrics row to TensorBoard under <out_dir>/<stage>/tb "
+                                "(needs the tensorboard package)")
 
     def __post_init__(self):
         _check(len(self.stages) > 0, "run.stages", f"is empty; choose from {STAGES}")
@@ -391,6 +401,8 @@ class RunConfig:
         _check(re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None, "run.device", f"{self.device!r}: use cpu or cuda[:N]")
         _check(self.threads >= 0, "run.threads", "must be >= 0 (0 = torch's default)")
         _check(self.precision in ("auto", "fp32", "bf16"), "run.precision", f"{self.precision!r}: use auto, fp32 or bf16")
+        _check(self.activation_checkpoint in CHECKPOINT_MODES, "run.activation_checkpoint",
+               f"{self.activation_checkpoint!r}: use one of {CHECKPOINT_MODES}")
 
 
 @dataclass

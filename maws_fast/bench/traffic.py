@@ -113,7 +113,8 @@ class Tally:
     bytes_by_op: dict = field(default_factory=lambda: defaultdict(int))
     gemm_flops: float = 0.0
     attn_flops: float = 0.0
-    saved_bytes: int = 0
+    saved_bytes: int = 0  # what saved_tensors_hooks see autograd save (nothing inside a checkpointed region)
+    live_bytes: int = 0  # storages made in forward and still alive when it returns: saved activations in any mode
     launches: int = 0
     # Per counted call: (bytes, flops) -- the roofline prediction takes the max of the two per call.
     calls: list = field(default_factory=list)
@@ -258,6 +259,34 @@ def _saved_activations(tally: Tally) -> Iterator[None]:
         yield
 
 
+class LiveOutputs(TorchDispatchMode):
+    """Holds every storage an op makes while active; :meth:`live_bytes` sums those something else
+    still references (a tensor or view alive, autograd's saved copy, a checkpoint's inputs or its
+    selective policy's cache). Right after a forward that is the activation memory it leaves for
+    backward, whatever keeps it: the saved-tensor hooks see nothing inside a checkpointed region.
+    On fake tensors holding the storages costs nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, torch.UntypedStorage] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors(out):
+            s = t.untyped_storage()
+            self.storages.setdefault(s._cdata, s)
+        return out
+
+    def live_bytes(self) -> int:
+        """Bytes of the held storages referenced from elsewhere; then lets go of them all."""
+        import gc
+
+        gc.collect()
+        total = sum(s.nbytes() for s in self.storages.values() if torch._C._storage_Use_Count(s._cdata) > 1)
+        self.storages.clear()
+        return total
+
+
 @contextlib.contextmanager
 def gpu_path() -> Iterator[None]:
     """Let maws_kernels' ``triton`` backend be chosen for CPU (fake) tensors: the counter records
@@ -285,8 +314,11 @@ def count_step(build: Callable[[], Callable[[int], Callable[[], torch.Tensor]]],
     with FakeTensorMode(allow_non_fake_inputs=True), gpu_path():
         loss_fn = build()(batch)
         target = [tally, "?"]
-        with _recording_launches(target), TrafficCounter(tally, target), _saved_activations(tally):
-            loss_fn().backward()
+        live = LiveOutputs()
+        with _recording_launches(target), live, TrafficCounter(tally, target), _saved_activations(tally):
+            loss = loss_fn()
+            tally.live_bytes = live.live_bytes() - loss.untyped_storage().nbytes()
+            loss.backward()
     return tally
 
 
@@ -298,6 +330,7 @@ class PerImage:
     gemm_flops: float
     attn_flops: float
     saved_bytes: float
+    live_bytes: float
     bytes_by_op: dict
     seconds: Callable[[float, float], float]  # (peak TFLOP/s, TB/s) -> predicted seconds per image
 
@@ -310,5 +343,6 @@ def per_image(build: Callable[[], Callable[[int], Callable[[], torch.Tensor]]], 
     return PerImage(
         bytes=(b.bytes - a.bytes) / batch, gemm_flops=(b.gemm_flops - a.gemm_flops) / batch,
         attn_flops=(b.attn_flops - a.attn_flops) / batch, saved_bytes=(b.saved_bytes - a.saved_bytes) / batch,
+        live_bytes=(b.live_bytes - a.live_bytes) / batch,
         bytes_by_op=ops,
         seconds=lambda tf, bw: (b.roofline_seconds(tf, bw) - a.roofline_seconds(tf, bw)) / batch)

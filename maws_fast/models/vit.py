@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import maws_kernels
+from maws_fast.config import CHECKPOINT_MODES
 from maws_fast.errors import CheckpointError
 from maws_fast.models.attention import attention_packed, check_attn_backend
 from maws_fast.models.pos_embed import resample_pos_embed, sincos_2d
@@ -157,6 +158,9 @@ class DropPath(nn.Module):
 
     ``generator``, when set, is where the per-sample draws come from (the fine-tune objective
     seeds one per step, so a resumed run drops the same branches as an uninterrupted one).
+    :meth:`draw` and :meth:`apply` split the two halves: a block draws its masks before its
+    checkpointed or compiled body, which then holds no random op (a recomputation multiplies by the
+    same masks, and the compiled graph needs no generator).
     """
 
     def __init__(self, p: float = 0.0):
@@ -166,16 +170,51 @@ class DropPath(nn.Module):
         self.p = p
         self.generator: torch.Generator | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def draw(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The (B, 1, ...) keep mask, already divided by the keep rate, in ``x``'s dtype; None when
+        nothing is dropped (``p`` 0 or evaluation)."""
         if self.p == 0.0 or not self.training:
-            return x
+            return None
         keep = 1.0 - self.p
         mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device)
-        mask.bernoulli_(keep, generator=self.generator).div_(keep)
-        return x * mask.to(x.dtype)
+        return mask.bernoulli_(keep, generator=self.generator).div_(keep).to(x.dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return x if mask is None else x * mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x, self.draw(x))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+# The GEMMs a block runs, in order: qkv, the attention projection, fc1, fc2 (mm without a bias,
+# addmm with one; the same four under tensor parallelism). Selective checkpointing keeps the
+# outputs of the two up-projections and recomputes the rest: the norms, attention, GELU and the
+# attention projection (1/36 of a block's step FLOPs). fc2 is not recomputed either: its output is
+# the block's, and backward needs only its input, which the recomputation stops at.
+_GEMM_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+SELECTIVE_SAVED_GEMMS = (0, 2)
+
+
+def _selective_contexts():
+    """torch's selective-checkpoint contexts for one block call: MUST_SAVE for the outputs of the
+    block's 1st and 3rd GEMM (qkv, fc1), PREFER_RECOMPUTE for every other op."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    seen = {False: 0, True: 0}  # GEMMs met so far in the forward / the recomputation
+
+    def policy(ctx, func, *args, **kwargs):
+        if func in _GEMM_OPS:
+            i = seen[ctx.is_recompute]
+            seen[ctx.is_recompute] = i + 1
+            if i in SELECTIVE_SAVED_GEMMS:
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 class Block(nn.Module):
@@ -196,6 +235,8 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)  # no parameters, no keys
+        self.activation_checkpoint = "none"  # see set_block_options
+        self._compiled = None
 
     def fused_add_backend(self, x: torch.Tensor) -> str | None:
         """The add_layer_norm backend this block fuses its residual adds with on ``x``, or None (unfused)."""
@@ -209,25 +250,72 @@ class Block(nn.Module):
 
         Returns the new stream, or with ``defer`` the pair (stream, MLP output) for the next norm to
         add (the MLP output is None when this block did the add itself, unfused).
+
+        The drop-path masks are drawn here, in eager mode; the rest runs as :meth:`_run`, or its
+        compiled twin after :func:`set_block_options` (``compile=True``).
         """
+        m1, m2 = self.drop_path1.draw(x), self.drop_path2.draw(x)
+        return (self._compiled or self._run)(x, branch, m1, m2, defer)
+
+    def _run(self, x, branch, m1, m2, defer: bool):
+        """:meth:`_body`, under activation checkpointing when it is on and a graph is being recorded."""
+        mode = self.activation_checkpoint
+        if mode == "none" or not torch.is_grad_enabled():
+            return self._body(x, branch, m1, m2, defer)
+        from torch.utils.checkpoint import checkpoint
+
+        # No RNG state to keep: the body has no random op (the masks are arguments). Two calls, not
+        # one with a chosen context_fn: dynamo traces a context_fn only when it is passed as it is.
+        if mode == "selective":
+            return checkpoint(self._body, x, branch, m1, m2, defer, use_reentrant=False, preserve_rng_state=False,
+                              context_fn=_selective_contexts)
+        return checkpoint(self._body, x, branch, m1, m2, defer, use_reentrant=False, preserve_rng_state=False)
+
+    def _body(self, x, branch, m1, m2, defer: bool):
         backend = self.fused_add_backend(x)
         if backend is None:
             if branch is not None:
                 x = x + branch
-            x = x + self.drop_path1(self.attn(self.norm1(x)))
-            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+            x = x + DropPath.apply(self.attn(self.norm1(x)), m1)
+            x = x + DropPath.apply(self.mlp(self.norm2(x)), m2)
             return (x, None) if defer else x
         if branch is None:
             h = self.norm1(x)
         else:
             h, x = self.norm1(branch, x, backend=backend)
-        if self.training and self.drop_path1.p > 0:  # the dropped branch includes the projection's bias
-            a, a_bias = self.drop_path1(self.attn(h)), None
+        if m1 is not None:  # the dropped branch includes the projection's bias
+            a, a_bias = self.attn(h) * m1, None
         else:
             a, a_bias = self.attn.forward_without_bias(h)
         h, x = self.norm2(a, x, a_bias, backend)
-        m = self.drop_path2(self.mlp(h))
+        m = DropPath.apply(self.mlp(h), m2)
         return (x, m) if defer else x + m
+
+
+def set_block_options(model: nn.Module, activation_checkpoint: str = "none", compile: bool = False,
+                      fullgraph: bool = True) -> int:
+    """Activation checkpointing and regional compilation for every :class:`Block` of ``model``.
+
+    ``activation_checkpoint``: ``none``; ``full`` (a block keeps only its inputs, backward reruns
+    its forward); ``selective`` (it keeps its qkv and fc1 GEMM outputs too, see
+    ``SELECTIVE_SAVED_GEMMS``). Checkpointing applies only while autograd records.
+
+    ``compile``: each block's body (checkpoint included, the drop-path draws left eager) goes
+    through ``torch.compile`` on its own, as torchtitan compiles per block; the module's own
+    ``__call__`` stays eager, so the hooks that parallel engines put on a block (ZeRO-3 gathers,
+    FSDP2) run around the compiled region, and a recomputation in backward reruns only the body,
+    with the parameters the pre-backward hook gathered. Blocks share one compiled graph per
+    distinct shape. Returns the number of blocks set.
+    """
+    if activation_checkpoint not in CHECKPOINT_MODES:
+        raise ValueError(f"activation checkpoint {activation_checkpoint!r} is not one of {CHECKPOINT_MODES}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.activation_checkpoint = activation_checkpoint
+            m._compiled = torch.compile(m._run, fullgraph=fullgraph) if compile else None
+            n += 1
+    return n
 
 
 def run_blocks(blocks, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
@@ -235,10 +323,14 @@ def run_blocks(blocks, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
     (so parallel engines' hooks see it).
 
     With fused norms every residual add happens inside a LayerNorm kernel: a block returns its
-    stream and its unadded MLP output, the next block's first norm (or ``norm``) adds them.
+    stream and its unadded MLP output, the next block's first norm (or ``norm``) adds them. Under
+    activation checkpointing each block adds its MLP output itself (its inputs are what it keeps).
     """
     first = blocks[0] if len(blocks) else None
-    fuse = isinstance(first, Block) and first.fused_add_backend(x) is not None
+    # A checkpointed block adds its own MLP output: the next block's checkpoint then keeps one
+    # stream tensor as its input, not the stream and the unadded branch (one (N, D) tensor per block).
+    fuse = (isinstance(first, Block) and first.fused_add_backend(x) is not None
+            and not (first.activation_checkpoint != "none" and torch.is_grad_enabled()))
     if not fuse:
         for blk in blocks:
             x = blk(x)

@@ -26,6 +26,7 @@ import torch.nn as nn
 from maws_fast.config import OptimConfig, ParallelConfig, RunConfig, resolve_parallel, resolve_run
 from maws_fast.data.loader import Loader
 from maws_fast.errors import UserError
+from maws_fast.models.vit import set_block_options
 from maws_fast.parallel.engine import Engine, parallelize
 from maws_fast.parallel.mesh import Mesh, single_process
 from maws_fast.storage import list_checkpoints, read_meta
@@ -117,7 +118,8 @@ def _micro_batches(imgs: torch.Tensor, targets, accum: int):
 def train_step(engine: Engine, imgs: torch.Tensor, targets: Any, step: int, lr: float, clip_grad: float | None,
                accum: int, autocast) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step on this rank's share of global batch ``step``: its mean loss and, when the
-    engine clips, the global gradient norm before clipping (device tensors; None without clipping)."""
+    engine clips (``clip_grad`` not None; ``math.inf`` only measures), the global gradient norm before
+    clipping (device tensors; None without clipping)."""
     engine.zero_grad()
     total = torch.zeros((), device=imgs.device)
     for m, (x, t) in enumerate(_micro_batches(imgs, targets, accum)):
@@ -128,6 +130,15 @@ def train_step(engine: Engine, imgs: torch.Tensor, targets: Any, step: int, lr: 
         total += loss.detach()
     norm = engine.step(lr, clip_grad)
     return total / accum, norm
+
+
+def _clip_for(clip_grad: float | None, log_step: bool) -> float | None:
+    """The engine's clip threshold for one step. A stage that does not clip still logs its gradient
+    norm: at log steps it clips at infinity, which computes the global norm and scales by exactly 1
+    (the update is bit for bit the unclipped one); other steps skip the norm."""
+    if clip_grad is not None:
+        return clip_grad
+    return math.inf if log_step else None
 
 
 def _batches(loader: Loader, step: int) -> Iterator[tuple[torch.Tensor, Any]]:
@@ -195,6 +206,8 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     o, spe = stage.optim, stage.loader.num_batches
     total = stage_total_steps(o, spe)
     engine, ckpt, step = start(stage, stage_dir, parallel, mesh, device, total, echo)
+    # after parallelize: TP has swapped its layers in and the engines' block hooks are in place
+    set_block_options(stage.model, run.activation_checkpoint, run.compile)
     stage.objective.train()
     log = StepLog(stage.name, stage_dir, stage.flops_per_image, stage.loader, run, mesh, total, step, device, echo)
     # bf16 autocast: matmuls in bf16; weights per parallel.param_dtype, AdamW state fp32 (no loss scaling needed).
@@ -206,7 +219,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             imgs, targets = next(batches)
             lr = lr_at(step / spe, o.abs_lr, o.min_lr, o.warmup_epochs, o.epochs)
             loss, norm = train_step(engine, _to_device(imgs, device), _to_device(targets, device), step, lr,
-                                    o.clip_grad, parallel.grad_accum, autocast)
+                                    _clip_for(o.clip_grad, log.is_log_step(step + 1)), parallel.grad_accum, autocast)
             step += 1
             at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step)
             log.after_step(step, loss, imgs.shape[0] * mesh.dims.dp, lr, sync=at_ckpt, grad_norm=norm)

@@ -138,6 +138,11 @@ class StepLog:
             torch.cuda.reset_peak_memory_stats(device)  # the rows' peak memory is this stage's
         if self.peak is not None and main:
             echo(f"[{stage}] MFU against {self.peak[1]:g} TFLOP/s per GPU ({self.peak[0]}, dense) x {mesh.dims.world}")
+        self.tb = tensorboard_writer(stage_dir / "tb") if main and getattr(run, "tensorboard", False) else None
+
+    def is_log_step(self, step: int) -> bool:
+        """Whether global step ``step`` (counted from 1) writes a metrics row."""
+        return step % self.run.log_every == 0 or step == self.total
 
     def after_step(self, step: int, loss: torch.Tensor, images: int, lr: float, sync: bool = False,
                    grad_norm: torch.Tensor | None = None) -> None:
@@ -151,7 +156,7 @@ class StepLog:
         self.n += 1
         self.meter.add(images)
         self.bar.update(1)
-        at_log = step % self.run.log_every == 0 or step == self.total
+        at_log = self.is_log_step(step)
         if at_log or sync:
             all_reduce_mean(self.running, self.mesh)  # the mean over data-parallel ranks; NaN on any rank reaches all
         if at_log:
@@ -177,6 +182,8 @@ class StepLog:
             row["bad_samples"] = len(self.loader.bad.found)
         if self.metrics is not None:
             self.metrics.write(row)
+        if self.tb is not None:
+            write_scalars(self.tb, row)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{row['images_per_s']:.0f}")
         if not self.run.progress:
             self.echo(f"[{self.stage}] step {step}/{self.total} loss {mean_loss:.4f} lr {lr:.2e} "
@@ -188,3 +195,27 @@ class StepLog:
         self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def tensorboard_writer(log_dir: Path):
+    """A TensorBoard ``SummaryWriter`` on ``log_dir`` (``run.tensorboard``); a UserError naming the
+    package when it is not installed (checked before the first step, so no training is lost)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch's module imports the tensorboard package
+        raise UserError("run.tensorboard=true needs the tensorboard package, which is not installed: "
+                        "`pip install tensorboard` (or install maws_fast with the [tensorboard] extra), "
+                        "or set --run.tensorboard=false") from e
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def write_scalars(writer, row: dict) -> None:
+    """Mirror one metrics.jsonl row: every number of it, tagged ``<stage>/<key>``, at its step."""
+    step = row["step"]
+    for key, value in row.items():
+        if key in ("step", "stage") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        writer.add_scalar(f"{row['stage']}/{key}", value, global_step=step, walltime=row.get("time"))
+    writer.flush()

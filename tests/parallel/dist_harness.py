@@ -33,12 +33,16 @@ class Layout:
     prefetch: bool = True
     kernels: str = "torch"  # the model's kernel backend; "triton" (interpreted) fuses the residual adds into norms
     layer_decay: float | None = None  # the fine-tune's layer-wise lr decay groups instead of MAE's two
+    ckpt: str = "none"  # run.activation_checkpoint of every block
+    compile: bool = False  # run.compile: each block's body through torch.compile (inductor on CPU)
 
     @property
     def key(self) -> str:
         key = f"{self.engine}-z{self.stage}-tp{self.tp}-acc{self.accum}-{self.param_dtype}-pf{int(self.prefetch)}"
         if self.kernels != "torch":
             key += f"-{self.kernels}"
+        if self.ckpt != "none" or self.compile:
+            key += f"-ac_{self.ckpt}" + ("-compiled" if self.compile else "")
         return key if self.layer_decay is None else f"{key}-lrd{self.layer_decay}"
 
 
@@ -163,6 +167,10 @@ def _engine(task: str, layout: Layout, perturb: bool = False):
     engine = parallelize(obj, mesh, groups_for(model, layout.layer_decay), engine=layout.engine, zero_stage=layout.stage, betas=BETAS,
                          bucket_mb=layout.bucket_mb, prefetch=layout.prefetch, param_dtype=layout.param_dtype,
                          kernel_backend="torch")
+    if layout.ckpt != "none" or layout.compile:  # as the loop applies them: after parallelize
+        from maws_fast.models.vit import set_block_options
+
+        set_block_options(model, layout.ckpt, layout.compile)
     return mesh, engine, imgs, targets
 
 

@@ -50,6 +50,17 @@ LRD = {
     "zero3_lrd": Layout("ours", 3, layer_decay=0.5),
     "zero2_tp2_lrd": Layout("ours", 2, tp=2, layer_decay=0.5),
 }
+# Activation checkpointing (a recomputed block runs on the parameters its pre-backward hook
+# gathered) and regional compilation, on the engines and TP. Two ranks.
+BLOCK_OPTIONS = {
+    "fsdp2_selective": Layout("fsdp2", 0, ckpt="selective"),
+    "zero3_full": Layout("ours", 3, ckpt="full"),
+    "zero3_selective": Layout("ours", 3, ckpt="selective"),
+    "zero3_fused_selective": Layout("ours", 3, kernels="triton", ckpt="selective"),
+    "tp2_full": Layout("ours", 0, tp=2, ckpt="full"),
+    "zero2_selective_accum": Layout("ours", 2, accum=2, ckpt="selective"),
+    "zero3_compiled_selective": Layout("ours", 3, ckpt="selective", compile=True),
+}
 TASKS = ("mae", "wsp")
 _RESULTS: dict[int, dict] = {}
 _REFS: dict[str, tuple] = {}
@@ -151,6 +162,13 @@ def test_zero2_tp2_matches_unsharded(world, task, tmp_path_factory):
 @pytest.mark.parametrize("task", TASKS)
 def test_fused_blocks_match_unsharded(name, task, tmp_path_factory):
     check_matches(2, name, task, tmp_path_factory, FUSED)
+
+
+@pytest.mark.parametrize("name", list(BLOCK_OPTIONS))
+@pytest.mark.parametrize("task", TASKS)
+def test_checkpointed_and_compiled_blocks_match_unsharded(name, task, tmp_path_factory):
+    """Same losses, grad norms and parameters as the plain one-process run (no checkpointing)."""
+    check_matches(2, name, task, tmp_path_factory, BLOCK_OPTIONS)
 
 
 @pytest.mark.parametrize("name", list(LRD))

@@ -142,7 +142,74 @@ def test_metrics_rows_have_throughput(tmp_path, data):
     assert rows[0]["lr"] < rows[2]["lr"]  # warming up over the first 4 steps
     # a CPU has no peak in the table and no allocator statistics: the columns are there, empty
     assert all(r["mfu"] is None and r["peak_mem_bytes"] is None for r in rows)
-    assert all(r["grad_norm"] is None for r in rows)  # MAE does not clip: no norm was computed
+    # MAE does not clip; its log steps still measure the norm (clipping at infinity)
+    assert all(r["grad_norm"] > 0 for r in rows)
+
+
+def test_measuring_the_norm_of_an_unclipped_stage_changes_no_weight(tmp_path, data, monkeypatch):
+    """Clipping at infinity on log steps scales by exactly 1: the final MAE weights equal those of
+    a run that never computes the norm."""
+    from maws_fast.train import loop
+
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path / "a")
+    measured = _weights(run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None))
+    clips = []
+    monkeypatch.setattr(loop, "_clip_for", lambda clip, log_step: clips.append(log_step))  # returns None
+    cfg = small_cfg(tmp_path / "b")
+    plain = _weights(run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None))
+    assert clips == [(s + 1) % 2 == 0 or s + 1 == 12 for s in range(12)]
+    assert set(plain) == set(measured)
+    for k in plain:
+        assert torch.equal(plain[k], measured[k]), k
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_trains_to_the_same_weights(tmp_path, data, mode):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path / "none")
+    ref = _weights(run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None))
+    cfg = small_cfg(tmp_path / mode, f"--run.activation_checkpoint={mode}")
+    stage = mae_stage(cfg, data, dev)
+    got = _weights(run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None))
+    assert {b.activation_checkpoint for b in stage.model.modules() if hasattr(b, "activation_checkpoint")} == {mode}
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_tensorboard_mirrors_the_metrics_rows(tmp_path, data):
+    pytest.importorskip("tensorboard", reason="the [tensorboard] extra (installed by scripts/setup.sh --dev)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path, "--run.tensorboard=true")
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "mae" / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "mae" / "tb"))
+    acc.Reload()
+    for key in ("loss", "lr", "images_per_s", "grad_norm"):
+        events = acc.Scalars(f"mae/{key}")
+        assert [e.step for e in events] == [r["step"] for r in rows]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in rows], rel=1e-6)
+    assert "mae/mfu" not in acc.Tags()["scalars"]  # None on a CPU: not a number, not written
+
+
+def test_tensorboard_without_the_package_is_one_clear_error(tmp_path, data, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kw):
+        if name.startswith("torch.utils.tensorboard") or name.startswith("tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path, "--run.tensorboard=true")
+    with pytest.raises(UserError, match=r"run.tensorboard=true needs the tensorboard package.*pip install tensorboard"):
+        run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    assert not (tmp_path / "mae" / "metrics.jsonl").exists() or not (tmp_path / "mae" / "metrics.jsonl").read_text()
 
 
 def test_metrics_rows_carry_the_gradient_norm_when_the_stage_clips(tmp_path, data, monkeypatch):
