@@ -75,22 +75,47 @@ def _dist_table(rows: list[dict]) -> list[str]:
 
 
 def _step_table(rows: list[dict]) -> list[str]:
-    out = ["| stage | preset | variant | MB/img (counted) | vs official | GEMM GFLOP/img | saved MB/img | "
-           "H100 img/s (pred.) | H100 MFU (pred.) | H200 img/s (pred.) | img/s (measured) | MFU (measured) | "
-           "vs official eager | vs official compile | peak GB | device | commit | date |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| stage | preset | variant | act. ckpt | MB/img (counted) | vs official | GEMM GFLOP/img | saved MB/img | "
+           "saved / GEMM vs no ckpt | H100 img/s (pred.) | H100 MFU (pred.) | H200 img/s (pred.) | img/s (measured) | "
+           "MFU (measured) | vs official eager | vs official compile | peak GB | device | commit | date |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(r, k, fmt):
         return fmt.format(r[k]) if r.get(k) is not None else "-"
 
     for r in rows:
-        out.append(f"| {r['stage']} | {r['preset']} | {r['variant']} | {f(r, 'mem_mb_per_img', '{:.1f}')} | "
+        vs_none = (f"x{r['saved_vs_none']:.2f} / x{r['gemm_flops_vs_none']:.3f}" if r.get("saved_vs_none") is not None
+                   else "-")
+        out.append(f"| {r['stage']} | {r['preset']} | {r['variant']} | {r.get('activation_checkpoint', 'none')} | "
+                   f"{f(r, 'mem_mb_per_img', '{:.1f}')} | "
                    f"{f(r, 'mem_vs_official', 'x{:.2f}')} | {f(r, 'gemm_gflop_per_img', '{:.1f}')} | "
-                   f"{f(r, 'saved_mb_per_img', '{:.1f}')} | {f(r, 'pred_h100_img_s', '{:d}')} | "
+                   f"{f(r, 'saved_mb_per_img', '{:.1f}')} | {vs_none} | {f(r, 'pred_h100_img_s', '{:d}')} | "
                    f"{f(r, 'pred_h100_mfu', '{:.1%}')} | {f(r, 'pred_h200_img_s', '{:d}')} | {f(r, 'img_s', '{:.0f}')} | "
                    f"{f(r, 'mfu', '{:.1%}')} | {f(r, 'speedup_vs_official_eager', 'x{:.2f}')} | "
                    f"{f(r, 'speedup_vs_official_compile', 'x{:.2f}')} | {f(r, 'peak_mem_gb', '{:.1f}')} | "
                    f"{r['device']} | {r['commit']} | {r['date']} |")
+    return out
+
+
+def _fit_table(rows: list[dict]) -> list[str]:
+    """One line per (preset, stage, engine) of the newest run: the largest batch per mode and GPU."""
+    newest = [r for r in rows if (r["commit"], r["date"]) == (rows[-1]["commit"], rows[-1]["date"])]
+    modes = list(dict.fromkeys(r["activation_checkpoint"] for r in newest))
+    head = " | ".join(f"{m}: 80 / 141 GB" for m in modes)
+    out = [f"| stage | preset | engine | world | params (M) | state GB/rank | act. MB/img ({' / '.join(modes)}) | {head} |",
+           "|" + "---|" * (6 + len(modes))]
+    groups: dict = {}
+    for r in newest:
+        groups.setdefault((r["stage"], r["preset"], r["engine"]), {})[r["activation_checkpoint"]] = r
+    for (stage, preset, engine), by_mode in groups.items():
+        first = next(iter(by_mode.values()))
+        acts = " / ".join(f"{by_mode[m]['act_mb_per_img']:.1f}" for m in modes if m in by_mode)
+        cells = " | ".join(f"{by_mode[m]['max_batch_h100_80gb']} / {by_mode[m]['max_batch_h200_141gb']}"
+                           if m in by_mode else "-" for m in modes)
+        out.append(f"| {stage} | {preset} | {engine} | {first['world']} | {first['params_m']:.0f} | "
+                   f"{first['state_gb_per_rank']:.1f} | {acts} | {cells} |")
+    out += ["", f"COMPUTED, not measured (commit {newest[-1]['commit']}, {newest[-1]['date']}): activations counted per "
+            "image on fake tensors, model state per rank from the engines' layouts, 10% of the GPU left as headroom."]
     return out
 
 
@@ -110,6 +135,8 @@ def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
                       "are a roofline PREDICTION (GEMMs at 989 TFLOP/s, other kernels at full HBM bandwidth, no "
                       "overlap), not measurements; measured columns come from a GPU run only.", ""]
             lines += _step_table(rows)
+        elif path.stem == "fit":
+            lines += _fit_table(rows)
         elif path.stem == "dist":
             lines += _dist_table(rows)
         elif path.stem in ("kernels", "attention"):

@@ -108,16 +108,97 @@ def test_cli_smoke_run_writes_rows(tmp_path):
     p = argparse.ArgumentParser()
     add_step_args(p)
     out = tmp_path / "step.json"
-    args = p.parse_args(["--cases", "mae:tiny", "--variants", "official eager,ours eager", "--measure", "yes",
-                         "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "4",
-                         "--count-batch", "2", "--out", str(out)])
+    args = p.parse_args(["--cases", "mae:tiny", "--variants", "official eager,ours eager,ours compile", "--measure",
+                         "yes", "--device", "cpu", "--steps", "1", "--warmup", "0", "--batch-size", "4",
+                         "--count-batch", "2", "--checkpoint", "none,selective", "--out", str(out)])
     rows = bench_step(args)
-    assert [r["variant"] for r in rows] == ["official eager", "ours eager"]
+    assert [(r["variant"], r["activation_checkpoint"]) for r in rows] == [
+        ("official eager", "none"), ("ours eager", "none"), ("ours eager", "selective"),
+        ("ours compile", "none"), ("ours compile", "selective")]
     for r in rows:
-        assert r["mem_mb_per_img"] > 0 and r["img_s"] > 0 and r["pred_h100_img_s"] > 0
-        assert r["mfu"] is None  # no peak is known for a CPU
+        assert r["img_s"] > 0 and r["mfu"] is None  # measured; no peak is known for a CPU
+    for r in rows[:3]:
+        assert r["mem_mb_per_img"] > 0 and r["pred_h100_img_s"] > 0
+    assert all("mem_mb_per_img" not in r for r in rows[3:])  # inductor's kernels are measured, not counted
     assert rows[1]["mem_vs_official"] < 1
+    assert rows[2]["saved_vs_none"] < 1 and rows[2]["gemm_flops_vs_none"] >= 1  # GFLOP rounding: tiny is tiny
     assert out.exists()
+
+
+def _per_image(stage: str, mode: str, preset: str = "tiny", batch: int = 2):
+    from maws_fast.bench.step import _count_build
+
+    return per_image(_count_build(stage, preset, "ours eager", 10, mode), batch)
+
+
+@pytest.mark.parametrize("stage", ["mae", "wsp"])
+def test_live_bytes_equal_the_saved_tensor_hooks_without_checkpointing(stage):
+    """Two ways to count what a forward keeps: the storages still alive after it, and what autograd's
+    saved-tensor hooks see packed. Without checkpointing they agree (to the odd tensor autograd does
+    not pack, e.g. the masks the MAE hands back), and under full checkpointing too (a checkpoint
+    packs its inputs outside the block); the hooks miss what selective checkpointing caches."""
+    for mode in ("none", "full"):
+        r = _per_image(stage, mode, "vit_b16")
+        assert r.live_bytes == pytest.approx(r.saved_bytes, rel=0.01), mode
+    selective = _per_image(stage, "selective", "vit_b16")
+    assert selective.saved_bytes < 0.5 * selective.live_bytes
+
+
+@pytest.mark.parametrize("stage", ["mae", "wsp"])
+def test_checkpointing_modes_keep_less_and_recompute_the_counted_gemms(stage):
+    """Selective keeps about half of what no checkpointing keeps and reruns one GEMM per block (the
+    attention projection, 2 N D^2 FLOPs); full keeps far less and reruns three (qkv, proj, fc1:
+    16 N D^2 -- fc2 never, backward needs only its input)."""
+    cfg = model_preset("tiny")
+    r = {mode: _per_image(stage, mode) for mode in ("none", "selective", "full")}
+    assert r["full"].live_bytes < 0.25 * r["none"].live_bytes
+    assert r["full"].live_bytes < r["selective"].live_bytes < 0.6 * r["none"].live_bytes
+    n = cfg.num_patches + 1 if stage == "wsp" else int(cfg.num_patches * 0.25) + 1
+    per_block = [(n, cfg.embed_dim)] * cfg.depth
+    if stage == "mae":
+        per_block += [(cfg.num_patches + 1, cfg.decoder_embed_dim)] * cfg.decoder_depth
+    assert r["selective"].gemm_flops - r["none"].gemm_flops == pytest.approx(sum(2 * t * d * d for t, d in per_block))
+    assert r["full"].gemm_flops - r["none"].gemm_flops == pytest.approx(sum(16 * t * d * d for t, d in per_block))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_fit_model_state_is_what_the_engine_keeps(zero_stage):
+    """At one rank the fit table's model state is exactly our engine's memory_report (bf16 weights)."""
+    from maws_fast.bench.fit import state_bytes
+    from maws_fast.parallel.engine import parallelize
+    from maws_fast.parallel.mesh import single_process
+    from maws_fast.train.objectives import MAEObjective
+    from maws_fast.train.optim import param_groups
+
+    m = build_mae(model_preset("tiny"))
+    n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    e = parallelize(MAEObjective(m, 0.75, 0), single_process(), param_groups(m, 0.05), zero_stage=zero_stage,
+                    param_dtype="bf16")
+    e.zero_grad()
+    e.backward(e.model(torch.randn(2, 1, 28, 28), None, 0))
+    e.step(1e-4, None)
+    assert sum(e.memory_report().values()) == state_bytes(n, zero_stage, 1) == 16 * n
+    # sharded over 8: ZeRO-1 the optimizer, ZeRO-2 the gradients too, ZeRO-3 everything
+    assert state_bytes(n, zero_stage, 8) == {0: 16 * n, 1: 4 * n + 12 * n / 8, 2: 2 * n + 14 * n / 8,
+                                            3: 16 * n / 8}[zero_stage]
+
+
+def test_fit_rows_follow_their_formula():
+    from maws_fast.bench import fit
+    from maws_fast.bench.step import _model
+
+    acts = {"none": 40e6, "selective": 21e6, "full": 4e6}
+    rows = fit.fit_rows(["vit_b16"], ["mae"], ["ours:2", "ours:3"], list(acts), {"vit_b16": 8}, 2,
+                        lambda stage, preset: _model(stage, preset, "ours eager", 10), lambda s, p, mode: acts[mode])
+    assert len(rows) == 6 and all(r["computed"] for r in rows)
+    n = rows[0]["params_m"] * 1e6
+    for r in rows:
+        assert r["max_batch_h200_141gb"] > r["max_batch_h100_80gb"] > 0
+        free = fit.HEADROOM * 80e9 - r["state_gb_per_rank"] * 1e9
+        assert abs(r["max_batch_h100_80gb"] - free / acts[r["activation_checkpoint"]]) <= 2
+    z2 = [r for r in rows if r["engine"] == "ours:2"]
+    assert [r["max_batch_h100_80gb"] for r in z2] == sorted(r["max_batch_h100_80gb"] for r in z2)
+    assert z2[0]["state_gb_per_rank"] == pytest.approx((2 * n + 14 * n / 8) / 1e9, abs=0.006)
 
 
 def test_bad_cases_raise():

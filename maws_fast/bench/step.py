@@ -7,7 +7,15 @@ Compares, in one run, at ViT-B/16 MAE and ViT-L/16 WSP:
 * ``official compile``: the same under ``torch.compile`` (measured on a GPU only);
 * ``ours eager (autocast)``: maws_fast's model, fused kernels, autocast over fp32 weights;
 * ``ours eager``: the GPU default -- bf16 weights (fp32 master and AdamW state in the engine),
-  a bf16 residual stream, the fused kernels.
+  a bf16 residual stream, the fused kernels;
+* ``ours compile``: the same with ``run.compile`` (each block's body through ``torch.compile``;
+  measured on a GPU only).
+
+``--checkpoint`` adds rows of ours in each activation-checkpointing mode (``run.activation_checkpoint``):
+counted saved-activation bytes per image (what a forward leaves alive for backward, checkpoint
+inputs and the selective cache included) and GEMM FLOPs with the recomputation, against the same
+variant without checkpointing. ``--fit`` writes :mod:`maws_fast.bench.fit`'s COMPUTED table of the
+largest per-GPU batch at 80 / 141 GB per preset, stage, engine and mode (``fit.json``).
 
 Per variant, counted (:mod:`maws_fast.bench.traffic`, no GPU needed): memory-bound bytes, GEMM and
 attention FLOPs and saved-activation bytes per training image, and a labelled roofline PREDICTION
@@ -26,18 +34,30 @@ import torch
 
 from maws_fast.bench.baseline import OfficialMAE, OfficialViT, soft_target_cross_entropy
 from maws_fast.bench.common import append_results, env_info, peak_tflops, time_steps
+from maws_fast.bench.fit import ENGINES as FIT_ENGINES
+from maws_fast.bench.fit import fit_rows
 from maws_fast.bench.traffic import per_image
 from maws_fast.config import PRESETS, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.flops import flops_per_image
+from maws_fast.models.vit import set_block_options
 from maws_fast.train.objectives import MAEObjective, WSPObjective, wsp_loss
 
 # Roofline inputs (docs/ARCHITECTURE.md, "Performance physics"): dense bf16 TFLOP/s, HBM TB/s.
 DEVICES = {"H100": (989.0, 3.35), "H200": (989.0, 4.8)}
-VARIANTS = ("official eager", "official compile", "ours eager (autocast)", "ours eager")
+VARIANTS = ("official eager", "official compile", "ours eager (autocast)", "ours eager", "ours compile")
+MEASURED_ONLY = ("official compile", "ours compile")  # inductor's kernels: no eager op stream to count
+CHECKPOINT_MODES = ("none", "full", "selective")
 GOAL_BYTES_RATIO, GOAL_MFU = 0.5, 0.5  # memory-bound bytes vs official eager; predicted H100 MFU (B/16 MAE)
 GOAL_VS_EAGER, GOAL_VS_COMPILE = 2.0, 1.25  # measured img/s of ours eager vs the official variants
+GOAL_SELECTIVE_SAVED, GOAL_SELECTIVE_FLOPS = 0.5, 1.05  # selective vs none: saved bytes, GEMM FLOPs per step
+# The fit table: every preset, at the DP world a user would shard it over.
+FIT_PRESETS = {"vit_b16": 8, "vit_l16": 8, "vit_h14": 8, "vit_2b14": 32, "vit_6.5b14": 64}
+# (stage, preset, engine, per-GPU batch) the fit table must show: ViT-H/14 MAE at 256 per H100; the
+# 6.5B/14 with ZeRO-3 over 64 GPUs at the official MAE's 4096 and SWAG's 8192 global batch.
+FIT_GOALS = (("mae", "vit_h14", "ours:2", 256), ("mae", "vit_6.5b14", "ours:3", 4096 // 64),
+             ("wsp", "vit_6.5b14", "ours:3", 8192 // 64))
 
 
 def add_step_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +71,11 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
                    help="time real steps (auto: on a GPU only)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measured variant")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--checkpoint", default="none,selective,full",
+                   help=f"activation-checkpoint modes of the ours variants (from {CHECKPOINT_MODES}); official: none")
+    p.add_argument("--fit", action="store_true",
+                   help="also write the computed largest-batch table (every preset, MAE and WSP) to --fit-out")
+    p.add_argument("--fit-out", default="benchmarks/results/fit.json", help="JSON file of the fit table ('' = none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/results/step.json",
                    help="JSON file to append to, relative to the current directory ('' = none)")
@@ -62,7 +87,8 @@ def _bf16_weights(model: torch.nn.Module) -> None:
         p.data = p.data.to(torch.bfloat16)
 
 
-def _model(stage: str, preset: str, variant: str, num_classes: int, cast: bool = True) -> torch.nn.Module:
+def _model(stage: str, preset: str, variant: str, num_classes: int, cast: bool = True,
+           checkpoint: str = "none") -> torch.nn.Module:
     """The variant's model; ``cast`` = False leaves ours in fp32 for an engine to make the bf16 copy."""
     cfg = model_preset(preset)
     if variant.startswith("official"):
@@ -72,6 +98,7 @@ def _model(stage: str, preset: str, variant: str, num_classes: int, cast: bool =
     model.set_attn_backend("triton")
     if variant == "ours eager" and cast:
         _bf16_weights(model)
+    set_block_options(model, checkpoint)
     return model
 
 
@@ -95,20 +122,30 @@ def _inputs(stage: str, preset: str, batch: int, num_classes: int, device) -> tu
     return imgs, target
 
 
-def count_variant(stage: str, preset: str, variant: str, num_classes: int, batch: int) -> dict:
-    """Counted traffic of one eager variant and its roofline predictions (fake tensors, any machine)."""
+def _count_build(stage: str, preset: str, variant: str, num_classes: int, checkpoint: str = "none"):
+    """What :func:`maws_fast.bench.traffic.per_image` counts: the model (built in the fake mode) and
+    a loss over a batch of any size."""
     def build():
-        model = _model(stage, preset, variant, num_classes)
+        model = _model(stage, preset, variant, num_classes, checkpoint=checkpoint)
 
         def make(b):
             imgs, target = _inputs(stage, preset, b, num_classes, "cpu")
             return _loss_fn(stage, variant, model, imgs, target, "cpu")
         return make
+    return build
 
-    r = per_image(build, batch)
+
+def count_variant(stage: str, preset: str, variant: str, num_classes: int, batch: int,
+                  checkpoint: str = "none") -> dict:
+    """Counted traffic of one eager variant and its roofline predictions (fake tensors, any machine).
+
+    ``saved_mb_per_img``: the storages the forward leaves alive for backward (``live_bytes``: in
+    every checkpointing mode; autograd's saved-tensor hooks see nothing inside a checkpointed block).
+    """
+    r = per_image(_count_build(stage, preset, variant, num_classes, checkpoint), batch)
     flops = flops_per_image(model_preset(preset), stage, num_classes)
     row = {"mem_mb_per_img": round(r.bytes / 1e6, 2), "gemm_gflop_per_img": round(r.gemm_flops / 1e9, 2),
-           "attn_gflop_per_img": round(r.attn_flops / 1e9, 3), "saved_mb_per_img": round(r.saved_bytes / 1e6, 2),
+           "attn_gflop_per_img": round(r.attn_flops / 1e9, 3), "saved_mb_per_img": round(r.live_bytes / 1e6, 2),
            "model_gflop_per_img": round(flops / 1e9, 2),
            "top_ops_mb": {k: round(v / 1e6, 2) for k, v in list(r.bytes_by_op.items())[:8]}}
     for dev, (tf, bw) in DEVICES.items():
@@ -119,7 +156,7 @@ def count_variant(stage: str, preset: str, variant: str, num_classes: int, batch
 
 
 def measure_variant(stage: str, preset: str, variant: str, num_classes: int, batch: int, device: torch.device,
-                    steps: int, warmup: int) -> dict:
+                    steps: int, warmup: int, checkpoint: str = "none") -> dict:
     """Time full training steps (forward, backward, AdamW) of one variant on real tensors."""
     from maws_fast.parallel.engine import parallelize
     from maws_fast.parallel.mesh import single_process
@@ -142,10 +179,11 @@ def measure_variant(stage: str, preset: str, variant: str, num_classes: int, bat
             opt.step()
     else:
         objective = MAEObjective(model, 0.75, seed=0) if stage == "mae" else WSPObjective(model)
-        param_dtype = "bf16" if variant == "ours eager" else "fp32"  # bf16: the engine makes the model copy
+        param_dtype = "fp32" if variant == "ours eager (autocast)" else "bf16"  # bf16: the engine makes the model copy
         engine = parallelize(objective, single_process(), param_groups(model, 0.05), engine="ours", zero_stage=0,
                              betas=(0.9, 0.95), param_dtype=param_dtype, device=device,
                              kernel_backend=model.kernel_backend)
+        set_block_options(model, checkpoint, compile=variant == "ours compile")  # as the loop: after parallelize
         amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
         def step():
@@ -186,31 +224,77 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("maws-bench step: --device cuda but torch sees no CUDA device")
     measure = args.measure == "yes" or (args.measure == "auto" and device.type == "cuda")
+    modes = [m for m in args.checkpoint.split(",") if m]
+    if not modes or any(m not in CHECKPOINT_MODES for m in modes):
+        raise ConfigError(f"maws-bench step: --checkpoint {args.checkpoint!r}; choose a subset of {CHECKPOINT_MODES}")
     info, rows = env_info(), []
     for stage, preset in cases:
         base: dict = {}
+        case_rows = []
         for variant in variants:
-            row = {"bench": "step", "stage": stage, "preset": preset, "variant": variant, "batch_size": args.batch_size,
-                   "count_batch": args.count_batch, **info}
-            if variant != "official compile":  # inductor's own byte count needs a GPU compile
-                row.update(count_variant(stage, preset, variant, args.num_classes, args.count_batch))
-            if measure:
-                row.update(measure_variant(stage, preset, variant, args.num_classes, args.batch_size, device,
-                                           args.steps, args.warmup))
-            if variant.startswith("official"):
-                base[variant] = row
-            rows.append(row)
-        _ratios(rows[-len(variants):], base)
+            for mode in (["none"] if variant.startswith("official") or variant == "ours eager (autocast)" else modes):
+                row = {"bench": "step", "stage": stage, "preset": preset, "variant": variant,
+                       "activation_checkpoint": mode, "batch_size": args.batch_size, "count_batch": args.count_batch,
+                       **info}
+                if variant not in MEASURED_ONLY:
+                    row.update(count_variant(stage, preset, variant, args.num_classes, args.count_batch, mode))
+                if measure:
+                    row.update(measure_variant(stage, preset, variant, args.num_classes, args.batch_size, device,
+                                               args.steps, args.warmup, mode))
+                if variant.startswith("official"):
+                    base[variant] = row
+                case_rows.append(row)
+        _ratios(case_rows, base)
+        rows += case_rows
     _print(rows)
     if args.out:
         append_results(args.out, rows)
         print(f"appended {len(rows)} rows to {args.out}")
+    if args.fit:
+        fit = bench_fit(args.num_classes, args.count_batch, modes, info)
+        if args.fit_out:
+            append_results(args.fit_out, fit)
+            print(f"appended {len(fit)} rows to {args.fit_out}")
+    return rows
+
+
+def bench_fit(num_classes: int, count_batch: int, modes: list[str], info: dict) -> list[dict]:
+    """:func:`maws_fast.bench.fit.fit_rows` over every preset (at :data:`FIT_PRESETS`' worlds), MAE
+    and WSP, our ZeRO-2 / ZeRO-3 and FSDP2, with activations counted as the step rows count them."""
+    memo: dict = {}
+
+    def acts(stage: str, preset: str, mode: str) -> float:
+        if (stage, preset, mode) not in memo:
+            build = _count_build(stage, preset, "ours eager", num_classes, mode)
+            memo[stage, preset, mode] = per_image(build, count_batch).live_bytes
+        return memo[stage, preset, mode]
+
+    rows = fit_rows(list(FIT_PRESETS), ["mae", "wsp"], list(FIT_ENGINES), modes, FIT_PRESETS, count_batch,
+                    lambda stage, preset: _model(stage, preset, "ours eager", num_classes), acts)
+    for r in rows:
+        r.update(info)
+    print("largest per-GPU batch, COMPUTED (counted activations + model state per rank; 10% headroom):")
+    for r in rows:
+        print(f"  {r['stage']} {r['preset']:<10} {r['engine']:<6} N={r['world']:<3} ckpt {r['activation_checkpoint']:<9} "
+              f"state {r['state_gb_per_rank']:6.1f} GB  act {r['act_mb_per_img']:7.1f} MB/img  "
+              f"80 GB: {r['max_batch_h100_80gb']:5d}  141 GB: {r['max_batch_h200_141gb']:5d}")
+    for stage, preset, engine, need in FIT_GOALS:
+        got = {r["activation_checkpoint"]: r["max_batch_h100_80gb"] for r in rows
+               if (r["stage"], r["preset"], r["engine"]) == (stage, preset, engine)}
+        ok = [m for m in modes if got.get(m, 0) >= need]
+        print(f"goal {stage} {preset} {engine} at N={FIT_PRESETS[preset]}: batch {need} per 80 GB GPU "
+              f"(computed max {got}): {'met with ' + ok[0] if ok else 'NOT met'}")
     return rows
 
 
 def _ratios(rows: list[dict], base: dict) -> None:
     eager, comp = base.get("official eager"), base.get("official compile")
+    plain = {r["variant"]: r for r in rows if r.get("activation_checkpoint", "none") == "none"}
     for r in rows:
+        ref = plain.get(r["variant"])
+        if r.get("activation_checkpoint", "none") != "none" and ref is not None and "saved_mb_per_img" in ref:
+            r["saved_vs_none"] = round(r["saved_mb_per_img"] / ref["saved_mb_per_img"], 3)
+            r["gemm_flops_vs_none"] = round(r["gemm_gflop_per_img"] / ref["gemm_gflop_per_img"], 3)
         if eager and "mem_mb_per_img" in r and "mem_mb_per_img" in eager:
             r["mem_vs_official"] = round(r["mem_mb_per_img"] / eager["mem_mb_per_img"], 3)
         if eager and r.get("img_s") and eager.get("img_s"):
@@ -223,7 +307,7 @@ def _print(rows: list[dict]) -> None:
     print("memory-bound MB / image counted over one eager forward + backward; img/s and MFU 'pred' are a roofline "
           "PREDICTION (GEMMs at peak, other kernels at full HBM bandwidth), not a measurement")
     for r in rows:
-        parts = [f"{r['stage']} {r['preset']:<8} {r['variant']:<22}"]
+        parts = [f"{r['stage']} {r['preset']:<8} {r['variant']:<22} ckpt {r.get('activation_checkpoint', 'none'):<9}"]
         if "mem_mb_per_img" in r:
             parts.append(f"{r['mem_mb_per_img']:7.1f} MB/img (x{r.get('mem_vs_official', 1):.2f})  "
                          f"GEMM {r['gemm_gflop_per_img']:6.1f} GF  saved {r['saved_mb_per_img']:6.1f} MB  "
@@ -236,6 +320,16 @@ def _print(rows: list[dict]) -> None:
                          + (f" x{r['speedup_vs_official_compile']:.2f} vs compile" if r.get("speedup_vs_official_compile") else ""))
         print("  ".join(parts))
     for r in rows:
+        if r.get("activation_checkpoint") == "selective" and "saved_vs_none" in r:
+            ok = r["saved_vs_none"] <= GOAL_SELECTIVE_SAVED and r["gemm_flops_vs_none"] <= GOAL_SELECTIVE_FLOPS
+            print(f"goal {r['stage']} {r['preset']} {r['variant']}: selective checkpointing keeps x{r['saved_vs_none']:.2f} "
+                  f"of the saved bytes (goal <= {GOAL_SELECTIVE_SAVED}) at x{r['gemm_flops_vs_none']:.3f} the GEMM FLOPs "
+                  f"(goal <= {GOAL_SELECTIVE_FLOPS}): {'met' if ok else 'NOT met'}")
+        if r.get("activation_checkpoint") == "full" and "saved_vs_none" in r:
+            print(f"  {r['stage']} {r['preset']} {r['variant']}: full checkpointing x{r['saved_vs_none']:.2f} saved bytes, "
+                  f"x{r['gemm_flops_vs_none']:.3f} GEMM FLOPs")
+        if r.get("activation_checkpoint", "none") != "none":
+            continue
         if r["variant"] == "ours eager" and "mem_vs_official" in r:
             ok_b = r["mem_vs_official"] <= GOAL_BYTES_RATIO
             print(f"goal {r['stage']} {r['preset']}: memory-bound bytes x{r['mem_vs_official']:.2f} of official "

@@ -60,6 +60,8 @@ BLOCK_OPTIONS = {
     "tp2_full": Layout("ours", 0, tp=2, ckpt="full"),
     "zero2_selective_accum": Layout("ours", 2, accum=2, ckpt="selective"),
     "zero3_compiled_selective": Layout("ours", 3, ckpt="selective", compile=True),
+    "fsdp2_compiled_full": Layout("fsdp2", 0, ckpt="full", compile=True),
+    "tp2_compiled_selective": Layout("ours", 0, tp=2, ckpt="selective", compile=True),
 }
 TASKS = ("mae", "wsp")
 _RESULTS: dict[int, dict] = {}
