@@ -232,6 +232,8 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
         base: dict = {}
         case_rows = []
         for variant in variants:
+            if variant in MEASURED_ONLY and not measure:
+                continue  # nothing to count or time: a row would be empty
             for mode in (["none"] if variant.startswith("official") or variant == "ours eager (autocast)" else modes):
                 row = {"bench": "step", "stage": stage, "preset": preset, "variant": variant,
                        "activation_checkpoint": mode, "batch_size": args.batch_size, "count_batch": args.count_batch,
