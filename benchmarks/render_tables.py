@@ -102,8 +102,8 @@ def _fit_table(rows: list[dict]) -> list[str]:
     newest = [r for r in rows if (r["commit"], r["date"]) == (rows[-1]["commit"], rows[-1]["date"])]
     modes = list(dict.fromkeys(r["activation_checkpoint"] for r in newest))
     head = " | ".join(f"{m}: 80 / 141 GB" for m in modes)
-    out = [f"| stage | preset | engine | world | params (M) | state GB/rank | act. MB/img ({' / '.join(modes)}) | {head} |",
-           "|" + "---|" * (6 + len(modes))]
+    out = [f"| stage | preset | engine | world | params (M) | state GB/rank | act. MB/img incl. one block's recompute ({' / '.join(modes)}) | {head} |",
+           "|" + "---|" * (7 + len(modes))]
     groups: dict = {}
     for r in newest:
         groups.setdefault((r["stage"], r["preset"], r["engine"]), {})[r["activation_checkpoint"]] = r

@@ -104,13 +104,14 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    """maws-bench train|step|kernels|data|dist [...]: see benchmarks/bench_train.py, bench_step.py, bench_<op>.py,
-    bench_data.py, bench_dist.py."""
+    """maws-bench train|step|kernels|data|dist|plot [...]: see benchmarks/bench_train.py, bench_step.py,
+    bench_<op>.py, bench_data.py, bench_dist.py, and maws_fast/bench/plot.py."""
     parser = argparse.ArgumentParser(prog="maws-bench", description="Benchmarks.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     from maws_fast.bench.data import add_data_args, bench_data
     from maws_fast.bench.dist import add_dist_args, bench_dist
     from maws_fast.bench.kernels import add_kernel_args, bench_kernels
+    from maws_fast.bench.plot import add_plot_args, bench_plot
     from maws_fast.bench.step import add_step_args, bench_step
     from maws_fast.bench.train import add_train_args, bench_train
 
@@ -119,9 +120,11 @@ def bench_main(argv: list[str] | None = None) -> int:
     add_kernel_args(sub.add_parser("kernels", help="fused kernels vs torch eager and torch.compile"))
     add_data_args(sub.add_parser("data", help="DALI input pipeline vs the PIL / DataLoader reference"))
     add_dist_args(sub.add_parser("dist", help="ours (ZeRO 1/2/3) vs FSDP2 vs DDP: step time, bytes per step, memory"))
+    add_plot_args(sub.add_parser("plot", help="PNG charts: a run's loss / images/s curves, the step and fit tables"))
     args = parser.parse_args(argv)
     try:
-        {"train": bench_train, "step": bench_step, "kernels": bench_kernels, "data": bench_data, "dist": bench_dist}[args.cmd](args)
+        {"train": bench_train, "step": bench_step, "kernels": bench_kernels, "data": bench_data, "dist": bench_dist,
+         "plot": bench_plot}[args.cmd](args)
     except UserError as e:
         return _fail("maws-bench", e)
     return 0

@@ -5,6 +5,8 @@
 #   bash scripts/gpu_tier.sh test       # build + every GPU-marked test
 #   bash scripts/gpu_tier.sh sanitize   # build + compute-sanitizer memcheck and racecheck on every fused kernel
 #   bash scripts/gpu_tier.sh step       # build + GPU tests of the step's kernels + sanitizer + maws-bench step (one call)
+#   bash scripts/gpu_tier.sh compiled   # build + block-options GPU tests + maws-bench step: compiled and selective-
+#                                       # checkpointed steps vs the official eager / compile at B/16 MAE and L/16 WSP
 #   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step + data + dist
 #   bash scripts/gpu_tier.sh all        # all of the above
 #
@@ -51,6 +53,13 @@ case "$what" in step)
         tests/kernels/test_attention.py tests/models -p no:cacheprovider
     step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
     step bench_step bench_main step --cases mae:vit_b16 --batch-size 256 --steps 20 --out "$OUT/step.json" ;;
+esac
+case "$what" in compiled)
+    # issue 15's one call: compile + checkpointing on the GPU (tests), then the measured step with peak memory
+    step gpu_tests_blocks "$PY" -m pytest -q -m gpu tests/models/test_block_options.py tests/train/test_loop.py -p no:cacheprovider
+    step bench_step_compiled bench_main step --cases mae:vit_b16,wsp:vit_l16 \
+        --variants "official eager,official compile,ours eager,ours compile" --checkpoint none,selective \
+        --batch-size 256 --steps 10 --warmup 3 --out "$OUT/step.json" ;;
 esac
 case "$what" in sanitize | all)
     for tool in memcheck racecheck; do

@@ -6,7 +6,8 @@ For each preset, stage (MAE, WSP), engine and activation-checkpoint mode::
 
 * activations per image: counted (:func:`maws_fast.bench.traffic.per_image`, fake tensors, the GPU
   path: bf16 weights, the fused kernels) as the storages a forward leaves alive for backward, at
-  batch 2B minus batch B, in the given checkpointing mode;
+  batch 2B minus batch B, in the given checkpointing mode; a checkpointing mode adds what backward
+  recomputes for the one block it is in, (none - mode) / blocks;
 * model state per rank (Ψ trainable parameters, N data-parallel ranks, the GPU default of bf16
   weights with fp32 master weights and AdamW moments: 2 + 2 + 12 bytes per parameter, which the
   engine's ``memory_report`` shows at N = 1): ZeRO-0 keeps all of it, ZeRO-1 shards the 12, ZeRO-2
@@ -48,8 +49,8 @@ def working_set_bytes(block_params: int, root_params: int, zero_stage: int) -> f
     return 2 * block_params * (WEIGHT + GRAD) + root_params * (WEIGHT + GRAD)
 
 
-def _param_counts(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(trainable parameters, the largest block's, those outside every block)."""
+def _param_counts(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """(trainable parameters, the largest block's, those outside every block, blocks)."""
     from maws_fast.models.vit import Block
 
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -57,7 +58,7 @@ def _param_counts(model: torch.nn.Module) -> tuple[int, int, int]:
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     largest = max((sum(p.numel() for p in b.parameters() if p.requires_grad) for b in blocks), default=0)
     root = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in in_blocks)
-    return total, largest, root
+    return total, largest, root, len(blocks)
 
 
 def max_batch(free_bytes: float, act_per_image: float) -> int:
@@ -73,8 +74,10 @@ def fit_rows(presets: list[str], stages: list[str], engines: list[str], modes: l
     for preset in presets:
         for stage in stages:
             with FakeTensorMode():
-                n, block, root = _param_counts(build_model(stage, preset))
-            acts = {mode: act_counter(stage, preset, mode) for mode in modes}
+                n, block, root, depth = _param_counts(build_model(stage, preset))
+            live = {mode: act_counter(stage, preset, mode) for mode in {"none", *modes}}
+            # + the recomputation of one block at a time in backward
+            acts = {mode: live[mode] + (live["none"] - live[mode]) / max(depth, 1) for mode in modes}
             for engine in engines:
                 zs = ENGINES[engine][1]
                 N = world[preset]
@@ -83,6 +86,7 @@ def fit_rows(presets: list[str], stages: list[str], engines: list[str], modes: l
                     row = {"bench": "fit", "stage": stage, "preset": preset, "engine": engine, "world": N,
                            "activation_checkpoint": mode, "params_m": round(n / 1e6, 1),
                            "state_gb_per_rank": round(fixed / 1e9, 2), "act_mb_per_img": round(acts[mode] / 1e6, 2),
+                           "saved_mb_per_img": round(live[mode] / 1e6, 2),
                            "count_batch": count_batch, "computed": True}
                     for gpu, gb in CAPACITY_GB.items():
                         row[f"max_batch_{gpu}"] = max_batch(HEADROOM * gb * 1e9 - fixed, acts[mode])
