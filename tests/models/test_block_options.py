@@ -49,6 +49,16 @@ def _loss_and_grads(model, x, seed: int):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _assert_close_runs(ref, other, x, seed: int, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """The same loss and gradients from ``other`` as from ``ref`` (fp32 rounding apart)."""
+    loss0, g0 = _loss_and_grads(ref, x, seed)
+    loss1, g1 = _loss_and_grads(other, x, seed)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert set(g1) == set(g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=rtol, atol=atol, msg=k)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("task", ["mae", "wsp", "finetune"])
 def test_checkpointing_gives_identical_loss_and_gradients(task, mode, seeded):
@@ -76,12 +86,7 @@ def test_checkpointing_the_fused_triton_blocks_matches(mode, seeded):
     plain = _model("wsp", "triton")
     ckpt = copy.deepcopy(plain)
     set_block_options(ckpt, mode)
-    x = torch.randn(3, 1, 28, 28)
-    loss0, g0 = _loss_and_grads(plain, x, seeded)
-    loss1, g1 = _loss_and_grads(ckpt, x, seeded)
-    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6, msg=k)
+    _assert_close_runs(plain, ckpt, torch.randn(3, 1, 28, 28), seeded, atol=1e-6)
 
 
 def test_checkpointing_recomputes_and_selective_keeps_the_up_projections(seeded):
@@ -146,12 +151,7 @@ def test_compiled_blocks_match_eager_in_one_graph_each(task, mode, seeded):
         compiled.set_drop_path_generator(torch.Generator())
     set_block_options(compiled, mode, compile=True)
     torch._dynamo.utils.counters.clear()
-    x = torch.randn(4, 1, 28, 28)
-    loss0, g0 = _loss_and_grads(eager, x, seeded)
-    loss1, g1 = _loss_and_grads(compiled, x, seeded)
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
+    _assert_close_runs(eager, compiled, torch.randn(4, 1, 28, 28), seeded)
     # MAE: encoder and decoder blocks; fine-tune: block 0 (drop rate 0, no masks) and the rest
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     assert not torch._dynamo.utils.counters["graph_break"]
@@ -167,12 +167,7 @@ def test_compiled_fused_triton_blocks_trace_in_one_graph(seeded):
     compiled = copy.deepcopy(eager)
     set_block_options(compiled, "none", compile=True)
     torch._dynamo.utils.counters.clear()
-    x = torch.randn(2, 1, 28, 28)
-    loss0, g0 = _loss_and_grads(eager, x, seeded)
-    loss1, g1 = _loss_and_grads(compiled, x, seeded)
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-5, msg=k)
+    _assert_close_runs(eager, compiled, torch.randn(2, 1, 28, 28), seeded)
     assert not torch._dynamo.utils.counters["graph_break"]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
