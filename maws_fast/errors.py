@@ -20,3 +20,9 @@ class DataError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, torn, or does not fit the model."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose own files are missing, truncated, unreadable or fail their checksum (not one
+    made under another config, nor one that does not fit the model): a resume moves it aside and
+    falls back to the previous complete checkpoint."""

@@ -23,13 +23,14 @@ import os
 import re
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from maws_fast.errors import CheckpointError, UserError
+from maws_fast.errors import CheckpointDamaged, CheckpointError, UserError
 
 FORMAT_VERSION = 1
 
@@ -110,21 +111,44 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 
 def read_meta(path: str | Path) -> dict:
-    """``meta.json`` of checkpoint ``path``, after checking every file it lists has its recorded size."""
+    """``meta.json`` of checkpoint ``path``, after checking every file it lists has its recorded size
+    (and CRC-32, where the checkpoint recorded one). CheckpointDamaged says what is wrong."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a checkpoint: meta.json is missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}/meta.json is corrupt ({e}); delete {path} to fall back to an earlier checkpoint") from None
+        raise CheckpointDamaged(f"{path} is not a complete checkpoint: meta.json is missing") from None
+    except (ValueError, OSError) as e:
+        raise CheckpointDamaged(f"{path}/meta.json is corrupt ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointDamaged(f"{path}/meta.json is corrupt (it holds a {type(meta).__name__}, not an object)")
     for fname, size in meta.get("files", {}).items():
         f = path / fname
         if fname != "meta.json" and (not f.exists() or f.stat().st_size != size):
-            raise CheckpointError(
-                f"{f} is missing or truncated (expected {size} bytes); delete {path} to fall back to an earlier checkpoint"
-            )
+            raise CheckpointDamaged(f"{f} is missing or truncated (expected {size} bytes)")
+    for fname, crc in meta.get("crc32", {}).items():
+        check_crc32(path / fname, crc)
     return meta
+
+
+def file_crc32(path: str | Path) -> int:
+    """CRC-32 of a file's bytes, read in 16 MiB blocks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def check_crc32(path: Path, expected: int) -> None:
+    """CheckpointDamaged naming ``path`` when its bytes do not have the CRC-32 its checkpoint recorded."""
+    try:
+        got = file_crc32(path)
+    except OSError as e:
+        raise CheckpointDamaged(f"{path} cannot be read ({e})") from None
+    if got != expected:
+        raise CheckpointDamaged(f"{path} fails its checksum (CRC-32 {got:08x}, recorded {expected:08x}): "
+                                "its bytes changed after it was written")
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -47,10 +47,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from maws_fast.errors import CheckpointError, UserError
+from maws_fast.errors import CheckpointDamaged, CheckpointError, UserError
 from maws_fast.parallel.tensor import Piece, TPSplit, tp_full, tp_local
 from maws_fast.storage import (
     FORMAT_VERSION,
+    check_crc32,
+    file_crc32,
     fsync_dir,
     list_checkpoints,
     load_checkpoint,
@@ -136,13 +138,14 @@ def _write_rank(tmp: Path, rank: int, world: int, pieces: list[Piece], tensors: 
             flat[f"{p.key}/{n}"] = t
     f = tmp / f"rank_{rank:05d}.safetensors"
     write_tensors(f, flat)
+    info = {"rank": rank, "world": world, "token": token, "file": f.name, "bytes": f.stat().st_size,
+            "crc32": file_crc32(f),  # read back from the page cache: a later bit flip is caught on load
+            "names": names, "pieces": [_piece_to_json(p) for p in pieces], "meta": rank_meta}
     if rank == 0:
         write_tensors(tmp / "extra.safetensors", extra)
+        info["extra_crc32"] = file_crc32(tmp / "extra.safetensors")
     # written last: its presence tells rank 0 that this rank's tensors are complete on disk
-    write_json(tmp / f"rank_{rank:05d}.json", {
-        "rank": rank, "world": world, "token": token, "file": f.name, "bytes": f.stat().st_size,
-        "names": names, "pieces": [_piece_to_json(p) for p in pieces], "meta": rank_meta,
-    })
+    write_json(tmp / f"rank_{rank:05d}.json", info)
 
 
 def _commit(directory: Path, tmp: Path, final: Path, world: int, meta: dict, keep: int | None) -> None:
@@ -185,12 +188,14 @@ def _commit(directory: Path, tmp: Path, final: Path, world: int, meta: dict, kee
         "world": world,
         "keys": keys,
         "optim": bool(names) and all(set(NAMES) <= n for n in names),
-        "ranks": [{"file": i["file"], "bytes": i["bytes"], "json": i["json"], "json_bytes": i["json_bytes"],
+        "ranks": [{"file": i["file"], "bytes": i["bytes"], "crc32": i["crc32"], "json": i["json"],
+                   "json_bytes": i["json_bytes"],
                    # empty pieces carry no data: only the key index above keeps them
                    "pieces": [d for d in i["pieces"] if d["start"] < d["end"]]} for i in infos],
     }
     out = {**meta, "format_version": FORMAT_VERSION, "sharded": layout, "rank_meta": [i["meta"] for i in infos],
-           "files": {"extra.safetensors": (tmp / "extra.safetensors").stat().st_size}}
+           "files": {"extra.safetensors": (tmp / "extra.safetensors").stat().st_size},
+           "crc32": {"extra.safetensors": infos[0]["extra_crc32"]}}
     write_json(tmp / "meta.json", out)
     fsync_dir(tmp)
     replace_dir(tmp, final)
@@ -295,20 +300,19 @@ class _Shards:
         try:
             if rank not in self.open:
                 if not f.is_file() or f.stat().st_size != info["bytes"]:
-                    raise CheckpointError(f"{f} is missing or truncated (expected {info['bytes']} bytes); delete "
-                                          f"{self.path} to fall back to an earlier checkpoint")
+                    raise CheckpointDamaged(f"{f} is missing or truncated (expected {info['bytes']} bytes)")
+                if info.get("crc32") is not None:  # checkpoints of earlier versions carry none
+                    check_crc32(f, info["crc32"])
                 self.open[rank] = self.stack.enter_context(safe_open(str(f), framework="pt"))
             return self.open[rank].get_slice(name)[a:b]
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{f} is not a readable shard ({e}); delete {self.path} to fall back to an "
-                                  f"earlier checkpoint") from None
+            raise CheckpointDamaged(f"{f} is not a readable shard ({e})") from None
 
 
 def _gather(shards: _Shards, cands: list[tuple[Piece, int]], name: str, key: str, lo: int, hi: int) -> torch.Tensor:
     parts = _cover(cands, lo, hi)
     if parts is None:
-        raise CheckpointError(f"{shards.path} is incomplete: some elements of {key!r} are in no rank file; "
-                              f"delete it to fall back to an earlier checkpoint")
+        raise CheckpointDamaged(f"{shards.path} is incomplete: some elements of {key!r} are in no rank file")
     chunks = [shards.read(r, f"{key}/{name}", a - p.start, b - p.start) for a, b, p, r in parts]
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
@@ -392,8 +396,7 @@ def load_sharded(
             out[p.key] = {}
             src = [c for c in by_key.get(p.key, []) if match is None or c[1] == match]
             if p.start < p.end and not src:
-                raise CheckpointError(f"{path} is incomplete: no rank file holds {p.key!r}; delete it to fall back "
-                                      f"to an earlier checkpoint")
+                raise CheckpointDamaged(f"{path} is incomplete: no rank file holds {p.key!r}")
             for n in names:  # one tensor at a time bounds memory by the largest full tensor
                 if p.start == p.end:
                     out[p.key][n] = torch.empty(0, dtype=torch.float32)

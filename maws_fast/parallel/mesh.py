@@ -150,3 +150,12 @@ def all_reduce_mean(t: torch.Tensor, mesh: Mesh) -> torch.Tensor:
         dist.all_reduce(t, group=mesh.dp_group)
         t.div_(mesh.dims.dp)
     return t
+
+
+def all_gather_objects(obj, mesh: Mesh) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in one process."""
+    if not mesh.distributed:
+        return [obj]
+    out = [None] * mesh.dims.world
+    dist.all_gather_object(out, obj)
+    return out

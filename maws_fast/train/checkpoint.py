@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from maws_fast.data.loader import Loader
-from maws_fast.errors import CheckpointError
+from maws_fast.errors import CheckpointDamaged, CheckpointError
 from maws_fast.parallel.checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
 from maws_fast.parallel.engine import Engine, consolidated_state_dict
-from maws_fast.parallel.mesh import Mesh
+from maws_fast.parallel.mesh import Mesh, all_gather_objects
 from maws_fast.storage import read_meta, save_checkpoint
 from maws_fast.train.metrics import drop_rows_after
 from maws_fast.train.optim import param_groups
@@ -44,6 +44,19 @@ def check_fingerprint(saved: dict, fingerprint: dict, where: Path) -> None:
             f"{where} was made with a different config ({'; '.join(diff[:6])}). Resuming it would mix two runs: "
             f"use a new --run.out_dir, or delete {where.parent if where.name == 'final' else where.parent.parent} to start over"
         )
+
+
+def move_aside(path: Path, why: str) -> Path:
+    """Move damaged checkpoint ``path`` into ``<its parent>/damaged/`` under a name no other takes,
+    with ``why`` in ``DAMAGED.txt`` beside its files; returns where it went."""
+    dest_dir = path.parent / "damaged"
+    dest_dir.mkdir(exist_ok=True)
+    dest, n = dest_dir / path.name, 1
+    while dest.exists():
+        dest, n = dest_dir / f"{path.name}.{n}", n + 1
+    path.rename(dest)
+    (dest / "DAMAGED.txt").write_text(why + "\n")
+    return dest
 
 
 def frozen_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -130,12 +143,38 @@ class Checkpointer:
             if data_state is not None:
                 self.loader.load_state_dict(data_state)  # the reader resumes where it stopped
         if self.mesh.rank == 0:
-            drop_rows_after(self.stage_dir / "metrics.jsonl", step)  # rows past the checkpoint are re-logged
+            metrics = self.stage_dir / "metrics.jsonl"
+            _, bad = drop_rows_after(metrics, step)  # rows past the checkpoint are re-logged
+            if bad:
+                echo(f"[{self.name}] WARNING: dropped {len(bad)} line(s) of {metrics} that are not JSON rows (torn or "
+                     f"garbled; line {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''})")
         saved_world = meta.get("parallel", {}).get("world")
         echo(f"[{self.name}] resuming from {path} at step {step}/{self.total}"
              + (f" (saved by {saved_world} processes, resharded)" if saved_world not in (None, self.mesh.dims.world)
                 else ""))
         return step
+
+    def resume_newest(self, ckpts: list[Path], legacy_order: list[str], echo: Callable[[str], None]) -> int:
+        """Resume from the newest of ``ckpts`` (oldest first) that loads on every rank. A damaged one
+        (:class:`CheckpointDamaged` on any rank: a file missing, truncated, unreadable or failing its
+        checksum) is moved aside into ``ckpt/damaged/`` (never deleted) with a warning naming what is
+        wrong, and the previous one is tried. Collective: the ranks agree on each attempt."""
+        for path in reversed(ckpts):
+            why = None
+            try:
+                return_step = self.resume(path, legacy_order, echo)
+            except CheckpointDamaged as e:
+                why = str(e)
+            reasons = [r for r in all_gather_objects(why, self.mesh) if r is not None]
+            if not reasons:
+                return return_step
+            if self.mesh.rank == 0:
+                aside = move_aside(path, reasons[0])
+                echo(f"[{self.name}] WARNING: checkpoint {path.name} is damaged ({reasons[0]}); moved it to {aside} "
+                     f"and falling back to the previous one")
+            self.mesh.barrier()  # nobody lists or reads the directory while rank 0 moves it
+        raise CheckpointError(f"[{self.name}] no complete checkpoint is left under {self.ckpt_dir} (the damaged ones "
+                              f"are in {self.ckpt_dir / 'damaged'}); run again to start the stage over, or restore one")
 
     def save_final(self, step: int, train_seconds: float) -> Path:
         """Consolidate the weights (collective), rank 0 writes ``final/`` and drops ``ckpt/``; every rank
@@ -144,6 +183,11 @@ class Checkpointer:
         if self.mesh.rank == 0:
             save_checkpoint(self.stage_dir, "final", {**self.frozen, **weights},
                             {**self.meta(step), "done": True, "train_seconds": round(train_seconds, 2)})
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # the final checkpoint supersedes the resumable ones
+            # the final checkpoint supersedes the resumable ones; damaged ones moved aside stay for a person
+            for p in (self.ckpt_dir.iterdir() if self.ckpt_dir.is_dir() else []):
+                if p.name != "damaged":
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if self.ckpt_dir.is_dir() and not any(self.ckpt_dir.iterdir()):
+                self.ckpt_dir.rmdir()
         self.mesh.barrier()  # nobody moves on (and reads final) before rank 0 has written it
         return self.final_dir

@@ -167,7 +167,7 @@ def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, d
                          kernel_backend=getattr(stage.model, "kernel_backend", None))
     ckpt = Checkpointer(stage.name, stage_dir, stage.fingerprint, engine, stage.loader, mesh, parallel.zero_stage,
                         total, frozen)
-    step = ckpt.resume(ckpts[-1], legacy_order, echo) if ckpts else 0
+    step = ckpt.resume_newest(ckpts, legacy_order, echo) if ckpts else 0
     return engine, ckpt, step
 
 

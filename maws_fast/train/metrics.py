@@ -39,24 +39,40 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """All rows of a JSONL metrics file (empty list if it does not exist)."""
+def read_metrics(path: str | Path, bad: list[int] | None = None) -> list[dict]:
+    """All rows of a JSONL metrics file (empty list if it does not exist). A line that is not a
+    JSON object (torn by a crash mid-write or a full disk, or garbled) is skipped; its 1-based line
+    number goes to ``bad`` when a list is given."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif bad is not None:
+            bad.append(i)
+    return rows
 
 
-def drop_rows_after(path: str | Path, step: int) -> int:
-    """Remove rows logged after ``step`` (a resumed run re-does those steps); returns how many.
+def drop_rows_after(path: str | Path, step: int) -> tuple[int, list[int]]:
+    """Remove rows logged after ``step`` (a resumed run re-does those steps) and the lines that are
+    not rows (torn, garbled); returns (rows dropped, line numbers of the bad lines).
 
     The file is rewritten atomically, so a crash here cannot lose the rows that are kept.
     """
-    rows = read_metrics(path)
-    keep = [r for r in rows if r.get("step", 0) <= step]
-    if len(keep) < len(rows):
+    bad: list[int] = []
+    rows = read_metrics(path, bad)
+    keep = [r for r in rows if isinstance(r.get("step", 0), (int, float)) and r.get("step", 0) <= step]
+    if len(keep) < len(rows) or bad:
         atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
-    return len(rows) - len(keep)
+    return len(rows) - len(keep), bad
 
 
 class Throughput:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from maws_fast.cli import ckpt_main
-from maws_fast.errors import CheckpointError, UserError
+from maws_fast.errors import CheckpointDamaged, CheckpointError, UserError
 from maws_fast.parallel import checkpoint as pc
 from maws_fast.parallel.tensor import Piece, TPSplit, tp_full, tp_local
 
@@ -243,11 +243,26 @@ def test_truncated_rank_file_and_corrupt_meta_are_named(tmp_path):
     with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) - 8)
     pc.load_sharded(path, ranks[0])  # the fast path of rank 0 never touches rank 1's file
-    with pytest.raises(CheckpointError, match=r"rank_00001\.safetensors is missing or truncated.*delete"):
+    with pytest.raises(CheckpointDamaged, match=r"rank_00001\.safetensors is missing or truncated"):
         pc.load_sharded(path, ranks[1])
     (path / "meta.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=r"meta\.json is corrupt"):
+    with pytest.raises(CheckpointDamaged, match=r"meta\.json is corrupt"):
         pc.load_sharded(path, ranks[0])
+
+
+@pytest.mark.parametrize("victim", ["rank_00001.safetensors", "extra.safetensors"])
+def test_a_flipped_bit_fails_the_checksum_and_is_named(tmp_path, victim):
+    """Same size, one bit changed: only the CRC-32 every file carries in meta.json can see it."""
+    full, extra = _model()
+    ranks = _layout(1, 2, "zero")
+    _save(tmp_path, "step_00000001", ranks, full, extra)
+    path = tmp_path / "step_00000001"
+    f = path / victim
+    data = bytearray(f.read_bytes())
+    data[len(data) - 3] ^= 0x10  # inside the tensor bytes (the header is at the start)
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointDamaged, match=rf"{victim} fails its checksum"):
+        pc.load_sharded(path, ranks[1])
 
 
 def test_model_that_does_not_fit_names_key_and_shapes(tmp_path):

@@ -63,6 +63,72 @@ def test_resume_matches_uninterrupted_mae(tmp_path, data, stop_at):
     assert steps == sorted(steps) and steps[-1] == 12
 
 
+def _damage(ckpt, how: str) -> None:
+    f = ckpt / "rank_00000.safetensors"
+    if how == "truncated shard":
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size - 100)
+    elif how == "flipped bit":
+        data = bytearray(f.read_bytes())
+        data[-5] ^= 0x01
+        f.write_bytes(bytes(data))
+    elif how == "torn meta":
+        (ckpt / "meta.json").write_text((ckpt / "meta.json").read_text()[:50])
+    elif how == "empty dir":
+        for p in ckpt.iterdir():
+            p.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated shard", "flipped bit", "torn meta", "empty dir"])
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_exactly(tmp_path, data, how):
+    """The previous complete checkpoint takes over: the final weights equal an uninterrupted run's,
+    the damaged one is kept under ckpt/damaged/ with what was wrong, and the log says so."""
+    dev = torch.device("cpu")
+    cfg_a, cfg_b = small_cfg(tmp_path / "a"), small_cfg(tmp_path / "b")
+    final_a = run_stage(mae_stage(cfg_a, data, dev), cfg_a.run.out_dir, cfg_a.run, dev, echo=lambda s: None)
+    run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, stop_at_step=8, echo=lambda s: None)
+    ckpt_dir = tmp_path / "b" / "mae" / "ckpt"
+    assert [p.name for p in list_checkpoints(ckpt_dir)] == ["step_00000004", "step_00000008"]
+    _damage(ckpt_dir / "step_00000008", how)
+    logs = []
+    final_b = run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=logs.append)
+    warning = next(line for line in logs if "WARNING" in line)
+    assert "step_00000008 is damaged" in warning and "falling back" in warning
+    assert any("resuming from" in line and "step 4/12" in line for line in logs)
+    wa, wb = _weights(final_a), _weights(final_b)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    aside = ckpt_dir / "damaged" / "step_00000008"
+    assert aside.is_dir() and (aside / "DAMAGED.txt").read_text().strip() in warning
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["damaged"]  # the final save kept only the damaged one
+
+
+def test_every_checkpoint_damaged_is_one_clear_error_and_nothing_is_deleted(tmp_path, data):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, stop_at_step=8, echo=lambda s: None)
+    ckpt_dir = tmp_path / "mae" / "ckpt"
+    for c in list_checkpoints(ckpt_dir):
+        _damage(c, "torn meta")
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint is left under .*run again to start the stage"):
+        run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    assert sorted(p.name for p in (ckpt_dir / "damaged").iterdir()) == ["step_00000004", "step_00000008"]
+
+
+def test_torn_metric_rows_are_dropped_with_a_warning_on_resume(tmp_path, data):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, stop_at_step=8, echo=lambda s: None)
+    metrics = tmp_path / "mae" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:2] + ["[1, 2]", "\x00\x00garbage"] + lines[2:]) + "\n" + lines[-1][:17])
+    logs = []
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=logs.append)
+    assert any("WARNING: dropped 3 line(s)" in line and "not JSON rows" in line for line in logs)
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]
+
+
 def test_resume_matches_uninterrupted_wsp_from_mae(tmp_path, data):
     dev = torch.device("cpu")
     cfgs = [small_cfg(tmp_path / n) for n in "ab"]
