@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from maws_fast.config import Config
+from maws_fast.config import Config, resolve_parallel, resolve_run
 from maws_fast.errors import ConfigError
 from maws_fast.parallel.mesh import Mesh
 from maws_fast.storage import WEIGHT_SUFFIXES
@@ -17,17 +17,25 @@ TRAINED = ("mae", "wsp", "wsp_scratch")  # stages whose final/ weights a later s
 
 
 def fingerprints(cfg: Config) -> dict[str, dict]:
-    """The config each stage's result depends on (a changed one must not resume an old run)."""
+    """The config each stage's result depends on (a changed one must not resume an old run): the
+    seed, the data, the model (its kernel and attention backends too), the stage's own section, and
+    the numerics (resolved precision, weight dtype, gradient accumulation). Not in it, so free to
+    change on resume: the world size and TP layout (checkpoints reshard), the engine and ZeRO stage,
+    checkpoint / log intervals, progress display, threads, compile and activation checkpointing."""
     d = cfg.data
     data = {"dataset": d.dataset, "mean": d.mean, "std": d.std}
     resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731
     if d.loader != "reference":  # another loader reads other samples in another order
         data.update(loader=d.loader, format=d.format, train=resolve(d.train), wsp_train=resolve(d.wsp_train),
                     tags=resolve(d.tags), vocab=resolve(d.vocab), max_tags=d.max_tags)
-    model = dataclasses.asdict(cfg.model)
-    mae = {"seed": cfg.run.seed, "data": data, "model": model, "mae": dataclasses.asdict(cfg.mae)}
+    model = dataclasses.asdict(cfg.model)  # the kernel and attention backends included
+    # how the numbers are computed: the compute dtype, the weights' dtype, the micro-batch split
+    precision = resolve_run(cfg.run).precision
+    numerics = {"precision": precision, "param_dtype": resolve_parallel(cfg.parallel, precision, 1).param_dtype,
+                "grad_accum": cfg.parallel.grad_accum}
+    mae = {"seed": cfg.run.seed, "numerics": numerics, "data": data, "model": model, "mae": dataclasses.asdict(cfg.mae)}
     wsp_cfg = {k: v for k, v in dataclasses.asdict(cfg.wsp).items() if k not in ("init", "compare_scratch")}
-    wsp = {"seed": cfg.run.seed, "data": data, "model": model, "wsp": wsp_cfg}
+    wsp = {"seed": cfg.run.seed, "numerics": numerics, "data": data, "model": model, "wsp": wsp_cfg}
     init = cfg.wsp.init if cfg.wsp.init in ("mae", "scratch") else str(Path(cfg.wsp.init).resolve())
     out = {
         "mae": mae,
@@ -37,7 +45,7 @@ def fingerprints(cfg: Config) -> dict[str, dict]:
     f = cfg.finetune
     ft_cfg = {k: v for k, v in dataclasses.asdict(f).items() if k not in ("init", "compare")}
     ft_data = dict(data, eval_train=resolve(d.eval_train)) if d.loader != "reference" else data
-    ft = {"seed": cfg.run.seed, "data": ft_data, "model": dataclasses.asdict(finetune_model_config(cfg)),
+    ft = {"seed": cfg.run.seed, "numerics": numerics, "data": ft_data, "model": dataclasses.asdict(finetune_model_config(cfg)),
           "finetune": ft_cfg}
     for name, ft_init, _ in finetune_runs(cfg):
         src = out[ft_init] if ft_init in out else str(Path(ft_init).resolve())

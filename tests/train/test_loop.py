@@ -1,5 +1,6 @@
 """The training loop: exact resume, config-mismatch refusal, MAE -> WSP initialisation, metrics."""
 import json
+import re
 
 import pytest
 import torch
@@ -155,6 +156,35 @@ def test_wsp_starts_from_the_mae_encoder(tmp_path, data):
             assert torch.equal(v, mae_w[k]), k
     scratch = wsp_stage(cfg, data, dev, "wsp_scratch", "scratch")
     assert not torch.equal(scratch.model.blocks[0].attn.qkv.weight, mae_w["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--run.precision=bf16", "numerics.precision: 'fp32' -> 'bf16'"),
+    ("--parallel.param_dtype=bf16", "numerics.param_dtype: 'fp32' -> 'bf16'"),
+    ("--parallel.grad_accum=2", "numerics.grad_accum: 1 -> 2"),
+    ("--model.attn_backend=manual", "model.attn_backend: 'sdpa' -> 'manual'"),
+])
+def test_settings_that_change_the_numbers_refuse_to_resume(tmp_path, data, override, named):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, stop_at_step=4, echo=lambda s: None)
+    changed = small_cfg(tmp_path, override)
+    with pytest.raises(CheckpointError, match=re.escape(named)):
+        run_stage(mae_stage(changed, data, dev), changed.run.out_dir, changed.run, dev, echo=lambda s: None)
+
+
+@pytest.mark.parametrize("override", ["--run.log_every=3", "--run.ckpt_every=5", "--run.progress=true",
+                                      "--run.activation_checkpoint=full", "--parallel.zero_stage=0"])
+def test_settings_that_do_not_change_the_numbers_may_change_on_resume(tmp_path, data, override):
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path / "a")
+    ref = _weights(run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None))
+    cfg = small_cfg(tmp_path / "b")
+    run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, stop_at_step=4, echo=lambda s: None)
+    changed = small_cfg(tmp_path / "b", override)
+    got = _weights(run_stage(mae_stage(changed, data, dev), changed.run.out_dir, changed.run, dev, echo=lambda s: None))
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
 
 
 def test_changed_config_refuses_to_resume_and_names_keys(tmp_path, data):
