@@ -292,3 +292,76 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
     model = load_tensors(path / "model.safetensors")
     optim = load_tensors(path / "optim.safetensors") if (path / "optim.safetensors").exists() else None
     return model, meta, optim
+
+
+# --- one job per output directory --------------------------------------------------------------
+LOCK_NAME = ".maws-train.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _job_id() -> str | None:
+    """torchrun's rendezvous id: the same for every restart of one elastic job ("none" = not set)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return None if run_id in (None, "", "none") else run_id
+
+
+def acquire_run_lock(out_dir: str | Path, warn) -> Path:
+    """Take ``out_dir``'s lock file (host, pid, start time, torchrun job id), created exclusively.
+
+    A lock held by a live process (or by one on another host) is a UserError naming the holder. A
+    stale one -- its pid dead on this host, or left by an earlier incarnation of this same torchrun
+    job (an elastic restart) -- is taken over, with ``warn(message)``. Returns the lock's path.
+    """
+    import socket
+    import time
+
+    path = Path(out_dir) / LOCK_NAME
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "job": _job_id(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                if not isinstance(holder, dict):
+                    raise ValueError("not an object")
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except (ValueError, OSError):
+                holder = {}
+            same_job = me["job"] is not None and holder.get("job") == me["job"]
+            stale = not holder or same_job or (holder.get("host") == me["host"]
+                                               and not _pid_alive(int(holder.get("pid", -1))))
+            if not stale:
+                raise UserError(
+                    f"{out_dir} is in use by another job: pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('started')} (lock file {path}). Wait for it to finish or use another --run.out_dir; "
+                    f"if that job is gone, delete {path}")
+            what = ("unreadable" if not holder else f"left by an earlier run of this job (pid {holder.get('pid')})"
+                    if same_job else f"left by pid {holder.get('pid')}, which is no longer running")
+            warn(f"WARNING: taking over the lock {path} ({what})")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise UserError(f"could not take the lock {path}: other jobs keep taking it; use another --run.out_dir")
+
+
+def release_run_lock(path: Path) -> None:
+    """Remove the lock if it is still this process's."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -24,9 +24,9 @@ from maws_fast.eval.evaluate import check_eval_config, feature_sets, probe_encod
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
 from maws_fast.models.vit import load_encoder, unwrap_state_dict
-from maws_fast.parallel.mesh import Mesh, destroy, init_distributed
+from maws_fast.parallel.mesh import Mesh, all_gather_objects, destroy, init_distributed
 from maws_fast.seeds import Stream, mix_seed
-from maws_fast.storage import atomic_write_text, load_checkpoint, read_meta, read_weights
+from maws_fast.storage import acquire_run_lock, atomic_write_text, load_checkpoint, read_meta, read_weights, release_run_lock
 from maws_fast.train.checkpoint import check_fingerprint
 from maws_fast.train.finetune import check_finetune_config, finetune_eval, finetune_stage
 from maws_fast.train.loop import Stage, run_stage, say, silent
@@ -190,7 +190,9 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     mesh = init_distributed(tp=cfg.parallel.tp, device=device, backend=cfg.parallel.backend)
+    lock = None
     try:
+        lock = _lock_out_dir(out, mesh, echo)
         if mesh.distributed and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
         if mesh.rank != 0:
@@ -203,7 +205,24 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
             torch.backends.cudnn.allow_tf32 = True
         return _run_stages(cfg, out, device, mesh, echo)
     finally:
+        if lock is not None:
+            release_run_lock(lock)
         destroy()
+
+
+def _lock_out_dir(out: Path, mesh: Mesh, echo: Echo) -> Path | None:
+    """Rank 0 takes the output directory's lock (one job per out_dir); every rank raises the same
+    error when it cannot, so no rank waits for the others. Returns the lock on rank 0."""
+    lock, err = None, None
+    if mesh.rank == 0:
+        try:
+            lock = acquire_run_lock(out, echo)
+        except UserError as e:
+            err = str(e)
+    errs = [e for e in all_gather_objects(err, mesh) if e]
+    if errs:
+        raise UserError(errs[0])
+    return lock
 
 
 def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: Echo) -> dict:
