@@ -11,8 +11,10 @@ from maws_fast.errors import UserError
 
 
 def _fail(prog: str, err: Exception) -> int:
-    print(f"{prog}: error: {err}", file=sys.stderr)
-    return 2
+    """One line on stderr; exit 2, or the error's own ``exit_code`` (a preempted run: 75, resumable)."""
+    code = getattr(err, "exit_code", 2)
+    print(f"{prog}: {'error: ' if code == 2 else ''}{err}", file=sys.stderr)
+    return code
 
 
 def _record(fn):

@@ -32,6 +32,7 @@ from maws_fast.parallel.mesh import Mesh, single_process
 from maws_fast.storage import list_checkpoints, read_meta
 from maws_fast.train.checkpoint import Checkpointer, check_fingerprint, frozen_tensors, legacy_optim_order
 from maws_fast.train.metrics import StepLog
+from maws_fast.train.preempt import Preempted, Preemption, signal_name
 from maws_fast.train.optim import param_groups
 from maws_fast.train.schedule import lr_at
 
@@ -213,6 +214,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     # bf16 autocast: matmuls in bf16; weights per parallel.param_dtype, AdamW state fp32 (no loss scaling needed).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
     batches = _batches(stage.loader, step)
+    preempt = Preemption(mesh, device)  # SIGTERM / SIGUSR1 / SIGINT: checkpoint this step and stop
     t_start = time.perf_counter()
     try:
         while step < total:
@@ -221,13 +223,18 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             loss, norm = train_step(engine, _to_device(imgs, device), _to_device(targets, device), step, lr,
                                     _clip_for(o.clip_grad, log.is_log_step(step + 1)), parallel.grad_accum, autocast)
             step += 1
-            at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step)
+            stop = preempt.poll()  # the same answer on every rank
+            at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step or bool(stop))
             log.after_step(step, loss, imgs.shape[0] * mesh.dims.dp, lr, sync=at_ckpt, grad_norm=norm)
             if at_ckpt:
                 ckpt.save(step)
             if step == stop_at_step and step < total:
                 return None
+            if stop and step < total:
+                raise Preempted(f"[{stage.name}] stopped by {signal_name(stop)} after step {step}/{total}; checkpoint "
+                                f"{ckpt.ckpt_dir / f'step_{step:08d}'} written: run the same command to resume")
     finally:
+        preempt.close()
         log.close()
 
     elapsed = time.perf_counter() - t_start

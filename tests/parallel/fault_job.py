@@ -2,6 +2,7 @@
 
 FAULT=step: rank 1 raises a UserError in the forward of step 3.
 FAULT=save: rank 1's second checkpoint write fails with "No space left on device".
+FAULT=sigterm: rank 1 sends itself SIGTERM during step 3 (as a preempting scheduler would, to one rank).
 """
 import os
 import sys
@@ -32,6 +33,19 @@ if os.environ.get("RANK") == "1":
             real_write(path, tensors)
 
         checkpoint.write_tensors = failing_write
+    elif fault == "sigterm":
+        import signal
+
+        from maws_fast.train import objectives
+
+        real_forward = objectives.MAEObjective.forward
+
+        def signalled_forward(self, imgs, targets, step, *args):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_forward(self, imgs, targets, step, *args)
+
+        objectives.MAEObjective.forward = signalled_forward
 
 from maws_fast.cli import train_main  # noqa: E402
 

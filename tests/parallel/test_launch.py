@@ -93,3 +93,24 @@ def test_a_failed_shard_write_leaves_no_torn_checkpoint(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout and "step_00000002" in again.stdout
     assert (tmp_path / "mae" / "final" / "model.safetensors").exists()
+
+
+@needs_fmnist
+def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_and_resumes_exactly(tmp_path):
+    """Preemption reaching rank 1 only, during step 3 (index): the ranks agree one poll later, both
+    finish step 5, write its checkpoint and exit 75 with one line; the resumed job ends with the weights
+    of an uninterrupted 2-rank job, bit for bit."""
+    args = [*ARGS, "--run.ckpt_every=100"]
+    ref = torchrun(["tests/parallel/fault_job.py"], [*args, f"--run.out_dir={tmp_path / 'ref'}"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    got = torchrun(["tests/parallel/fault_job.py"], [*args, f"--run.out_dir={out}"], env={"FAULT": "sigterm"})
+    assert got.returncode != 0
+    err = got.stderr + got.stdout
+    assert "stopped by SIGTERM after step 5/8" in err and "exitcode: 75" in err
+    assert _complete_checkpoints(out / "mae" / "ckpt") == ["step_00000005"]
+    again = torchrun(["tests/parallel/fault_job.py"], [*args, f"--run.out_dir={out}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "step 5/8" in again.stdout
+    wa, wb = final_weights(tmp_path / "ref"), final_weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

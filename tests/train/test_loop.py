@@ -498,3 +498,59 @@ def test_metrics_rows_on_a_gpu_carry_mfu_and_peak_memory(tmp_path, data):
 
     if peak_tflops(dev, "bf16", True) is not None:  # a GPU of the table (the lent H100 / H200)
         assert all(0 < r["mfu"] < 1 for r in rows)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_a_signal_checkpoints_the_current_step_and_the_resume_is_exact(tmp_path, data, monkeypatch, sig):
+    """The signal arrives during step 7 (not a checkpoint step): step 7 finishes, is checkpointed, the
+    stage raises Preempted (exit 75 in the CLI) naming the checkpoint; the resumed run ends with the
+    uninterrupted run's weights bit for bit."""
+    import os
+    import signal
+
+    from maws_fast.train import loop
+    from maws_fast.train.preempt import PREEMPTED_EXIT, Preempted
+
+    dev = torch.device("cpu")
+    cfg_a, cfg_b = small_cfg(tmp_path / "a"), small_cfg(tmp_path / "b")
+    ref = _weights(run_stage(mae_stage(cfg_a, data, dev), cfg_a.run.out_dir, cfg_a.run, dev, echo=lambda s: None))
+    real = loop.train_step
+
+    def signalled(engine, imgs, targets, step, *args):
+        if step == 6:  # the 7th step
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real(engine, imgs, targets, step, *args)
+
+    monkeypatch.setattr(loop, "train_step", signalled)
+    with pytest.raises(Preempted, match=rf"stopped by {sig} after step 7/12; checkpoint .*step_00000007 written") as e:
+        run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=lambda s: None)
+    assert e.value.exit_code == PREEMPTED_EXIT == 75
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "mae" / "ckpt")] == ["step_00000004", "step_00000007"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the stage
+    monkeypatch.setattr(loop, "train_step", real)
+    got = _weights(run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=lambda s: None))
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_sigint_twice_interrupts_at_once(tmp_path, data, monkeypatch):
+    import os
+    import signal
+
+    from maws_fast.train import loop
+
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    real = loop.train_step
+
+    def twice(engine, imgs, targets, step, *args):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(engine, imgs, targets, step, *args)
+
+    monkeypatch.setattr(loop, "train_step", twice)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    assert [p.name for p in list_checkpoints(tmp_path / "mae" / "ckpt")] == []  # before the first checkpoint
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
