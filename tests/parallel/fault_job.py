@@ -3,6 +3,7 @@
 FAULT=step: rank 1 raises a UserError in the forward of step 3.
 FAULT=save: rank 1's second checkpoint write fails with "No space left on device".
 FAULT=sigterm: rank 1 sends itself SIGTERM during step 3 (as a preempting scheduler would, to one rank).
+FAULT=kill: rank 1 SIGKILLs itself during step 3 of the job's first attempt (torchrun restart count 0).
 """
 import os
 import sys
@@ -46,6 +47,19 @@ if os.environ.get("RANK") == "1":
             return real_forward(self, imgs, targets, step, *args)
 
         objectives.MAEObjective.forward = signalled_forward
+    elif fault == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        import signal
+
+        from maws_fast.train import objectives
+
+        real_forward = objectives.MAEObjective.forward
+
+        def killed_forward(self, imgs, targets, step, *args):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_forward(self, imgs, targets, step, *args)
+
+        objectives.MAEObjective.forward = killed_forward
 
 from maws_fast.cli import train_main  # noqa: E402
 

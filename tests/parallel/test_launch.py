@@ -22,8 +22,10 @@ ARGS = ["--model.preset=tiny", "--run.stages=[mae]", "--mae.epochs=0.03", "--mae
         f"--data.root={FMNIST_ROOT}", "--model.attn_backend=manual"]
 
 
-def torchrun(script: list[str], args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script, *args]
+def torchrun(script: list[str], args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300,
+             launcher: tuple[str, ...] = ()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher,
+           *script, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
 
@@ -112,5 +114,21 @@ def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_and_resumes_exac
     again = torchrun(["tests/parallel/fault_job.py"], [*args, f"--run.out_dir={out}"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout and "step 5/8" in again.stdout
+    wa, wb = final_weights(tmp_path / "ref"), final_weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@needs_fmnist
+def test_an_elastic_restart_resumes_by_itself_to_the_uninterrupted_weights(tmp_path):
+    """torchrun --max-restarts=1: rank 1 is SIGKILLed mid-run; torchrun restarts both workers, they
+    take over the job's own lock, resume from the last complete checkpoint (step 2) and finish with
+    the weights of an uninterrupted job, bit for bit."""
+    ref = torchrun(["tests/parallel/fault_job.py"], [*ARGS, f"--run.out_dir={tmp_path / 'ref'}"])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    got = torchrun(["tests/parallel/fault_job.py"], [*ARGS, f"--run.out_dir={out}"], env={"FAULT": "kill"},
+                   launcher=("--max-restarts=1",))
+    assert got.returncode == 0, (got.stdout + got.stderr)[-4000:]
+    assert "resuming from" in got.stdout and "step_00000002" in got.stdout
     wa, wb = final_weights(tmp_path / "ref"), final_weights(out)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
