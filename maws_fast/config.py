@@ -349,6 +349,10 @@ class ParallelConfig:
         "auto = bf16 when run.precision resolves to bf16 and the engine is ours or fsdp2, else fp32")
     grad_accum: int = setting(1, "micro-batches per optimizer step (no communication until the last)")
     backend: str = setting("auto", "process-group backend: auto (nccl on cuda, else gloo) | gloo | nccl")
+    timeout_s: float = setting(1800.0, "seconds a collective may wait for a missing rank before it fails")
+    stall_timeout_s: float = setting(
+        300.0, "the heartbeat watchdog ends the job, naming the rank, when a rank's process has not beaten for this "
+        "many seconds (SIGSTOP, a frozen host); 0 = off. Under torchrun only")
 
     def __post_init__(self):
         _check(self.engine in PARALLEL_ENGINES, "parallel.engine", f"{self.engine!r}: choose from {PARALLEL_ENGINES}")
@@ -362,6 +366,8 @@ class ParallelConfig:
         _check(self.engine != "ddp" or self.param_dtype in ("auto", "fp32"), "parallel.param_dtype",
                "ddp keeps fp32 weights; use engine=ours or fsdp2 for a bf16 model copy (or run.precision=bf16)")
         _check(self.grad_accum >= 1, "parallel.grad_accum", "must be >= 1")
+        _check(self.timeout_s > 0, "parallel.timeout_s", "must be > 0 seconds")
+        _check(self.stall_timeout_s >= 0, "parallel.stall_timeout_s", "must be >= 0 seconds (0 = off)")
         _check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", f"{self.backend!r}: use auto, gloo or nccl")
 
 

@@ -29,6 +29,7 @@ from maws_fast.errors import UserError
 from maws_fast.models.vit import set_block_options
 from maws_fast.parallel.engine import Engine, parallelize
 from maws_fast.parallel.mesh import Mesh, single_process
+from maws_fast.parallel.watchdog import progress
 from maws_fast.storage import list_checkpoints, read_meta
 from maws_fast.train.checkpoint import Checkpointer, check_fingerprint, frozen_tensors, legacy_optim_order
 from maws_fast.train.metrics import StepLog
@@ -223,6 +224,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
             loss, norm = train_step(engine, _to_device(imgs, device), _to_device(targets, device), step, lr,
                                     _clip_for(o.clip_grad, log.is_log_step(step + 1)), parallel.grad_accum, autocast)
             step += 1
+            progress(stage.name, step)  # what this rank's heartbeat reports
             stop = preempt.poll()  # the same answer on every rank
             at_ckpt = step < total and (step % run.ckpt_every == 0 or step == stop_at_step or bool(stop))
             log.after_step(step, loss, imgs.shape[0] * mesh.dims.dp, lr, sync=at_ckpt, grad_norm=norm)

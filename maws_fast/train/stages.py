@@ -25,6 +25,7 @@ from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
 from maws_fast.models.vit import load_encoder, unwrap_state_dict
 from maws_fast.parallel.mesh import Mesh, all_gather_objects, destroy, init_distributed
+from maws_fast.parallel.watchdog import start_watchdog, stop_watchdog
 from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import acquire_run_lock, atomic_write_text, load_checkpoint, read_meta, read_weights, release_run_lock
 from maws_fast.train.checkpoint import check_fingerprint
@@ -189,9 +190,11 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
         raise ConfigError("config: run.device: cuda requested but torch sees no CUDA device; use --run.device=cpu")
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    mesh = init_distributed(tp=cfg.parallel.tp, device=device, backend=cfg.parallel.backend)
-    lock = None
+    mesh = init_distributed(tp=cfg.parallel.tp, device=device, backend=cfg.parallel.backend,
+                            timeout_s=cfg.parallel.timeout_s)
+    lock, dog = None, None
     try:
+        dog = start_watchdog(cfg.parallel.stall_timeout_s, mesh.rank, mesh.dims.world)
         lock = _lock_out_dir(out, mesh, echo)
         if mesh.distributed and device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (LOCAL_RANK)
@@ -207,6 +210,7 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
     finally:
         if lock is not None:
             release_run_lock(lock)
+        stop_watchdog(dog)
         destroy()
 
 

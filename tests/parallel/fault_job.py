@@ -4,6 +4,7 @@ FAULT=step: rank 1 raises a UserError in the forward of step 3.
 FAULT=save: rank 1's second checkpoint write fails with "No space left on device".
 FAULT=sigterm: rank 1 sends itself SIGTERM during step 3 (as a preempting scheduler would, to one rank).
 FAULT=kill: rank 1 SIGKILLs itself during step 3 of the job's first attempt (torchrun restart count 0).
+FAULT=stop: rank 1 SIGSTOPs itself during step 3 (alive but stuck: it never runs again).
 """
 import os
 import sys
@@ -60,6 +61,19 @@ if os.environ.get("RANK") == "1":
             return real_forward(self, imgs, targets, step, *args)
 
         objectives.MAEObjective.forward = killed_forward
+    elif fault == "stop":
+        import signal
+
+        from maws_fast.train import objectives
+
+        real_forward = objectives.MAEObjective.forward
+
+        def stopped_forward(self, imgs, targets, step, *args):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return real_forward(self, imgs, targets, step, *args)
+
+        objectives.MAEObjective.forward = stopped_forward
 
 from maws_fast.cli import train_main  # noqa: E402
 

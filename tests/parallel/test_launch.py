@@ -132,3 +132,23 @@ def test_an_elastic_restart_resumes_by_itself_to_the_uninterrupted_weights(tmp_p
     assert "resuming from" in got.stdout and "step_00000002" in got.stdout
     wa, wb = final_weights(tmp_path / "ref"), final_weights(out)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@needs_fmnist
+def test_a_stopped_rank_is_named_and_the_job_ends_within_the_stall_timeout(tmp_path):
+    """SIGSTOP on rank 1 during step 3: rank 0's watchdog sees rank 1's heartbeat stop, names it and
+    its step, and ends the job (exit 76) long before the 30-minute collective timeout; the
+    checkpoints written before are complete, and the job resumes from them."""
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    got = torchrun(["tests/parallel/fault_job.py"], [*ARGS, f"--run.out_dir={out}", "--parallel.stall_timeout_s=4"],
+                   env={"FAULT": "stop"}, timeout=200)
+    elapsed = time.monotonic() - t0
+    err = got.stderr + got.stdout
+    assert got.returncode != 0
+    assert "rank 1 stopped making progress at step 3 of stage mae" in err and "(exit 76)" in err, err[-3000:]
+    assert elapsed < 90  # detection ~4 s, then torchrun's SIGTERM -> SIGKILL of the stopped rank
+    assert _complete_checkpoints(out / "mae" / "ckpt") == ["step_00000002"]
+    again = one_process([*ARGS, f"--run.out_dir={out}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stdout
