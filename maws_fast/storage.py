@@ -261,6 +261,15 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / name
+    # What a save of this name killed mid-write left behind (one job per out_dir: none is in progress):
+    # a temp dir goes; the previous checkpoint moved aside comes back if the new one never got in place.
+    for stale in directory.glob(f".tmp-{name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in sorted(directory.glob(f".old-{name}-*")):
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, final)
     tmp = directory / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()

@@ -99,3 +99,18 @@ def test_safetensors_write_error_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="could not write checkpoint .*No space left"):
         storage.save_checkpoint(tmp_path, "step_00000002", model.state_dict(), {"step": 2}, opt)
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+
+
+def test_a_save_killed_mid_write_leaves_nothing_behind_on_the_next_save(tmp_path):
+    from maws_fast.storage import save_checkpoint
+
+    (tmp_path / ".tmp-final-deadbeef").mkdir()  # a temp dir of a killed save
+    (tmp_path / ".tmp-final-deadbeef" / "model.safetensors").write_bytes(b"half")
+    save_checkpoint(tmp_path, "final", {"w": torch.ones(2)}, {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    # killed between moving the old one aside and renaming the new one in: the old one comes back
+    os.rename(tmp_path / "final", tmp_path / ".old-final-0badf00d")
+    (tmp_path / ".tmp-final-cafe0000").mkdir()
+    save_checkpoint(tmp_path, "final", {"w": torch.zeros(2)}, {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert storage.read_meta(tmp_path / "final")["step"] == 2

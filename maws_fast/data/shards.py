@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import tarfile
 import threading
@@ -28,6 +29,9 @@ from pathlib import Path
 from maws_fast.errors import DataError
 
 MANIFEST = "manifest.json"
+# What a shard write (``maws-data shards``) leaves in its directory, finished or interrupted: the one
+# kind of non-empty directory a new write may go to (it overwrites them).
+_SHARD_OUTPUT = re.compile(r"(shard-\d{6}\.(tar|idx)|manifest\.json|rejected\.tsv|vocab\.json)(\.tmp)?")
 INDEX_VERSION = "v1.2"
 FORMAT = "maws-webdataset"
 
@@ -77,6 +81,11 @@ class ShardWriter:
         self.out = Path(out_dir)
         if (self.out / MANIFEST).exists():
             raise DataError(f"{self.out} already holds shards ({MANIFEST}); write to a new directory or delete it")
+        foreign = sorted(p.name for p in self.out.iterdir() if not _SHARD_OUTPUT.fullmatch(p.name)) \
+            if self.out.is_dir() else []
+        if foreign:
+            raise DataError(f"{self.out} is not empty and not an earlier shard output (it holds {', '.join(foreign[:3])}"
+                            f"{' ...' if len(foreign) > 3 else ''}); write the shards to a new or empty directory")
         self.out.mkdir(parents=True, exist_ok=True)
         self.per_shard = samples_per_shard
         self.shards: list[dict] = []

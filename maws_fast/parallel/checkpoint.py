@@ -433,7 +433,10 @@ def consolidate(path: str | Path) -> dict[str, torch.Tensor]:
 
 def export_safetensors(path: str | Path, out_file: str | Path) -> Path:
     """Write the consolidated weights of sharded checkpoint ``path`` to one safetensors file, atomically."""
-    out_file = Path(out_file)
+    out_file, path = Path(out_file), Path(path)
+    if (path / "model.safetensors").is_file() and not (path / "rank_00000.json").exists():
+        raise CheckpointError(f"{path} is already consolidated (a single-process checkpoint, such as a stage's "
+                              f"final/): its weights are {path / 'model.safetensors'}, timm keys; copy that file")
     tensors = consolidate(path)
     tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:

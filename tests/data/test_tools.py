@@ -74,6 +74,18 @@ def test_shards_from_folder(tmp_path, capsys, folder, real_images):
             assert err < 5, err
 
 
+def test_shards_refuse_a_non_empty_directory_that_is_not_a_shard_output(tmp_path, capsys, folder):
+    rc, _, err = _run(capsys, "shards", "--folder", folder, "--out", folder, "--max-bad", 2)
+    assert rc == 2 and "is not empty and not an earlier shard output" in err and err.strip().count("\n") == 0
+    assert not any(p.name.startswith("shard-") for p in folder.iterdir())  # the photos folder is untouched
+    # what an interrupted shard write leaves is fine to write over
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "shard-000000.tar.tmp").write_bytes(b"torn")
+    rc, _, _ = _run(capsys, "shards", "--folder", folder, "--out", out, "--max-bad", 2)
+    assert rc == 0 and not (out / "shard-000000.tar.tmp").exists()
+
+
 def test_shards_reencode_what_the_loaders_would_not_take(tmp_path, capsys, real_images):
     """A JPEG with a trailer after its end marker (kept as is), CMYK (re-encoded to RGB), a grey PNG."""
     from PIL import Image

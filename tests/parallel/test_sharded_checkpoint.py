@@ -163,6 +163,13 @@ def test_export_has_no_optimizer_state_and_consolidates(tmp_path, capsys):
     assert ckpt_main(["consolidate", str(tmp_path / "nope"), str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("maws-ckpt: error: ") and "meta.json is missing" in err and err.count("\n") == 1
+    # a single-process final/ is consolidated already: one line pointing at its file
+    from maws_fast.storage import save_checkpoint
+
+    single = save_checkpoint(tmp_path / "run", "final", {"w": torch.ones(2)}, {"step": 1})
+    assert ckpt_main(["consolidate", str(single), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is already consolidated" in err and str(single / "model.safetensors") in err and err.count("\n") == 1
 
 
 def test_rank_failing_mid_save_leaves_previous_checkpoint(tmp_path):
