@@ -7,22 +7,34 @@ FAULT=kill: rank 1 SIGKILLs itself during step 3 of the job's first attempt (tor
 FAULT=stop: rank 1 SIGSTOPs itself during step 3 (alive but stuck: it never runs again).
 """
 import os
+import signal
 import sys
+
+
+def at_step_3(action) -> None:
+    """Run ``action()`` at the start of the MAE forward of step 3 (index), on this rank."""
+    from maws_fast.train import objectives
+
+    real_forward = objectives.MAEObjective.forward
+
+    def forward(self, imgs, targets, step, *args):
+        if step == 3:
+            action()
+        return real_forward(self, imgs, targets, step, *args)
+
+    objectives.MAEObjective.forward = forward
+
+
+def fail() -> None:
+    from maws_fast.errors import UserError
+
+    raise UserError("simulated failure on rank 1 at step 3")
+
 
 if os.environ.get("RANK") == "1":
     fault = os.environ.get("FAULT")
     if fault == "step":
-        from maws_fast.errors import UserError
-        from maws_fast.train import objectives
-
-        real_forward = objectives.MAEObjective.forward
-
-        def failing_forward(self, imgs, targets, step, *args):
-            if step == 3:
-                raise UserError("simulated failure on rank 1 at step 3")
-            return real_forward(self, imgs, targets, step, *args)
-
-        objectives.MAEObjective.forward = failing_forward
+        at_step_3(fail)
     elif fault == "save":
         from maws_fast.parallel import checkpoint
 
@@ -36,44 +48,11 @@ if os.environ.get("RANK") == "1":
 
         checkpoint.write_tensors = failing_write
     elif fault == "sigterm":
-        import signal
-
-        from maws_fast.train import objectives
-
-        real_forward = objectives.MAEObjective.forward
-
-        def signalled_forward(self, imgs, targets, step, *args):
-            if step == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real_forward(self, imgs, targets, step, *args)
-
-        objectives.MAEObjective.forward = signalled_forward
+        at_step_3(lambda: os.kill(os.getpid(), signal.SIGTERM))
     elif fault == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        import signal
-
-        from maws_fast.train import objectives
-
-        real_forward = objectives.MAEObjective.forward
-
-        def killed_forward(self, imgs, targets, step, *args):
-            if step == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_forward(self, imgs, targets, step, *args)
-
-        objectives.MAEObjective.forward = killed_forward
+        at_step_3(lambda: os.kill(os.getpid(), signal.SIGKILL))
     elif fault == "stop":
-        import signal
-
-        from maws_fast.train import objectives
-
-        real_forward = objectives.MAEObjective.forward
-
-        def stopped_forward(self, imgs, targets, step, *args):
-            if step == 3:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            return real_forward(self, imgs, targets, step, *args)
-
-        objectives.MAEObjective.forward = stopped_forward
+        at_step_3(lambda: os.kill(os.getpid(), signal.SIGSTOP))
 
 from maws_fast.cli import train_main  # noqa: E402
 
