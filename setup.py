@@ -93,11 +93,11 @@ setup(
     extras_require={
         # The DALI input pipeline (maws_fast.data.dali); its CPU operators run without a GPU.
         "dali": ["nvidia-dali-cuda130"],
-        # test-only: timm is the parity reference for the ViT (it imports torchvision); the
-        # scikit-learn / scikit-image wheels ship the real photographs the data tests decode.
         # run.tensorboard=true mirrors metrics.jsonl to TensorBoard; `maws-bench plot` draws PNGs.
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],
+        # test-only: timm is the parity reference for the ViT (it imports torchvision); the
+        # scikit-learn / scikit-image wheels ship the real photographs the data tests decode.
         "dev": ["pytest>=8", "pytest-timeout>=2", "timm>=1.0", "scikit-learn", "scikit-image", "pillow",
                 "nvidia-dali-cuda130", "tensorboard", "matplotlib"],
         # GPU-only: not installable or not useful on a CPU machine.

@@ -18,6 +18,7 @@ a kill leaves either the previous checkpoints or the complete new one, never a t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -336,30 +337,42 @@ def acquire_run_lock(out_dir: str | Path, warn) -> Path:
     path = Path(out_dir) / LOCK_NAME
     me = {"host": socket.gethostname(), "pid": os.getpid(), "job": _job_id(),
           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    for _ in range(3):
+    for _ in range(5):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                holder = json.loads(path.read_text())
-                if not isinstance(holder, dict):
-                    raise ValueError("not an object")
+                raw = path.read_text()
             except FileNotFoundError:
                 continue  # released meanwhile: try again
-            except (ValueError, OSError):
-                holder = {}
+            try:
+                holder = json.loads(raw)
+                pid = int(holder["pid"]) if isinstance(holder, dict) else None
+            except (ValueError, KeyError, TypeError):
+                holder, pid = {}, None
             same_job = me["job"] is not None and holder.get("job") == me["job"]
-            stale = not holder or same_job or (holder.get("host") == me["host"]
-                                               and not _pid_alive(int(holder.get("pid", -1))))
+            stale = pid is None or same_job or (holder.get("host") == me["host"] and not _pid_alive(pid))
             if not stale:
                 raise UserError(
-                    f"{out_dir} is in use by another job: pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{out_dir} is in use by another job: pid {pid} on {holder.get('host')} since "
                     f"{holder.get('started')} (lock file {path}). Wait for it to finish or use another --run.out_dir; "
                     f"if that job is gone, delete {path}")
-            what = ("unreadable" if not holder else f"left by an earlier run of this job (pid {holder.get('pid')})"
-                    if same_job else f"left by pid {holder.get('pid')}, which is no longer running")
+            # Take it over by renaming it away (atomic: of two starters one wins), then check that what
+            # was renamed is the lock judged stale, not a live one another starter made meanwhile.
+            grave = path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+            try:
+                os.rename(path, grave)
+            except FileNotFoundError:
+                continue
+            if grave.read_text() != raw:
+                with contextlib.suppress(FileExistsError):
+                    os.link(grave, path)  # put the live lock back (never over a newer one)
+                grave.unlink()
+                continue
+            grave.unlink()
+            what = ("unreadable" if pid is None else f"left by an earlier run of this job (pid {pid})" if same_job
+                    else f"left by pid {pid}, which is no longer running")
             warn(f"WARNING: taking over the lock {path} ({what})")
-            path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)

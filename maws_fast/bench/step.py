@@ -37,7 +37,7 @@ from maws_fast.bench.common import append_results, env_info, peak_tflops, time_s
 from maws_fast.bench.fit import ENGINES as FIT_ENGINES
 from maws_fast.bench.fit import fit_rows
 from maws_fast.bench.traffic import per_image
-from maws_fast.config import PRESETS, model_preset
+from maws_fast.config import CHECKPOINT_MODES, PRESETS, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.flops import flops_per_image
@@ -48,7 +48,6 @@ from maws_fast.train.objectives import MAEObjective, WSPObjective, wsp_loss
 DEVICES = {"H100": (989.0, 3.35), "H200": (989.0, 4.8)}
 VARIANTS = ("official eager", "official compile", "ours eager (autocast)", "ours eager", "ours compile")
 MEASURED_ONLY = ("official compile", "ours compile")  # inductor's kernels: no eager op stream to count
-CHECKPOINT_MODES = ("none", "full", "selective")
 GOAL_BYTES_RATIO, GOAL_MFU = 0.5, 0.5  # memory-bound bytes vs official eager; predicted H100 MFU (B/16 MAE)
 GOAL_VS_EAGER, GOAL_VS_COMPILE = 2.0, 1.25  # measured img/s of ours eager vs the official variants
 GOAL_SELECTIVE_SAVED, GOAL_SELECTIVE_FLOPS = 0.5, 1.05  # selective vs none: saved bytes, GEMM FLOPs per step

@@ -90,18 +90,20 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"environment variable {name}={v!r} is not an integer; launch with torchrun") from None
 
 
-def _attempt_store(timeout_s: float):
+def attempt_store(timeout_s: float, client_only: bool = False):
     """The rendezvous store torchrun set up (MASTER_ADDR / MASTER_PORT), its keys prefixed by this
     attempt's restart count. Under an elastic restart torchrun's agent keeps one store for every
     attempt, so without the prefix a restarted rank can read the address a dead rank of the previous
-    attempt published and fail to connect."""
+    attempt published and fail to connect. Without torchrun's agent store rank 0 hosts it, unless
+    ``client_only`` (a second connection, e.g. the watchdog's)."""
     import os
 
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     rank, world = _env_int("RANK") or 0, _env_int("WORLD_SIZE") or 1
+    host = not (agent or client_only) and rank == 0
     store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
-                          world, is_master=(not agent and rank == 0), timeout=datetime.timedelta(seconds=timeout_s),
-                          **({} if agent else {"multi_tenant": True}))
+                          world, is_master=host, timeout=datetime.timedelta(seconds=timeout_s),
+                          **({"multi_tenant": True} if host else {}))
     return dist.PrefixStore(f"maws/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -135,7 +137,7 @@ def init_distributed(tp: int = 1, device: torch.device | str = "cpu", backend: s
                               "launch at most one process per GPU (torchrun --nproc_per_node)")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), store=_attempt_store(timeout_s),
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), store=attempt_store(timeout_s),
                                 rank=_env_int("RANK") or 0, world_size=world)
     if dist.get_world_size() != world:
         raise ConfigError(f"WORLD_SIZE={world} but the process group has {dist.get_world_size()} ranks")

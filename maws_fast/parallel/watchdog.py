@@ -14,13 +14,14 @@ clears (the commit protocol of :mod:`maws_fast.parallel.checkpoint`).
 """
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 import threading
 import time
 
 import torch.distributed as dist
+
+from maws_fast.parallel.mesh import attempt_store
 
 STALL_EXIT = 76  # a rank stopped making progress; the job was ended by the watchdog
 _current: Watchdog | None = None
@@ -78,7 +79,10 @@ class Watchdog:
                     elif now - last[1] > self.stall_s:
                         self._stalled(r, value, now - last[1])
                         return
-            except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
+            except Exception as e:  # noqa: BLE001 - e.g. the store is gone because the job is ending
+                if not self._stop.is_set():
+                    self.say(f"maws-train: rank {self.rank}'s watchdog stopped ({type(e).__name__}: {e}); "
+                             "stuck ranks are now found by parallel.timeout_s only")
                 return
             self._wait()
 
@@ -104,10 +108,7 @@ def start_watchdog(stall_s: float, rank: int, world: int) -> Watchdog | None:
     global _current
     if world <= 1 or stall_s <= 0 or "MASTER_PORT" not in os.environ:
         return None
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    client = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]), world,
-                           is_master=False, timeout=datetime.timedelta(seconds=60))
-    store = dist.PrefixStore(f"maws/attempt_{restart}/", client)
+    store = dist.PrefixStore("watchdog", attempt_store(60.0, client_only=True))
     _current = Watchdog(store, rank, world, stall_s).start()
     return _current
 
@@ -121,6 +122,7 @@ def stop_watchdog(dog: Watchdog | None) -> None:
 
 
 def progress(stage: str, step: int) -> None:
-    """The training loop finished ``step`` of ``stage`` (published with the next heartbeat)."""
+    """The training loop finished ``step`` of ``stage``: the watchdog thread publishes it at once
+    (one store write per step per rank, off the main thread; the others are read every interval)."""
     if _current is not None:
         _current.progress(stage, step)

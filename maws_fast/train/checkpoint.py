@@ -126,6 +126,12 @@ class Checkpointer:
     def resume(self, path: Path, legacy_order: list[str], echo: Callable[[str], None]) -> int:
         """Load checkpoint ``path`` (sharded, or the single-process format of earlier versions) into the
         engine and the loader; returns the step to continue from."""
+        step, saved_world = self._load(path, legacy_order)
+        self._resumed(path, step, saved_world, echo)
+        return step
+
+    def _load(self, path: Path, legacy_order: list[str]) -> tuple[int, int | None]:
+        """The loading half of :meth:`resume`: (step, the world that saved it)."""
         check_fingerprint(read_meta(path).get("fingerprint", {}), self.fingerprint, path)
         if is_sharded(path):
             tensors, _extra, meta, rank_metas = load_sharded(path, self.engine.load_pieces(), with_optim=True)
@@ -144,17 +150,19 @@ class Checkpointer:
             data_state = rank_metas[self.mesh.rank].get("data_state")
             if data_state is not None:
                 self.loader.load_state_dict(data_state)  # the reader resumes where it stopped
+        return step, meta.get("parallel", {}).get("world")
+
+    def _resumed(self, path: Path, step: int, saved_world: int | None, echo: Callable[[str], None]) -> None:
+        """Once every rank loaded ``path``: drop the metric rows past it, say so."""
         if self.mesh.rank == 0:
             metrics = self.stage_dir / "metrics.jsonl"
             _, bad = drop_rows_after(metrics, step)  # rows past the checkpoint are re-logged
             if bad:
                 echo(f"[{self.name}] WARNING: dropped {len(bad)} line(s) of {metrics} that are not JSON rows (torn or "
                      f"garbled; line {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''})")
-        saved_world = meta.get("parallel", {}).get("world")
         echo(f"[{self.name}] resuming from {path} at step {step}/{self.total}"
              + (f" (saved by {saved_world} processes, resharded)" if saved_world not in (None, self.mesh.dims.world)
                 else ""))
-        return step
 
     def resume_newest(self, ckpts: list[Path], legacy_order: list[str], echo: Callable[[str], None]) -> int:
         """Resume from the newest of ``ckpts`` (oldest first) that loads on every rank. A damaged one
@@ -164,12 +172,13 @@ class Checkpointer:
         for path in reversed(ckpts):
             why = None
             try:
-                return_step = self.resume(path, legacy_order, echo)
+                step, saved_world = self._load(path, legacy_order)
             except CheckpointDamaged as e:
                 why = str(e)
             reasons = [r for r in all_gather_objects(why, self.mesh) if r is not None]
             if not reasons:
-                return return_step
+                self._resumed(path, step, saved_world, echo)
+                return step
             if self.mesh.rank == 0:
                 aside = move_aside(path, reasons[0])
                 echo(f"[{self.name}] WARNING: checkpoint {path.name} is damaged ({reasons[0]}); moved it to {aside} "

@@ -212,10 +212,26 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     set_block_options(stage.model, run.activation_checkpoint, run.compile)
     stage.objective.train()
     log = StepLog(stage.name, stage_dir, stage.flops_per_image, stage.loader, run, mesh, total, step, device, echo)
+    preempt = Preemption(mesh, device)  # SIGTERM / SIGUSR1 / SIGINT: checkpoint this step and stop
+    try:
+        final = _train(stage, engine, ckpt, log, preempt, step, total, run, parallel, mesh, device, stop_at_step, echo)
+        stop = preempt.agree_now() if final is not None else 0
+    finally:
+        preempt.close()
+    if stop:  # it came during the last steps: the stage is done, the next one is not started
+        raise Preempted(f"[{stage.name}] stopped by {signal_name(stop)} at the end of the stage ({final} written): "
+                        "run the same command to go on with the next stage")
+    return final
+
+
+def _train(stage: Stage, engine: Engine, ckpt: Checkpointer, log: StepLog, preempt: Preemption, step: int,
+           total: int, run: RunConfig, parallel: ParallelConfig, mesh: Mesh, device: torch.device,
+           stop_at_step: int | None, echo: Callable[[str], None]) -> Path | None:
+    """The steps of :func:`run_stage` from ``step`` on, then the final checkpoint (None when stopped early)."""
+    o, spe = stage.optim, stage.loader.num_batches
     # bf16 autocast: matmuls in bf16; weights per parallel.param_dtype, AdamW state fp32 (no loss scaling needed).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16")
     batches = _batches(stage.loader, step)
-    preempt = Preemption(mesh, device)  # SIGTERM / SIGUSR1 / SIGINT: checkpoint this step and stop
     t_start = time.perf_counter()
     try:
         while step < total:
@@ -236,7 +252,6 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
                 raise Preempted(f"[{stage.name}] stopped by {signal_name(stop)} after step {step}/{total}; checkpoint "
                                 f"{ckpt.ckpt_dir / f'step_{step:08d}'} written: run the same command to resume")
     finally:
-        preempt.close()
         log.close()
 
     elapsed = time.perf_counter() - t_start

@@ -165,8 +165,9 @@ class StepLog:
         """Count global step ``step`` (its mean loss, images over all DP ranks); log at log steps.
 
         ``sync``: also reduce the loss now and raise if it is not finite (before a checkpoint).
-        ``grad_norm``: the step's global gradient norm where the engine computed it (clipping on);
-        a log row carries its own step's, read with the loss (no extra host sync).
+        ``grad_norm``: the step's global gradient norm where the engine computed it (every step of a
+        stage that clips, the log steps of one that does not); a log row carries its own step's, read
+        with the loss (no extra host sync).
         """
         self.running += loss
         self.n += 1

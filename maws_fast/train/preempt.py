@@ -38,7 +38,8 @@ class Preemption:
         self.mesh, self.device = mesh, device
         self.seen = 0  # the first signal this process received
         self._old: dict = {}
-        self._pending = None  # (event or None, host tensor) of the previous step's all-reduce
+        self._pending = None  # the event (GPU) behind the previous step's all-reduced flag, or True (CPU)
+        self._flag = self._host = None  # allocated once: per step only a fill, an all-reduce, a copy
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)
@@ -53,23 +54,33 @@ class Preemption:
         """After a step: the signal every rank agrees to stop on (0: go on). Collective when distributed."""
         if not self.mesh.distributed:
             return self.seen
+        if self._flag is None:
+            self._flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+            self._host = torch.zeros(1, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         agreed = 0
         if self._pending is not None:
-            event, host = self._pending
-            if event is not None:
-                event.synchronize()  # recorded a whole step ago: already complete in practice
-            agreed = int(host.item())
+            if self._pending is not True:
+                self._pending.synchronize()  # recorded a whole step ago: already complete in practice
+            agreed = int(self._host.item())  # host memory: no device sync
+        self._flag.fill_(self.seen)  # a scalar fill on the stream: no host-to-device copy to wait for
+        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX)
+        if self.device.type == "cuda":
+            self._host.copy_(self._flag, non_blocking=True)
+            self._pending = torch.cuda.Event()
+            self._pending.record()
+        else:
+            self._host.copy_(self._flag)
+            self._pending = True
+        return agreed
+
+    def agree_now(self) -> int:
+        """The signal any rank has seen, now (one blocking collective): at the end of a stage, so a
+        signal that came during its last steps still stops the job before the next stage."""
+        if not self.mesh.distributed:
+            return self.seen
         flag = torch.tensor([self.seen], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if self.device.type == "cuda":
-            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (event, host)
-        else:
-            self._pending = (None, flag)
-        return agreed
+        return int(flag.item())
 
     def close(self) -> None:
         for s, old in self._old.items():

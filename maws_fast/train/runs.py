@@ -20,8 +20,9 @@ def fingerprints(cfg: Config) -> dict[str, dict]:
     """The config each stage's result depends on (a changed one must not resume an old run): the
     seed, the data, the model (its kernel and attention backends too), the stage's own section, and
     the numerics (resolved precision, weight dtype, gradient accumulation). Not in it, so free to
-    change on resume: the world size and TP layout (checkpoints reshard), the engine and ZeRO stage,
-    checkpoint / log intervals, progress display, threads, compile and activation checkpointing."""
+    change on resume: the world size and TP layout (checkpoints reshard), the engine and ZeRO stage
+    (while the resolved weight dtype stays: ``param_dtype=auto`` gives DDP fp32 weights), checkpoint /
+    log intervals, progress display, threads, compile and activation checkpointing."""
     d = cfg.data
     data = {"dataset": d.dataset, "mean": d.mean, "std": d.std}
     resolve = lambda p: str(Path(p).resolve()) if p else None  # noqa: E731

@@ -554,3 +554,26 @@ def test_sigint_twice_interrupts_at_once(tmp_path, data, monkeypatch):
         run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
     assert [p.name for p in list_checkpoints(tmp_path / "mae" / "ckpt")] == []  # before the first checkpoint
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_in_the_last_step_finishes_the_stage_then_stops(tmp_path, data, monkeypatch):
+    """Too late to checkpoint a step: the stage's final is written, and the job stops before the next."""
+    import os
+    import signal
+
+    from maws_fast.train import loop
+    from maws_fast.train.preempt import Preempted
+
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path)
+    real = loop.train_step
+
+    def signalled(engine, imgs, targets, step, *args):
+        if step == 11:  # the last of 12
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(engine, imgs, targets, step, *args)
+
+    monkeypatch.setattr(loop, "train_step", signalled)
+    with pytest.raises(Preempted, match=r"stopped by SIGTERM at the end of the stage .*final written"):
+        run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    assert (tmp_path / "mae" / "final" / "model.safetensors").exists()
