@@ -7,6 +7,7 @@
 #   bash scripts/gpu_tier.sh step       # build + GPU tests of the step's kernels + sanitizer + maws-bench step (one call)
 #   bash scripts/gpu_tier.sh compiled   # build + block-options GPU tests + maws-bench step: compiled and selective-
 #                                       # checkpointed steps vs the official eager / compile at B/16 MAE and L/16 WSP
+#   bash scripts/gpu_tier.sh kernels-dist  # build + GPU tests of maws_kernels.nn / optim / patch_timm + sanitizer + AdamW bench
 #   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step + data + dist
 #   bash scripts/gpu_tier.sh all        # all of the above
 #
@@ -35,8 +36,11 @@ build() {
     nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
         | tee "$OUT/versions.txt"
-    # --no-build-isolation: the extension build needs the machine's CUDA torch (see setup.py)
-    step build "$PY" -m pip install --no-deps --no-build-isolation -e .
+    # --no-build-isolation: the extension build needs the machine's CUDA torch (see kernels/setup.py).
+    # The trainer without its dependencies (its by-path kernels copy included), then the kernels
+    # editable, which builds maws_kernels._C into kernels/.
+    step build_trainer "$PY" -m pip install --no-deps --no-build-isolation -e .
+    step build "$PY" -m pip install --no-deps --no-build-isolation -e ./kernels
     "$PY" -c "from maws_kernels import _C; print('maws_kernels._C:', _C.__file__)" || status=1
 }
 
@@ -60,6 +64,14 @@ case "$what" in compiled)
     step bench_step_compiled bench_main step --cases mae:vit_b16,wsp:vit_l16 \
         --variants "official eager,official compile,ours eager,ours compile" --checkpoint none,selective \
         --batch-size 256 --steps 10 --warmup 3 --out "$OUT/step.json" ;;
+esac
+case "$what" in kernels-dist)
+    # issue 17's one call: the modules, FusedAdamW and the timm patch on the GPU, then compute-sanitizer
+    # (the multi-tensor AdamW kernel is new) and the AdamW kernel benchmark
+    step gpu_tests_kernels_dist "$PY" -m pytest -q -m gpu tests/kernels/test_optim.py tests/kernels/test_nn.py \
+        tests/kernels/test_patching.py tests/kernels/test_adamw.py -p no:cacheprovider
+    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
+    step bench_adamw bench_main kernels --ops adamw --out "$OUT/{group}.json" ;;
 esac
 case "$what" in sanitize | all)
     for tool in memcheck racecheck; do

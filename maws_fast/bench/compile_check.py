@@ -171,7 +171,7 @@ class _Recorder:
                              else a for a in args)
             for kw in launches:
                 try:
-                    check_launch(self.name, self.kernel, args, kw, f"the launcher in kernels/{self.module}.py")
+                    check_launch(self.name, self.kernel, args, kw, f"the launcher in kernels/maws_kernels/{self.module}.py")
                     error = None
                 except ValueError as e:  # becomes a failed case; the other kernels still get compiled
                     error = str(e)
@@ -315,6 +315,18 @@ def _adamw(n: int, grad_dt, copy_dt, beta1) -> Callable[[str], None]:
     return run
 
 
+def _adamw_multi(numels: tuple[int, ...], grad_dt, beta1) -> Callable[[str], None]:
+    """FusedAdamW's multi-tensor step over tensors of these sizes (one param group)."""
+    def run(dev):
+        m = importlib.import_module("maws_kernels.adamw")
+        block, _ = m._launch_config(torch.device("cuda"))
+        chunks = sum(-(-n // block) for n in numels)
+        tables = tuple(_empty((len(numels),), I64, dev) for _ in range(4))
+        m._adamw_multi_launch_tables(tables, _empty((len(numels),), I64, dev), _empty((chunks,), torch.int32, dev), _empty((chunks,), I64, dev),
+                                     grad_dt, 1, 1.5e-4, beta1, 0.95, 1e-8, 0.05, True)
+    return run
+
+
 def _attention(B: int, H: int, N: int, D: int, act, varlen: bool) -> Callable[[str], None]:
     """Forward + backward as the ViT calls it: q, k, v are (B, H, N, D) views of one packed
     (B, N, 3, H, D) qkv; varlen packs B sequences of N tokens as (B * N, H, D) slices of (T, 3, H, D)."""
@@ -416,6 +428,13 @@ def _scenarios(batches, precs, vocabs, variants: bool, spill_free: bool) -> Iter
                 for beta1 in (0.9, 0.3):
                     yield Scenario(f"n={n} grad={_dt(g)} copy={copy and _dt(copy)} beta1={beta1}",
                                    _adamw(n, g, copy, beta1), spill_free=spill_free)
+    # FusedAdamW: the multi-tensor step over ViT-B/16's 152 parameter tensors (one group of them all).
+    vit_b16 = (768 * 3 * 16 * 16, 768, 768, 197 * 768) + (768, 768, 2304 * 768, 2304, 768 * 768, 768, 768, 768,
+                                                         3072 * 768, 3072, 768 * 3072, 768) * 12 + (768, 768)
+    for g in grads:
+        for beta1 in (0.9, 0.3):
+            yield Scenario(f"multi ViT-B/16 tensors={len(vit_b16)} grad={_dt(g)} beta1={beta1}",
+                           _adamw_multi(vit_b16, g, beta1), spill_free=spill_free)
 
 
 def scenarios(full: bool = False) -> Iterator[Scenario]:

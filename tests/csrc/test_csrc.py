@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "kernels" / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 IN_CI = bool(os.environ.get("CI"))
 
@@ -149,7 +149,7 @@ def _ext():
     try:
         from maws_kernels import _C
     except ImportError as e:
-        pytest.skip(f"maws_kernels._C is not built ({e}); build: pip install --no-build-isolation -e .")
+        pytest.skip(f"maws_kernels._C is not built ({e}); build: pip install --no-build-isolation -e ./kernels")
     return _C
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import maws_kernels
-from maws_kernels.adamw import FlatAdamW, fused_adamw_, fused_adamw_ref
+from maws_kernels.adamw import fused_adamw_, fused_adamw_ref
 
 NUMELS = (1, 1000, 4097, 100003)
 BACKENDS = ("triton", "torch")
@@ -154,73 +154,6 @@ def test_beta1_above_half_uses_other_lerp_branch(seeded):
     _assert_tracks(out[0], ref[0], kw["lr"], "param")
     _assert_tracks(out[1], ref[1], m.abs() + g.abs(), "exp_avg")
     _assert_tracks(out[2], ref[2], 0.0, "exp_avg_sq")
-
-
-# --- FlatAdamW ------------------------------------------------------------------------------
-def _tiny_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(13, 37), nn.LayerNorm(37), nn.GELU(), nn.Linear(37, 5))
-
-
-def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_flat_adamw_matches_torch_on_module(seeded, backend):
-    net = _tiny_net()
-    groups = [[p for p in net.parameters() if p.dim() >= 2], [p for p in net.parameters() if p.dim() < 2]]
-    wds, scales = [WD, 0.0], [1.0, 0.5]
-    opt = torch.optim.AdamW([{"params": g, "weight_decay": wd} for g, wd in zip(groups, wds)], lr=1.0,
-                            foreach=False, fused=False)
-    masters = [_flat(g) for g in groups]
-    copies = [torch.empty_like(b, dtype=torch.bfloat16) for b in masters]
-    flat = FlatAdamW(masters, weight_decay=wds, lr_scale=scales, model_copies=copies, backend=backend)
-    lr_sum = 0.0
-    g_mag = [torch.zeros_like(b) for b in masters]
-    for step in range(1, 11):
-        lr = _lr(step, 10)
-        net.zero_grad()
-        (net(torch.randn(8, 13)).square().mean() * 10.0 ** (step % 4 - 2)).backward()
-        grads = [_flat(p.grad for p in g) for g in groups]
-        for group, s in zip(opt.param_groups, scales):
-            group["lr"] = lr * s
-        opt.step()
-        flat.step(grads, lr)
-        lr_sum += lr
-        for i, g in enumerate(groups):
-            want_p = _flat(g)
-            want_m = _flat(opt.state[p]["exp_avg"] for p in g)
-            g_mag[i] = 0.9 * g_mag[i] + 0.1 * grads[i].abs()
-            if backend == "torch":
-                assert torch.equal(masters[i], want_p) and torch.equal(flat.exp_avgs[i], want_m)
-            else:
-                _assert_tracks(masters[i], want_p, 3 * lr_sum, f"step {step} group {i} param")
-                _assert_tracks(flat.exp_avgs[i], want_m, g_mag[i], f"step {step} group {i} exp_avg")
-            _assert_copy(copies[i], masters[i], exact=backend == "torch")
-    assert flat.step_count == 10
-
-
-def test_flat_adamw_state_dict_round_trip(seeded):
-    bufs = [torch.randn(300), torch.randn(17)]
-    a = FlatAdamW([b.clone() for b in bufs], weight_decay=[0.1, 0.0], backend="torch")
-    for _ in range(3):
-        a.step([torch.randn(300), torch.randn(17)], lr=1e-3)
-    b = FlatAdamW([p.clone() for p in a.params], weight_decay=[0.1, 0.0], backend="torch")
-    b.load_state_dict({k: [t.clone() for t in v] if isinstance(v, list) else v for k, v in a.state_dict().items()})
-    grads = [torch.randn(300), torch.randn(17)]
-    a.step(grads, lr=1e-3)
-    b.step(grads, lr=1e-3)
-    assert b.step_count == 4
-    for x, y in zip(a.params + a.exp_avg_sqs, b.params + b.exp_avg_sqs):
-        assert torch.equal(x, y)
-
-
-def test_flat_adamw_rejects_mismatched_groups():
-    with pytest.raises(ValueError, match="weight_decay"):
-        FlatAdamW([torch.zeros(3)], weight_decay=[0.1, 0.0])
-    opt = FlatAdamW([torch.zeros(3), torch.zeros(4)])
-    with pytest.raises(ValueError, match="grads"):
-        opt.step([torch.zeros(3)], lr=1e-3)
 
 
 # --- registration, errors, backends ---------------------------------------------------------

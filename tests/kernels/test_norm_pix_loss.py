@@ -133,7 +133,7 @@ def test_norm_pix_loss_rejects_bad_inputs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_norm_pix_loss_gpu(backend, model, dtype):
     if backend == "cuda" and "cuda" not in mk.available_backends("norm_pix_loss", ("cuda",), "cuda"):
-        pytest.skip("maws_kernels._C is not built (pip install --no-build-isolation -e . on a CUDA machine)")
+        pytest.skip("maws_kernels._C is not built (pip install --no-build-isolation -e ./kernels on a CUDA machine)")
     img, p = model
     L = (img // p) ** 2
     images = torch.randn(16, 3, img, img, device="cuda").to(dtype)

@@ -103,7 +103,7 @@ def test_masked_patchify_rejects_bad_inputs():
 
 def _gpu_backend(backend):
     if backend == "cuda" and "cuda" not in mk.available_backends("masked_patchify", ("cuda",), "cuda"):
-        pytest.skip("maws_kernels._C is not built (pip install --no-build-isolation -e . on a CUDA machine)")
+        pytest.skip("maws_kernels._C is not built (pip install --no-build-isolation -e ./kernels on a CUDA machine)")
     return backend
 
 

@@ -47,6 +47,7 @@ def test_xformers_says_why_it_cannot_run_on_cpu():
 
 def test_names_and_defaults():
     assert set(ATTN_BACKENDS) == {"triton", "sdpa", "xformers", "manual"}
+    assert ATTN_BACKENDS == mk.nn.ATTENTION_BACKENDS  # config keeps its own copy (no torch import)
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         check_attn_backend("flash")
     assert available_attn_backends("cpu") == ["sdpa", "manual"]  # the interpreter runs only when named

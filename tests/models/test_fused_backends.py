@@ -124,7 +124,7 @@ def test_set_kernel_backend_rejects_unknown_names():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_mae_step_on_gpu_matches_torch(backend):
     if backend == "cuda" and "cuda" not in mk.available_backends("masked_patchify", ("cuda",), "cuda"):
-        pytest.skip("maws_kernels._C is not built (pip install --no-build-isolation -e . on a CUDA machine)")
+        pytest.skip("maws_kernels._C is not built (pip install --no-build-isolation -e ./kernels on a CUDA machine)")
     torch.manual_seed(0)
     ref = MaskedAutoencoderViT(img_size=224, patch_size=16, embed_dim=192, depth=2, num_heads=3, decoder_embed_dim=128,
                                decoder_depth=1, decoder_num_heads=4, norm_pix_loss=True, kernel_backend="torch").cuda()

@@ -12,8 +12,7 @@ code instead convolves all L patches and then gathers: 4x the patch-embed FLOPs 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import extension, resolve_backend
 

@@ -20,6 +20,7 @@ Bias corrections come from the python ``step``, so a call never reads a device s
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -27,8 +28,7 @@ import torch
 
 from maws_kernels._backend import resolve_backend
 
-import triton
-import triton.language as tl
+from maws_kernels._triton import tl, triton
 
 _IMPLEMENTED = ("triton", "torch")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -48,7 +48,24 @@ def _launch_config(device: torch.device) -> tuple[int, int]:
     return 1024, 4
 
 
-# --- kernel ---------------------------------------------------------------------------------
+# --- kernels --------------------------------------------------------------------------------
+@triton.jit
+def _adamw_update(p, g, m, v, decay, lerp_w, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
+                  LERP_SMALL_W: tl.constexpr):
+    """One AdamW step of fp32 values (the grad already upcast and scaled): (param, exp_avg, exp_avg_sq)."""
+    p = p * decay
+    # torch's lerp (one fma, based at the end the weight is closer to): exact at w = 0 and 1.
+    if LERP_SMALL_W:
+        m = tl.fma(lerp_w, g - m, m)
+    else:
+        m = tl.fma(lerp_w - 1.0, g - m, g)
+    v = v * beta2 + one_minus_beta2 * g * g  # addcmul order: (value * g) * g
+    # sqrt_rn / div_rn: IEEE rounding like torch (tl.sqrt and "/" are approximate on GPU).
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p + tl.div_rn(neg_step_size * m, denom)  # addcdiv order: (value * m) / denom
+    return p, m, v
+
+
 @triton.jit
 def _adamw_fwd_kernel(
     param_ptr,  # (N,) fp32, updated in place
@@ -78,23 +95,80 @@ def _adamw_fwd_kernel(
     p = tl.load(param_ptr + offs, mask=mask, other=0.0)
     m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
     v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
-
-    p = p * decay
-    # torch's lerp (one fma, based at the end the weight is closer to): exact at w = 0 and 1.
-    if LERP_SMALL_W:
-        m = tl.fma(lerp_w, g - m, m)
-    else:
-        m = tl.fma(lerp_w - 1.0, g - m, g)
-    v = v * beta2 + one_minus_beta2 * g * g  # addcmul order: (value * g) * g
-    # sqrt_rn / div_rn: IEEE rounding like torch (tl.sqrt and "/" are approximate on GPU).
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p + tl.div_rn(neg_step_size * m, denom)  # addcdiv order: (value * m) / denom
+    p, m, v = _adamw_update(p, g, m, v, decay, lerp_w, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
+                            LERP_SMALL_W)
 
     tl.store(param_ptr + offs, p, mask=mask)
     tl.store(exp_avg_ptr + offs, m, mask=mask)
     tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
     if HAS_COPY:
         tl.store(copy_ptr + offs, p.to(copy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adamw_multi_chunk(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, decay, lerp_w, beta2, one_minus_beta2, neg_step_size,
+                       bc2_sqrt, eps, LERP_SMALL_W: tl.constexpr, MASKED: tl.constexpr):
+    """One chunk of one tensor: masked (the tensor's last chunk) or not (every other one: vector loads)."""
+    if MASKED:
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    else:
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        p = tl.load(p_ptr + offs)
+        m = tl.load(m_ptr + offs)
+        v = tl.load(v_ptr + offs)
+    p, m, v = _adamw_update(p, g, m, v, decay, lerp_w, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
+                            LERP_SMALL_W)
+    if MASKED:
+        tl.store(p_ptr + offs, p, mask=mask)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+    else:
+        tl.store(p_ptr + offs, p)
+        tl.store(m_ptr + offs, m)
+        tl.store(v_ptr + offs, v)
+
+
+@triton.jit
+def _adamw_multi_kernel(
+    param_ptrs,  # (T,) int64 addresses of fp32 params, updated in place
+    grad_ptrs,  # (T,) int64 addresses of grads (GRAD_DTYPE), read only
+    exp_avg_ptrs,  # (T,) int64 addresses of fp32 exp_avg, updated in place
+    exp_avg_sq_ptrs,  # (T,) int64 addresses of fp32 exp_avg_sq, updated in place
+    numels,  # (T,) int64 elements of each tensor
+    chunk_tensor,  # (C,) int32: the tensor program c works on
+    chunk_start,  # (C,) int64: its first element (a multiple of BLOCK)
+    decay, lerp_w, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps,
+    LERP_SMALL_W: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address is 16-byte aligned (the host checked): vector loads
+    BLOCK: tl.constexpr,
+):
+    # The multi-tensor form (torch's foreach / apex's multi_tensor_apply): one launch for a list of
+    # tensors of any sizes, each program one BLOCK-element chunk of one tensor, found from a table.
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid)
+    start = tl.multiple_of(tl.load(chunk_start + pid), BLOCK)
+    n = tl.load(numels + t)
+    p_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(GRAD_DTYPE))
+    m_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # addresses read from memory carry no alignment the compiler can see: say it
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:
+        _adamw_multi_chunk(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, decay, lerp_w, beta2, one_minus_beta2, neg_step_size,
+                           bc2_sqrt, eps, LERP_SMALL_W, False)
+    else:
+        _adamw_multi_chunk(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, decay, lerp_w, beta2, one_minus_beta2, neg_step_size,
+                           bc2_sqrt, eps, LERP_SMALL_W, True)
 
 
 # --- launch ---------------------------------------------------------------------------------
@@ -171,6 +245,60 @@ def _fused_adamw_launch(
         s["neg_step_size"], s["bc2_sqrt"], eps,
         LERP_SMALL_W=s["lerp_w"] < 0.5, HAS_COPY=model_copy is not None, BLOCK=block, num_warps=num_warps,
     )
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_table(numels: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor index, first element) of every BLOCK-element chunk of tensors of these sizes, on ``device``.
+
+    Cached: a model's parameter list is the same every step, so the table is built (and copied to
+    the GPU) once, not per step.
+    """
+    counts = [-(-n // block) for n in numels]
+    tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(counts))
+    first = torch.cat([torch.arange(c, dtype=torch.int64) * block for c in counts])
+    return tensor.to(device), first.to(device)
+
+
+def _fused_adamw_multi_launch(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay) -> None:
+    keep = [i for i, p in enumerate(params) if p.numel()]
+    if not keep:
+        return
+    device = params[keep[0]].device
+    block, _ = _launch_config(device)
+    numels = tuple(params[i].numel() for i in keep)
+    chunk_tensor, chunk_start = _chunk_table(numels, block, device)
+    # The four address tables in one host tensor, one copy to the device (pinned, so it does not block).
+    table = torch.tensor([[ts[i].data_ptr() for i in keep] for ts in (params, grads, exp_avgs, exp_avg_sqs)],
+                         dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    aligned = all(t.data_ptr() % 16 == 0 for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts)
+    _adamw_multi_launch_tables(tuple(table.unbind(0)), _device_sizes(numels, device), chunk_tensor, chunk_start,
+                               grads[keep[0]].dtype, step, lr, beta1, beta2, eps, weight_decay, aligned)
+
+
+def _adamw_multi_launch_tables(addresses: tuple[torch.Tensor, ...], sizes: torch.Tensor, chunk_tensor: torch.Tensor,
+                               chunk_start: torch.Tensor, grad_dtype: torch.dtype, step: int, lr: float, beta1: float,
+                               beta2: float, eps: float, weight_decay: float, aligned: bool) -> None:
+    """The launch itself, from the device tables: (param, grad, exp_avg, exp_avg_sq) address tables, sizes,
+    the chunk table (split out so the compile check can feed it fake ones)."""
+    block, num_warps = _launch_config(sizes.device)
+    s = _host_scalars(step, lr, beta1, beta2, weight_decay)
+    _adamw_multi_kernel[(chunk_tensor.numel(),)](
+        *addresses, sizes, chunk_tensor, chunk_start,
+        s["decay"], s["lerp_w"], beta2, 1 - beta2, s["neg_step_size"], s["bc2_sqrt"], eps,
+        LERP_SMALL_W=s["lerp_w"] < 0.5, GRAD_DTYPE=_TL_DTYPES[grad_dtype], ALIGNED=aligned, BLOCK=block,
+        num_warps=num_warps,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _device_sizes(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(numels, dtype=torch.int64, device=device)
 
 
 # --- custom op (torch.compile sees one opaque in-place op, never the Triton launch) ---------
@@ -287,81 +415,56 @@ def fused_adamw_ref(
         model_copy.copy_(param)
 
 
-# --- a minimal optimizer over flat group buffers ---------------------------------------------
-def _per_group(value: float | Sequence[float], n: int, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    values = [float(x) for x in value]
-    if len(values) != n:
-        raise ValueError(f"FlatAdamW: {name} has {len(values)} entries for {n} param groups")
-    return values
+def fused_adamw_multi_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    backend: str | None = None,
+) -> None:
+    """One AdamW step of a list of tensors of any shapes and sizes, in one launch (multi-tensor).
 
+    What :class:`maws_kernels.optim.FusedAdamW` runs for a param group: the same math as
+    :func:`fused_adamw_`, but each of the four lists may hold tensors of any shape, each
+    contiguous; params and moments fp32, grads fp32 / bf16 / fp16, all grads of one call one dtype,
+    everything on one device. The "torch" backend is :func:`fused_adamw_ref` per tensor.
 
-class FlatAdamW:
-    """AdamW over flat fp32 master buffers, one per param group (the core of the ZeRO optimizer).
-
-    It owns the moments and the step count; the caller owns the buffers and hands in one flat
-    grad per group. The lr comes with every ``step`` (the schedule lives in the loop), scaled per
-    group by ``lr_scale``.
-
-    Args:
-        params: flat 1-D fp32 master buffers, one per group; updated in place.
-        weight_decay: one value for every group, or one per group (e.g. ``[0.05, 0.0]`` for the
-            decay / no-decay split).
-        lr_scale: multiplier of the step's lr, one value or one per group.
-        betas: (beta1, beta2).
-        eps: AdamW epsilon.
-        model_copies: optional list with one bf16/fp16 buffer (or None) per group, rewritten
-            with the updated params after every step.
-        backend: passed to :func:`fused_adamw_`.
+    Raises:
+        ValueError: lists of different lengths, mismatched shapes, dtypes or devices, or a
+            non-contiguous tensor (named by its index).
     """
-
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        *,
-        weight_decay: float | Sequence[float] = 0.0,
-        lr_scale: float | Sequence[float] = 1.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        model_copies: Sequence[torch.Tensor | None] | None = None,
-        backend: str | None = None,
-    ):
-        self.params = list(params)
-        n = len(self.params)
-        self.weight_decays = _per_group(weight_decay, n, "weight_decay")
-        self.lr_scales = _per_group(lr_scale, n, "lr_scale")
-        self.model_copies = list(model_copies) if model_copies is not None else [None] * n
-        if len(self.model_copies) != n:
-            raise ValueError(f"FlatAdamW: model_copies has {len(self.model_copies)} entries for {n} param groups")
-        self.betas, self.eps, self.backend = betas, eps, backend
-        self.exp_avgs = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
-        self.step_count = 0  # python int: bias corrections never touch the device
-
-    @torch.no_grad()
-    def step(self, grads: Sequence[torch.Tensor], lr: float, grad_scale: float | None = None) -> None:
-        """One AdamW step of every group with ``grads`` (one flat buffer per group) at ``lr``."""
-        if len(grads) != len(self.params):
-            raise ValueError(f"FlatAdamW.step: got {len(grads)} grads for {len(self.params)} param groups")
-        self.step_count += 1
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            fused_adamw_(p, g, self.exp_avgs[i], self.exp_avg_sqs[i], step=self.step_count,
-                         lr=lr * self.lr_scales[i], beta1=self.betas[0], beta2=self.betas[1], eps=self.eps,
-                         weight_decay=self.weight_decays[i], model_copy=self.model_copies[i],
-                         grad_scale=grad_scale, backend=self.backend)
-
-    def state_dict(self) -> dict:
-        """Step count and moments (tensors shared, not copied: save or clone them before stepping)."""
-        return {"step": self.step_count, "exp_avg": list(self.exp_avgs), "exp_avg_sq": list(self.exp_avg_sqs)}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned, copying into the existing buffers."""
-        for name, mine in (("exp_avg", self.exp_avgs), ("exp_avg_sq", self.exp_avg_sqs)):
-            theirs = state[name]
-            if len(theirs) != len(mine) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
-                raise ValueError(f"FlatAdamW.load_state_dict: {name} does not match this optimizer's groups")
-            for a, b in zip(mine, theirs):
-                a.copy_(b)
-        self.step_count = int(state["step"])
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n):
+        raise ValueError(f"fused_adamw_multi_: {n} params, {len(grads)} grads, {len(exp_avgs)} exp_avgs and "
+                         f"{len(exp_avg_sqs)} exp_avg_sqs: one of each per tensor")
+    if n == 0:
+        return
+    device = params[0].device
+    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        for name, t in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+            if t.shape != p.shape or t.device != device or not t.is_contiguous():
+                raise ValueError(f"fused_adamw_multi_: {name} {i} must be contiguous, of shape {tuple(p.shape)} on "
+                                 f"{device}; got shape {tuple(t.shape)} on {t.device}, contiguous={t.is_contiguous()}")
+        if p.dtype != torch.float32 or m.dtype != torch.float32 or v.dtype != torch.float32:
+            raise ValueError(f"fused_adamw_multi_: param / exp_avg / exp_avg_sq {i} must be fp32 (keep fp32 "
+                             f"master weights and train under autocast); got {p.dtype}, {m.dtype}, {v.dtype}")
+        if g.dtype not in _GRAD_DTYPES or g.dtype != grads[0].dtype:
+            raise ValueError(f"fused_adamw_multi_: grad {i} is {g.dtype}; one of {_GRAD_DTYPES}, the same for every "
+                             f"tensor of a call (grad 0 is {grads[0].dtype})")
+    if step < 1:
+        raise ValueError(f"fused_adamw_multi_: step must be >= 1 (the step being taken), got {step}")
+    backend = resolve_backend("fused_adamw_multi_", backend, _IMPLEMENTED, device)
+    if backend == "torch":
+        for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+            fused_adamw_ref(p.view(-1), g.view(-1), m.view(-1), v.view(-1), step=step, lr=lr, beta1=beta1,
+                            beta2=beta2, eps=eps, weight_decay=weight_decay)
+        return
+    _fused_adamw_multi_launch(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), step, lr, beta1, beta2,
+                              eps, weight_decay)

@@ -11,9 +11,17 @@ the best available for the tensor's device. A backend that cannot run raises
 :class:`BackendUnavailableError`; nothing falls back silently.
 
 Ops: attention / attention_qkvpacked / attention_varlen (flash attention, any N, head dim <= 128), masked_patchify, norm_pix_loss, layer_norm, add_layer_norm (residual add + LayerNorm), bias_gelu (bias + exact GELU, dbias fused), soft_target_cross_entropy (dense or sparse
-targets), linear_soft_target_cross_entropy (fused WSP head), fused_adamw_ / FlatAdamW (flat
-fp32 master shards + bf16 model copy). Each is a torch.library custom op, so torch.compile
-traces through it.
+targets), linear_soft_target_cross_entropy (fused WSP head), fused_adamw_ (flat fp32 master
+shards + bf16 model copy) and fused_adamw_multi_ (a list of tensors in one launch). Each op but
+fused_adamw_multi_ is a torch.library custom op, so torch.compile traces through it.
+
+Modules, for use in another trainer: ``maws_kernels.nn`` (LayerNorm, AddLayerNorm, Attention, Mlp,
+SoftTargetCrossEntropy, NormPixLoss), ``maws_kernels.optim.FusedAdamW`` (a torch.optim.Optimizer,
+state_dict-compatible with torch.optim.AdamW) and :func:`patch_timm` (swaps a timm ViT's norms,
+attention and MLP for ours in place).
+
+Triton is optional: where it cannot be imported every op runs its torch path and asking for the
+"triton" backend raises BackendUnavailableError naming the missing package.
 """
 from maws_kernels._backend import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
 from maws_kernels.patch import masked_patchify, masked_patchify_ref, patchify, unpatchify
@@ -27,7 +35,7 @@ from maws_kernels.cross_entropy import (
 from maws_kernels.layer_norm import layer_norm, layer_norm_ref
 from maws_kernels.add_layer_norm import add_layer_norm, add_layer_norm_ref
 from maws_kernels.bias_gelu import bias_gelu, bias_gelu_ref
-from maws_kernels.adamw import FlatAdamW, fused_adamw_, fused_adamw_ref
+from maws_kernels.adamw import fused_adamw_, fused_adamw_multi_, fused_adamw_ref
 from maws_kernels.attention import (
     attention,
     attention_qkvpacked,
@@ -35,6 +43,9 @@ from maws_kernels.attention import (
     attention_varlen,
     attention_varlen_ref,
 )
+from maws_kernels import nn, optim  # noqa: E402  (after the ops they wrap)
+from maws_kernels.optim import FusedAdamW
+from maws_kernels.patching import patch_timm
 
 __all__ = [
     "BACKENDS",
@@ -59,7 +70,11 @@ __all__ = [
     "bias_gelu_ref",
     "fused_adamw_",
     "fused_adamw_ref",
-    "FlatAdamW",
+    "fused_adamw_multi_",
+    "FusedAdamW",
+    "nn",
+    "optim",
+    "patch_timm",
     "attention",
     "attention_ref",
     "attention_qkvpacked",

@@ -14,8 +14,7 @@ writes d(pred) in one pass. The images are data: no gradient flows to them.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import extension, resolve_backend, unit_last_stride
 from maws_kernels.patch import _check_images, _patch_pixel_offsets, patchify

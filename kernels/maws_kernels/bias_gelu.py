@@ -22,8 +22,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
 # _num_sms: a module global here too, so the compile check can stand in for it

@@ -24,8 +24,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
 # Shared policy with layer_norm (same row-in-registers limit, same reduction shape); _num_sms is

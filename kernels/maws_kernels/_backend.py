@@ -49,12 +49,23 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _triton_usable() -> bool:
+def _probe_triton() -> str | None:
+    """None if triton imports, else why not (probed once, at import, like the extension)."""
     try:
         import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        import triton.language  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+TRITON_ERROR = _probe_triton()
+
+
+def missing_triton_message(what: str) -> str:
+    """One sentence for an error when Triton is needed but cannot be imported."""
+    return (f"{what} needs the 'triton' package, which cannot be imported here ({TRITON_ERROR}); "
+            "install it where it exists (Linux: pip install triton) or use backend='torch'")
 
 
 def available_backends(op: str, implemented: tuple[str, ...], device: torch.device | str) -> list[str]:
@@ -67,7 +78,7 @@ def available_backends(op: str, implemented: tuple[str, ...], device: torch.devi
             continue
         if name == "torch":
             out.append(name)
-        elif name == "triton" and _triton_usable() and (device.type == "cuda" or interpreting):
+        elif name == "triton" and TRITON_ERROR is None and (device.type == "cuda" or interpreting):
             out.append(name)
         elif name == "cuda" and device.type == "cuda" and _EXT_ERROR is None:
             out.append(name)
@@ -111,7 +122,9 @@ def resolve_backend(
             why = f"the tensors are on {torch.device(device)}, not a GPU"
         elif requested == "cuda":
             why = (f"the CUDA extension maws_kernels._C cannot be loaded ({_EXT_ERROR}); build it on a CUDA "
-                   "machine with: pip install --no-build-isolation -e .")
+                   "machine with: pip install --no-build-isolation -e ./kernels")
+        elif requested == "triton" and TRITON_ERROR is not None:
+            raise BackendUnavailableError(missing_triton_message(f"maws_kernels.{op}: backend 'triton'"))
         else:
             why = f"it needs a CUDA device (or TRITON_INTERPRET=1), got {torch.device(device)}"
         raise BackendUnavailableError(f"maws_kernels.{op}: backend {requested!r} is unavailable: {why}")

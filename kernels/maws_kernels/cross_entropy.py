@@ -17,8 +17,7 @@ input, weight and bias gradients -- the (B, V) logits exist one chunk at a time.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
 

@@ -25,8 +25,7 @@ import os
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
+from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
 
