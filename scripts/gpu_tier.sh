@@ -71,7 +71,7 @@ case "$what" in kernels-dist)
     step gpu_tests_kernels_dist "$PY" -m pytest -q -m gpu tests/kernels/test_optim.py tests/kernels/test_nn.py \
         tests/kernels/test_patching.py tests/kernels/test_adamw.py -p no:cacheprovider
     step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
-    step bench_adamw bench_main kernels --ops adamw --out "$OUT/{group}.json" ;;
+    step bench_adamw_contrastive bench_main kernels --ops adamw,contrastive --out "$OUT/{group}.json" ;;
 esac
 case "$what" in sanitize | all)
     for tool in memcheck racecheck; do

@@ -11,7 +11,8 @@ the best available for the tensor's device. A backend that cannot run raises
 :class:`BackendUnavailableError`; nothing falls back silently.
 
 Ops: attention / attention_qkvpacked / attention_varlen (flash attention, any N, head dim <= 128), masked_patchify, norm_pix_loss, layer_norm, add_layer_norm (residual add + LayerNorm), bias_gelu (bias + exact GELU, dbias fused), soft_target_cross_entropy (dense or sparse
-targets), linear_soft_target_cross_entropy (fused WSP head), fused_adamw_ (flat fp32 master
+targets), linear_soft_target_cross_entropy (fused WSP head), contrastive_loss (symmetric
+InfoNCE of CLIP / LiT on the fused linear CE: no B x B logits), fused_adamw_ (flat fp32 master
 shards + bf16 model copy) and fused_adamw_multi_ (a list of tensors in one launch). Each op but
 fused_adamw_multi_ is a torch.library custom op, so torch.compile traces through it.
 
@@ -33,6 +34,7 @@ from maws_kernels.cross_entropy import (
     sparse_to_dense,
 )
 from maws_kernels.layer_norm import layer_norm, layer_norm_ref
+from maws_kernels.contrastive import contrastive_loss, contrastive_loss_ref
 from maws_kernels.add_layer_norm import add_layer_norm, add_layer_norm_ref
 from maws_kernels.bias_gelu import bias_gelu, bias_gelu_ref
 from maws_kernels.adamw import fused_adamw_, fused_adamw_multi_, fused_adamw_ref
@@ -64,6 +66,8 @@ __all__ = [
     "sparse_to_dense",
     "layer_norm",
     "layer_norm_ref",
+    "contrastive_loss",
+    "contrastive_loss_ref",
     "add_layer_norm",
     "add_layer_norm_ref",
     "bias_gelu",

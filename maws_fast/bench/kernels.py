@@ -25,7 +25,8 @@ from maws_fast.bench.common import append_results, bench_ms, copy_bandwidth_gbps
 from maws_fast.config import model_preset
 from maws_fast.errors import ConfigError
 
-OPS = ("masked_patchify", "norm_pix_loss", "layer_norm", "add_layer_norm", "bias_gelu", "cross_entropy", "adamw", "attention")
+OPS = ("masked_patchify", "norm_pix_loss", "layer_norm", "add_layer_norm", "bias_gelu", "cross_entropy", "adamw", "attention",
+       "contrastive")
 PROVIDERS = ("ours", "cuda", "torch", "compile")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -177,3 +177,32 @@ def all_gather_objects(obj, mesh: Mesh) -> list:
     out = [None] * mesh.dims.world
     dist.all_gather_object(out, obj)
     return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather over the data-parallel group in forward; in backward each rank gets the sum, over
+    ranks, of the gradients of its own slice (an all-reduce then a slice: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group, world, rank):
+        ctx.group, ctx.rank, ctx.rows = group, rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None, None
+
+
+def gather_with_grad(t: torch.Tensor, mesh: Mesh) -> tuple[torch.Tensor, int]:
+    """(every data-parallel rank's ``t`` concatenated in rank order, this rank's row offset in it),
+    differentiable: the gradient of the gathered tensor flows back to every rank's own rows, summed
+    over the ranks whose losses used them (open_clip's ``gather_features(gather_with_grad=True)``).
+    Every rank must pass the same number of rows. In one process: ``(t, 0)``."""
+    if mesh.dims.dp == 1:
+        return t, 0
+    return _GatherWithGrad.apply(t, mesh.dp_group, mesh.dims.dp, mesh.dp_rank), mesh.dp_rank * t.shape[0]
+

@@ -66,6 +66,8 @@ def check_ops() -> list[str]:
     mask = (torch.rand(2, 16, generator=g) > 0.4).float()
     same("norm_pix_loss", lambda p, im: mk.norm_pix_loss(p, im, mask, 4), lambda p, im: mk.norm_pix_loss_ref(p, im, mask, 4),
          rand(2, 16, 48), images, frozen=(1,))
+    same("contrastive_loss", lambda i, t, s: mk.contrastive_loss(i, t, s), lambda i, t, s: mk.contrastive_loss_ref(i, t, s),
+         rand(9, 16), rand(9, 16), torch.tensor(3.0), tol=1e-4)
     p, grad, m, v2 = rand(300), rand(300), torch.zeros(300), torch.zeros(300)
     p2, m2, v3 = p.clone(), m.clone(), v2.clone()
     mk.fused_adamw_(p, grad, m, v2, step=1, lr=1e-2, weight_decay=0.05)

@@ -73,8 +73,10 @@ def test_soft_target_ce_rows_not_summing_to_one_and_reductions(seeded):
         ref = {"mean": ref_rows.mean(), "sum": ref_rows.sum(), "none": ref_rows}[red]
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
         up = torch.randn_like(loss)
+        # softmax * sum(t) - t cancels where a target matches its softmax: fp32 rounding of the two terms
+        # (up to ~|up| * |t| * 2**-23, ~4e-7 here) is absolute, not relative (seen once in CI at atol=1e-7)
         torch.testing.assert_close(torch.autograd.grad(loss, x, up)[0], torch.autograd.grad(ref, x, up)[0],
-                                   rtol=1e-5, atol=1e-7)
+                                   rtol=1e-5, atol=2e-6)
 
 
 def test_soft_target_ce_strided_logits(seeded):
