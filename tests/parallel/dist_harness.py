@@ -242,24 +242,31 @@ def worker(rank: int, world: int, port: int, jobs: list[tuple], out_dir: str) ->
     os._exit(0 if error is None else 1)
 
 
+def spawn_ranks(target, world: int, args: tuple, timeout: float) -> list:
+    """Start ``target(rank, world, port, *args)`` in ``world`` spawned processes on a free port, wait
+    for them (killing any still alive after ``timeout`` s) and return the processes (for exit codes)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return procs
+
+
 def run_world(world: int, jobs: list[tuple], out_dir: Path) -> dict:
     """Spawn ``world`` gloo ranks that run ``jobs``; returns rank 0's results (raises a rank's error).
 
     A job is ``(task, layout)`` (train) or ``(task, layout, "save" | "load", checkpoint dir)``;
     results are keyed ``(kind, task, layout.key)``.
     """
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, jobs, str(out_dir))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=900)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    procs = spawn_ranks(worker, world, (jobs, str(out_dir)), timeout=900)
     errors = []
     for r in range(world):
         f = out_dir / f"rank{r}.pt"

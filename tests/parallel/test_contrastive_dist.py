@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.parallel.dist_harness import free_port
+from tests.parallel.dist_harness import spawn_ranks
 
 B, D_IN, D = 8, 12, 16
 
@@ -71,17 +71,7 @@ def _worker(rank, world, port, backend, out_dir):
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gathered_loss_matches_one_process(world, backend, tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        if p.is_alive():
-            p.kill()
+    procs = spawn_ranks(_worker, world, (backend, str(tmp_path)), timeout=300)
     errors = [torch.load(f, weights_only=False)["error"] for f in sorted(tmp_path.glob("rank*.pt"))]
     assert not any(errors), "\n".join(e for e in errors if e)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
