@@ -2,8 +2,8 @@
 
 What is swapped, each only where ours computes exactly what timm's does:
 
-* every ``nn.LayerNorm`` over one dim (timm's ``LayerNorm`` subclass included) ->
-  :class:`maws_kernels.nn.LayerNorm`;
+* every ``nn.LayerNorm`` over one dim (timm's ``LayerNorm`` subclass included; no other subclass,
+  e.g. timm's channels-first ``LayerNorm2d``) -> :class:`maws_kernels.nn.LayerNorm`;
 * every timm ``Attention`` without the extras ours lacks (q/k norms, a scale norm, a gate, attention
   dropout in training) -> :class:`maws_kernels.nn.Attention` (non-causal, unmasked; a call with a
   mask raises);
@@ -14,8 +14,9 @@ The new modules hold the old ones' parameters and sub-modules (the same tensors)
 ``state_dict`` keys and an optimizer built before the patch are untouched. Hooks registered on a
 replaced module are not carried over: patch before wrapping the model (DDP, FSDP, compile).
 
-timm itself is never imported here: modules are recognised by class name and attributes, so this
-file works with whatever timm the user has, or none.
+timm itself is never imported here: modules are recognised by class name, defining module and
+attributes, and one that holds any parameter or sub-module ours lacks is kept, so this file works
+with whatever timm the user has, or none.
 """
 from __future__ import annotations
 
@@ -24,9 +25,32 @@ import torch.nn as nn
 from maws_kernels.nn import ATTENTION_BACKENDS, Attention, LayerNorm, Mlp
 
 
+# The timm modules these stand in for, by (class name, defining modules): other timm models have
+# classes of the same names with other arithmetic (BEiT's Attention adds q / v biases and a relative
+# position bias; LayerNorm2d normalises channels first), which are never touched.
+_TIMM_ATTENTION = ("Attention", ("timm.layers.attention", "timm.models.vision_transformer"))
+_TIMM_MLP = ("Mlp", ("timm.layers.mlp",))
+_TIMM_LAYER_NORM = ("LayerNorm", ("timm.layers.norm",))
+_ATTENTION_CHILDREN = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"}
+_MLP_CHILDREN = {"fc1", "act", "drop1", "norm", "fc2", "drop2"}
+
+
+def _is(m: nn.Module, kind: tuple[str, tuple[str, ...]]) -> bool:
+    return type(m).__name__ == kind[0] and type(m).__module__ in kind[1]
+
+
+def _only(m: nn.Module, children: set[str], params: set[str]) -> str | None:
+    """Why ``m`` holds more than the named children and parameters (None if it does not)."""
+    extra = sorted({n for n, _ in m.named_children()} - children)
+    if extra:
+        return f"it has sub-modules {extra} the replacement lacks"
+    extra = sorted({n for n, _ in m.named_parameters()} - params)
+    return f"it has parameters {extra} the replacement lacks" if extra else None
+
+
 def _is_timm_attention(m: nn.Module) -> str | None:
     """None when ``m`` is a timm Attention ours can stand in for; else why not (or "" if not one)."""
-    if type(m).__name__ != "Attention" or not (hasattr(m, "qkv") and hasattr(m, "proj")):
+    if not _is(m, _TIMM_ATTENTION) or not (hasattr(m, "qkv") and hasattr(m, "proj")):
         return ""
     if not (isinstance(m.qkv, nn.Linear) and isinstance(m.proj, nn.Linear)):
         return "its qkv / proj are not nn.Linear"
@@ -47,11 +71,11 @@ def _is_timm_attention(m: nn.Module) -> str | None:
     proj_drop = getattr(m, "proj_drop", None)
     if proj_drop is not None and getattr(proj_drop, "p", 0.0) > 0:
         return f"it has projection dropout {proj_drop.p}"
-    return None
+    return _only(m, _ATTENTION_CHILDREN, {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"})
 
 
 def _is_timm_mlp(m: nn.Module) -> str | None:
-    if type(m).__name__ != "Mlp" or not (hasattr(m, "fc1") and hasattr(m, "fc2") and hasattr(m, "act")):
+    if not _is(m, _TIMM_MLP) or not (hasattr(m, "fc1") and hasattr(m, "fc2") and hasattr(m, "act")):
         return ""
     if not (isinstance(m.fc1, nn.Linear) and isinstance(m.fc2, nn.Linear)):
         return "its fc1 / fc2 are not nn.Linear (a conv Mlp?)"
@@ -63,7 +87,7 @@ def _is_timm_mlp(m: nn.Module) -> str | None:
         d = getattr(m, name, None)
         if d is not None and getattr(d, "p", 0.0) > 0:
             return f"it has dropout {d.p}"
-    return None
+    return _only(m, _MLP_CHILDREN, {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"})
 
 
 def patch_timm(model: nn.Module, *, norms: bool = True, attention: bool = True, mlp: bool = True,
@@ -92,10 +116,12 @@ def patch_timm(model: nn.Module, *, norms: bool = True, attention: bool = True, 
             continue
         new, why = None, ""
         if norms and isinstance(module, nn.LayerNorm) and not isinstance(module, LayerNorm):
-            if len(module.normalized_shape) == 1:
-                new = LayerNorm.from_module(module, backend=backend)
-            else:
+            if type(module) is not nn.LayerNorm and not _is(module, _TIMM_LAYER_NORM):
+                why = f"it is a {type(module).__name__}, a LayerNorm with its own forward"
+            elif len(module.normalized_shape) != 1:
                 why = "it normalises over more than one dim"
+            else:
+                new = LayerNorm.from_module(module, backend=backend)
         elif attention and not isinstance(module, Attention):
             why = _is_timm_attention(module)
             if why is None:

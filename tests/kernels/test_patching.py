@@ -95,3 +95,18 @@ def test_patched_model_under_the_optimizer(seeded):
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
     assert not torch.equal(before, model.head.weight)
+
+
+def test_leaves_lookalikes_alone():
+    """timm classes of the same names with other arithmetic: BEiT's Attention (q / v biases, relative
+    position bias) and the channels-first LayerNorm2d are never swapped."""
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, depth=1)
+    keys = list(beit.state_dict())
+    maws_kernels.patch_timm(beit)
+    assert not any(isinstance(m, mnn.Attention) for m in beit.modules())
+    assert list(beit.state_dict()) == keys
+    from timm.layers import LayerNorm2d
+
+    seq = torch.nn.Sequential(LayerNorm2d(8), torch.nn.LayerNorm(8))
+    replaced = maws_kernels.patch_timm(seq)
+    assert list(replaced) == ["1"] and type(seq[0]) is LayerNorm2d
