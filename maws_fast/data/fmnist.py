@@ -37,6 +37,16 @@ that with a deterministic process over Fashion-MNIST, implemented by :func:`make
 
 :func:`tag_targets` turns the multi-hot tags into the WSP soft target (each row divided by its
 tag count, so it sums to 1), as in MAWS's softmax cross-entropy over hashtags.
+
+Captions (the LiT demo data)
+----------------------------
+:func:`make_captions` writes one English caption per sample FROM ITS NOISY TAGS, so captions
+carry exactly the tags' noise (a dropped item is not mentioned, a wrong tag is). With one
+``torch.Generator`` seeded with ``seed``: the class tags present are named in a random order
+("a sneaker", "an ankle boot"), joined as "x", "x and y" or "x, y and z"; super-tags present
+follow as words ("footwear", "a top", "legwear or dresses", "an accessory"); a sample with only
+super-tags is captioned by them alone. The sentence is one of :data:`CAPTION_TEMPLATES`, chosen
+uniformly, e.g. "a photo of a sneaker and a bag, footwear, an accessory.".
 """
 
 from __future__ import annotations
@@ -319,3 +329,42 @@ def tag_targets(multi_hot: torch.Tensor) -> torch.Tensor:
     """
     multi_hot = multi_hot.to(torch.float32)
     return multi_hot / multi_hot.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+
+# How the tags read in a caption: the class tags as nouns with their article, the super-tags as words.
+CAPTION_NOUNS: tuple[str, ...] = ("a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat", "a sandal",
+                                  "a shirt", "a sneaker", "a bag", "an ankle boot")
+CAPTION_SUPER_WORDS: tuple[str, ...] = ("a top", "footwear", "legwear or dresses", "an accessory")
+CAPTION_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a picture of {}.", "{}, on a plain background.",
+                                      "a small grey photo of {}.")
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def make_captions(tags: torch.Tensor, seed: int) -> list[str]:
+    """One caption per row of ``tags`` ((N, len(VOCAB)) multi-hot, e.g. :func:`make_weak_hashtags`'s),
+    a pure function of (tags, seed); see the module docstring.
+
+    Raises:
+        DataError: ``tags`` is not (N, len(VOCAB)) or a row has no tag.
+    """
+    if tags.ndim != 2 or tags.shape[1] != len(VOCAB):
+        raise DataError(f"make_captions needs (N, {len(VOCAB)}) multi-hot tags, got {tuple(tags.shape)}; pass the "
+                        "tags make_weak_hashtags returns")
+    on = tags > 0
+    if not on.any(dim=1).all():
+        raise DataError(f"make_captions: row {int((~on.any(dim=1)).nonzero()[0])} has no tag to caption")
+    g = torch.Generator().manual_seed(int(seed))
+    n, c = tags.shape[0], len(CLASS_TAGS)
+    order = torch.rand(n, c, generator=g).argsort(dim=1)  # drawn for every row, used or not
+    template = torch.randint(0, len(CAPTION_TEMPLATES), (n,), generator=g)
+    out = []
+    for i in range(n):
+        items = [CAPTION_NOUNS[j] for j in order[i].tolist() if on[i, j]]
+        supers = [CAPTION_SUPER_WORDS[j] for j in range(len(SUPER_TAGS)) if on[i, c + j]]
+        text = ", ".join(([_join(items)] if items else []) + supers)
+        out.append(CAPTION_TEMPLATES[int(template[i])].format(text))
+    return out
+
