@@ -2,15 +2,14 @@
 
 The kernels are a distribution of their own, ``maws-kernels`` (import name ``maws_kernels``),
 in ``kernels/`` with its own ``pyproject.toml``: other trainers install it alone with
-``pip install ./kernels``. The trainer depends on it by path, so ``pip install .`` here installs
-both; ``scripts/setup.sh`` installs both in editable mode. The CUDA C++ extension
+``pip install ./kernels``. The trainer requires exactly this version of it, which is not
+published on a package index: install the two together from the checkout, ``pip install ./kernels
+.`` (``scripts/setup.sh`` installs both in editable mode, kernels first). The CUDA C++ extension
 ``maws_kernels._C`` is built by ``kernels/setup.py`` (see there for when and how).
 """
-import pathlib
-
 from setuptools import find_packages, setup
 
-_KERNELS_URI = (pathlib.Path(__file__).resolve().parent / "kernels").as_uri()
+KERNELS_REQUIREMENT = "maws-kernels==0.1.0"  # kernels/pyproject.toml's version (a test holds them equal)
 
 trainer_packages = [p for p in find_packages(include=["maws_fast", "maws_fast.*"])]
 
@@ -26,9 +25,9 @@ setup(
         # keeps its own torch.
         "torch>=2.4",
         # The kernels are their own distribution (kernels/pyproject.toml), installed from this
-        # checkout by path: a bare name would be looked up on a package index, where this one is
-        # not published (and another project's could answer).
-        f"maws-kernels @ {_KERNELS_URI}",
+        # checkout beside the trainer. By name and exact version, not by a file:// path: such a
+        # path would be fixed at build time into the trainer's metadata (and break its sdist).
+        KERNELS_REQUIREMENT,
         "numpy>=1.24",
         "pyyaml>=6",
         "safetensors>=0.4",

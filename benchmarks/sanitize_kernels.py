@@ -145,6 +145,14 @@ def main(argv: list[str]) -> int:
         for i, (a, r) in enumerate(zip(ps, refs[0])):
             if a.numel():
                 ok &= _close(a, r, f"fused_adamw_multi_ tensor {i} grad {gdt}", 1e-6)
+    # Views 4 bytes off a 16-byte boundary: the kernel's ALIGNED=False path (scalar loads).
+    base = [torch.randn(70_001, device=dev) for _ in range(4)]
+    ps, gs, ms, vs = ([b[1:70_001]] for b in base)
+    vs[0].abs_()
+    refs = [t.clone() for t in (ps[0], gs[0], ms[0], vs[0])]
+    mk.fused_adamw_multi_(ps, gs, ms, vs, step=1, lr=1e-3, weight_decay=0.05, backend="triton")
+    mk.fused_adamw_ref(refs[0], refs[1], refs[2], refs[3], step=1, lr=1e-3, weight_decay=0.05)
+    ok &= _close(ps[0], refs[0], "fused_adamw_multi_ unaligned views", 1e-6)
     if dev == "cuda":
         torch.cuda.synchronize()
     print("all kernels match their references" if ok else "SOME KERNELS DIFFER")

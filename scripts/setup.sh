@@ -20,8 +20,7 @@ fi
 python3 -m venv .venv
 # torch first and alone: with torch 2.13.0 (the CPU build) in place nothing later pulls a CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check -c requirements/cpu.txt torch triton
+# The kernels distribution first: the trainer requires it by name and version, and finds it here.
+.venv/bin/pip install -q --disable-pip-version-check -c requirements/cpu.txt -e ./kernels
 .venv/bin/pip install -q --disable-pip-version-check -c requirements/cpu.txt -e ".${extras}"
-# The trainer depends on the kernels distribution (kernels/) by path, which pip installs as a copy;
-# put the editable one back over it so that kernels/ is what runs.
-.venv/bin/pip install -q --disable-pip-version-check --no-deps -e ./kernels
 .venv/bin/python -c "import torch, maws_fast, maws_kernels; print('setup: ok, torch', torch.__version__)"

@@ -54,7 +54,7 @@ def _probe_triton() -> str | None:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-    except ImportError as e:
+    except Exception as e:  # not installed, or installed but broken: either way the torch paths run
         return f"{type(e).__name__}: {e}"
     return None
 

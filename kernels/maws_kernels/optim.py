@@ -24,6 +24,7 @@ params that are not fp32 (keep fp32 master weights and train under autocast).
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Callable, Iterable
 
 import torch
@@ -43,23 +44,40 @@ class FusedAdamW(torch.optim.Optimizer):
     Args:
         params: parameters or param groups (dicts with ``params`` and any of ``lr``, ``betas``,
             ``eps``, ``weight_decay``, ``lr_scale``).
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (same defaults).
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW`` (same order and
+            defaults; ``amsgrad`` and ``maximize`` must stay False).
+        foreach, fused: accepted for a drop-in and ignored: the step is always the multi-tensor
+            kernel (or its torch reference).
+        capturable, differentiable: must stay False (not supported).
         backend: maws_kernels backend of the step ("triton" | "torch" | None = best for the
             params' device).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
-                 backend: str | None = None):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, backend: str | None = None):
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"FusedAdamW: unknown backend {backend!r}; choose one of {BACKENDS} or None")
         if backend == "triton" and TRITON_ERROR is not None:  # say so now, not at the first step
             raise BackendUnavailableError(missing_triton_message("FusedAdamW(backend='triton')"))
+        if capturable:
+            raise ValueError("FusedAdamW: capturable=True (CUDA-graph capture of the step) is not supported; use "
+                             "torch.optim.AdamW(capturable=True)")
         self.backend = backend
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **_TORCH_GROUP_KEYS, lr_scale=1.0)
-        defaults.update(amsgrad=amsgrad, maximize=maximize)
-        self._flat: dict[int, tuple] = {}  # group index -> (param ids, {device: (exp_avg, exp_avg_sq)})
+        defaults.update(amsgrad=amsgrad, maximize=maximize, differentiable=differentiable)
+        self._flat: dict[int, tuple] = {}  # group index -> (param ids, moment addresses, buffers)
         super().__init__(params, defaults)
+
+    # --- copy / pickle: the base class keeps defaults, state and groups; ours also the backend ----------
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state: dict) -> None:
+        self.backend = state.pop("backend", None)
+        super().__setstate__(state)
+        self._flat = {}
 
     # --- checks -------------------------------------------------------------------------------------
     @staticmethod
@@ -81,6 +99,9 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"FusedAdamW: param group {index} has decoupled_weight_decay=False (an Adam state "
                              "with L2 decay, not AdamW); load it into torch.optim.Adam instead")
         for i, p in enumerate(group["params"]):
+            if not _dense(p):
+                raise ValueError(f"FusedAdamW: param {i} of group {index} (shape {tuple(p.shape)}, strides "
+                                 f"{p.stride()}) is neither contiguous nor channels-last: make it contiguous")
             if p.dtype != torch.float32:
                 raise ValueError(f"FusedAdamW: param {i} of group {index} is {p.dtype}; the fused step keeps fp32 "
                                  "params (master weights): keep the model in fp32 and train under autocast, or use "
@@ -88,7 +109,11 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        try:
+            self._check_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
     # --- the schedule ---------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -98,39 +123,45 @@ class FusedAdamW(torch.optim.Optimizer):
 
     # --- flat moments ---------------------------------------------------------------------------------
     def _flat_moments(self, index: int, group: dict) -> None:
-        """Make the state of every param of the group views of one flat fp32 buffer per device
-        (creating zero state where there is none, keeping the values of state there is)."""
-        ids = tuple(id(p) for p in group["params"])
+        """Make the state of the group's params that have a grad or state views of one flat fp32 buffer
+        per device (zero state where there is none, the values kept where there is). Params that never
+        got a grad get no state, as with torch's AdamW (a frozen backbone costs no moments).
+
+        Channels-last params keep moments of their own layout outside the flat buffer: the kernel
+        walks raw memory, which is elementwise-correct when param, grad and moments share strides.
+        """
+        members = [p for p in group["params"] if p.grad is not None or "exp_avg" in self.state.get(p, ())]
+        ids = tuple(id(p) for p in members)
         known = self._flat.get(index)
         if known is not None and known[0] == ids and all(
-                self.state[p].get("exp_avg") is not None and self.state[p]["exp_avg"].data_ptr() == ptr
-                for p, ptr in zip(group["params"], known[2])):
+                self.state[p]["exp_avg"].data_ptr() == ptr for p, ptr in zip(members, known[1])):
             return
         by_device = defaultdict(list)
-        for p in group["params"]:
+        for p in members:
             by_device[p.device].append(p)
-        buffers, ptrs = {}, {}
+        buffers = []
         for device, params in by_device.items():
+            flat = [p for p in params if p.is_contiguous()]
             # each view starts on a 16-byte boundary, so the kernel's loads can be 128-bit wide
-            spans = [-(-p.numel() // 4) * 4 for p in params]
-            total = sum(spans)
-            m = torch.zeros(total, dtype=torch.float32, device=device)
-            v = torch.zeros(total, dtype=torch.float32, device=device)
-            off = 0
-            for p, span in zip(params, spans):
+            spans = [-(-p.numel() // 4) * 4 for p in flat]
+            m = torch.zeros(sum(spans), dtype=torch.float32, device=device)
+            v = torch.zeros(sum(spans), dtype=torch.float32, device=device)
+            buffers.append((m, v))
+            views, off = {}, 0
+            for p, span in zip(flat, spans):
                 n = p.numel()
-                mv, vv = m[off:off + n].view(p.shape), v[off:off + n].view(p.shape)
+                views[id(p)] = (m[off:off + n].view(p.shape), v[off:off + n].view(p.shape))
+                off += span
+            for p in params:
+                mv, vv = views.get(id(p)) or (torch.zeros_like(p, memory_format=torch.preserve_format),
+                                              torch.zeros_like(p, memory_format=torch.preserve_format))
                 st = self.state[p]
                 if "exp_avg" in st:
                     mv.copy_(st["exp_avg"])
                     vv.copy_(st["exp_avg_sq"])
                 st["exp_avg"], st["exp_avg_sq"] = mv, vv
-                step = st.get("step", 0.0)
-                st["step"] = torch.tensor(float(step), dtype=torch.float32)  # CPU, as torch's non-fused AdamW
-                ptrs[id(p)] = mv.data_ptr()
-                off += span
-            buffers[device] = (m, v)
-        self._flat[index] = (ids, buffers, [ptrs[id(p)] for p in group["params"]])
+                st["step"] = torch.tensor(float(st.get("step", 0.0)), dtype=torch.float32)  # CPU, as torch's
+        self._flat[index] = (ids, [self.state[p]["exp_avg"].data_ptr() for p in members], buffers)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state of this class or of ``torch.optim.AdamW`` (its moments are copied into the
@@ -164,10 +195,25 @@ class FusedAdamW(torch.optim.Optimizer):
                     raise ValueError("FusedAdamW does not support sparse gradients; use torch.optim.SparseAdam")
                 st = self.state[p]
                 st["step"] += 1
+                if g.stride() != p.stride():  # the kernel walks raw memory: the grad in the param's layout
+                    g = torch.empty_like(p, dtype=g.dtype).copy_(g)
                 lists = buckets[(p.device, g.dtype, int(st["step"].item()))]
-                for lst, t in zip(lists, (p, g.contiguous(), st["exp_avg"], st["exp_avg_sq"])):
-                    lst.append(t)
-            for (_, _, step), (ps, gs, ms, vs) in buckets.items():
-                fused_adamw_multi_(ps, gs, ms, vs, step=step, lr=lr, beta1=b1, beta2=b2, eps=group["eps"],
-                                   weight_decay=group["weight_decay"], backend=self.backend)
+                for lst, t in zip(lists, (p, g, st["exp_avg"], st["exp_avg_sq"])):
+                    lst.append(_raw(t))
+            for (device, _, step), (ps, gs, ms, vs) in buckets.items():
+                with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+                    fused_adamw_multi_(ps, gs, ms, vs, step=step, lr=lr, beta1=b1, beta2=b2, eps=group["eps"],
+                                       weight_decay=group["weight_decay"], backend=self.backend)
         return loss
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous in the standard or a channels-last layout: its elements fill its memory exactly."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's memory as a 1-D view (layout-free: what an elementwise kernel walks)."""
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
+

@@ -29,7 +29,7 @@ def _run(module, *inputs):
 
 def _assert_same(a, b, exact: bool) -> None:
     (oa, ga, pa), (ob, gb, pb) = a, b
-    assert pa.keys() == pb.keys()
+    assert pa.keys() == pb.keys() and len(oa) == len(ob) and len(ga) == len(gb)
     pairs = list(zip(oa, ob)) + list(zip(ga, gb)) + [(pa[k], pb[k]) for k in pa]
     for x, y in pairs:
         assert (torch.equal(x, y) if exact else torch.allclose(x, y, **TOL)), (x - y).abs().max()

@@ -194,6 +194,60 @@ def test_step_with_closure_and_no_grads():
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_and_frozen_params(seeded, backend):
+    """A channels-last conv (timm's --channels-last) steps as torch's AdamW does, and a frozen param
+    (in the group, never a grad) gets no state: the state_dicts hold the same entries."""
+    def net():
+        torch.manual_seed(5)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4), nn.Linear(4, 4))
+        m[3].requires_grad_(False)
+        return m.to(memory_format=torch.channels_last)
+    ours_net, torch_net = net(), net()
+    assert ours_net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    ours = FusedAdamW(ours_net.parameters(), lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW(torch_net.parameters(), lr=1e-2, foreach=False)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        for n, o in ((ours_net, ours), (torch_net, theirs)):
+            o.zero_grad()
+            n(x).square().sum().backward()
+            o.step()
+    _assert_close(ours_net, torch_net, exact=backend == "torch", what="channels-last")
+    assert ours.state[ours_net[0].weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    assert sorted(ours.state_dict()["state"]) == sorted(theirs.state_dict()["state"]) == [0, 1, 2, 3]
+
+
+def test_copy_pickle_and_load_before_step(seeded):
+    import pickle
+
+    net = _net()
+    opt = FusedAdamW(_groups(net), lr=1e-2, backend="torch")
+    _backward(net, 1)
+    opt.step()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.backend == "torch"
+        for g in other.param_groups:
+            for p in g["params"]:
+                p.grad = torch.ones_like(p)
+        other.step()  # works on the copy (its own parameters)
+    fresh = FusedAdamW(_groups(net), lr=1e-2, backend="torch")
+    fresh.load_state_dict(opt.state_dict())
+    for a, b in zip(fresh.state_dict()["state"].values(), opt.state_dict()["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_constructor_is_torchs():
+    params = list(nn.Linear(3, 3).parameters())
+    FusedAdamW(params, 1e-3, (0.9, 0.95), 1e-8, 0.05, False, foreach=False, fused=None)  # torch's positional order
+    with pytest.raises(ValueError, match="capturable"):
+        FusedAdamW(params, capturable=True)
+    opt = FusedAdamW([params[0]])
+    with pytest.raises(ValueError, match="fp32"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
+
+
 def test_errors():
     with pytest.raises(ValueError, match="fp32"):
         FusedAdamW(nn.Linear(3, 3).bfloat16().parameters())
@@ -272,3 +326,16 @@ def test_matches_torch_adamw_on_gpu(seeded):
         ours.step()
         theirs.step()
     _assert_close(net, ref_net, exact=False, what="gpu")
+
+
+def test_alignment_flag_is_computed_from_the_addresses(monkeypatch):
+    import maws_kernels.adamw as adamw
+
+    seen = []
+    real = adamw._adamw_multi_launch_tables
+    monkeypatch.setattr(adamw, "_adamw_multi_launch_tables", lambda *a: (seen.append(a[-1]), real(*a)))
+    fresh = [torch.randn(100) for _ in range(4)]
+    fused_adamw_multi_([fresh[0]], [fresh[1]], [fresh[2]], [fresh[3].abs()], step=1, lr=1e-3, backend="triton")
+    offset = [torch.randn(101)[1:] for _ in range(4)]  # 4 bytes past the allocation's start
+    fused_adamw_multi_([offset[0]], [offset[1]], [offset[2]], [offset[3].abs_()], step=1, lr=1e-3, backend="triton")
+    assert seen == [True, False]
