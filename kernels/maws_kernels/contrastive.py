@@ -31,7 +31,10 @@ from maws_kernels.cross_entropy import linear_soft_target_cross_entropy
 _OP = "contrastive_loss"
 
 
-def _check(image_features, text_features, logit_scale, all_image, all_text, offset) -> None:
+def _check(image_features, text_features, logit_scale, all_image, all_text, offset):
+    """The gathered features (this rank's own where none are given), after checking every argument."""
+    all_image = image_features if all_image is None else all_image
+    all_text = text_features if all_text is None else all_text
     if image_features.dim() != 2 or text_features.shape != image_features.shape:
         raise ValueError(f"{_OP}: image and text features must both be (b, D); got {tuple(image_features.shape)} "
                          f"and {tuple(text_features.shape)}")
@@ -48,6 +51,7 @@ def _check(image_features, text_features, logit_scale, all_image, all_text, offs
     if not isinstance(logit_scale, torch.Tensor) or logit_scale.numel() != 1:
         raise ValueError(f"{_OP}: logit_scale must be a one-element tensor (logit_scale.exp(), clamped), got "
                          f"{type(logit_scale).__name__}")
+    return all_image, all_text
 
 
 def contrastive_loss(
@@ -77,9 +81,8 @@ def contrastive_loss(
     Returns:
         0-d fp32 loss: the mean over this rank's rows of the two directions' cross-entropies, halved.
     """
-    all_image = image_features if all_image_features is None else all_image_features
-    all_text = text_features if all_text_features is None else all_text_features
-    _check(image_features, text_features, logit_scale, all_image, all_text, offset)
+    all_image, all_text = _check(image_features, text_features, logit_scale, all_image_features, all_text_features,
+                                 offset)
     b = image_features.shape[0]
     ids = (torch.arange(b, device=image_features.device) + offset).unsqueeze(1)
     ones = torch.ones(b, 1, device=image_features.device, dtype=torch.float32)
@@ -100,9 +103,8 @@ def contrastive_loss_ref(
     offset: int = 0,
 ) -> torch.Tensor:
     """The eager loss (open_clip's ``ClipLoss`` with ``local_loss=True``): both (b, B) logits in fp32."""
-    all_image = image_features if all_image_features is None else all_image_features
-    all_text = text_features if all_text_features is None else all_text_features
-    _check(image_features, text_features, logit_scale, all_image, all_text, offset)
+    all_image, all_text = _check(image_features, text_features, logit_scale, all_image_features, all_text_features,
+                                 offset)
     labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
     scale = logit_scale.reshape(()).float()
     logits_per_image = scale * image_features.float() @ all_text.float().T
