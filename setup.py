@@ -33,6 +33,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "pillow>=9",  # JPEG encode/decode of the reference loader and maws-data
+        "tokenizers>=0.15",  # the LiT stage's caption BPE (HF tokenizers; a compiled wheel, no torch)
     ],
     extras_require={
         # The DALI input pipeline (maws_fast.data.dali); its CPU operators run without a GPU.
@@ -40,10 +41,12 @@ setup(
         # run.tensorboard=true mirrors metrics.jsonl to TensorBoard; `maws-bench plot` draws PNGs.
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],
+        # MAWS's released CLIP checkpoints: their XLM-R text tower as HF transformers' XLMRobertaModel.
+        "xlmr": ["transformers>=4.40"],
         # test-only: timm is the parity reference for the ViT (it imports torchvision); the
         # scikit-learn / scikit-image wheels ship the real photographs the data tests decode.
         "dev": ["pytest>=8", "pytest-timeout>=2", "timm>=1.0", "scikit-learn", "scikit-image", "pillow",
-                "nvidia-dali-cuda130", "tensorboard", "matplotlib"],
+                "nvidia-dali-cuda130", "tensorboard", "matplotlib", "transformers>=4.40"],
         # GPU-only: not installable or not useful on a CPU machine.
         "gpu": ["xformers", "nvidia-dali-cuda130"],
     },

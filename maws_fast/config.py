@@ -249,6 +249,49 @@ class FinetuneConfig(OptimConfig):
 
 
 @dataclass
+class LiTConfig(OptimConfig):
+    """Locked-image tuning (LiT): a text tower trained against a frozen image encoder, CLIP's loss."""
+
+    blr: float = setting(1e-3, "base lr (per 256 pairs)")
+    weight_decay: float = setting(0.1, "AdamW weight decay (not on 1-D params, biases, logit_scale)")
+    beta2: float = setting(0.98, "AdamW beta2 (CLIP's)")
+    warmup_epochs: float = setting(0.1, "linear warmup length, in epochs")
+    init: str = setting("wsp", "the locked image tower: mae | wsp | wsp_scratch (this run's final weights) | PATH "
+                        "(a checkpoint directory, .safetensors, or .pth/.pt/.bin of model's architecture)")
+    compare: list[str] = setting(lambda: [], "more of this run's encoders given a text tower alike, each its own "
+                                 "stage lit_<name> (the demo: [wsp_scratch])")
+    num_samples: int = setting(0, "image-caption pairs trained on: the first N (0 = all); the demo's are its "
+                               "weak-hashtag mosaics with captions made from their tags")
+    embed_dim: int = setting(128, "shared width of the two towers' projections")
+    width: int = setting(128, "text tower width")
+    depth: int = setting(4, "text tower blocks")
+    num_heads: int = setting(4, "text tower heads")
+    mlp_ratio: float = setting(4.0, "text tower MLP hidden = mlp_ratio * width")
+    context_length: int = setting(40, "caption tokens, [CLS] and [EOS] included (longer captions are truncated)")
+    vocab_size: int = setting(1000, "BPE vocabulary trained on the captions (a smaller one is kept if the corpus "
+                              "has fewer merges)")
+    tokenizer: str | None = setting(None, "a tokenizer.json from `maws-data tokenizer`; null = train a BPE on the "
+                                    "training captions (written to <out_dir>/<stage>/tokenizer.json either way)")
+    init_logit_scale: float = setting(2.6592600369327779, "initial log of the logit scale: log(1 / 0.07), CLIP's; "
+                                      "the scale is clamped at 100")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.num_samples >= 0, "lit.num_samples", "must be >= 0 (0 = all)")
+        for k in ("embed_dim", "width", "depth", "num_heads"):
+            _check(int(getattr(self, k)) >= 1, f"lit.{k}", "must be >= 1")
+        _check(self.width % self.num_heads == 0, "lit.width", f"{self.width} is not divisible by lit.num_heads="
+               f"{self.num_heads}")
+        _check(self.mlp_ratio > 0, "lit.mlp_ratio", "must be > 0")
+        _check(self.context_length >= 3, "lit.context_length", "must be >= 3 ([CLS], a token, [EOS])")
+        _check(self.vocab_size >= 260, "lit.vocab_size", "must be >= 260 (256 bytes, 3 specials, 1 merge)")
+        _check(self.init_logit_scale <= math.log(100), "lit.init_logit_scale", "must be <= log(100), the clamp")
+        bad = [c for c in self.compare if c not in ("mae", "wsp", "wsp_scratch") or c == self.init]
+        _check(not bad, "lit.compare", f"{bad}: list other encoders of this run (mae, wsp, wsp_scratch), not "
+               "lit.init itself")
+
+
+@dataclass
 class EvalConfig:
     train_subset: int = setting(
         10000, "Fashion-MNIST train images whose frozen features fit the probe (0 = all; JPEG eval uses all)")
@@ -371,7 +414,8 @@ class ParallelConfig:
         _check(self.backend in ("auto", "gloo", "nccl"), "parallel.backend", f"{self.backend!r}: use auto, gloo or nccl")
 
 
-STAGES = ("mae", "wsp", "finetune", "linprobe")
+STAGES = ("mae", "wsp", "finetune", "lit", "linprobe")
+DEFAULT_STAGES = ("mae", "wsp", "finetune", "linprobe")
 CHECKPOINT_MODES = ("none", "full", "selective")  # maws_fast.models.vit.set_block_options implements each
 
 
@@ -381,7 +425,7 @@ class RunConfig:
     seed: int = setting(0, "seeds every RNG (data order, augmentation, masking, init)")
     device: str = setting("cpu", "cpu | cuda | cuda:N")
     threads: int = setting(0, "torch intra-op threads (0 = torch's default)")
-    stages: list[str] = setting(lambda: list(STAGES), "stages to run, in order")
+    stages: list[str] = setting(lambda: list(DEFAULT_STAGES), "stages to run, in order (lit is opt-in)")
     ckpt_every: int = setting(200, "steps between checkpoints (the end of a stage always writes one)")
     log_every: int = setting(20, "steps between metric lines (the CPU waits for the loss only here)")
     progress: bool = setting(True, "tqdm progress bar")
@@ -419,6 +463,7 @@ class Config:
     mae: MAEConfig = setting(MAEConfig, "MAE pre-pretraining")
     wsp: WSPConfig = setting(WSPConfig, "weakly supervised pretraining")
     finetune: FinetuneConfig = setting(FinetuneConfig, "fine-tuning on labelled data (the official MAE recipe)")
+    lit: LiTConfig = setting(LiTConfig, "locked-image text tower (LiT) for zero-shot transfer")
     eval: EvalConfig = setting(EvalConfig, "linear probe and few-shot")
     parallel: ParallelConfig = setting(ParallelConfig, "engine, ZeRO stage, tensor parallel")
 

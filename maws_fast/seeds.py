@@ -32,6 +32,8 @@ class Stream(IntEnum):
     MAE_INIT = 11  # weights of the MAE model (the same on every rank)
     WSP_INIT = 12  # weights of the WSP classifier (the same for every WSP variant of a run)
     FT_INIT = 14  # weights of the fine-tune classifier (its head; the encoder comes from a checkpoint)
+    LIT_INIT = 15  # weights of the LiT text tower and projections (the image tower comes from a checkpoint)
+    CAPTIONS = 16  # the demo's captions written from the weak hashtags
     EVAL_SUBSET = 13  # the train-split subset the frozen-feature probes fit on
     DALI_PIPELINE = 21  # DALI's own pipeline seed (its reader shuffle buffer)
     FOLDER_ORDER = 23  # the one permutation of an image folder handed to DALI's file reader

@@ -5,7 +5,7 @@ from maws_fast.seeds import Stream, mix_seed
 def test_stream_ids_are_distinct_and_pinned():
     assert {s.name: int(s) for s in Stream} == {
         "PERMUTATION": 1, "AUGMENT": 2, "MASK": 3, "MIXUP": 4, "DROP_PATH": 5, "RANDAUG": 6, "ERASE": 7, "MAE_INIT": 11, "WSP_INIT": 12,
-        "EVAL_SUBSET": 13, "FT_INIT": 14, "DALI_PIPELINE": 21, "FOLDER_ORDER": 23}
+        "EVAL_SUBSET": 13, "FT_INIT": 14, "LIT_INIT": 15, "CAPTIONS": 16, "DALI_PIPELINE": 21, "FOLDER_ORDER": 23}
 
 
 def test_mix_seed_values_are_those_every_earlier_run_used():

@@ -17,8 +17,9 @@ Triton is installed, torch's own op on a CPU):
 * :class:`NormPixLoss` -- MAE's normalised-pixel loss on removed patches, targets read from the
   images.
 
-The attention backend switch is here too (:func:`attend`, :func:`attend_packed`), so a model
-built from these modules and the trainer's models pick backends the same way.
+The attention backend switch is here too (:func:`attend`, :func:`attend_packed`, and
+:func:`attend_varlen` for packed sequences of different lengths, e.g. a text tower's captions), so a
+model built from these modules and the trainer's models pick backends the same way.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from maws_kernels._backend import BACKENDS, TRITON_ERROR, BackendUnavailableError, resolve_backend
 from maws_kernels.add_layer_norm import add_layer_norm
-from maws_kernels.attention import attention, attention_qkvpacked
+from maws_kernels.attention import attention, attention_qkvpacked, attention_varlen
 from maws_kernels.bias_gelu import bias_gelu
 from maws_kernels.cross_entropy import soft_target_cross_entropy
 from maws_kernels.layer_norm import layer_norm
@@ -110,6 +111,49 @@ def attend_packed(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
         return attention_qkvpacked(qkv, backend="triton")
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, Dh)
     return attend(q, k, v, backend).transpose(1, 2)
+
+
+def _padded(t: torch.Tensor, seq_id: torch.Tensor, pos: torch.Tensor, num_seqs: int, max_seqlen: int) -> torch.Tensor:
+    """Packed (T, H, Dh) -> (S, H, max_seqlen, Dh), zeros past each sequence's end."""
+    out = t.new_zeros(num_seqs, max_seqlen, *t.shape[1:])
+    out[seq_id, pos] = t
+    return out.transpose(1, 2)
+
+
+def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                  backend: str = "sdpa") -> torch.Tensor:
+    """Non-causal attention within each of S packed sequences: q, k, v (T, H, Dh) back to back,
+    ``cu_seqlens`` (S + 1,) int32 prefix sums of the lengths, ``max_seqlen`` an upper bound of them
+    (a Python int). Returns (T, H, Dh).
+
+    ``triton`` runs :func:`maws_kernels.attention_varlen` on the packed tokens (no padding at all).
+    ``sdpa`` and ``manual`` pad to (S, H, max_seqlen, Dh) and mask the keys past each end (padded
+    queries are computed and dropped); ``xformers`` runs its block-diagonal mask (GPU, one host
+    read of the lengths).
+    """
+    if backend == "triton":
+        return attention_varlen(q, k, v, cu_seqlens, max_seqlen, backend="triton")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+    T, S = q.shape[0], cu_seqlens.numel() - 1
+    starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if backend == "xformers":
+        if q.device.type != "cuda":
+            _xformers_attention(q, k, v)  # raises the backend's error
+        from xformers.ops import fmha
+
+        bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(lengths.tolist())
+        return fmha.memory_efficient_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_bias=bias)[0]
+    seq_id = torch.repeat_interleave(torch.arange(S, device=q.device), lengths, output_size=T)  # no host sync
+    pos = torch.arange(T, device=q.device) - starts[seq_id]
+    qp, kp, vp = (_padded(t, seq_id, pos, S, int(max_seqlen)) for t in (q, k, v))  # (S, H, M, Dh)
+    keep = (torch.arange(int(max_seqlen), device=q.device) < lengths[:, None])[:, None, None, :]  # (S, 1, 1, M)
+    if backend == "sdpa":
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep)
+    else:  # manual: the reference, fp32 softmax
+        scores = (qp @ kp.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        o = scores.float().masked_fill(~keep, float("-inf")).softmax(dim=-1).to(q.dtype) @ vp
+    return o.transpose(1, 2)[seq_id, pos]
 
 
 def available_attention_backends(device: torch.device | str) -> list[str]:

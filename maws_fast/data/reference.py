@@ -237,3 +237,67 @@ class BatchLoader:
             persistent_workers=False,
         )
         yield from loader
+
+
+class PairLoader:
+    """Batches of (image inputs, caption ids) for the LiT stage, from tensors in memory.
+
+    ``inputs`` are the locked image tower's pooled features (N, W) when the data does not augment
+    (the feature cache: each image through the tower once, not once per epoch), or anything else
+    indexable by rows. They may be given as a function computing them, called on the first
+    :meth:`epoch` (a finished or resumed stage that never asks pays nothing). The order is a
+    function of (seed, epoch), as :class:`BatchLoader`'s; ``shard`` slices each global batch the same way.
+    """
+
+    bad = None
+
+    def __init__(self, inputs, ids: torch.Tensor, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
+        n = ids.shape[0]
+        rank, world = shard
+        if n == 0:
+            raise DataError("PairLoader got no captions; check the LiT data (lit.num_samples, the caption files)")
+        if batch_size < 1 or batch_size > n:
+            raise DataError(f"lit batch_size {batch_size} must be in 1..{n} (the image-caption pairs); lower it or use "
+                            "more data")
+        if not 0 <= rank < world or batch_size % world:
+            raise ConfigError(f"batch_size {batch_size} does not split over {world} data-parallel ranks (rank {rank}); "
+                              f"use a multiple of {world}.")
+        self._inputs, self.ids = inputs, ids
+        self.batch_size, self.seed, self.shard = int(batch_size), int(seed), (int(rank), int(world))
+
+    @property
+    def num_samples(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def num_batches(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def inputs(self) -> torch.Tensor:
+        if callable(self._inputs):
+            self._inputs = self._inputs()
+            if self._inputs.shape[0] != self.num_samples:
+                raise DataError(f"the LiT image inputs have {self._inputs.shape[0]} rows for {self.num_samples} captions")
+        return self._inputs
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not 0 <= start_batch <= self.num_batches:
+            raise DataError(f"start_batch {start_batch} is outside 0..{self.num_batches}; resume with the same data "
+                            "and batch_size")
+        x = self.inputs()
+        g = torch.Generator().manual_seed(mix_seed(Stream.PERMUTATION, self.seed, epoch))
+        order = torch.randperm(self.num_samples, generator=g)
+        rank, world = self.shard
+        b = self.batch_size // world
+        for i in range(start_batch, self.num_batches):
+            rows = order[i * self.batch_size:(i + 1) * self.batch_size][rank * b:(rank + 1) * b]
+            yield x[rows], self.ids[rows]

@@ -124,8 +124,10 @@ def probe_encoder(cfg: Config, model: nn.Module, feats: Features, num_classes: i
 def results_table(rows: list[dict], shots: list[int]) -> str:
     """A small fixed-width table of the evaluation rows (with fine-tune columns when any row has them)."""
     ft = any("finetune_top1" in r for r in rows)
+    zs = any("zero_shot_top1" in r for r in rows)
     head = ["model", "training steps", "linear probe top-1"] + [f"{k}-shot top-1 (mean ± std)" for k in shots]
     head += ["fine-tune steps", "fine-tuned top-1 / top-5"] if ft else []
+    head += ["LiT steps", "zero-shot top-1 / top-5"] if zs else []
 
     def pct(r, key):
         return f"{100 * r[key]:.2f}%" if key in r else "-"
@@ -137,6 +139,9 @@ def results_table(rows: list[dict], shots: list[int]) -> str:
         if ft:
             out += [str(r.get("finetune_steps", "-")),
                     f"{pct(r, 'finetune_top1')} / {pct(r, 'finetune_top5')}" if "finetune_top1" in r else "-"]
+        if zs:
+            out += [str(r.get("lit_steps", "-")),
+                    f"{pct(r, 'zero_shot_top1')} / {pct(r, 'zero_shot_top5')}" if "zero_shot_top1" in r else "-"]
         return out
 
     body = [cells(r) for r in rows]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import maws_kernels
 from maws_fast.config import CHECKPOINT_MODES
 from maws_fast.errors import CheckpointError
-from maws_fast.models.attention import attention_packed, check_attn_backend
+from maws_fast.models.attention import attention_packed, attention_varlen, check_attn_backend
 from maws_fast.models.pos_embed import resample_pos_embed, sincos_2d
 
 def op_backend(model_backend: str | None, has_cuda_twin: bool) -> str | None:
@@ -99,6 +100,17 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D)
 
 
+class Packed(NamedTuple):
+    """Sequences of different lengths packed back to back as one (1, T, D) stream: each token
+    attends only within its sequence (the text tower's captions; no padding is computed).
+
+    ``cu_seqlens``: (S + 1,) int32 prefix sums of the S lengths; ``max_seqlen``: a bound on them
+    (a Python int, so nothing waits for the device)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_backend: str = "sdpa"):
         super().__init__()
@@ -110,18 +122,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def _mix(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> the heads' outputs (B, N, H * Dh), before the output projection."""
+    def _mix(self, x: torch.Tensor, seq: Packed | None = None) -> torch.Tensor:
+        """(B, N, D) -> the heads' outputs (B, N, H * Dh), before the output projection; with
+        ``seq``, x is (1, T, D) of packed sequences, each attending within itself."""
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # a view of the projection
+        if seq is not None:
+            q, k, v = qkv[0].unbind(1)  # each (T, H, Dh)
+            return attention_varlen(q, k, v, seq.cu_seqlens, seq.max_seqlen, self.attn_backend).reshape(B, N, -1)
         return attention_packed(qkv, self.attn_backend).reshape(B, N, -1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self._mix(x))  # (B, N, D), or D / tp under tensor parallel
+    def forward(self, x: torch.Tensor, seq: Packed | None = None) -> torch.Tensor:
+        return self.proj(self._mix(x, seq))  # (B, N, D), or D / tp under tensor parallel
 
-    def forward_without_bias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_without_bias(self, x: torch.Tensor, seq: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the output without the projection's bias, that bias), for the residual-add kernel to add."""
-        return linear_without_bias(self.proj, self._mix(x))
+        return linear_without_bias(self.proj, self._mix(x, seq))
 
 
 def linear_without_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -244,9 +260,10 @@ class Block(nn.Module):
             return None
         return self.norm2.add_backend(x)
 
-    def forward(self, x: torch.Tensor, branch: torch.Tensor | None = None, defer: bool = False):
+    def forward(self, x: torch.Tensor, branch: torch.Tensor | None = None, defer: bool = False,
+                seq: Packed | None = None):
         """One block on the residual stream ``x`` (+ ``branch``, the previous block's MLP output still
-        to be added, when the caller deferred it).
+        to be added, when the caller deferred it); ``seq``: x holds packed sequences (:class:`Packed`).
 
         Returns the new stream, or with ``defer`` the pair (stream, MLP output) for the next norm to
         add (the MLP output is None when this block did the add itself, unfused).
@@ -255,28 +272,28 @@ class Block(nn.Module):
         compiled twin after :func:`set_block_options` (``compile=True``).
         """
         m1, m2 = self.drop_path1.draw(x), self.drop_path2.draw(x)
-        return (self._compiled or self._run)(x, branch, m1, m2, defer)
+        return (self._compiled or self._run)(x, branch, m1, m2, defer, seq)
 
-    def _run(self, x, branch, m1, m2, defer: bool):
+    def _run(self, x, branch, m1, m2, defer: bool, seq: Packed | None = None):
         """:meth:`_body`, under activation checkpointing when it is on and a graph is being recorded."""
         mode = self.activation_checkpoint
         if mode == "none" or not torch.is_grad_enabled():
-            return self._body(x, branch, m1, m2, defer)
+            return self._body(x, branch, m1, m2, defer, seq)
         from torch.utils.checkpoint import checkpoint
 
         # No RNG state to keep: the body has no random op (the masks are arguments). Two calls, not
         # one with a chosen context_fn: dynamo traces a context_fn only when it is passed as it is.
         if mode == "selective":
-            return checkpoint(self._body, x, branch, m1, m2, defer, use_reentrant=False, preserve_rng_state=False,
-                              context_fn=_selective_contexts)
-        return checkpoint(self._body, x, branch, m1, m2, defer, use_reentrant=False, preserve_rng_state=False)
+            return checkpoint(self._body, x, branch, m1, m2, defer, seq, use_reentrant=False,
+                              preserve_rng_state=False, context_fn=_selective_contexts)
+        return checkpoint(self._body, x, branch, m1, m2, defer, seq, use_reentrant=False, preserve_rng_state=False)
 
-    def _body(self, x, branch, m1, m2, defer: bool):
+    def _body(self, x, branch, m1, m2, defer: bool, seq: Packed | None = None):
         backend = self.fused_add_backend(x)
         if backend is None:
             if branch is not None:
                 x = x + branch
-            x = x + DropPath.apply(self.attn(self.norm1(x)), m1)
+            x = x + DropPath.apply(self.attn(self.norm1(x), seq), m1)
             x = x + DropPath.apply(self.mlp(self.norm2(x)), m2)
             return (x, None) if defer else x
         if branch is None:
@@ -284,9 +301,9 @@ class Block(nn.Module):
         else:
             h, x = self.norm1(branch, x, backend=backend)
         if m1 is not None:  # the dropped branch includes the projection's bias
-            a, a_bias = self.attn(h) * m1, None
+            a, a_bias = self.attn(h, seq) * m1, None
         else:
-            a, a_bias = self.attn.forward_without_bias(h)
+            a, a_bias = self.attn.forward_without_bias(h, seq)
         h, x = self.norm2(a, x, a_bias, backend)
         m = DropPath.apply(self.mlp(h), m2)
         return (x, m) if defer else x + m
@@ -318,9 +335,9 @@ def set_block_options(model: nn.Module, activation_checkpoint: str = "none", com
     return n
 
 
-def run_blocks(blocks, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
+def run_blocks(blocks, x: torch.Tensor, norm: nn.Module | None, seq: Packed | None = None) -> torch.Tensor:
     """``norm(blocks(x))`` (just ``blocks(x)`` when ``norm`` is None), each block called as a module
-    (so parallel engines' hooks see it).
+    (so parallel engines' hooks see it); ``seq``: x holds packed sequences (:class:`Packed`).
 
     With fused norms every residual add happens inside a LayerNorm kernel: a block returns its
     stream and its unadded MLP output, the next block's first norm (or ``norm``) adds them. Under
@@ -333,11 +350,11 @@ def run_blocks(blocks, x: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
             and not (first.activation_checkpoint != "none" and torch.is_grad_enabled()))
     if not fuse:
         for blk in blocks:
-            x = blk(x)
+            x = blk(x) if seq is None else blk(x, seq=seq)
         return x if norm is None else norm(x)
     branch = None
     for blk in blocks:
-        x, branch = blk(x, branch, True)
+        x, branch = blk(x, branch, True) if seq is None else blk(x, branch, True, seq=seq)
     if branch is None:
         return x if norm is None else norm(x)
     if norm is None:

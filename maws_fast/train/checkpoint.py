@@ -134,8 +134,11 @@ class Checkpointer:
         """The loading half of :meth:`resume`: (step, the world that saved it)."""
         check_fingerprint(read_meta(path).get("fingerprint", {}), self.fingerprint, path)
         if is_sharded(path):
-            tensors, _extra, meta, rank_metas = load_sharded(path, self.engine.load_pieces(), with_optim=True)
+            tensors, extra, meta, rank_metas = load_sharded(path, self.engine.load_pieces(), with_optim=True)
             optim_steps = int(meta["optim_steps"])
+            # the frozen tensors as saved (a LiT stage's locked image tower: loaded by its init_fn, which a
+            # resumed stage does not run); the caller copies them into the model
+            self.frozen = {k: extra.get(k, v) for k, v in self.frozen.items()}
         else:
             tensors, meta, optim_steps = load_single_process(path, self.engine.load_pieces(), legacy_order)
             rank_metas = [{"data_state": meta.get("data_state")}]  # it was written by one process

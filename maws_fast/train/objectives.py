@@ -16,6 +16,7 @@ import torch.nn as nn
 
 import maws_kernels
 from maws_fast.models.vit import op_backend
+from maws_fast.parallel.mesh import Mesh, gather_with_grad
 from maws_fast.seeds import Stream, mix_seed
 
 
@@ -89,3 +90,31 @@ class FinetuneObjective(nn.Module):
             return wsp_loss(self.model, imgs, targets)
         finally:
             self.model.set_drop_path_generator(None)
+
+
+class LiTObjective(nn.Module):
+    """CLIP's symmetric InfoNCE between the locked image tower's embeddings and the text tower's.
+
+    ``forward(inputs, ids, ...)``: ``inputs`` are images (B, C, H, W), run through the locked tower
+    under no_grad, or its pooled features (B, W_img) read from a feature cache; ``ids`` the
+    captions' token ids (B, N). Under data parallelism both embeddings are all-gathered with their
+    gradient and each rank computes the loss of its own rows against everyone's
+    (:func:`maws_kernels.contrastive_loss`, whose Triton path never holds the (b, B) logits).
+    """
+
+    def __init__(self, model: nn.Module, mesh: Mesh | None = None, kernel_backend: str | None = None):
+        super().__init__()
+        self.model, self.mesh, self.kernel_backend = model, mesh, kernel_backend
+
+    def forward(self, inputs: torch.Tensor, ids: torch.Tensor, step: int, micro: int = 0,
+                accum: int = 1) -> torch.Tensor:
+        m = self.model
+        pooled = inputs if inputs.ndim == 2 else m.pooled_images(inputs)
+        img, txt = m.embed_image_features(pooled), m.encode_texts(ids)
+        scale = m.scale()
+        if self.mesh is None:
+            return maws_kernels.contrastive_loss(img, txt, scale, backend=self.kernel_backend)
+        all_img, offset = gather_with_grad(img, self.mesh)  # (img, 0) in one data-parallel rank
+        all_txt, _ = gather_with_grad(txt, self.mesh)
+        return maws_kernels.contrastive_loss(img, txt, scale, all_image_features=all_img, all_text_features=all_txt,
+                                             offset=offset, backend=self.kernel_backend)

@@ -51,6 +51,11 @@ def fingerprints(cfg: Config) -> dict[str, dict]:
     for name, ft_init, _ in finetune_runs(cfg):
         src = out[ft_init] if ft_init in out else str(Path(ft_init).resolve())
         out[name] = {**ft, "init": ft_init if ft_init in out else src, **({"from": src} if ft_init in out else {})}
+    lit_cfg = {k: v for k, v in dataclasses.asdict(cfg.lit).items() if k not in ("init", "compare", "tokenizer")}
+    lit = {"seed": cfg.run.seed, "numerics": numerics, "data": data, "model": model, "lit": lit_cfg}
+    for name, lit_init, _ in lit_runs(cfg):
+        src = out[lit_init] if lit_init in out else str(Path(lit_init).resolve())
+        out[name] = {**lit, "init": lit_init if lit_init in out else src, **({"from": src} if lit_init in out else {})}
     return out
 
 
@@ -115,3 +120,11 @@ def finetune_model_config(cfg: Config):
     """The model config at the fine-tune resolution (``finetune.img_size``, 0 = the model's)."""
     size = cfg.finetune.img_size or cfg.model.img_size
     return cfg.model if size == cfg.model.img_size else dataclasses.replace(cfg.model, img_size=size)
+
+
+def lit_runs(cfg: Config) -> list[tuple[str, str, str]]:
+    """(stage name, image tower, table label) of every LiT run: ``lit`` on ``lit.init``, then
+    ``lit_<name>`` on each of ``lit.compare``."""
+    runs = [("lit", cfg.lit.init, f"{_encoder_label(cfg, cfg.lit.init)} -> LiT")]
+    runs += [(f"lit_{c}", c, f"{_encoder_label(cfg, c)} -> LiT") for c in cfg.lit.compare]
+    return runs

@@ -30,9 +30,10 @@ from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import acquire_run_lock, atomic_write_text, load_checkpoint, read_meta, read_weights, release_run_lock
 from maws_fast.train.checkpoint import check_fingerprint
 from maws_fast.train.finetune import check_finetune_config, finetune_eval, finetune_stage
+from maws_fast.train.lit import check_lit_config, lit_stage, load_lit, same_weights, zero_shot
 from maws_fast.train.loop import Stage, run_stage, say, silent
 from maws_fast.train.objectives import MAEObjective, WSPObjective
-from maws_fast.train.runs import check_init, data_shard, finetune_runs, fingerprints, init_path, wsp_runs
+from maws_fast.train.runs import check_init, data_shard, finetune_runs, fingerprints, init_path, lit_runs, wsp_runs
 
 Echo = Callable[[str], None]
 
@@ -116,12 +117,19 @@ def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Ech
     candidates = [(name, label) for name, _, label in wsp_runs(cfg)] + [("mae", "MAE only (no WSP)")]
     prints = fingerprints(cfg)
     feats, num_classes = feature_sets(cfg, data, device, log=say)
+    memo: dict = {}
+
+    def feats_once(model, split):  # an encoder's features serve its probes and its LiT run's zero-shot
+        if (id(model), split) not in memo:
+            memo[id(model), split] = (model, feats(model, split))
+        return memo[id(model), split][1]
+
     if cfg.eval.init is not None:
         row = _probe_checkpoint(cfg, feats, num_classes, device, echo)
         echo(f"[linprobe] {row['model']}: linear probe {100 * row['linear_probe_top1']:.2f}%"
              + "".join(f", {k}-shot {100 * row[f'{k}shot_top1_mean']:.2f}%" for k in cfg.eval.shots))
         return [row]
-    rows = []
+    rows, encoders = [], {}
     for name, label in candidates:
         final = out / name / "final"
         if not final.exists():
@@ -135,14 +143,40 @@ def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Ech
         steps = f"{name.split('_')[0]} {meta['step']}"
         if name == "wsp" and cfg.wsp.init == "mae":
             steps = f"mae {read_meta(out / 'mae' / 'final')['step']} + {steps}"
-        row = {"model": label, "stage": name, "train_steps": steps, **probe_encoder(cfg, model, feats, num_classes)}
+        encoders[name] = model
+        row = {"model": label, "stage": name, "train_steps": steps, **probe_encoder(cfg, model, feats_once, num_classes)}
         echo(f"[linprobe] {label}: linear probe {100 * row['linear_probe_top1']:.2f}%"
              + "".join(f", {k}-shot {100 * row[f'{k}shot_top1_mean']:.2f}%" for k in cfg.eval.shots))
         rows.append(row)
     if not rows:
         raise UserError(f"nothing to evaluate under {out}: run the mae and wsp stages first")
     _attach_finetunes(cfg, rows)
+    _attach_zero_shot(cfg, rows, encoders, feats_once, device, echo)
     return rows
+
+
+def _attach_zero_shot(cfg: Config, rows: list[dict], encoders: dict, feats, device: torch.device, echo: Echo) -> None:
+    """Each finished LiT run's zero-shot top-1 / top-5 on the test split, next to the probe numbers of
+    the encoder it locked (its test features reused when the tower's weights are that encoder's)."""
+    if "lit" not in cfg.run.stages:
+        return
+    by_stage = {r["stage"]: r for r in rows}
+    for name, init, label in lit_runs(cfg):
+        if not (Path(cfg.run.out_dir) / name / "final").exists():
+            continue
+        model, tok, meta = load_lit(cfg, name, device)
+        enc = encoders.get(init)
+        tower = enc if enc is not None and same_weights(model.vision_encoder, enc) else model.vision_encoder
+        f_test, y_test = feats(tower, "test")
+        res = zero_shot(model, tok, f_test, y_test, fmnist.CAPTION_NOUNS, fmnist.CAPTION_TEMPLATES, device)
+        echo(f"[linprobe] {label}: zero-shot top-1 {100 * res['zero_shot_top1']:.2f}%, top-5 "
+             f"{100 * res['zero_shot_top5']:.2f}% on {len(y_test)} test images ({len(fmnist.CAPTION_TEMPLATES)} prompts "
+             "per class)")
+        row = by_stage.get(init)
+        if row is None:
+            row = {"model": label, "stage": name, "train_steps": "-"}
+            rows.append(row)
+        row.update(res, lit_steps=meta["step"])
 
 
 def _attach_finetunes(cfg: Config, rows: list[dict]) -> None:
@@ -243,6 +277,9 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
         check_init("wsp.init", cfg.wsp.init, ("mae",))
     if "finetune" in cfg.run.stages:
         check_finetune_config(cfg, data)
+    if "lit" in cfg.run.stages:
+        check_lit_config(cfg, data)
+        check_init("lit.init", cfg.lit.init, ("mae", "wsp", "wsp_scratch"))
     summary: dict = {"stages": {}, "results": []}
     train = dict(parallel=cfg.parallel, mesh=mesh, echo=echo)
     if "mae" in cfg.run.stages:
@@ -260,6 +297,10 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
                 row = finetune_eval(cfg, data, device, name)
                 echo(f"[{name}] {label}: top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
                      f"on {row['num_test']} held-out images")
+    if "lit" in cfg.run.stages:
+        for name, init, _ in lit_runs(cfg):
+            stage = lit_stage(cfg, data, device, name, init, out, mesh, write=main)
+            summary["stages"][name] = str(run_stage(stage, out, cfg.run, device, **train))
     if "linprobe" in cfg.run.stages and main:  # frozen-feature probes are small: rank 0 runs them alone
         rows = evaluate(cfg, data, device, echo)
         summary["results"] = rows
