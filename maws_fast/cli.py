@@ -99,7 +99,7 @@ def ckpt_main(argv: list[str] | None = None) -> int:
 
 
 def data_main(argv: list[str] | None = None) -> int:
-    """maws-data shards|verify|stats|vocab [...]: see maws_fast/data/tools.py."""
+    """maws-data shards|verify|stats|vocab|tokenizer [...]: see maws_fast/data/tools.py."""
     from maws_fast.data.tools import data_main as run
 
     return run(argv)

@@ -272,6 +272,9 @@ class LiTConfig(OptimConfig):
                               "has fewer merges)")
     tokenizer: str | None = setting(None, "a tokenizer.json from `maws-data tokenizer`; null = train a BPE on the "
                                     "training captions (written to <out_dir>/<stage>/tokenizer.json either way)")
+    crop_scale: tuple[float, float] = setting((0.9, 1.0), "RandomResizedCrop area range of the JPEG loaders (the "
+                                              "demo's in-memory data is not augmented: its features are cached)")
+    flip_p: float = setting(0.0, "horizontal flip probability of the JPEG loaders (0: a caption may say left or right)")
     init_logit_scale: float = setting(2.6592600369327779, "initial log of the logit scale: log(1 / 0.07), CLIP's; "
                                       "the scale is clamped at 100")
 
@@ -286,6 +289,8 @@ class LiTConfig(OptimConfig):
         _check(self.context_length >= 3, "lit.context_length", "must be >= 3 ([CLS], a token, [EOS])")
         _check(self.vocab_size >= 260, "lit.vocab_size", "must be >= 260 (256 bytes, 3 specials, 1 merge)")
         _check(self.init_logit_scale <= math.log(100), "lit.init_logit_scale", "must be <= log(100), the clamp")
+        _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "lit.crop_scale", "must satisfy 0 < lo <= hi <= 1")
+        _check(0 <= self.flip_p <= 1, "lit.flip_p", "must be in [0, 1]")
         bad = [c for c in self.compare if c not in ("mae", "wsp", "wsp_scratch") or c == self.init]
         _check(not bad, "lit.compare", f"{bad}: list other encoders of this run (mae, wsp, wsp_scratch), not "
                "lit.init itself")
@@ -340,6 +345,9 @@ class DataConfig:
     eval_crop_frac: float = setting(
         0.875, "eval transform: resize the shorter side to img_size / crop_frac, centre crop")
     tags: str | None = setting(None, "hashtag JSONL of a file list ({\"file\": ..., \"tags\": [...]})")
+    captions: str | None = setting(None, "caption JSONL of a file list ({\"file\": ..., \"caption\": \"...\"}; LiT)")
+    lit_train: str | None = setting(None, "LiT training data if not data.train: captioned shards, or a file list with "
+                                    "data.captions")
     vocab: str | None = setting(None, "hashtag vocabulary (vocab.json); shards name theirs in their manifest")
     num_workers: int = setting(0, "DataLoader worker processes (reference / pil; 0 = load in the training process)")
     max_bad_samples: int = setting(100, "distinct corrupt images tolerated (each logged by name) before the run stops")

@@ -8,6 +8,8 @@
 #   bash scripts/gpu_tier.sh compiled   # build + block-options GPU tests + maws-bench step: compiled and selective-
 #                                       # checkpointed steps vs the official eager / compile at B/16 MAE and L/16 WSP
 #   bash scripts/gpu_tier.sh kernels-dist  # build + GPU tests of maws_kernels.nn / optim / patch_timm + sanitizer + AdamW bench
+#   bash scripts/gpu_tier.sh lit        # build + GPU tests of varlen attention, the text tower and the contrastive loss
+#                                       # + compute-sanitizer + the contrastive loss vs eager (time, peak memory)
 #   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step + data + dist
 #   bash scripts/gpu_tier.sh all        # all of the above
 #
@@ -64,6 +66,14 @@ case "$what" in compiled)
     step bench_step_compiled bench_main step --cases mae:vit_b16,wsp:vit_l16 \
         --variants "official eager,official compile,ours eager,ours compile" --checkpoint none,selective \
         --batch-size 256 --steps 10 --warmup 3 --out "$OUT/step.json" ;;
+esac
+case "$what" in lit)
+    # issue 18's one call: the LiT pieces on the GPU (packed varlen attention in the text tower, bf16), the
+    # contrastive loss's GPU tests, compute-sanitizer, then its benchmark against the eager loss
+    step gpu_tests_lit "$PY" -m pytest -q -m gpu tests/kernels/test_attend_varlen.py tests/models/test_text_tower.py \
+        tests/kernels/test_contrastive.py tests/kernels/test_attention.py -p no:cacheprovider
+    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
+    step bench_contrastive bench_main kernels --ops contrastive --out "$OUT/{group}.json" ;;
 esac
 case "$what" in kernels-dist)
     # issue 17's one call: the modules, FusedAdamW and the timm patch on the GPU, then compute-sanitizer

@@ -153,7 +153,10 @@ def test_demo_end_to_end_through_the_console_script(tmp_path):
     assert [r["model"] for r in rows] == ["MAE -> WSP", "WSP (random init)", "MAE only (no WSP)"]
     for r in rows:
         assert 0.1 <= r["linear_probe_top1"] <= 1 and 0 < r["5shot_top1_mean"] <= 1
-    for stage in ("mae", "wsp", "wsp_scratch"):
+    # the demo's LiT runs: zero-shot on the two WSP encoders, next to their probe numbers
+    assert [("zero_shot_top1" in r) for r in rows] == [True, True, False] and "zero-shot top-1" in res.stdout
+    assert (tmp_path / "run" / "lit" / "tokenizer.json").exists()
+    for stage in ("mae", "wsp", "wsp_scratch", "lit", "lit_wsp_scratch"):
         assert (tmp_path / "run" / stage / "final" / "model.safetensors").exists()
         assert not (tmp_path / "run" / stage / "ckpt").exists()
     # Running it again resumes nothing and trains nothing: every stage is finished.

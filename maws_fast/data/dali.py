@@ -108,6 +108,7 @@ class _Prepared:
     tags: list[list[int]]
     labels: list[int]
     infos: list[ImageInfo]
+    captions: list[str | None]
     bad: list[tuple[str, str]]  # (name, reason), counted when the batch is handed out
     reader_state: bytes  # reader checkpoint after this batch was read
     randaug: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # a fine-tune's op codes and parameters
@@ -230,7 +231,7 @@ class DaliLoader:
                 keep = len(cur.names) if self.shuffle else real_in_batch(len(self.source), self.rank, self.world,
                                                                           self.batch_size, b)
                 yield imgs[:keep], make_targets(self.targets, cur.tags[:keep], torch.tensor(cur.labels[:keep]),
-                                                self.max_tags)
+                                                self.max_tags, cur.captions[:keep], cur.names[:keep])
             finished = True
         finally:
             if not finished:
@@ -319,7 +320,7 @@ class DaliLoader:
             raise DataError(f"DALI's reader failed on the {self.source.kind} data: {_first_line(e)}; "
                             f"check it with `{self.bad.fix_hint}`") from None
         state = self._reader.checkpoint()
-        encoded, names, tags, labels = [], [], [], []
+        encoded, names, tags, labels, captions = [], [], [], [], []
         for i in range(len(enc_tl)):
             encoded.append(np.array(enc_tl[i]))  # a copy: DALI reuses its buffers
             if self.source.shards is not None:
@@ -328,15 +329,17 @@ class DaliLoader:
                 meta = parse_meta(np.array(meta_tl[i]).tobytes(), names[-1])
                 tags.append(list(meta.get("tags", [])))
                 labels.append(int(meta.get("label", -1)))
+                captions.append(meta.get("caption"))
             else:
                 k = int(np.array(meta_tl[i]).reshape(-1)[0])
                 names.append(self.source.names[k])
                 tags.append(list(self.source.tags[k]) if self.source.tags is not None else [])
                 labels.append(self.source.labels[k] if self.source.labels is not None else -1)
+                captions.append(self.source.captions[k] if self.source.captions is not None else None)
         infos = [inspect_image(x) for x in encoded]
         bad_slots = [not i.ok for i in infos]
         bad = [(names[i], infos[i].problem) for i in range(len(infos)) if bad_slots[i]]
-        prep = _Prepared(position, encoded, names, tags, labels, infos, bad, state)
+        prep = _Prepared(position, encoded, names, tags, labels, infos, captions, bad, state)
         if self.extras is not None and self.extras.randaug is not None:
             # A function of the slot and the position only (not of the sample): a replaced bad
             # sample keeps its slot's draws, as in the PIL loader.
@@ -526,7 +529,7 @@ def _shutdown(pipe) -> None:
 
 def _replace(p: _Prepared, slots: list[int]) -> None:
     """Slot i takes the sample of slot ``slots[i]`` (bad ones get a good one of the same batch)."""
-    for field in ("encoded", "names", "tags", "labels", "infos"):
+    for field in ("encoded", "names", "tags", "labels", "infos", "captions"):
         vals = getattr(p, field)
         setattr(p, field, [vals[j] for j in slots])
 

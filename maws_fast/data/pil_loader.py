@@ -27,24 +27,25 @@ from maws_fast.data.sources import Source, pad_tags
 from maws_fast.errors import DataError
 from maws_fast.seeds import Stream, mix_seed
 
-TARGETS = ("none", "tags", "label")
+TARGETS = ("none", "tags", "label", "caption")
 
 
-def read_sample(source: Source, i: int, reader: ShardReader | None) -> tuple[bytes, list[int], int, str]:
-    """``(encoded bytes, tag ids, label or -1, problem)`` of sample ``i`` of any source.
+def read_sample(source: Source, i: int, reader: ShardReader | None) -> tuple[bytes, list[int], int, str | None, str]:
+    """``(encoded bytes, tag ids, label or -1, caption or None, problem)`` of sample ``i`` of any source.
 
     ``problem`` is "" or why the file could not be read (it then counts as a bad sample).
     """
     if source.shards is not None:
         data, meta = reader.read(source.shards.samples[i])
-        return data, list(meta.get("tags", [])), int(meta.get("label", -1)), ""
+        return data, list(meta.get("tags", [])), int(meta.get("label", -1)), meta.get("caption"), ""
     label = source.labels[i] if source.labels is not None else -1
     tags = list(source.tags[i]) if source.tags is not None else []
+    caption = source.captions[i] if source.captions is not None else None
     try:
         with open(source.paths[i], "rb") as f:
-            return f.read(), tags, label, ""
+            return f.read(), tags, label, caption, ""
     except OSError as e:
-        return b"", tags, label, f"cannot read the file: {e.strerror}"
+        return b"", tags, label, caption, f"cannot read the file: {e.strerror}"
 
 
 def _resize_pil(pixels: np.ndarray, box: Sequence[int] | None, size: tuple[int, int], flip: bool) -> np.ndarray:
@@ -92,7 +93,7 @@ class _Batches(Dataset):
         names = [ld.source.names[i] for i in idx]
         pixels: list[np.ndarray | None] = []
         problems: list[str] = []
-        for data, _, _, unreadable in samples:
+        for data, _, _, _, unreadable in samples:
             info = inspect_image(data)
             px, why = None, unreadable or info.problem
             if info.ok:
@@ -122,7 +123,10 @@ class _Batches(Dataset):
         x = x.unsqueeze(-1) if x.dim() == 3 else x
         tags = [samples[j][1] for j in slots]
         labels = torch.tensor([samples[j][2] for j in slots], dtype=torch.int64)
-        return x.permute(0, 3, 1, 2).contiguous(), tags, labels, [(names[i], problems[i]) for i in range(len(idx)) if bad[i]]
+        captions = [samples[j][3] for j in slots]
+        where = [names[j] for j in slots]
+        return (x.permute(0, 3, 1, 2).contiguous(), tags, labels, (captions, where),
+                [(names[i], problems[i]) for i in range(len(idx)) if bad[i]])
 
 
 class PilLoader:
@@ -201,7 +205,7 @@ class PilLoader:
         for k, item in enumerate(dl, start=start_batch):
             if isinstance(item, DataError):
                 raise DataError(str(item)) from None
-            x, tags, labels, bad = item
+            x, tags, labels, (captions, where), bad = item
             for name, why in bad:  # workers cannot share the counter: the main process keeps it
                 self.bad.add(name, why)
             keep = x.shape[0] if self.shuffle else real_in_batch(len(self.source), self.rank, self.world,
@@ -210,12 +214,21 @@ class PilLoader:
             if self.extras is not None:
                 imgs = self.extras.tensors(imgs, self.seed, epoch, k, self.rank)
             self.position = (epoch, k + 1) if k + 1 < self.num_batches else (epoch + 1, 0)
-            yield imgs, make_targets(self.targets, tags[:keep], labels[:keep], self.max_tags)
+            yield imgs, make_targets(self.targets, tags[:keep], labels[:keep], self.max_tags, captions[:keep],
+                                     where[:keep])
 
 
-def make_targets(kind: str, tags: list[list[int]], labels: torch.Tensor, max_tags: int):
+def make_targets(kind: str, tags: list[list[int]], labels: torch.Tensor, max_tags: int,
+                 captions: list[str | None] | None = None, names: list[str] | None = None):
+    """A batch's targets of ``kind``: padded tags, labels, the captions (a list of strings), or None."""
     if kind == "tags":
         return pad_tags(tags, max_tags)
+    if kind == "caption":
+        missing = [n for n, c in zip(names or [], captions or []) if c is None]
+        if missing or captions is None:
+            raise DataError(f"{missing[0] if missing else 'a sample'} has no caption; every LiT training sample needs "
+                            "one (a \"caption\" in its shard .json, or a line in the file list's caption JSONL)")
+        return list(captions)
     return labels if kind == "label" else None
 
 
@@ -237,8 +250,28 @@ def check_loader_args(source: Source, batch_size: int, rank: int, world: int, ta
         raise DataError(f"targets must be one of {TARGETS}, got {targets!r}")
     if targets == "label" and source.labels is None and source.kind != "webdataset":
         raise DataError(f"a {source.kind} source has no class labels; use an image folder or shards written from one")
+    if targets == "caption":
+        check_captions(source)
     if channels not in (1, 3) or len(mean) != channels or len(std) != channels:
         raise DataError(f"channels must be 1 or 3 with one mean/std each; got {channels}, mean {mean}, std {std}")
+
+
+def check_captions(source: Source) -> None:
+    """Before any batch: every sample of ``source`` has a caption (shards say how many in their manifest)."""
+    if source.shards is not None:
+        n = source.shards.manifest.get("captions", 0)
+        if n != len(source):
+            raise DataError(f"the shards in {source.shards.root} hold {n} captions for {len(source)} samples; write them "
+                            "with captions (`maws-data shards --list L --captions C.jsonl`, or --fmnist "
+                            "--weak-hashtags N, which writes them from the tags)")
+        return
+    if source.captions is None:
+        raise DataError(f"a {source.kind} source has no captions; LiT reads a file list with a caption JSONL "
+                        "(--data.captions) or shards written with captions")
+    missing = [source.names[i] for i, c in enumerate(source.captions) if c is None]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(source)} images have no caption in the caption JSONL (first: "
+                        f"{missing[0]}); caption every image or drop it from the list")
 
 
 def loader_identity(ld) -> dict[str, Any]:

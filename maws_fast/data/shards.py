@@ -235,6 +235,14 @@ class ShardReader:
                             "re-copy the shard or re-write the shards")
         return jpg, meta_raw
 
+    def read_meta(self, s: ShardSample) -> dict:
+        """The metadata dict of one sample, without reading its image."""
+        raw = os.pread(self._fd(s.tar), s.json_size, s.json_offset)
+        if len(raw) != s.json_size:
+            raise DataError(f"{s.name}: the tar is shorter than its index says (truncated copy?); "
+                            "re-copy the shard or re-write the shards")
+        return parse_meta(raw, s.name)
+
     def read(self, s: ShardSample) -> tuple[bytes, dict]:
         """Returns ``(jpeg bytes, metadata dict)`` of one sample."""
         jpg, meta_raw = self.read_raw(s)

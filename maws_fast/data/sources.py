@@ -106,6 +106,8 @@ class Source:
         classes: class names of a folder source (or of shards written from one).
         vocab: the hashtag vocabulary, when the source has one.
         shards: the shard set (webdataset source), else None.
+        captions: one caption (or None) per sample of a file list with a caption JSONL, else None
+            (shards keep theirs in each sample's ``.json``, as ``caption``).
     """
 
     kind: str
@@ -116,6 +118,7 @@ class Source:
     classes: list[str] | None = None
     vocab: Vocab | None = None
     shards: ShardSet | None = None
+    captions: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -153,7 +156,8 @@ def scan_folder(root: str | Path) -> Source:
     return Source("folder", list(paths), paths, [[y] for y in labels], labels, classes)
 
 
-def read_file_list(list_path: str | Path, tags_path: str | Path | None, vocab: Vocab | None) -> Source:
+def read_file_list(list_path: str | Path, tags_path: str | Path | None, vocab: Vocab | None,
+                   captions_path: str | Path | None = None) -> Source:
     """A text file of image paths (one per line, relative to the list's folder) + hashtag JSONL.
 
     The JSONL has one ``{"file": path, "tags": [...]}`` per image (tags as strings, mapped through
@@ -198,20 +202,52 @@ def read_file_list(list_path: str | Path, tags_path: str | Path | None, vocab: V
                                     f"--data.vocab when training) (build it with `maws-data vocab --tags {tp} --out vocab.json`)")
                 else:
                     tags[i] = sorted({j for t in raw if (j := vocab.id(str(t))) is not None})
-    return Source("filelist", list(paths), paths, tags, None, None, vocab)
+    captions = read_caption_jsonl(captions_path, rel) if captions_path is not None else None
+    return Source("filelist", list(paths), paths, tags, None, None, vocab, captions=captions)
+
+
+def read_caption_jsonl(path: str | Path, files: Sequence[str]) -> list[str | None]:
+    """The caption of each of ``files`` from a JSONL of ``{"file": path, "caption": "..."}`` lines
+    (paths as the file list writes them); a file without a line has None. Lines for other files are
+    ignored; a file captioned twice keeps its last line."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"caption file {p} does not exist; give the JSONL of {{\"file\": ..., \"caption\": \"...\"}} "
+                        "lines of the file list")
+    where = {f: i for i, f in enumerate(files)}
+    out: list[str | None] = [None] * len(files)
+    with open(p, encoding="utf-8") as f:
+        for no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                file, caption = row["file"], row["caption"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{p}:{no}: expected {{\"file\": ..., \"caption\": \"...\"}} ({e})") from None
+            if not isinstance(caption, str):
+                raise DataError(f"{p}:{no}: \"caption\" is {type(caption).__name__}, not a string")
+            i = where.get(file)
+            if i is not None:
+                out[i] = caption
+    return out
 
 
 def open_source(kind: str, path: str | Path, tags: str | Path | None = None,
-                vocab: str | Path | Vocab | None = None) -> Source:
-    """Opens any source kind (see :data:`SOURCE_KINDS`); a vocab path is loaded."""
+                vocab: str | Path | Vocab | None = None, captions: str | Path | None = None) -> Source:
+    """Opens any source kind (see :data:`SOURCE_KINDS`); a vocab path is loaded; ``captions`` is a
+    file list's caption JSONL (see :func:`read_caption_jsonl`)."""
     if isinstance(vocab, (str, Path)):
         vocab = Vocab.load(vocab)
     if kind == "folder":
         src = scan_folder(path)
         src.vocab = vocab
         return src
+    if captions is not None and kind != "filelist":
+        raise DataError(f"a caption JSONL ({captions}) goes with a file list; a {kind} source cannot take one (shards "
+                        "carry their captions: `maws-data shards --list L --captions C.jsonl`)")
     if kind == "filelist":
-        return read_file_list(path, tags, vocab)
+        return read_file_list(path, tags, vocab, captions)
     if kind == "webdataset":
         shards = open_shards(path)
         m = shards.manifest

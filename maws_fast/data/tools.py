@@ -34,7 +34,7 @@ from maws_fast.data.images import ImageInfo, decode_pil, encode_jpeg, inspect_im
 from maws_fast.data.shards import (
     FORMAT, INDEX_VERSION, MANIFEST, ShardReader, ShardSample, ShardWriter, open_shards, parse_meta,
 )
-from maws_fast.data.sources import Vocab, build_vocab, read_file_list, resample_indices, scan_folder
+from maws_fast.data.sources import Vocab, build_vocab, open_source, read_file_list, resample_indices, scan_folder
 from maws_fast.errors import DataError, UserError
 
 PROG = "maws-data"
@@ -171,6 +171,7 @@ class _Inputs:
         pixels: uint8 ``(N, H, W)`` grey images (Fashion-MNIST), or None.
         manifest: extra manifest keys (``classes``, ``vocab``, ``source``).
         vocab: saved as DIR/vocab.json when set.
+        captions: a caption (or None) per input, stored as the sample's ``caption``; or None.
     """
 
     names: list[str]
@@ -181,6 +182,7 @@ class _Inputs:
     pixels: np.ndarray | None = None
     manifest: dict = field(default_factory=dict)
     vocab: Vocab | None = None
+    captions: list[str | None] | None = None
 
     def check(self, i: int) -> str:
         """Why input ``i`` cannot be stored ("" when it can): a full decode of the file."""
@@ -221,10 +223,11 @@ def _shard_inputs(a: argparse.Namespace) -> _Inputs:
                        manifest={"classes": src.classes, "source": f"folder {a.folder}"})
     if a.list is not None:
         vocab = _vocab_for_list(a.tags, a.vocab)
-        src = read_file_list(a.list, a.tags, vocab)
+        src = read_file_list(a.list, a.tags, vocab, a.captions)
         rel = [os.path.relpath(p, Path(a.list).parent) for p in src.paths]
         manifest = {"source": f"list {a.list}", **({"vocab": VOCAB_FILE} if vocab else {})}
-        return _Inputs(src.paths, rel, src.tags, None, files=src.paths, manifest=manifest, vocab=vocab)
+        return _Inputs(src.paths, rel, src.tags, None, files=src.paths, manifest=manifest, vocab=vocab,
+                       captions=src.captions)
     from maws_fast.data import fmnist
 
     x, y = fmnist.load_fmnist(a.data, a.split)
@@ -233,7 +236,9 @@ def _shard_inputs(a: argparse.Namespace) -> _Inputs:
         tags = [np.flatnonzero(row).tolist() for row in multi_hot.numpy() > 0]
         names = [f"fmnist-weak-hashtags:{i}" for i in range(len(tags))]
         vocab = Vocab(list(fmnist.VOCAB), multi_hot.sum(0).long().tolist())
-        return _Inputs(names, names, tags, None, pixels=mosaics.numpy(), vocab=vocab,
+        # the LiT demo's captions, written from the same noisy tags (fmnist.make_captions)
+        captions = fmnist.make_captions(multi_hot, a.seed)
+        return _Inputs(names, names, tags, None, pixels=mosaics.numpy(), vocab=vocab, captions=captions,
                        manifest={"vocab": VOCAB_FILE, "source": f"fmnist {a.split} weak hashtags, seed {a.seed}"})
     labels = y.tolist()
     names = [f"fmnist-{a.split}:{i}" for i in range(len(labels))]
@@ -258,8 +263,8 @@ def cmd_shards(a: argparse.Namespace) -> int:
         raise UserError(f"--quality must be in 1..100, got {a.quality}")
     if not a.fmnist and a.weak_hashtags is not None:
         raise UserError("--weak-hashtags only applies to --fmnist")
-    if a.list is None and (a.tags or a.vocab):
-        raise UserError("--tags and --vocab only apply to --list")
+    if a.list is None and (a.tags or a.vocab or a.captions):
+        raise UserError("--tags, --vocab and --captions only apply to --list")
     inputs = _shard_inputs(a)
     n = len(inputs.names)
     writer = ShardWriter(a.out, a.samples_per_shard)  # refuses a directory that already holds shards
@@ -297,13 +302,17 @@ def cmd_shards(a: argparse.Namespace) -> int:
     if inputs.vocab is not None:
         inputs.vocab.save(out / VOCAB_FILE)
     payloads = _pmap(lambda i: inputs.payload(i, a.quality), chosen.tolist(), a.workers, "write")
+    captioned = 0
     for k, (i, jpeg) in enumerate(zip(chosen.tolist(), payloads)):
         meta: dict = {"tags": inputs.tags[i]}
         if inputs.labels is not None:
             meta["label"] = inputs.labels[i]
         meta["src"] = inputs.srcs[i]
+        if inputs.captions is not None and inputs.captions[i] is not None:
+            meta["caption"] = inputs.captions[i]
+            captioned += 1
         writer.write(f"{k:0{KEY_DIGITS}d}", jpeg, meta)
-    writer.finish(rejected=len(bad), seed=a.seed, resample=a.resample, **inputs.manifest)
+    writer.finish(rejected=len(bad), seed=a.seed, resample=a.resample, captions=captioned, **inputs.manifest)
 
     for i in bad[:SHOW_SUMMARY]:
         print(f"rejected {inputs.names[i]}: {_one_line(reasons[i])}")
@@ -360,7 +369,10 @@ def _write_clean_shards(shards, reasons: list[str], dest: Path) -> Path:
     manifest = {k: v for k, v in shards.manifest.items() if k not in ("shards", "num_samples")}
     if manifest.get("vocab"):  # open_source looks for it next to the manifest
         manifest["vocab"] = str((shards.root / manifest["vocab"]).resolve())
-    manifest.update(format=FORMAT, num_samples=sum(e["samples"] for e in entries), shards=entries,
+    kept = sum(e["samples"] for e in entries)
+    if manifest.get("captions"):  # every sample captioned stays every sample; a partial count is not kept
+        manifest["captions"] = kept if manifest["captions"] == len(shards.samples) else 0
+    manifest.update(format=FORMAT, num_samples=kept, shards=entries,
                     cleaned_from=str(shards.root.resolve()), removed=sum(1 for r in reasons if r))
     _atomic_write(dest / MANIFEST, json.dumps(manifest, indent=1))
     return dest / MANIFEST
@@ -503,6 +515,27 @@ def cmd_vocab(a: argparse.Namespace) -> int:
 
 
 # --- command line --------------------------------------------------------------------------------
+def cmd_tokenizer(a: argparse.Namespace) -> int:
+    from maws_fast.data.text import CaptionTokenizer, read_captions, source_captions
+
+    out = Path(a.out)
+    if out.exists():
+        raise UserError(f"{out} already exists; pass a new --out (a tokenizer is never overwritten)")
+    if a.shards is not None:
+        captions = source_captions(open_source("webdataset", a.shards))
+    else:
+        captions = read_captions(a.captions)
+    tok = CaptionTokenizer.train(captions, a.vocab_size, a.context_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    ids = tok.encode(captions[:10000])
+    cut = int((ids[:, -1] != tok.pad_id).sum())
+    print(f"wrote {out}: a byte-level BPE of {tok.vocab_size} tokens from {len(captions)} captions, context "
+          f"{tok.context_length} tokens ({cut} of the first {len(ids)} captions fill or exceed it); use it as "
+          f"--lit.tokenizer={out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Dataset tools: write, verify and describe image datasets.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -516,6 +549,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--fmnist", action="store_true", help="Fashion-MNIST as 28x28 grey JPEGs")
     sh.add_argument("--tags", help='--list: JSONL with one {"file": path, "tags": [...]} per image')
     sh.add_argument("--vocab", help="--list: vocabulary for string tags (default: built from --tags)")
+    sh.add_argument("--captions", help='--list: JSONL with one {"file": path, "caption": "..."} per image (LiT); '
+                                       "--fmnist --weak-hashtags writes captions from the tags itself")
     sh.add_argument("--data", help="--fmnist: Fashion-MNIST directory (default: Debian's package location)")
     sh.add_argument("--split", choices=("train", "test"), default="train", help="--fmnist: split to write")
     sh.add_argument("--weak-hashtags", type=int, help="--fmnist: write N weak-hashtag mosaics instead of the split")
@@ -554,14 +589,24 @@ def _parser() -> argparse.ArgumentParser:
     vo.add_argument("--tags", required=True, help='JSONL with one {"file": path, "tags": ["tag", ...]} per image')
     vo.add_argument("--out", required=True, help="vocabulary JSON to write")
     vo.add_argument("--min-count", type=int, default=1, help="keep tags seen on at least this many images")
+
+    tk = sub.add_parser("tokenizer", help="train the LiT caption tokenizer (a byte-level BPE, tokenizer.json)")
+    src = tk.add_mutually_exclusive_group(required=True)
+    src.add_argument("--captions", help='captions: a .jsonl of {"caption": "..."} rows (a file list\'s caption JSONL) '
+                                        "or a .txt, one per line")
+    src.add_argument("--shards", help="shard directory whose samples carry captions")
+    tk.add_argument("--out", required=True, help="tokenizer.json to write")
+    tk.add_argument("--vocab-size", type=int, default=1000, help="tokens, the 256 bytes and 3 specials included")
+    tk.add_argument("--context-length", type=int, default=40, help="tokens per caption, [CLS] and [EOS] included")
     return p
 
 
-COMMANDS = {"shards": cmd_shards, "verify": cmd_verify, "stats": cmd_stats, "vocab": cmd_vocab}
+COMMANDS = {"shards": cmd_shards, "verify": cmd_verify, "stats": cmd_stats, "vocab": cmd_vocab,
+            "tokenizer": cmd_tokenizer}
 
 
 def data_main(argv: list[str] | None = None) -> int:
-    """``maws-data shards|verify|stats|vocab [...]``; returns the exit status (2 for a user error).
+    """``maws-data shards|verify|stats|vocab|tokenizer [...]``; returns the exit status (2 for a user error).
 
     Args:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).

@@ -2,10 +2,13 @@
 
 What it trains on: the demo's weak-hashtag mosaics (the WSP data) with one caption each, written
 from the sample's noisy tags (:func:`maws_fast.data.fmnist.make_captions`), the first
-``lit.num_samples`` of them. The image tower (``lit.init``: this run's mae / wsp / wsp_scratch, or
-a checkpoint) is locked, so without augmentation its pooled features are computed once, under
-no_grad, and the stage trains only the text tower, the two projections and the temperature on a
-feature cache. The tokenizer, a BPE trained on the captions (or ``lit.tokenizer``), is written to
+``lit.num_samples`` of them; or, with a JPEG loader (pil / dali), captioned JPEGs
+(``data.lit_train`` or ``data.train``: shards whose samples carry a ``caption``, or a file list
+with a caption JSONL, ``data.captions``). The image tower (``lit.init``: this run's mae / wsp /
+wsp_scratch, or a checkpoint) is locked. The demo's data is not augmented, so the tower's pooled
+features are computed once, under no_grad, and the stage trains only the text tower, the two
+projections and the temperature on that feature cache; JPEG batches are augmented
+(``lit.crop_scale``, ``lit.flip_p``) and run through the locked tower under no_grad each step. The tokenizer, a BPE trained on the captions (or ``lit.tokenizer``), is written to
 ``<out_dir>/<stage>/tokenizer.json`` next to the stage's checkpoints; its hash is part of the
 stage's fingerprint, so a checkpoint is never resumed or evaluated with another tokenizer.
 
@@ -24,13 +27,16 @@ import torch
 from maws_fast.config import Config
 from maws_fast.data import fmnist
 from maws_fast.data.demo import DemoData
-from maws_fast.data.loader import check_batch
+from maws_fast.data.loader import check_batch, eval_format, jpeg_loader
+from maws_fast.data.pil_loader import check_captions
 from maws_fast.data.reference import BatchLoader, PairLoader
-from maws_fast.data.text import CaptionTokenizer
+from maws_fast.data.sources import open_source
+from maws_fast.data.text import CaptionTokenizer, TokenizedLoader, source_captions
 from maws_fast.errors import CheckpointError, ConfigError
 from maws_fast.eval.features import extract_features
-from maws_fast.eval.zeroshot import class_embeddings, zero_shot_accuracy
+from maws_fast.eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, zero_shot_accuracy
 from maws_fast.models import build_classifier
+from maws_fast.models.flops import flops_per_image
 from maws_fast.models.lit import LiT
 from maws_fast.models.text import TextTransformer
 from maws_fast.models.vit import load_encoder, op_backend, unwrap_state_dict
@@ -38,7 +44,7 @@ from maws_fast.parallel.mesh import Mesh
 from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import load_checkpoint, read_weights
 from maws_fast.train.checkpoint import check_fingerprint
-from maws_fast.train.loop import Stage
+from maws_fast.train.loop import Stage, say
 from maws_fast.train.objectives import LiTObjective
 from maws_fast.train.runs import data_shard, fingerprints, init_path
 
@@ -47,10 +53,16 @@ TOKENIZER_FILE = "tokenizer.json"
 
 def check_lit_config(cfg: Config, data: DemoData | None) -> None:
     """Before any training: what the lit stage cannot run with."""
-    if data is None or cfg.data.loader != "reference":
-        raise ConfigError("config: run.stages: the lit stage trains on the Fashion-MNIST demo's captioned mosaics "
-                          "(data.dataset=fmnist, data.loader=reference); captions through the JPEG loaders are not "
-                          "supported yet: drop lit from --run.stages")
+    d = cfg.data
+    if d.loader == "reference" and data is None:
+        raise ConfigError("config: run.stages: the lit stage on data.loader=reference trains on the Fashion-MNIST "
+                          "demo's captioned mosaics (data.dataset=fmnist); for JPEGs use --data.loader=pil or dali")
+    if d.loader != "reference" and d.format == "folder":
+        raise ConfigError("config: data.format: an image folder has no captions; LiT reads captioned shards or a file "
+                          "list with --data.captions (set --data.format=webdataset or filelist)")
+    if d.loader != "reference" and d.format == "filelist" and d.captions is None:
+        raise ConfigError("config: data.captions: LiT on a file list needs its caption JSONL ({\"file\": ..., "
+                          "\"caption\": \"...\"} per image): set --data.captions=FILE")
     if cfg.parallel.tp != 1:
         raise ConfigError(f"config: parallel.tp: the lit stage is data parallel only; run it with --parallel.tp=1 "
                           f"(got {cfg.parallel.tp})")
@@ -65,11 +77,12 @@ def demo_captions(cfg: Config, data: DemoData) -> tuple[torch.Tensor, list[str]]
     return data.wsp_x[:n], fmnist.make_captions(data.wsp_tags[:n], mix_seed(cfg.run.seed, Stream.CAPTIONS))
 
 
-def tokenizer_for(cfg: Config, captions: list[str]) -> CaptionTokenizer:
-    """``lit.tokenizer``, or a BPE trained on ``captions`` (deterministic: every rank trains the same one)."""
+def tokenizer_for(cfg: Config, captions) -> CaptionTokenizer:
+    """``lit.tokenizer``, or a BPE trained on ``captions`` (a list, or a function returning one: called
+    only when there is a BPE to train). Deterministic: every rank trains the same one."""
     lc = cfg.lit
     tok = CaptionTokenizer.load(lc.tokenizer) if lc.tokenizer else CaptionTokenizer.train(
-        captions, lc.vocab_size, lc.context_length)
+        captions() if callable(captions) else captions, lc.vocab_size, lc.context_length)
     if tok.context_length != lc.context_length:
         raise ConfigError(f"config: lit.tokenizer: {lc.tokenizer} pads to {tok.context_length} tokens but "
                           f"lit.context_length is {lc.context_length}; set them equal")
@@ -105,14 +118,53 @@ def lit_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
     lc = cfg.lit
     rank, dp = data_shard(mesh)
     check_batch(lc.batch_size, dp, cfg.parallel.grad_accum)
+    if cfg.data.loader != "reference":
+        return _jpeg_lit_stage(cfg, device, name, init, out_dir, mesh, write)
     images, captions = demo_captions(cfg, data)
     tok = tokenizer_for(cfg, captions)
     text = tok.to_str()
-    tok_path = Path(out_dir) / name / TOKENIZER_FILE
-    if write and (not tok_path.exists() or tok_path.read_text() != text):
-        tok_path.parent.mkdir(parents=True, exist_ok=True)
-        tok.save(tok_path)
+    _write_tokenizer(tok, Path(out_dir) / name / TOKENIZER_FILE, write)
     ids = tok.encode(captions)
+    model, init_fn = _model_and_init(cfg, tok, device, init)
+
+    def features() -> torch.Tensor:  # the feature cache: every image through the locked tower once
+        batches = BatchLoader(images, None, cfg.eval.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
+                              drop_last=False, shuffle=False)
+        return extract_features(model.vision_encoder, batches.epoch(0), device=device).to(device)
+
+    loader = PairLoader(features, ids, lc.batch_size, cfg.run.seed, shard=(rank, dp))
+    mean_tokens = float((ids != tok.pad_id).sum(1).float().mean())
+    fp = {**fingerprints(cfg)[name], "tokenizer_sha256": tokenizer_sha256(text)}
+    objective = LiTObjective(model, mesh, op_backend(cfg.model.kernel_backend, False))
+    return Stage(name, objective, loader, lc, lit_flops_per_pair(cfg, mean_tokens), fp, init_fn)
+
+
+def _write_tokenizer(tok: CaptionTokenizer, path: Path, write: bool) -> None:
+    if write and (not path.exists() or path.read_text() != tok.to_str()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tok.save(path)
+
+
+def _jpeg_lit_stage(cfg: Config, device: torch.device, name: str, init: str, out_dir: Path, mesh: Mesh | None,
+                    write: bool) -> Stage:
+    """LiT on captioned JPEGs: augmented batches through the locked tower each step (no cache)."""
+    d, lc = cfg.data, cfg.lit
+    rank, dp = data_shard(mesh)
+    path = d.lit_train or d.train
+    source = open_source(d.format, path, d.tags, d.vocab, d.captions)
+    check_captions(source)
+    tok = tokenizer_for(cfg, lambda: source_captions(source))
+    _write_tokenizer(tok, Path(out_dir) / name / TOKENIZER_FILE, write)
+    loader = TokenizedLoader(jpeg_loader(cfg, source, lc.batch_size, lc.crop_scale, lc.flip_p, "caption", device,
+                                         shard=(rank, dp), log=say), tok)
+    model, init_fn = _model_and_init(cfg, tok, device, init)
+    fp = {**fingerprints(cfg)[name], "tokenizer_sha256": tokenizer_sha256(tok.to_str())}
+    objective = LiTObjective(model, mesh, op_backend(cfg.model.kernel_backend, False))
+    tower = flops_per_image(cfg.model, "eval")  # the locked tower's forward, every step
+    return Stage(name, objective, loader, lc, tower + lit_flops_per_pair(cfg, lc.context_length / 2), fp, init_fn)
+
+
+def _model_and_init(cfg: Config, tok: CaptionTokenizer, device: torch.device, init: str):
     torch.manual_seed(mix_seed(cfg.run.seed, Stream.LIT_INIT))
     model = build_lit(cfg, tok.vocab_size, tok.pad_id).to(device)
 
@@ -126,16 +178,7 @@ def lit_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
                               hint="--lit.init must point at an MAE, WSP or ViT checkpoint of this model config")
         return f"image tower locked, from {path}: {report.summary()}"
 
-    def features() -> torch.Tensor:  # the feature cache: every image through the locked tower once
-        batches = BatchLoader(images, None, cfg.eval.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-                              drop_last=False, shuffle=False)
-        return extract_features(model.vision_encoder, batches.epoch(0), device=device).to(device)
-
-    loader = PairLoader(features, ids, lc.batch_size, cfg.run.seed, shard=(rank, dp))
-    mean_tokens = float((ids != tok.pad_id).sum(1).float().mean())
-    fp = {**fingerprints(cfg)[name], "tokenizer_sha256": tokenizer_sha256(text)}
-    objective = LiTObjective(model, mesh, op_backend(cfg.model.kernel_backend, False))
-    return Stage(name, objective, loader, lc, lit_flops_per_pair(cfg, mean_tokens), fp, init_fn)
+    return model, init_fn
 
 
 def load_lit(cfg: Config, name: str, device: torch.device) -> tuple[LiT, CaptionTokenizer, dict]:
@@ -171,6 +214,17 @@ def zero_shot(model: LiT, tok: CaptionTokenizer, image_features: torch.Tensor, l
         classes = class_embeddings(lambda xs: model.encode_texts(tok.encode(xs).to(device)), classnames, templates)
     acc = zero_shot_accuracy(img, labels, classes, ks=(1, 5))
     return {"zero_shot_top1": acc["top1"], "zero_shot_top5": acc["top5"]}
+
+
+def zero_shot_prompts(cfg: Config, data: DemoData | None) -> tuple[list[str], tuple[str, ...]]:
+    """(class names, prompt templates) of the evaluation data: the demo's garments in its caption
+    style, or an eval folder's class names (``_`` read as a space) in CLIP-style prompts."""
+    if data is not None:
+        return list(fmnist.CAPTION_NOUNS), fmnist.CAPTION_TEMPLATES
+    src = open_source(eval_format(cfg.data.eval_val), cfg.data.eval_val)
+    if not src.classes:
+        raise ConfigError(f"config: data.eval_val: {cfg.data.eval_val} names no classes to prompt for zero-shot")
+    return [c.replace("_", " ") for c in src.classes], DEFAULT_TEMPLATES
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

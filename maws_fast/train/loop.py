@@ -170,12 +170,15 @@ def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, d
     ckpt = Checkpointer(stage.name, stage_dir, stage.fingerprint, engine, stage.loader, mesh, parallel.zero_stage,
                         total, frozen)
     step = ckpt.resume_newest(ckpts, legacy_order, echo) if ckpts else 0
-    if ckpts:  # frozen tensors come back as saved, not as a fresh model has them
+    if ckpts:  # frozen tensors come back as saved (a LiT's locked tower), not as a fresh model has them
         live = stage.model.state_dict()
         with torch.no_grad():
             for k, v in ckpt.frozen.items():
-                if k in live and live[k].data_ptr() != v.data_ptr():
-                    live[k].copy_(v)
+                t = live.get(k)
+                # FSDP2 holds even frozen tensors as DTensor shards: those keep their init (the sin-cos
+                # tables; the LiT stage, whose frozen tower is loaded, refuses FSDP2)
+                if t is not None and type(t) is torch.Tensor and t.data_ptr() != v.data_ptr():
+                    t.copy_(v)
     return engine, ckpt, step
 
 

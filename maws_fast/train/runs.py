@@ -52,7 +52,8 @@ def fingerprints(cfg: Config) -> dict[str, dict]:
         src = out[ft_init] if ft_init in out else str(Path(ft_init).resolve())
         out[name] = {**ft, "init": ft_init if ft_init in out else src, **({"from": src} if ft_init in out else {})}
     lit_cfg = {k: v for k, v in dataclasses.asdict(cfg.lit).items() if k not in ("init", "compare", "tokenizer")}
-    lit = {"seed": cfg.run.seed, "numerics": numerics, "data": data, "model": model, "lit": lit_cfg}
+    lit_data = dict(data, lit_train=resolve(d.lit_train), captions=resolve(d.captions)) if d.loader != "reference" else data
+    lit = {"seed": cfg.run.seed, "numerics": numerics, "data": lit_data, "model": model, "lit": lit_cfg}
     for name, lit_init, _ in lit_runs(cfg):
         src = out[lit_init] if lit_init in out else str(Path(lit_init).resolve())
         out[name] = {**lit, "init": lit_init if lit_init in out else src, **({"from": src} if lit_init in out else {})}

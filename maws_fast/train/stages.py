@@ -30,7 +30,7 @@ from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import acquire_run_lock, atomic_write_text, load_checkpoint, read_meta, read_weights, release_run_lock
 from maws_fast.train.checkpoint import check_fingerprint
 from maws_fast.train.finetune import check_finetune_config, finetune_eval, finetune_stage
-from maws_fast.train.lit import check_lit_config, lit_stage, load_lit, same_weights, zero_shot
+from maws_fast.train.lit import check_lit_config, lit_stage, load_lit, same_weights, zero_shot, zero_shot_prompts
 from maws_fast.train.loop import Stage, run_stage, say, silent
 from maws_fast.train.objectives import MAEObjective, WSPObjective
 from maws_fast.train.runs import check_init, data_shard, finetune_runs, fingerprints, init_path, lit_runs, wsp_runs
@@ -151,16 +151,18 @@ def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Ech
     if not rows:
         raise UserError(f"nothing to evaluate under {out}: run the mae and wsp stages first")
     _attach_finetunes(cfg, rows)
-    _attach_zero_shot(cfg, rows, encoders, feats_once, device, echo)
+    _attach_zero_shot(cfg, data, rows, encoders, feats_once, device, echo)
     return rows
 
 
-def _attach_zero_shot(cfg: Config, rows: list[dict], encoders: dict, feats, device: torch.device, echo: Echo) -> None:
+def _attach_zero_shot(cfg: Config, data: DemoData | None, rows: list[dict], encoders: dict, feats, device: torch.device,
+                      echo: Echo) -> None:
     """Each finished LiT run's zero-shot top-1 / top-5 on the test split, next to the probe numbers of
     the encoder it locked (its test features reused when the tower's weights are that encoder's)."""
     if "lit" not in cfg.run.stages:
         return
     by_stage = {r["stage"]: r for r in rows}
+    classnames, templates = zero_shot_prompts(cfg, data)
     for name, init, label in lit_runs(cfg):
         if not (Path(cfg.run.out_dir) / name / "final").exists():
             continue
@@ -168,10 +170,9 @@ def _attach_zero_shot(cfg: Config, rows: list[dict], encoders: dict, feats, devi
         enc = encoders.get(init)
         tower = enc if enc is not None and same_weights(model.vision_encoder, enc) else model.vision_encoder
         f_test, y_test = feats(tower, "test")
-        res = zero_shot(model, tok, f_test, y_test, fmnist.CAPTION_NOUNS, fmnist.CAPTION_TEMPLATES, device)
+        res = zero_shot(model, tok, f_test, y_test, classnames, templates, device)
         echo(f"[linprobe] {label}: zero-shot top-1 {100 * res['zero_shot_top1']:.2f}%, top-5 "
-             f"{100 * res['zero_shot_top5']:.2f}% on {len(y_test)} test images ({len(fmnist.CAPTION_TEMPLATES)} prompts "
-             "per class)")
+             f"{100 * res['zero_shot_top5']:.2f}% on {len(y_test)} test images ({len(templates)} prompts per class)")
         row = by_stage.get(init)
         if row is None:
             row = {"model": label, "stage": name, "train_steps": "-"}

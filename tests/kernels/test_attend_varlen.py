@@ -47,7 +47,7 @@ def test_attend_varlen_xformers_needs_a_gpu():
         attend_varlen(q, q, q, torch.tensor([0, 3], dtype=torch.int32), 3, "xformers")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["sdpa", "triton", "xformers"])
 def test_attend_varlen_on_gpu(backend):
     if backend == "xformers":

@@ -90,3 +90,31 @@ def test_lit_locks_its_image_tower_and_clamps_the_scale():
     assert scale.item() == 100.0
     (scale * 2).backward()
     assert m.logit_scale.grad.item() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_text_tower_and_a_lit_step_on_gpu(backend):
+    import maws_kernels
+
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    tower = TextTransformer(50, 40, 128, 2, 4, attn_backend=backend).cuda()
+    lengths = [3, 40, 17, 1 + 1, 29, 8, 33, 12]
+    ids = _captions(g, lengths, n=40).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = tower(ids)
+        alone = torch.cat([tower(ids[i:i + 1, :L]) for i, L in enumerate(lengths)])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), alone.float(), atol=3e-2, rtol=3e-2)
+    m = _lit().cuda().lock_vision()
+    m.text_encoder = tower
+    m.text_projection = torch.nn.Parameter(torch.randn(128, 12, device="cuda") * 128 ** -0.5)
+    feats = torch.randn(8, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        img, txt = m.embed_image_features(feats), m.encode_texts(ids)
+        loss = maws_kernels.contrastive_loss(img, txt, m.scale(), backend="triton")
+    ref = maws_kernels.contrastive_loss_ref(img.float(), txt.float(), m.scale())
+    torch.testing.assert_close(loss, ref, atol=2e-2, rtol=2e-2)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tower.parameters())

@@ -134,7 +134,7 @@ def test_lit_configs_refused_before_training(tmp_path, data):
         cfg = small_cfg(tmp_path, *extra)
         with pytest.raises(ConfigError, match=match):
             lit_stage(cfg, data, CPU, "lit", "wsp", tmp_path)
-    with pytest.raises(ConfigError, match="captions through the JPEG loaders"):
+    with pytest.raises(ConfigError, match="demo's captioned mosaics"):
         lit_stage(small_cfg(tmp_path), None, CPU, "lit", "wsp", tmp_path)
     stage = lit_stage(small_cfg(tmp_path, "--lit.init=wsp_scratch"), data, CPU, "lit", "wsp_scratch", tmp_path)
     with pytest.raises(CheckpointError, match="run that stage first"):
@@ -146,3 +146,33 @@ def test_lit_configs_refused_before_training(tmp_path, data):
         lit_stage(small_cfg(tmp_path, f"--lit.tokenizer={other}", "--lit.context_length=30"), data, CPU, "lit",
                   "wsp", tmp_path)
     assert isinstance(build.objective, LiTObjective) and build_lit(small_cfg(tmp_path), 300).vision_locked
+
+
+def test_lit_on_captioned_jpeg_shards(tmp_path, data):
+    """The JPEG path: shards written with captions from the weak tags, the PIL loader, augmented
+    batches through the locked tower each step, a tokenizer trained on the shards' captions."""
+    from maws_fast.data.tools import data_main
+
+    tower_cfg = small_cfg(tmp_path / "tower")
+    tower = _wsp(tower_cfg, data)
+    assert data_main(["shards", "--fmnist", "--weak-hashtags", "256", "--out", str(tmp_path / "sh"),
+                      "--samples-per-shard", "100", "--workers", "1"]) == 0
+    cfg = small_cfg(tmp_path / "run", "--data.loader=pil", f"--data.train={tmp_path / 'sh'}", f"--lit.init={tower}",
+                    "--lit.batch_size=64", "--lit.epochs=1", "--lit.crop_scale=[0.8,1.0]")
+    stage = lit_stage(cfg, None, CPU, "lit", str(tower), tmp_path / "run")
+    x, ids = next(stage.loader.epoch(0))
+    assert x.shape == (64, 1, 28, 28) and ids.shape == (64, 40) and (ids[:, 0] == 1).all()
+    final = run_stage(stage, tmp_path / "run", cfg.run, CPU, echo=lambda s: None)
+    t, meta, _ = load_checkpoint(final)
+    assert meta["step"] == 4 and torch.isfinite(t["logit_scale"])
+    from maws_fast.data.text import CaptionTokenizer
+
+    tok = CaptionTokenizer.load(tmp_path / "run" / "lit" / "tokenizer.json")
+    n = int((tok.encode(["footwear"]) != 0).sum()) - 2  # merges learnt from the shards' captions
+    assert n < len(" footwear"), n
+    with pytest.raises(ConfigError, match="image folder has no captions"):
+        lit_stage(small_cfg(tmp_path / "run", "--data.loader=pil", f"--data.train={tmp_path / 'sh'}",
+                            "--data.format=folder"), None, CPU, "lit", str(tower), tmp_path / "run")
+    with pytest.raises(ConfigError, match="data.captions"):
+        lit_stage(small_cfg(tmp_path / "run", "--data.loader=pil", f"--data.train={tmp_path / 'sh'}",
+                            "--data.format=filelist"), None, CPU, "lit", str(tower), tmp_path / "run")
