@@ -308,6 +308,11 @@ class EvalConfig:
     probe_warmup_epochs: float = setting(0.0, "linear-probe lr warmup before the cosine (official: 10 of 90)")
     init: str | None = setting(None, "probe this checkpoint instead of the run's encoders: a checkpoint directory, "
                                ".safetensors or .pth/.pt/.bin (official MAE, MAWS, timm); null = this run's")
+    clip: str | None = setting(None, "evaluate this MAWS CLIP checkpoint (vit_*_xlmr_*.pt: ViT + XLM-R) instead of the "
+                               "run's encoders: zero-shot on data.eval_val's classes, and the probes of its image "
+                               "tower; needs the [xlmr] extra")
+    clip_tokenizer: str = setting("xlm-roberta-base", "eval.clip's XLM-R tokenizer: a local HF tokenizer directory, or a "
+                                  "hub name (downloaded once by transformers)")
     shots: list[int] = setting(lambda: [5], "k for k-shot evaluation")
     fewshot_trials: int = setting(5, "random support sets per k")
     batch_size: int = setting(512, "feature-extraction batch size")
@@ -322,6 +327,7 @@ class EvalConfig:
         _check(self.probe_optimizer in ("sgd", "lars"), "eval.probe_optimizer", f"{self.probe_optimizer!r}: use sgd or lars")
         _check(0 <= self.probe_warmup_epochs < self.probe_epochs, "eval.probe_warmup_epochs",
                f"must be in [0, probe_epochs={self.probe_epochs})")
+        _check(self.clip is None or self.init is None, "eval.clip", "set eval.clip or eval.init, not both")
 
 
 LOADERS = ("reference", "pil", "dali")

@@ -185,3 +185,14 @@ def xlmr_ids(tokenizer, captions: list[str], context_length: int = CONTEXT_LENGT
         row = [XLMR_BOS, *pieces, XLMR_EOS]
         out[i, :len(row)] = torch.tensor(row)
     return out
+
+
+def load_xlmr_tokenizer(name_or_dir: str):
+    """HF's fast XLM-R tokenizer from a local directory or the hub (``xlm-roberta-base``: the
+    SentencePiece model MAWS's CLIP was trained with, under the same fairseq ids)."""
+    t = _transformers()
+    try:
+        return t.AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config: eval.clip_tokenizer: cannot load the XLM-R tokenizer {name_or_dir!r} ({e}); give "
+                          "a local tokenizer directory, or a hub name with network access") from None

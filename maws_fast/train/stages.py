@@ -21,6 +21,7 @@ from maws_fast.data.loader import check_batch, jpeg_loader
 from maws_fast.data.reference import BatchLoader
 from maws_fast.errors import CheckpointError, ConfigError, UserError
 from maws_fast.eval.evaluate import check_eval_config, feature_sets, probe_encoder, results_table
+from maws_fast.eval.zeroshot import class_embeddings, zero_shot_accuracy
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
 from maws_fast.models.vit import load_encoder, unwrap_state_dict
@@ -110,6 +111,34 @@ def _probe_checkpoint(cfg: Config, feats, num_classes: int, device: torch.device
             **probe_encoder(cfg, model, feats, num_classes)}
 
 
+def _evaluate_clip(cfg: Config, data: DemoData | None, feats, num_classes: int, device: torch.device,
+                   echo: Echo) -> dict:
+    """``eval.clip``: a released MAWS CLIP checkpoint's zero-shot accuracy and its image tower's probes."""
+    from maws_fast.models.maws_clip import load_maws_clip, load_xlmr_tokenizer, xlmr_ids
+
+    path = Path(cfg.eval.clip)
+    model = load_maws_clip(path, device)
+    v, m = model.vision_encoder, cfg.model
+    got = (v.patch_embed.img_size[0], v.patch_size, v.in_chans, v.embed_dim)
+    want = (m.img_size, m.patch_size, m.in_chans, m.embed_dim)
+    if got != want:
+        raise ConfigError(f"config: model: {path} is a ViT of img_size / patch_size / in_chans / embed_dim {got}, but the "
+                          f"config says {want}; set --model.preset (e.g. vit_b16) and --data.mean / --data.std to the "
+                          "checkpoint's (MAWS: 224 px, ImageNet mean and std)")
+    tok = load_xlmr_tokenizer(cfg.eval.clip_tokenizer)
+    classnames, templates = zero_shot_prompts(cfg, data)
+    f_test, y_test = feats(v, "test")
+    with torch.no_grad():
+        img = model.embed_image_features(f_test.to(device))
+        classes = class_embeddings(lambda xs: model.encode_texts(xlmr_ids(tok, xs).to(device)), classnames, templates)
+    acc = zero_shot_accuracy(img, y_test, classes, ks=(1, 5))
+    row = {"model": f"{path.name} (MAWS CLIP)", "stage": "eval.clip", "train_steps": "-",
+           **probe_encoder(cfg, v, feats, num_classes), "zero_shot_top1": acc["top1"], "zero_shot_top5": acc["top5"]}
+    echo(f"[linprobe] {row['model']}: zero-shot top-1 {100 * acc['top1']:.2f}%, top-5 {100 * acc['top5']:.2f}% on "
+         f"{len(y_test)} images ({len(templates)} prompts per class), linear probe {100 * row['linear_probe_top1']:.2f}%")
+    return row
+
+
 def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Echo) -> list[dict]:
     """Linear probe and k-shot on frozen cls features of every finished encoder of this run (or of
     the one checkpoint ``eval.init`` names)."""
@@ -124,6 +153,8 @@ def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Ech
             memo[id(model), split] = (model, feats(model, split))
         return memo[id(model), split][1]
 
+    if cfg.eval.clip is not None:
+        return [_evaluate_clip(cfg, data, feats, num_classes, device, echo)]
     if cfg.eval.init is not None:
         row = _probe_checkpoint(cfg, feats, num_classes, device, echo)
         echo(f"[linprobe] {row['model']}: linear probe {100 * row['linear_probe_top1']:.2f}%"
@@ -274,6 +305,8 @@ def _run_stages(cfg: Config, out: Path, device: torch.device, mesh: Mesh, echo: 
         check_eval_config(cfg, data)
         if cfg.eval.init is not None:
             check_init("eval.init", cfg.eval.init, ())
+        if cfg.eval.clip is not None:
+            check_init("eval.clip", cfg.eval.clip, ())
     if "wsp" in cfg.run.stages:
         check_init("wsp.init", cfg.wsp.init, ("mae",))
     if "finetune" in cfg.run.stages:
