@@ -75,7 +75,24 @@ def _finetune_extras(x: torch.Tensor, ld: BatchLoader, epoch: int, batch: int) -
     return ld.extras.tensors(x, ld.seed, epoch, batch, 0)
 
 
-class BatchLoader:
+class _InMemory:
+    """The rest of the Loader interface (maws_fast.data.loader) for loaders of tensors in memory:
+    batches are a function of (seed, epoch, batch) and nothing is decoded, so there is no reader
+    state and no bad sample."""
+
+    bad = None
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class BatchLoader(_InMemory):
     """Batches of normalised (and optionally augmented) images with their targets.
 
     Args:
@@ -179,18 +196,6 @@ class BatchLoader:
     def __len__(self) -> int:
         return self.num_batches
 
-    # The rest of the Loader interface (maws_fast.data.loader): batches are a function of
-    # (seed, epoch, batch) and nothing is decoded, so there is no reader state and no bad sample.
-    bad = None
-
-    def state_dict(self) -> None:
-        return None
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def order(self, epoch: int) -> torch.Tensor:
         """The sample order of an epoch, a function of (seed, epoch) only.
@@ -239,7 +244,7 @@ class BatchLoader:
         yield from loader
 
 
-class PairLoader:
+class PairLoader(_InMemory):
     """Batches of (image inputs, caption ids) for the LiT stage, from tensors in memory.
 
     ``inputs`` are the locked image tower's pooled features (N, W) when the data does not augment
@@ -248,8 +253,6 @@ class PairLoader:
     :meth:`epoch` (a finished or resumed stage that never asks pays nothing). The order is a
     function of (seed, epoch), as :class:`BatchLoader`'s; ``shard`` slices each global batch the same way.
     """
-
-    bad = None
 
     def __init__(self, inputs, ids: torch.Tensor, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
         n = ids.shape[0]
@@ -279,15 +282,6 @@ class PairLoader:
             if self._inputs.shape[0] != self.num_samples:
                 raise DataError(f"the LiT image inputs have {self._inputs.shape[0]} rows for {self.num_samples} captions")
         return self._inputs
-
-    def state_dict(self) -> None:
-        return None
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not 0 <= start_batch <= self.num_batches:

@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import maws_kernels
-from maws_fast.models.vit import Block, LayerNorm, Mlp, Packed, init_vit_weights, run_blocks
+from maws_fast.models.vit import Block, LayerNorm, Packed, init_vit_weights, route_kernel_backend, run_blocks
 
 
 class TextTransformer(nn.Module):
@@ -55,12 +54,7 @@ class TextTransformer(nn.Module):
         self.set_kernel_backend(kernel_backend)
 
     def set_kernel_backend(self, backend: str | None) -> None:
-        if backend not in (None, *maws_kernels.BACKENDS):
-            raise ValueError(f"kernel backend {backend!r} is not one of {maws_kernels.BACKENDS} or None")
-        self.kernel_backend = backend
-        for m in self.modules():
-            if isinstance(m, (LayerNorm, Mlp)):
-                m.kernel_backend = backend
+        route_kernel_backend(self, backend)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, N) int ids, each row CLS ... EOS then ``pad_id`` to N -> (B, width)."""

@@ -364,6 +364,16 @@ def run_blocks(blocks, x: torch.Tensor, norm: nn.Module | None, seq: Packed | No
     return norm(x + branch)
 
 
+def route_kernel_backend(model: nn.Module, backend: str | None) -> None:
+    """``model.kernel_backend = backend``, and the same for each of its LayerNorms and MLPs."""
+    if backend not in (None, *maws_kernels.BACKENDS):
+        raise ValueError(f"kernel backend {backend!r} is not one of {maws_kernels.BACKENDS} or None")
+    model.kernel_backend = backend
+    for m in model.modules():
+        if isinstance(m, (LayerNorm, Mlp)):
+            m.kernel_backend = backend
+
+
 def init_vit_weights(module: nn.Module) -> None:
     """Official MAE init for one module: Linear xavier_uniform / bias 0, LayerNorm 1 / 0."""
     if isinstance(module, nn.Linear):
@@ -453,12 +463,7 @@ class VisionTransformer(nn.Module):
 
     def set_kernel_backend(self, backend: str | None) -> None:
         """Route every fused op of this model (LayerNorms, and the MAE's patch gather / loss) to ``backend``."""
-        if backend not in (None, *maws_kernels.BACKENDS):
-            raise ValueError(f"kernel backend {backend!r} is not one of {maws_kernels.BACKENDS} or None")
-        self.kernel_backend = backend
-        for m in self.modules():
-            if isinstance(m, (LayerNorm, Mlp)):
-                m.kernel_backend = backend
+        route_kernel_backend(self, backend)
 
     def set_attn_backend(self, backend: str) -> None:
         check_attn_backend(backend)
