@@ -44,9 +44,17 @@ class CaptionTokenizer:
 
     def __init__(self, tok) -> None:
         trunc, pad = tok.truncation, tok.padding
-        if trunc is None or pad is None or any(tok.token_to_id(s) != i for i, s in enumerate(SPECIALS)):
-            raise DataError("this tokenizer.json was not written by maws_fast (it needs [PAD]=0, [CLS]=1, [EOS]=2, "
-                            "truncation and padding to the context length); train one with `maws-data tokenizer`")
+        ok = (trunc is not None and pad is not None and pad.get("length") == trunc["max_length"]
+              and all(tok.token_to_id(s) == i for i, s in enumerate(SPECIALS)))
+        if ok:
+            probe = tok.encode("a").ids
+            ok = len(probe) == trunc["max_length"] and probe[0] == 1 and 2 in probe
+        if not ok:
+            raise DataError("this tokenizer.json was not written by maws_fast (it needs [PAD]=0, [CLS]=1, [EOS]=2 around "
+                            "every caption, truncation and padding to the context length); train one with `maws-data "
+                            "tokenizer`")
+        # a caption's own text "[PAD]" / "[CLS]" / "[EOS]" is text, never the special token
+        tok.encode_special_tokens = True
         self.tok = tok
         self.context_length = int(trunc["max_length"])
         self.pad_id = 0

@@ -3,7 +3,7 @@
 Keys: ``vision_encoder.*`` (the ViT, timm keys), ``vision_projection`` (W_img, E),
 ``text_encoder.*``, ``text_projection`` (W_txt, E), ``logit_scale`` (0-d, the log of the
 similarity multiplier). An embedding is ``normalize(pooled @ projection)``; the multiplier is
-``logit_scale.exp()`` clamped at 100 (CLIP's clamp; past it the scale gets no gradient).
+``logit_scale.exp()`` clamped at 100 (CLIP's limit; see :meth:`LiT.scale` for its gradient).
 
 LiT locks the image tower (:meth:`LiT.lock_vision`): its parameters take no gradient and it stays
 in eval mode through ``train()``; the projection after it is trained. The text tower is any module
@@ -13,6 +13,7 @@ released XLM-R (:mod:`maws_fast.models.maws_clip`).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -55,12 +56,21 @@ class LiT(nn.Module):
         return self
 
     def scale(self) -> torch.Tensor:
-        """The similarity multiplier: ``exp(logit_scale)``, at most 100."""
-        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """The similarity multiplier: ``exp(logit_scale)``, at most 100.
+
+        The value is clamped, the gradient is not: it flows to ``logit_scale`` as if the clamp were
+        not there (straight through), so a scale pinned at 100 can come back down. open_clip clamps
+        the parameter after every step instead, with the same forward values; a clamp on the value
+        alone (``exp().clamp``) would stop the gradient and, with Adam's momentum carrying the
+        parameter past log(100), could pin the temperature for good.
+        """
+        ls = self.logit_scale
+        capped = ls + (ls.detach().clamp(max=math.log(MAX_LOGIT_SCALE)) - ls.detach())
+        return capped.exp()
 
     def pooled_images(self, images: torch.Tensor) -> torch.Tensor:
         """The image tower's pooled features (no gradient through a locked tower)."""
-        with torch.no_grad() if self.vision_locked else torch.enable_grad():
+        with torch.no_grad() if self.vision_locked else nullcontext():
             return self.vision_encoder.forward_pooled(images)
 
     def embed_image_features(self, pooled: torch.Tensor) -> torch.Tensor:

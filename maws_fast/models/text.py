@@ -10,7 +10,8 @@ Choices (documented in the README's LiT section):
   caption's EOS; the tower packs the real tokens back to back into one (1, T, W) stream and every
   block attends within each caption (:class:`~maws_fast.models.vit.Packed`): our Triton
   varlen flash attention on a GPU, masked SDPA elsewhere. Norms and MLPs are per token, so they
-  run on the T real tokens only. Packing reads the lengths once on the host (one sync per step).
+  run on the T real tokens only. Packing waits for the device twice per forward: to check that no
+  caption is empty, and for T (the boolean-mask index).
 * Learned absolute position embeddings (``context_length`` of them), token embeddings with
   std 0.02 and positions with std 0.01 (CLIP's init), the blocks with the ViT's init.
 

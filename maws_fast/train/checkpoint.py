@@ -68,7 +68,9 @@ def frozen_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     are not sharded, rank 0 stores them whole in every checkpoint.
     """
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in trainable}
+    # on the host: a LiT stage's whole locked image tower is frozen, and a second copy on the GPU for the
+    # whole stage would cost as much as the tower
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in trainable}
 
 
 def legacy_optim_order(model: nn.Module) -> list[str]:

@@ -42,7 +42,7 @@ from maws_fast.models.text import TextTransformer
 from maws_fast.models.vit import load_encoder, op_backend, unwrap_state_dict
 from maws_fast.parallel.mesh import Mesh
 from maws_fast.seeds import Stream, mix_seed
-from maws_fast.storage import load_checkpoint, read_weights
+from maws_fast.storage import list_checkpoints, load_checkpoint, read_weights
 from maws_fast.train.checkpoint import check_fingerprint
 from maws_fast.train.loop import Stage, say
 from maws_fast.train.objectives import LiTObjective
@@ -121,16 +121,19 @@ def lit_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
     if cfg.data.loader != "reference":
         return _jpeg_lit_stage(cfg, device, name, init, out_dir, mesh, write)
     images, captions = demo_captions(cfg, data)
-    tok = tokenizer_for(cfg, captions)
+    tok = stage_tokenizer(cfg, Path(out_dir) / name, captions, write)
     text = tok.to_str()
-    _write_tokenizer(tok, Path(out_dir) / name / TOKENIZER_FILE, write)
     ids = tok.encode(captions)
     model, init_fn = _model_and_init(cfg, tok, device, init)
 
     def features() -> torch.Tensor:  # the feature cache: every image through the locked tower once
         batches = BatchLoader(images, None, cfg.eval.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
                               drop_last=False, shuffle=False)
-        return extract_features(model.vision_encoder, batches.epoch(0), device=device).to(device)
+        tower = model.vision_encoder
+        # in the tower's dtype: a bf16 engine has cast the frozen tower (the objective's input hook, which casts
+        # images, is not on this path). Zero-shot evaluation later runs the tower in fp32 (load_lit).
+        dtype = next(tower.parameters()).dtype
+        return extract_features(tower, ((x.to(dtype), y) for x, y in batches.epoch(0)), device=device).to(device)
 
     loader = PairLoader(features, ids, lc.batch_size, cfg.run.seed, shard=(rank, dp))
     mean_tokens = float((ids != tok.pad_id).sum(1).float().mean())
@@ -139,10 +142,28 @@ def lit_stage(cfg: Config, data: DemoData, device: torch.device, name: str, init
     return Stage(name, objective, loader, lc, lit_flops_per_pair(cfg, mean_tokens), fp, init_fn)
 
 
-def _write_tokenizer(tok: CaptionTokenizer, path: Path, write: bool) -> None:
+def stage_tokenizer(cfg: Config, stage_dir: Path, captions, write: bool) -> CaptionTokenizer:
+    """The tokenizer of LiT stage ``stage_dir``: the one its checkpoints were trained with when it has
+    any (never overwritten: another one is refused), else the config's (``lit.tokenizer`` or a BPE
+    trained on ``captions``), written beside the checkpoints by rank 0 (``write``)."""
+    path = stage_dir / TOKENIZER_FILE
+    finished = (stage_dir / "final").exists()
+    if (finished or list_checkpoints(stage_dir / "ckpt")) and path.is_file():
+        saved = CaptionTokenizer.load(path)
+        if finished and cfg.lit.tokenizer is None:
+            return saved  # not retrained for a stage that is done (its config is checked against final/)
+        want = tokenizer_for(cfg, captions)
+        if want.to_str() != saved.to_str():
+            source = f"lit.tokenizer={cfg.lit.tokenizer}" if cfg.lit.tokenizer else "a BPE of the captions, which changed"
+            raise CheckpointError(f"{path}, the tokenizer {stage_dir}'s checkpoints were trained with, differs from the one "
+                                  f"this config gives ({source}); it is kept as it is: use a new --run.out_dir, or delete "
+                                  f"{stage_dir} to start that stage over")
+        return saved
+    tok = tokenizer_for(cfg, captions)
     if write and (not path.exists() or path.read_text() != tok.to_str()):
         path.parent.mkdir(parents=True, exist_ok=True)
         tok.save(path)
+    return tok
 
 
 def _jpeg_lit_stage(cfg: Config, device: torch.device, name: str, init: str, out_dir: Path, mesh: Mesh | None,
@@ -153,8 +174,7 @@ def _jpeg_lit_stage(cfg: Config, device: torch.device, name: str, init: str, out
     path = d.lit_train or d.train
     source = open_source(d.format, path, d.tags, d.vocab, d.captions)
     check_captions(source)
-    tok = tokenizer_for(cfg, lambda: source_captions(source))
-    _write_tokenizer(tok, Path(out_dir) / name / TOKENIZER_FILE, write)
+    tok = stage_tokenizer(cfg, Path(out_dir) / name, lambda: source_captions(source), write)
     loader = TokenizedLoader(jpeg_loader(cfg, source, lc.batch_size, lc.crop_scale, lc.flip_p, "caption", device,
                                          shard=(rank, dp), log=say), tok)
     model, init_fn = _model_and_init(cfg, tok, device, init)

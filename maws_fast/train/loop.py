@@ -177,7 +177,7 @@ def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, d
                 t = live.get(k)
                 # FSDP2 holds even frozen tensors as DTensor shards: those keep their init (the sin-cos
                 # tables; the LiT stage, whose frozen tower is loaded, refuses FSDP2)
-                if t is not None and type(t) is torch.Tensor and t.data_ptr() != v.data_ptr():
+                if t is not None and type(t) is torch.Tensor:
                     t.copy_(v)
     return engine, ckpt, step
 

@@ -73,3 +73,23 @@ def test_read_captions(tmp_path):
         read_captions(tmp_path / "num.jsonl")
     with pytest.raises(DataError, match="does not exist"):
         read_captions(tmp_path / "none.txt")
+
+
+def test_special_token_text_in_a_caption_is_text_and_foreign_layouts_are_refused(tmp_path):
+    tok = CaptionTokenizer.train(_corpus(50), 300, 16)
+    ids = tok.encode(["a shirt [PAD] a bag [EOS] [CLS]"])[0]
+    n = int((ids != 0).sum())
+    assert ids[0] == 1 and ids[n - 1] == 2 and (ids[1:n - 1] > 2).all()  # only the real specials are 0 / 1 / 2
+    again = CaptionTokenizer.load(_saved(tok, tmp_path / "t.json"))
+    assert torch.equal(again.encode(["a [PAD] b"]), tok.encode(["a [PAD] b"]))
+    raw = tok.tok
+    raw.no_padding()
+    raw.enable_padding(pad_id=0, pad_token="[PAD]")  # pads to the batch's longest, not to the context
+    raw.save(str(tmp_path / "loose.json"))
+    with pytest.raises(DataError, match="not written by maws_fast"):
+        CaptionTokenizer.load(tmp_path / "loose.json")
+
+
+def _saved(tok, path):
+    tok.save(path)
+    return path

@@ -63,7 +63,9 @@ def _worker(rank, world, port, out, tower, engine, zero):
 
 
 def _losses(run_dir):
-    return [json.loads(ln)["loss"] for ln in (Path(run_dir) / "lit" / "metrics.jsonl").read_text().splitlines()]
+    """(loss, global gradient norm) of every step: the norm catches a scale error Adam's update would hide."""
+    rows = [json.loads(ln) for ln in (Path(run_dir) / "lit" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["grad_norm"]) for r in rows]
 
 
 @pytest.fixture(scope="module")

@@ -176,3 +176,26 @@ def test_lit_on_captioned_jpeg_shards(tmp_path, data):
     with pytest.raises(ConfigError, match="data.captions"):
         lit_stage(small_cfg(tmp_path / "run", "--data.loader=pil", f"--data.train={tmp_path / 'sh'}",
                             "--data.format=filelist"), None, CPU, "lit", str(tower), tmp_path / "run")
+
+
+def test_bf16_weights_and_a_kept_tokenizer(tmp_path, data):
+    """A bf16 engine casts the locked tower; the feature cache runs in its dtype. A finished stage's
+    tokenizer is never replaced: another one is refused and the file stays as it was."""
+    cfg = small_cfg(tmp_path, "--run.precision=bf16", "--parallel.param_dtype=bf16", "--lit.epochs=0.5")
+    _wsp(cfg, data)
+    final = run_stage(lit_stage(cfg, data, CPU, "lit", "wsp", tmp_path), tmp_path, cfg.run, CPU, echo=lambda s: None)
+    t, meta, _ = load_checkpoint(final)
+    assert meta["step"] == 4 and torch.isfinite(t["logit_scale"])
+    path = tmp_path / "lit" / "tokenizer.json"
+    before = path.read_text()
+    from maws_fast.data.text import CaptionTokenizer
+
+    other = tmp_path / "other.json"
+    CaptionTokenizer.train(["a sneaker", "a bag"], 270, 40).save(other)
+    with pytest.raises(CheckpointError, match="it is kept as it is"):
+        lit_stage(small_cfg(tmp_path, "--run.precision=bf16", "--parallel.param_dtype=bf16", "--lit.epochs=0.5",
+                            f"--lit.tokenizer={other}"), data, CPU, "lit", "wsp", tmp_path)
+    assert path.read_text() == before
+    # the same config again: the finished stage's own tokenizer, not retrained, and the stage is skipped
+    again = lit_stage(cfg, data, CPU, "lit", "wsp", tmp_path)
+    assert run_stage(again, tmp_path, cfg.run, CPU, echo=lambda s: None) == final
