@@ -226,12 +226,14 @@ def load_lit(cfg: Config, name: str, device: torch.device) -> tuple[LiT, Caption
     return model.to(device).eval(), tok, meta
 
 
-def zero_shot(model: LiT, tok: CaptionTokenizer, image_features: torch.Tensor, labels: torch.Tensor,
+def zero_shot(model: LiT, tokenize, image_features: torch.Tensor, labels: torch.Tensor,
               classnames, templates, device: torch.device) -> dict:
-    """Zero-shot top-1 / top-5 of a LiT model on pooled image features of its (locked) tower."""
+    """Zero-shot top-1 / top-5 of a LiT model on pooled image features of its (locked) tower;
+    ``tokenize`` turns a list of prompts into the text tower's (B, N) ids (``CaptionTokenizer.encode``,
+    or MAWS's XLM-R layout)."""
     with torch.no_grad():
         img = model.embed_image_features(image_features.to(device))
-        classes = class_embeddings(lambda xs: model.encode_texts(tok.encode(xs).to(device)), classnames, templates)
+        classes = class_embeddings(lambda xs: model.encode_texts(tokenize(xs).to(device)), classnames, templates)
     acc = zero_shot_accuracy(img, labels, classes, ks=(1, 5))
     return {"zero_shot_top1": acc["top1"], "zero_shot_top5": acc["top5"]}
 

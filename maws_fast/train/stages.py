@@ -21,7 +21,6 @@ from maws_fast.data.loader import check_batch, jpeg_loader
 from maws_fast.data.reference import BatchLoader
 from maws_fast.errors import CheckpointError, ConfigError, UserError
 from maws_fast.eval.evaluate import check_eval_config, feature_sets, probe_encoder, results_table
-from maws_fast.eval.zeroshot import class_embeddings, zero_shot_accuracy
 from maws_fast.models import build_classifier, build_mae, load_pretrained
 from maws_fast.models.flops import flops_per_image
 from maws_fast.models.vit import load_encoder, unwrap_state_dict
@@ -128,13 +127,11 @@ def _evaluate_clip(cfg: Config, data: DemoData | None, feats, num_classes: int, 
     tok = load_xlmr_tokenizer(cfg.eval.clip_tokenizer)
     classnames, templates = zero_shot_prompts(cfg, data)
     f_test, y_test = feats(v, "test")
-    with torch.no_grad():
-        img = model.embed_image_features(f_test.to(device))
-        classes = class_embeddings(lambda xs: model.encode_texts(xlmr_ids(tok, xs).to(device)), classnames, templates)
-    acc = zero_shot_accuracy(img, y_test, classes, ks=(1, 5))
+    acc = zero_shot(model, lambda xs: xlmr_ids(tok, xs), f_test, y_test, classnames, templates, device)
     row = {"model": f"{path.name} (MAWS CLIP)", "stage": "eval.clip", "train_steps": "-",
-           **probe_encoder(cfg, v, feats, num_classes), "zero_shot_top1": acc["top1"], "zero_shot_top5": acc["top5"]}
-    echo(f"[linprobe] {row['model']}: zero-shot top-1 {100 * acc['top1']:.2f}%, top-5 {100 * acc['top5']:.2f}% on "
+           **probe_encoder(cfg, v, feats, num_classes), **acc}
+    echo(f"[linprobe] {row['model']}: zero-shot top-1 {100 * acc['zero_shot_top1']:.2f}%, top-5 "
+         f"{100 * acc['zero_shot_top5']:.2f}% on "
          f"{len(y_test)} images ({len(templates)} prompts per class), linear probe {100 * row['linear_probe_top1']:.2f}%")
     return row
 
@@ -201,7 +198,7 @@ def _attach_zero_shot(cfg: Config, data: DemoData | None, rows: list[dict], enco
         enc = encoders.get(init)
         tower = enc if enc is not None and same_weights(model.vision_encoder, enc) else model.vision_encoder
         f_test, y_test = feats(tower, "test")
-        res = zero_shot(model, tok, f_test, y_test, classnames, templates, device)
+        res = zero_shot(model, tok.encode, f_test, y_test, classnames, templates, device)
         echo(f"[linprobe] {label}: zero-shot top-1 {100 * res['zero_shot_top1']:.2f}%, top-5 "
              f"{100 * res['zero_shot_top5']:.2f}% on {len(y_test)} test images ({len(templates)} prompts per class)")
         row = by_stage.get(init)
