@@ -1,110 +1,251 @@
 #!/usr/bin/env bash
-# The GPU tier, in as few device calls as possible (each call may run 10 minutes).
+# The GPU tier: what a lent GPU (H100 / H200) runs, in two prepared calls of under 10 minutes each.
 #
-#   bash scripts/gpu_tier.sh build      # build maws_kernels._C (kept between calls on a warm machine)
-#   bash scripts/gpu_tier.sh test       # build + every GPU-marked test
-#   bash scripts/gpu_tier.sh sanitize   # build + compute-sanitizer memcheck and racecheck on every fused kernel
-#   bash scripts/gpu_tier.sh step       # build + GPU tests of the step's kernels + sanitizer + maws-bench step (one call)
-#   bash scripts/gpu_tier.sh compiled   # build + block-options GPU tests + maws-bench step: compiled and selective-
-#                                       # checkpointed steps vs the official eager / compile at B/16 MAE and L/16 WSP
-#   bash scripts/gpu_tier.sh kernels-dist  # build + GPU tests of maws_kernels.nn / optim / patch_timm + sanitizer + AdamW bench
-#   bash scripts/gpu_tier.sh lit        # build + GPU tests of varlen attention, the text tower and the contrastive loss
-#                                       # + compute-sanitizer + the contrastive loss vs eager (time, peak memory)
-#   bash scripts/gpu_tier.sh bench      # build + kernel benchmarks (B/16, L/16, H/14 at batch 256) + train step + data + dist
-#   bash scripts/gpu_tier.sh all        # all of the above
+#   bash scripts/gpu_tier.sh prepare          # HERE, before the calls: copy Fashion-MNIST into .carry/ (ignored by git)
+#   bash scripts/gpu_tier.sh first            # ON THE GPU, call 1 (planned for 8 min on an H100)
+#   bash scripts/gpu_tier.sh second           # ON THE GPU, call 2
+#   bash scripts/gpu_tier.sh third            # ON THE GPU, a later lease: the engines and the training-step benchmark
+#   bash scripts/gpu_tier.sh --dry-run first  # HERE (and in the test suite): every command, file and argument exists
 #
-# Logs and results go to $OUT (default ./gpu_out): <step>.log, kernels.json, train.json, data.json. Copy the
-# JSON rows into benchmarks/results/ and run benchmarks/render_tables.py to update the README.
-# Uses the machine's own torch (a CUDA build); installs nothing from the network.
+# The device call (see README, "The GPU tier"):  command "bash scripts/gpu_tier.sh first", carry [".carry"],
+# timeout_s 570. Everything lands in ONE tarball, $OUT/gpu_<call>.tar.gz, re-packed after every step and on
+# exit (a call killed at its limit still returns what ran), plus $OUT/summary.txt (the table printed last).
+#
+# first:  the package is importable at once (PYTHONPATH, nothing installed; maws_kernels._C builds in the
+#         background); the compiled Triton kernels against their references (forward and every gradient,
+#         fp32 and bf16/fp16); the GPU-marked tests of kernels, models and the loop (per-test timeouts, JUnit
+#         XML); the csrc tests once the build ends; maws-bench step at B/16 MAE batch 256 (official eager,
+#         ours eager, ours compile); the end-to-end GPU loop test on the carried Fashion-MNIST.
+# second: compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1: out-of-bounds accesses inside the
+#         caching allocator's pooled blocks would go unseen) with the autotuned kernels pinned to one config;
+#         racecheck on the CUDA C++ twins only (Triton's own barriers can read as false hazards); the slow GPU
+#         tests; the compiled and checkpointed step at L/16 WSP; the kernel tables; the data benchmark.
+# third:  ours ZeRO-1/2/3 vs FSDP2 vs DDP on one GPU (world 1: step time and peak memory) at H/14 and 2B/14 MAE;
+#         maws-bench train at B/16 (Triton vs torch kernels).
+#
+# Every step runs under `timeout` and within the call's budget (GPU_TIER_BUDGET_S, default 480 s for first and
+# 500 s for second): a step that would start with too little time left is skipped and says so. The machine's
+# own torch / Triton are used; pip is never run, so nothing reaches for the network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what=${1:-all}
-OUT=${OUT:-gpu_out}
+REPO=$PWD
+
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+call=${1:-}
+case "$call" in first | second | third | prepare) ;; *)
+    echo "usage: bash scripts/gpu_tier.sh [--dry-run] first|second|third|prepare" >&2; exit 2 ;;
+esac
+
+CARRY=.carry
+FMNIST_SRC=/usr/share/datasets/fashion-mnist
+FMNIST_FILES="train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz"
+
+prepare() {  # copy the demo data into the (git-ignored) carried folder; idempotent
+    mkdir -p "$CARRY/fashion-mnist"
+    for f in $FMNIST_FILES; do
+        if [ ! -f "$CARRY/fashion-mnist/$f" ]; then
+            [ -f "$FMNIST_SRC/$f" ] || { echo "gpu_tier prepare: $FMNIST_SRC/$f is missing: apt-get install dataset-fashion-mnist" >&2; return 1; }
+            cp "$FMNIST_SRC/$f" "$CARRY/fashion-mnist/$f.tmp" && mv "$CARRY/fashion-mnist/$f.tmp" "$CARRY/fashion-mnist/$f"
+        fi
+    done
+    echo "gpu_tier prepare: $CARRY/fashion-mnist ready ($(du -sh "$CARRY" | cut -f1)); carry [\"$CARRY\"] in the device call"
+}
+if [ "$call" = prepare ]; then prepare; exit $?; fi
+
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+# the dry run happens on a CPU machine set up by scripts/setup.sh, whose python is the venv's
+[ "$dry" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+OUT=${OUT:-$REPO/gpu_out}
+LOGS=$OUT/gpu_$call                 # packed into $OUT/gpu_$call.tar.gz
+export PYTHONPATH=$REPO:$REPO/kernels${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1
+unset TRITON_INTERPRET              # compiled Triton: the interpreter is for machines without CUDA
+budget=${GPU_TIER_BUDGET_S:-$([ "$call" = first ] && echo 480 || echo 500)}
 status=0
+summary=()
+planned=()                          # dry run: what each step would run
 
-step() {  # step NAME CMD...: run, log to $OUT/NAME.log, show the tail, remember a failure
-    local name=$1; shift
-    echo "== $name: $*"
+pack() {  # the tarball, atomically: a call killed mid-pack keeps the previous one
+    [ "$dry" = 1 ] && return 0
+    printf '%s\n' "${summary[@]}" >"$LOGS/summary.txt"
+    cp "$LOGS/summary.txt" "$OUT/summary.txt"
+    tar czf "$OUT/.gpu_$call.tar.gz" -C "$OUT" "gpu_$call" 2>/dev/null && mv "$OUT/.gpu_$call.tar.gz" "$OUT/gpu_$call.tar.gz"
+}
+
+# step NAME SECONDS CMD...: run CMD under `timeout` (capped by what is left of the budget), log it to
+# $LOGS/NAME.log, add a summary line, re-pack. A failure is remembered, never fatal.
+step() {
+    local name=$1 limit=$2; shift 2
+    if [ "$dry" = 1 ]; then planned+=("$name|$(printf '%q ' "$@")"); check_cmd "$name" "$@"; return 0; fi
+    local left=$((budget - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        status=1  # nothing measured is not a pass
+        summary+=("$(printf '%-22s %-8s %s' "$name" SKIPPED "budget spent ($SECONDS s of $budget)")"); pack; return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit} s): $*"
     local t0=$SECONDS
-    "$@" >"$OUT/$name.log" 2>&1
+    # through bash -c: a step may be one of the functions below (exported), which `timeout` cannot run itself
+    timeout -k 15 "$limit" bash -c '"$@"' "$name" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
-    echo "   rc=$rc in $((SECONDS - t0)) s"; tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+    local verdict=OK
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict=TIMEOUT
+    [ "$rc" -ne 0 ] && [ "$verdict" = OK ] && verdict=FAILED
     [ "$rc" -eq 0 ] || status=1
+    local last; last=$(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1 | cut -c1-110)
+    summary+=("$(printf '%-22s %-8s rc=%-3s %4s s  %s' "$name" "$verdict" "$rc" "$((SECONDS - t0))" "$last")")
+    echo "   ${summary[-1]}"
+    pack
 }
 
-build() {
-    nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-        | tee "$OUT/versions.txt"
-    # --no-build-isolation: the extension build needs the machine's CUDA torch (see kernels/setup.py).
-    # The trainer without its dependencies (its by-path kernels copy included), then the kernels
-    # editable, which builds maws_kernels._C into kernels/.
-    step build_trainer "$PY" -m pip install --no-deps --no-build-isolation -e .
-    step build "$PY" -m pip install --no-deps --no-build-isolation -e ./kernels
-    "$PY" -c "from maws_kernels import _C; print('maws_kernels._C:', _C.__file__)" || status=1
+# --- the dry run: every script, test path and carried file exists, every maws-bench command parses ----------
+check_cmd() {
+    local name=$1; shift
+    local a
+    for a in "$@"; do
+        case "$a" in
+            benchmarks/*.py | scripts/*.sh | tests/*) [ -e "$a" ] || dry_fail "$name: $a does not exist" ;;
+        esac
+    done
+}
+dry_problems=()
+dry_fail() { dry_problems+=("$1"); }
+
+bench() { "$PY" -c "import sys; from maws_fast.cli import bench_main; sys.exit(bench_main(sys.argv[1:]))" "$@"; }
+# the pytest options of every GPU test step: a per-test timeout, a JUnit file, no cache writes
+pytest_gpu() {  # pytest_gpu NAME MARK PATHS...
+    local name=$1 mark=$2; shift 2
+    local workers=()  # several processes compile Triton kernels in parallel (16 cores there), one GPU
+    [ "${GPU_TIER_XDIST:-4}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TIER_XDIST:-4}" --dist loadfile)
+    "$PY" -m pytest -q -m "$mark" -p no:cacheprovider --timeout=120 --junitxml="$LOGS/$name.xml" -o junit_family=xunit2 \
+        "${workers[@]}" "$@"
 }
 
-bench_main() { "$PY" -c "import sys; from maws_fast.cli import bench_main; sys.exit(bench_main(sys.argv[1:]))" "$@"; }
+export -f bench pytest_gpu
+export PY LOGS
 
-build
-case "$what" in build) ;; test | all)
-    step gpu_tests "$PY" -m pytest -q -m gpu tests -p no:cacheprovider
-    step compile "$PY" benchmarks/compile_kernels.py --full --json "$OUT/compile_sm90.json" ;;
-esac
-case "$what" in step)
-    # issue 13's one call: the new kernels' GPU tests, compute-sanitizer, then the step benchmark
-    step gpu_tests_step "$PY" -m pytest -q -m gpu tests/kernels/test_bias_gelu.py tests/kernels/test_add_layer_norm.py \
-        tests/kernels/test_attention.py tests/models -p no:cacheprovider
-    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
-    step bench_step bench_main step --cases mae:vit_b16 --batch-size 256 --steps 20 --out "$OUT/step.json" ;;
-esac
-case "$what" in compiled)
-    # issue 15's one call: compile + checkpointing on the GPU (tests), then the measured step with peak memory
-    step gpu_tests_blocks "$PY" -m pytest -q -m gpu tests/models/test_block_options.py tests/train/test_loop.py -p no:cacheprovider
-    step bench_step_compiled bench_main step --cases mae:vit_b16,wsp:vit_l16 \
-        --variants "official eager,official compile,ours eager,ours compile" --checkpoint none,selective \
-        --batch-size 256 --steps 10 --warmup 3 --out "$OUT/step.json" ;;
-esac
-case "$what" in lit)
-    # issue 18's one call: the LiT pieces on the GPU (packed varlen attention in the text tower, bf16), the
-    # contrastive loss's GPU tests, compute-sanitizer, then its benchmark against the eager loss
-    step gpu_tests_lit "$PY" -m pytest -q -m gpu tests/kernels/test_attend_varlen.py tests/models/test_text_tower.py \
-        tests/kernels/test_contrastive.py tests/kernels/test_attention.py -p no:cacheprovider
-    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
-    step bench_contrastive bench_main kernels --ops contrastive --out "$OUT/{group}.json" ;;
-esac
-case "$what" in kernels-dist)
-    # issue 17's one call: the modules, FusedAdamW and the timm patch on the GPU, then compute-sanitizer
-    # (the multi-tensor AdamW kernel is new) and the AdamW kernel benchmark
-    step gpu_tests_kernels_dist "$PY" -m pytest -q -m gpu tests/kernels/test_optim.py tests/kernels/test_nn.py \
-        tests/kernels/test_patching.py tests/kernels/test_adamw.py -p no:cacheprovider
-    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
-    step bench_adamw_contrastive bench_main kernels --ops adamw,contrastive --out "$OUT/{group}.json" ;;
-esac
-case "$what" in sanitize | all)
-    for tool in memcheck racecheck; do
-        step "$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" benchmarks/sanitize_kernels.py
-    done ;;
-esac
-case "$what" in bench | all)
-    step bench_kernels bench_main kernels --out "$OUT/{group}.json"
-    step bench_step bench_main step --batch-size 256 --out "$OUT/step.json"
-    step bench_train bench_main train --preset vit_b16 --batch-size 128 --attn sdpa --kernels triton,torch \
-        --out "$OUT/train.json"
-    # DALI mixed decode where the wheel is installed (it is ~200 MB: a device call carries 64 MiB),
-    # else the nvJPEG row (torchvision decode_jpeg on the GPU) stands in; PIL is the baseline.
-    step bench_data bench_main data --device cuda --providers dali,dali_uint8,pil,nvjpeg --images 4096 \
-        --batch-size 256 --threads 16 --out "$OUT/data.json"
-    step bench_data_ft bench_main data --device cuda --providers dali,pil --transform finetune --images 4096 \
-        --batch-size 256 --threads 16 --out "$OUT/data.json"
-    # Engines on one H100 (world 1, NCCL): ours ZeRO-1/2/3 vs FSDP2 vs DDP step time and peak memory at the
-    # largest MAE that fits (H/14 in bf16; 2B/14 tried after it, its failure is logged, not fatal).
-    step bench_dist_h14 bench_main dist --world 1 --preset vit_h14 --task mae --batch-size 64 --steps 10 \
-        --out "$OUT/dist.json"
-    step bench_dist_2b14 bench_main dist --world 1 --preset vit_2b14 --task mae --batch-size 32 --steps 5 \
-        --engines ours:3,fsdp2 --out "$OUT/dist.json" ;;
-esac
-echo "gpu_tier $what: $([ $status -eq 0 ] && echo OK || echo FAILED) (logs in $OUT)"
+build_ext_bg() {  # maws_kernels._C in the background; the .so lands in kernels/maws_kernels only if the build succeeds
+    [ "$dry" = 1 ] && { [ -f kernels/setup.py ] || dry_fail "kernels/setup.py is missing"; return 0; }
+    (
+        cd kernels && rm -rf "$LOGS/ext" && \
+        TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12} \
+            timeout 400 "$PY" setup.py build_ext --build-temp "$LOGS/ext/tmp" --build-lib "$LOGS/ext/lib" && \
+        so=$(ls "$LOGS"/ext/lib/maws_kernels/_C*.so) && cp "$so" "maws_kernels/.$(basename "$so").tmp" && \
+        mv "maws_kernels/.$(basename "$so").tmp" "maws_kernels/$(basename "$so")" && \
+        "$PY" -c "from maws_kernels import _C; print('maws_kernels._C:', _C.__file__)"
+    ) >"$LOGS/build_ext.log" 2>&1 &
+    ext_pid=$!
+}
+wait_ext() {  # wait_ext: the background build's verdict as a step of its own
+    [ "$dry" = 1 ] && return 0
+    local t0=$SECONDS
+    wait "$ext_pid"; local rc=$?
+    [ "$rc" -eq 0 ] || status=1
+    summary+=("$(printf '%-22s %-8s rc=%-3s %4s s  %s' build_ext "$([ $rc -eq 0 ] && echo OK || echo FAILED)" "$rc" \
+        "$((SECONDS - t0))" "$(grep -v '^\s*$' "$LOGS/build_ext.log" | tail -n 1 | cut -c1-100)")")
+    rm -rf "$LOGS/ext"  # object files: not worth a byte of the tarball
+    pack
+    return "$rc"
+}
+
+link_fmnist() {  # the carried copy where the tests and the loader look (Debian's path)
+    [ "$dry" = 1 ] && { for f in $FMNIST_FILES; do [ -f "$CARRY/fashion-mnist/$f" ] || dry_fail "$CARRY/fashion-mnist/$f is not there: run bash scripts/gpu_tier.sh prepare"; done; return 0; }
+    if [ -f "$FMNIST_SRC/train-images-idx3-ubyte.gz" ]; then echo "fashion-mnist: $FMNIST_SRC"; return 0; fi
+    if [ -d "$CARRY/fashion-mnist" ]; then
+        mkdir -p "$(dirname "$FMNIST_SRC")" && ln -sfn "$REPO/$CARRY/fashion-mnist" "$FMNIST_SRC" \
+            && echo "fashion-mnist: linked $FMNIST_SRC -> $CARRY/fashion-mnist" && return 0
+    fi
+    echo "fashion-mnist: NOT available (carry .carry after 'bash scripts/gpu_tier.sh prepare'): its GPU tests skip"
+}
+
+setup() {
+    [ "$dry" = 1 ] && return 0
+    rm -rf "$LOGS"; mkdir -p "$LOGS"
+    trap 'pack' EXIT
+    {
+        date -u; nvidia-smi; echo
+        "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, '| device', torch.cuda.get_device_name(0), '|', torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
+        "$PY" -c "import maws_kernels, maws_fast; print('maws_kernels', maws_kernels.__version__, 'from', maws_kernels.__file__)"
+        git -C "$REPO" log -1 --format='commit %h %s' 2>/dev/null || echo "commit: (no git on the device)"
+        for t in compute-sanitizer nvcc; do command -v "$t" >/dev/null && echo "$t: $(command -v $t)" || echo "$t: not found"; done
+        "$PY" -c "import xdist; print('pytest-xdist', xdist.__version__)" 2>/dev/null || echo "pytest-xdist: not installed"
+        link_fmnist
+    } >"$LOGS/env.txt" 2>&1
+    tail -n 12 "$LOGS/env.txt"
+    local device; device=$(grep -m1 -o '| device [^|]*' "$LOGS/env.txt" | cut -c10-)
+    summary+=("gpu_tier $call on ${device:-(no CUDA device found)}: step, verdict, rc, seconds, last log line")
+    pack
+}
+
+STEP_JSON=$LOGS/step.json
+setup
+if [ "$call" = first ]; then
+    build_ext_bg
+    step kernels_vs_ref 90 "$PY" benchmarks/sanitize_kernels.py --json "$LOGS/kernels_vs_ref.json"
+    step gpu_tests 170 pytest_gpu gpu_tests "gpu and not slow" tests/kernels tests/models
+    step loop_tests 70 pytest_gpu loop_tests "gpu and not slow" tests/train tests/parallel/test_gpu_engine.py
+    step bench_step 110 bench step --cases mae:vit_b16 --variants "official eager,ours eager,ours compile" \
+        --checkpoint none --batch-size 256 --steps 10 --warmup 3 --out "$STEP_JSON" --fit-out ""
+    if wait_ext; then step csrc_tests 40 pytest_gpu csrc_tests gpu tests/csrc
+    else summary+=("$(printf '%-22s %-8s %s' csrc_tests SKIPPED "maws_kernels._C did not build: see build_ext.log")"); fi
+elif [ "$call" = third ]; then
+    step bench_dist_h14 200 bench dist --world 1 --preset vit_h14 --task mae --batch-size 64 --steps 10 \
+        --out "$LOGS/dist.json"
+    step bench_dist_2b14 150 bench dist --world 1 --preset vit_2b14 --task mae --batch-size 32 --steps 5 \
+        --engines ours:3,fsdp2 --out "$LOGS/dist.json"
+    step bench_train 120 bench train --preset vit_b16 --batch-size 128 --attn sdpa --kernels triton,torch \
+        --out "$LOGS/train.json"
+else
+    build_ext_bg
+    step bench_step_l16 150 bench step --cases wsp:vit_l16 --variants "official eager,ours compile" \
+        --checkpoint selective,full --batch-size 256 --steps 8 --warmup 3 --out "$STEP_JSON" --fit-out ""
+    wait_ext
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    step memcheck 110 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+        "$PY" benchmarks/sanitize_kernels.py --pin-attention --json "$LOGS/memcheck.json"
+    step racecheck 50 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+        "$PY" benchmarks/sanitize_kernels.py --only cuda --json "$LOGS/racecheck.json"
+    unset PYTORCH_NO_CUDA_MEMORY_CACHING
+    step slow_gpu_tests 60 pytest_gpu slow_gpu_tests "gpu and slow" tests
+    step bench_kernels 90 bench kernels --models vit_b16,vit_l16 --dtypes bf16 --out "$LOGS/{group}.json"
+    step bench_data 40 bench data --device cuda --providers dali,pil,nvjpeg --images 2048 --batch-size 256 \
+        --threads 16 --out "$LOGS/data.json"
+fi
+
+if [ "$dry" = 1 ]; then
+    [ -f "$CARRY/fashion-mnist/train-images-idx3-ubyte.gz" ] || prepare >/dev/null || dry_fail "prepare failed"
+    link_fmnist
+    # Each maws-bench command through the real parser (argument names and choices), in one process.
+    benches=()
+    for p in "${planned[@]}"; do
+        name=${p%%|*}; cmd=${p#*|}
+        case "$cmd" in bench\ *) benches+=("${cmd#bench }") ;; esac
+        [[ "$cmd" == pytest_gpu* ]] && for a in $cmd; do case "$a" in tests/*) [ -e "$a" ] || dry_fail "$name: $a does not exist" ;; esac; done
+    done
+    parse=$("$PY" - "${benches[@]}" <<'PYEOF' 2>&1
+import shlex, sys
+from maws_fast.cli import bench_parser
+for line in sys.argv[1:]:
+    words = shlex.split(line)  # the step's words as the step gets them (printf %q quoted them)
+    try:
+        bench_parser().parse_args(words)
+    except SystemExit:
+        print(f"maws-bench {line!r} does not parse"); sys.exit(1)
+PYEOF
+) || dry_fail "$parse"
+    size=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+    size=$((size + $(du -sb "$CARRY" | cut -f1)))
+    [ "$size" -lt $((60 * 1024 * 1024)) ] || dry_fail "the call would carry $((size / 1048576)) MiB (limit 64)"
+    for p in "${planned[@]}"; do echo "would run: ${p%%|*}: ${p#*|}"; done
+    if [ ${#dry_problems[@]} -gt 0 ]; then
+        printf 'gpu_tier --dry-run %s: %s\n' "$call" "${dry_problems[@]}" >&2; exit 1
+    fi
+    echo "gpu_tier --dry-run $call: OK (${#planned[@]} steps, $((size / 1048576)) MiB carried)"
+    exit 0
+fi
+
+summary+=("gpu_tier $call: $([ $status -eq 0 ] && echo OK || echo FAILED) in $SECONDS s")
+pack
+printf '%s\n' "${summary[@]}"
 exit $status
