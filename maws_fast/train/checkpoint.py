@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from maws_kernels import tuning
 
 from maws_fast.data.loader import Loader
 from maws_fast.errors import CheckpointDamaged, CheckpointError
@@ -105,6 +106,7 @@ class Checkpointer:
         self.engine, self.loader, self.mesh, self.zero_stage = engine, loader, mesh, zero_stage
         self.total, self.spe, self.frozen = total_steps, loader.num_batches, frozen
         self.ckpt_dir, self.final_dir = stage_dir / "ckpt", stage_dir / "final"
+        self.tuning_problems: list[str] = []  # autotuned choices the last load could not restore
 
     def meta(self, step: int) -> dict:
         e, dims = self.engine, self.mesh.dims
@@ -114,8 +116,9 @@ class Checkpointer:
                              "zero_stage": self.zero_stage if e.name == "ours" else None}}
 
     def rank_meta(self) -> dict:
-        # reader position + bad-sample record of THIS rank's loader: exact resume
-        return {"data_state": self.loader.state_dict()}
+        # reader position + bad-sample record of THIS rank's loader, and the configs THIS process's
+        # autotuned kernels picked (another pick rounds differently): exact resume
+        return {"data_state": self.loader.state_dict(), "kernel_tuning": tuning.choices()}
 
     def save(self, step: int) -> None:
         """Every rank writes its shard of ``ckpt/step_<step>``; the two newest are kept. Collective."""
@@ -155,6 +158,10 @@ class Checkpointer:
             data_state = rank_metas[self.mesh.rank].get("data_state")
             if data_state is not None:
                 self.loader.load_state_dict(data_state)  # the reader resumes where it stopped
+        # This rank's autotuned picks (rank 0's when the world grew), before the first launch: the resumed
+        # process launches the tiles the saved one did instead of timing the candidates again.
+        own = rank_metas[self.mesh.rank] if self.mesh.rank < len(rank_metas) else rank_metas[0]
+        self.tuning_problems = tuning.restore(own.get("kernel_tuning"))
         return step, meta.get("parallel", {}).get("world")
 
     def _resumed(self, path: Path, step: int, saved_world: int | None, echo: Callable[[str], None]) -> None:
@@ -168,6 +175,11 @@ class Checkpointer:
         echo(f"[{self.name}] resuming from {path} at step {step}/{self.total}"
              + (f" (saved by {saved_world} processes, resharded)" if saved_world not in (None, self.mesh.dims.world)
                 else ""))
+        problems = self.tuning_problems
+        if problems:
+            echo(f"[{self.name}] WARNING: {len(problems)} autotuned kernel choice(s) of {path.name} could not be "
+                 f"restored, so those shapes are tuned again and may round differently: {problems[0]}"
+                 + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
 
     def resume_newest(self, ckpts: list[Path], legacy_order: list[str], echo: Callable[[str], None]) -> int:
         """Resume from the newest of ``ckpts`` (oldest first) that loads on every rank. A damaged one
