@@ -195,6 +195,7 @@ def test_maws_bench_train_compares_backends(tmp_path, capsys):
     assert "vs attn=manual" in capsys.readouterr().out
 
 
+@pytest.mark.interpreter
 def test_maws_bench_train_compares_kernel_backends(tmp_path, capsys):
     """--kernels triton,torch: the Triton kernels (interpreted here) against the torch references."""
     out = tmp_path / "train.json"

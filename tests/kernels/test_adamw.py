@@ -14,6 +14,9 @@ from torch import nn
 import maws_kernels
 from maws_kernels.adamw import fused_adamw_, fused_adamw_ref
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 NUMELS = (1, 1000, 4097, 100003)
 BACKENDS = ("triton", "torch")
 RTOL = 1e-6  # per element, relative to the magnitude the value is built from

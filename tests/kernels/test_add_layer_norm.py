@@ -17,6 +17,9 @@ from maws_kernels.add_layer_norm import (
 )
 from tests.kernels.tolerance import LOWP, assert_rule
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 # the package may export a function of the same name: fetch the module itself for monkeypatching
 aln = importlib.import_module("maws_kernels.add_layer_norm")
 

@@ -10,6 +10,9 @@ from maws_kernels import BackendUnavailableError
 from maws_kernels.bias_gelu import _bias_gelu_bwd_op, _bias_gelu_fwd_op, bias_gelu, bias_gelu_ref
 from tests.kernels.tolerance import LOWP, assert_rule
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 # (the package will export a function of the same name, so fetch the module itself)
 bg = importlib.import_module("maws_kernels.bias_gelu")
 

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 
 import maws_kernels as mk
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 BACKENDS = ("torch", "triton")
 
 

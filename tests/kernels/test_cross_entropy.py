@@ -6,6 +6,9 @@ import maws_kernels as mk
 from maws_kernels.cross_entropy import linear_soft_target_cross_entropy, sparse_to_dense
 from tests.kernels.tolerance import LOWP, assert_rule
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 # (B, V): one row, one class, V not a power of two, V spanning several 4096-wide chunks
 SHAPES = [(1, 10), (3, 1), (7, 197), (4, 1000), (2, 9001)]
 

@@ -18,6 +18,7 @@ def test_imports_without_the_trainer():
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.interpreter
 def test_backend_selection_order(monkeypatch):
     monkeypatch.delenv("MAWS_KERNELS_BACKEND", raising=False)
     assert resolve_backend("op", None, ("torch",), "cpu") == "torch"
@@ -28,6 +29,7 @@ def test_backend_selection_order(monkeypatch):
     assert resolve_backend("op", None, ("triton", "torch"), "cpu") == "triton"
 
 
+@pytest.mark.interpreter
 def test_cpu_default_is_torch_even_under_the_interpreter(monkeypatch):
     """Interpreted Triton is a test tool (~1 ms per program): CPU picks the torch path unless asked."""
     monkeypatch.delenv("MAWS_KERNELS_BACKEND", raising=False)
@@ -95,5 +97,8 @@ def test_soft_target_cross_entropy_value_and_gradient(B, V):
         maws_kernels.soft_target_cross_entropy(logits, targets[:, :-1])
 
 
-def test_env_is_interpreted_in_tests():
-    assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest sets it before any kernel import
+def test_env_is_what_conftest_chose():
+    from conftest import INTERPRETED
+
+    # conftest sets it before any kernel import, where CUDA is absent (tests/test_triton_mode.py holds the rule)
+    assert INTERPRETED == (os.environ.get("TRITON_INTERPRET") == "1")

@@ -10,6 +10,9 @@ from maws_kernels import BackendUnavailableError
 from maws_kernels.layer_norm import _layer_norm_bwd_op, _layer_norm_fwd_op, layer_norm, layer_norm_ref
 from tests.kernels.tolerance import LOWP, assert_rule
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Awkward widths under the interpreter: tiny, odd, ragged against the power-of-two block, and one
 # model width (B/16) with few rows. (197, 33) also runs 4 backward programs of 2 steps, the last ragged.

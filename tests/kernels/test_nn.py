@@ -11,6 +11,9 @@ from torch import nn
 import maws_kernels
 from maws_kernels import nn as mnn
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 KERNEL_BACKENDS = ("torch", "triton")
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -5,6 +5,9 @@ import torch
 import maws_kernels as mk
 from tests.kernels.tolerance import LOWP, assert_rule
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 # (B, C, H, W, p): B=1, patch 14 and 16, L = 6 / 15 / 3 (not powers of two), P = 16 .. 768
 def _close_grad(a, b):
     """fp32 gradients: 1e-5 relative, plus 1e-6 of the largest entry for entries that cancel to ~0."""

@@ -17,6 +17,9 @@ from torch import nn
 from maws_kernels.adamw import fused_adamw_multi_, fused_adamw_ref
 from maws_kernels.optim import FusedAdamW
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 BACKENDS = ("triton", "torch")
 RTOL = 2e-6
 

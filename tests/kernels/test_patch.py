@@ -4,6 +4,9 @@ import torch
 
 import maws_kernels as mk
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 # (B, C, H, W, p, K): B=1, patch 14 and 16, non-square grids, L not a power of two, ragged K
 SHAPES = [(1, 3, 28, 28, 14, 1), (3, 3, 32, 48, 16, 4), (2, 1, 20, 12, 4, 7), (2, 3, 42, 14, 14, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -12,6 +12,9 @@ import torch
 import maws_kernels
 from maws_kernels import nn as mnn
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 timm = pytest.importorskip("timm")
 
 

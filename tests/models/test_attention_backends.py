@@ -11,6 +11,7 @@ from maws_fast.models.attention import attention, available_attn_backends, check
 CPU_BACKENDS = ["triton", "sdpa", "manual"]  # triton interpreted
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("N", [1, 17, 50])
 def test_backends_agree(seeded, N):
     q, k, v = (torch.randn(2, 3, N, 32, requires_grad=True) for _ in range(3))
@@ -24,6 +25,7 @@ def test_backends_agree(seeded, N):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=backend)
 
 
+@pytest.mark.interpreter
 def test_vit_forward_and_backward_with_triton_attention(seeded):
     ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5,
                             attn_backend="manual")

@@ -41,6 +41,7 @@ def _watch(model: nn.Module, monkeypatch) -> tuple[list, list]:
     return seen, handles
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("weights", ["bf16", "fp32"])
 @pytest.mark.parametrize("stage", ["mae", "wsp"])

@@ -66,6 +66,7 @@ def test_drop_path_is_reproducible_from_its_generator_and_off_at_eval(seeded):
     torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)  # eval: no stochastic depth at all
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_fused_blocks_with_drop_path_match_torch(pool, seeded):
     ref = VisionTransformer(**KW, drop_path_rate=0.4, global_pool=pool, pos_embed_learnable=True,

@@ -26,6 +26,7 @@ def _step(model, loss_fn):
     return loss.detach(), grads
 
 
+@pytest.mark.interpreter
 def test_mae_training_step_triton_matches_torch(seeded):
     ref = _mae()
     fused = copy.deepcopy(ref)
@@ -43,6 +44,7 @@ def test_mae_training_step_triton_matches_torch(seeded):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.interpreter
 def test_wsp_step_triton_matches_torch(seeded):
     ref = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=20,
                             pos_embed_learnable=True, kernel_backend="torch")
@@ -72,6 +74,7 @@ def _count_norm_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_residual_adds_land_in_the_norms(backend, monkeypatch, seeded):
     """Fused: every residual add but the first block's input is inside a norm (per block: norm2, and
@@ -87,6 +90,7 @@ def test_residual_adds_land_in_the_norms(backend, monkeypatch, seeded):
         assert calls == {"add_layer_norm": 0, "layer_norm": 8}
 
 
+@pytest.mark.interpreter
 def test_block_alone_returns_its_stream_on_both_paths(seeded):
     """A block called as before (one tensor in, one out) computes the same thing fused or not;
     with ``defer`` it hands back (stream, MLP output), whose sum is that output."""

@@ -19,6 +19,7 @@ def _captions(g, lengths, vocab=50, n=None):
     return ids
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("backend", ["sdpa", "manual", "triton"])
 def test_a_caption_embeds_as_it_does_alone(backend):
     g = torch.Generator().manual_seed(0)

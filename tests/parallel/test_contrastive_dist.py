@@ -67,6 +67,7 @@ def _worker(rank, world, port, backend, out_dir):
     os._exit(0 if error is None else 1)
 
 
+@pytest.mark.interpreter
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -160,12 +160,14 @@ def test_zero2_tp2_matches_unsharded(world, task, tmp_path_factory):
     check_matches(world, "zero2_tp2", task, tmp_path_factory)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", list(FUSED))
 @pytest.mark.parametrize("task", TASKS)
 def test_fused_blocks_match_unsharded(name, task, tmp_path_factory):
     check_matches(2, name, task, tmp_path_factory, FUSED)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", list(BLOCK_OPTIONS))
 @pytest.mark.parametrize("task", TASKS)
 def test_checkpointed_and_compiled_blocks_match_unsharded(name, task, tmp_path_factory):
