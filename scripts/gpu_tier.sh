@@ -56,6 +56,7 @@ if [ "$call" = prepare ]; then prepare; exit $?; fi
 PY=${PYTHON:-python3}
 # the dry run happens on a CPU machine set up by scripts/setup.sh, whose python is the venv's
 [ "$dry" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+PY=$(command -v "$PY" || echo "$PY"); case "$PY" in /*) ;; *) PY=$REPO/$PY ;; esac  # absolute: the build cds
 OUT=${OUT:-$REPO/gpu_out}
 LOGS=$OUT/gpu_$call                 # packed into $OUT/gpu_$call.tar.gz
 export PYTHONPATH=$REPO:$REPO/kernels${PYTHONPATH:+:$PYTHONPATH}
@@ -116,10 +117,13 @@ bench() { "$PY" -c "import sys; from maws_fast.cli import bench_main; sys.exit(b
 # the pytest options of every GPU test step: a per-test timeout, a JUnit file, no cache writes
 pytest_gpu() {  # pytest_gpu NAME MARK PATHS...
     local name=$1 mark=$2; shift 2
-    local workers=()  # several processes compile Triton kernels in parallel (16 cores there), one GPU
-    [ "${GPU_TIER_XDIST:-4}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TIER_XDIST:-4}" --dist loadfile)
-    "$PY" -m pytest -q -m "$mark" -p no:cacheprovider --timeout=120 --junitxml="$LOGS/$name.xml" -o junit_family=xunit2 \
-        "${workers[@]}" "$@"
+    # Several processes compile Triton kernels in parallel (16 cores there) on the one GPU; test by test
+    # (--dist load), since one file (attention's) holds most of the compiles. -v: each verdict is logged as
+    # it comes, so a step killed at its limit still shows which tests passed (the JUnit file is written at the end).
+    local workers=()
+    [ "${GPU_TIER_XDIST:-4}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TIER_XDIST:-4}" --dist load)
+    "$PY" -m pytest -v -rfE -m "$mark" -p no:cacheprovider --timeout=120 --junitxml="$LOGS/$name.xml" \
+        -o junit_family=xunit2 "${workers[@]}" "$@"
 }
 
 export -f bench pytest_gpu
