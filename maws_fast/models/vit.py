@@ -310,7 +310,7 @@ class Block(nn.Module):
 
 
 def set_block_options(model: nn.Module, activation_checkpoint: str = "none", compile: bool = False,
-                      fullgraph: bool = True) -> int:
+                      fullgraph: bool = True, backend="inductor") -> int:
     """Activation checkpointing and regional compilation for every :class:`Block` of ``model``.
 
     ``activation_checkpoint``: ``none``; ``full`` (a block keeps only its inputs, backward reruns
@@ -322,7 +322,12 @@ def set_block_options(model: nn.Module, activation_checkpoint: str = "none", com
     ``__call__`` stays eager, so the hooks that parallel engines put on a block (ZeRO-3 gathers,
     FSDP2) run around the compiled region, and a recomputation in backward reruns only the body,
     with the parameters the pre-backward hook gathered. Blocks share one compiled graph per
-    distinct shape. Returns the number of blocks set.
+    distinct shape. ``backend``: the dynamo backend (a name or a callable).
+
+    Every block of every model shares the code object dynamo caches its variants on, so a process
+    that trains several models must scope those caches per model: the training loop and the
+    benchmarks call this through :func:`maws_fast.train.regional_compile.regional_compile`, which
+    resets them and sizes dynamo's recompile limit for the stage. Returns the number of blocks set.
     """
     if activation_checkpoint not in CHECKPOINT_MODES:
         raise ValueError(f"activation checkpoint {activation_checkpoint!r} is not one of {CHECKPOINT_MODES}")
@@ -330,7 +335,7 @@ def set_block_options(model: nn.Module, activation_checkpoint: str = "none", com
     for m in model.modules():
         if isinstance(m, Block):
             m.activation_checkpoint = activation_checkpoint
-            m._compiled = torch.compile(m._run, fullgraph=fullgraph) if compile else None
+            m._compiled = torch.compile(m._run, fullgraph=fullgraph, backend=backend) if compile else None
             n += 1
     return n
 

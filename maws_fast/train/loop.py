@@ -26,7 +26,6 @@ import torch.nn as nn
 from maws_fast.config import OptimConfig, ParallelConfig, RunConfig, resolve_parallel, resolve_run
 from maws_fast.data.loader import Loader
 from maws_fast.errors import UserError
-from maws_fast.models.vit import set_block_options
 from maws_fast.parallel.engine import Engine, parallelize
 from maws_fast.parallel.mesh import Mesh, single_process
 from maws_fast.parallel.watchdog import progress
@@ -35,6 +34,7 @@ from maws_fast.train.checkpoint import Checkpointer, check_fingerprint, frozen_t
 from maws_fast.train.metrics import StepLog
 from maws_fast.train.preempt import Preempted, Preemption, signal_name
 from maws_fast.train.optim import param_groups
+from maws_fast.train.regional_compile import regional_compile
 from maws_fast.train.schedule import lr_at
 
 
@@ -217,13 +217,17 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     o, spe = stage.optim, stage.loader.num_batches
     total = stage_total_steps(o, spe)
     engine, ckpt, step = start(stage, stage_dir, parallel, mesh, device, total, echo)
-    # after parallelize: TP has swapped its layers in and the engines' block hooks are in place
-    set_block_options(stage.model, run.activation_checkpoint, run.compile)
     stage.objective.train()
     log = StepLog(stage.name, stage_dir, stage.flops_per_image, stage.loader, run, mesh, total, step, device, echo)
     preempt = Preemption(mesh, device)  # SIGTERM / SIGUSR1 / SIGINT: checkpoint this step and stop
     try:
-        final = _train(stage, engine, ckpt, log, preempt, step, total, run, parallel, mesh, device, stop_at_step, echo)
+        # after parallelize: TP has swapped its layers in and the engines' block hooks are in place. The
+        # scope resets dynamo's caches for this stage's model and sizes its recompile limit (regional_compile).
+        with regional_compile(stage.name, stage.model, run.activation_checkpoint, run.compile) as compiled:
+            final = _train(stage, engine, ckpt, log, preempt, step, total, run, parallel, mesh, device, stop_at_step,
+                           echo)
+        if compiled is not None:
+            echo(compiled.summary())
         stop = preempt.agree_now() if final is not None else 0
     finally:
         preempt.close()

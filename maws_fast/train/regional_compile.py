@@ -1,0 +1,157 @@
+"""Regional compilation (``run.compile``) scoped to one training stage or one benchmark variant.
+
+:func:`~maws_fast.models.vit.set_block_options` compiles each block's body with
+``torch.compile(fullgraph=True)``. Every block of every model shares one code object
+(``Block._run``), and dynamo keeps its compiled variants on the code object: one per block
+signature it meets (width, drop-path masks present or not, first block of a run or not, grad mode,
+checkpoint mode, dtype, shape). Left alone, the variants of MAE, WSP, fine-tune and LiT -- or of
+the step benchmark's models and checkpoint modes -- add up in one process until the 9th hits
+``torch._dynamo.config.recompile_limit`` (8): under ``fullgraph=True`` a hard error
+(FailOnRecompileLimitHit), without it a silent fall back to eager.
+
+:func:`regional_compile` scopes dynamo's caches instead. Where a stage (a new model) starts it
+resets them (``torch._dynamo.reset()``: the previous stage's model is gone, its graphs can never run
+again), and for the length of the stage it sets the limit to what this model's blocks can
+legitimately need (:func:`recompile_budget`), so a runaway recompile -- a guard that changes every
+step -- still stops the run, with one line naming the cause. Nothing falls back to eager: fullgraph
+stays on and dynamo's ``suppress_errors`` is off inside the scope. Resetting per stage, not raising
+one global limit, keeps each stage's compile cost and its failure threshold independent of how
+many stages ran before it.
+
+The backend is inductor; ``MAWS_COMPILE_BACKEND`` names another registered dynamo backend
+(``eager`` / ``aot_eager`` to debug, or a test's counting backend). It is an environment hook, not
+a config field: the training result does not depend on it.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from maws_fast.errors import ConfigError, UserError
+from maws_fast.models.vit import Block, set_block_options
+
+BACKEND_ENV = "MAWS_COMPILE_BACKEND"
+DEFAULT_BACKEND = "inductor"
+# Variants one kind of block may need in one stage: x2 the first block of a run (no pending
+# branch to add) or a later one, x2 grad on (training) or off (evaluation, LiT's feature cache),
+# x2 one automatic-dynamic recompile when a shape first changes (packed caption lengths, a last
+# short batch). Checkpoint mode and dtype are fixed for a stage.
+VARIANTS_PER_KIND = 8
+
+
+def compile_backend() -> str:
+    """The dynamo backend of regional compilation: ``$MAWS_COMPILE_BACKEND`` or inductor."""
+    name = os.environ.get(BACKEND_ENV, "").strip() or DEFAULT_BACKEND
+    known = _dynamo().list_backends(exclude_tags=None)
+    if name not in known:
+        raise ConfigError(f"{BACKEND_ENV}={name!r} is not a torch.compile backend; unset it (inductor) or choose "
+                          f"from {sorted(known)}")
+    return name
+
+
+def block_kinds(model: nn.Module) -> set[tuple]:
+    """The distinct kinds of :class:`Block` in ``model``: (width, heads, MLP hidden, drops paths)."""
+    return {(b.norm1.weight.shape[-1], b.attn.num_heads, b.mlp.fc1.out_features, b.drop_path1.p > 0)
+            for b in model.modules() if isinstance(b, Block)}
+
+
+def recompile_budget(model: nn.Module) -> int:
+    """The recompile limit of a stage training ``model``: ``VARIANTS_PER_KIND`` per block kind
+    (an MAE: encoder + decoder; a fine-tune: the drop-path-free first block + the rest; a LiT:
+    image + text tower), and never below dynamo's own default."""
+    return max(int(_dynamo().config.recompile_limit), VARIANTS_PER_KIND * len(block_kinds(model)))
+
+
+@dataclass
+class CompileScope:
+    """What one scope compiled; ``graphs`` counts dynamo graphs made since the scope opened."""
+
+    name: str
+    backend: str
+    blocks: int
+    limit: int
+    start_graphs: int
+
+    @property
+    def graphs(self) -> int:
+        return _graphs_so_far() - self.start_graphs
+
+    def summary(self) -> str:
+        return (f"[{self.name}] regional compile ({self.backend}): {self.graphs} graph(s) for {self.blocks} blocks "
+                f"(recompile limit {self.limit} for this stage)")
+
+
+def _dynamo():
+    """torch._dynamo, imported on first use: a run without compile never pays for the import."""
+    import torch._dynamo as dynamo
+
+    return dynamo
+
+
+def _graphs_so_far() -> int:
+    # dynamo's own tally of graphs handed to a backend; torch._dynamo.reset() leaves it alone
+    return int(_dynamo().utils.counters["stats"]["unique_graphs"])
+
+
+def _one_line(e: BaseException) -> str:
+    """The first non-empty line of ``e`` or of what it was raised from (dynamo wraps the real error)."""
+    for err in (e, e.__cause__, e.__context__):
+        text = str(err or "").strip()
+        if text:
+            return f"{type(err).__name__}: {text.splitlines()[0][:300]}"
+    return type(e).__name__
+
+
+def _last_recompile_reason() -> str:
+    """Dynamo's last guard failure on the block body, when this torch keeps it (a hint, may be '')."""
+    failures = getattr(_dynamo().utils, "guard_failures", {}).get(Block._run.__code__) or []
+    return f"; last cause: {str(failures[-1]).strip().splitlines()[0][:200]}" if failures else ""
+
+
+@contextmanager
+def regional_compile(name: str, model: nn.Module, activation_checkpoint: str = "none", compile: bool = False,
+                     backend: str | Callable | None = None) -> Iterator[CompileScope | None]:
+    """:func:`set_block_options` for one stage or benchmark variant, dynamo's caches scoped to it.
+
+    Without ``compile`` it only sets the checkpoint mode (and yields None). With it: dynamo's caches
+    are reset, the recompile limit is :func:`recompile_budget` until the scope closes, and a
+    compile failure inside it is one :class:`~maws_fast.errors.UserError` naming the cause.
+
+    Args:
+        name: the stage (or variant) for messages.
+        model: the model whose blocks to set (after parallelize: hooks and TP layers in place).
+        activation_checkpoint: ``none`` / ``full`` / ``selective``.
+        compile: compile each block's body.
+        backend: dynamo backend; None = :func:`compile_backend`.
+    """
+    if not compile:
+        set_block_options(model, activation_checkpoint)
+        yield None
+        return
+    dynamo = _dynamo()
+    if not dynamo.is_dynamo_supported():
+        raise UserError(f"[{name}] run.compile=true, but torch.compile does not run on this Python / platform "
+                        f"(torch {torch.__version__}); set --run.compile=false")
+    backend = backend if backend is not None else compile_backend()
+    label = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
+    dynamo.reset()  # a new model: the previous stage's graphs can never run again
+    limit = recompile_budget(model)
+    with dynamo.config.patch(recompile_limit=limit, suppress_errors=False):
+        scope = CompileScope(name, label, set_block_options(model, activation_checkpoint, compile=True,
+                                                            backend=backend), limit, _graphs_so_far())
+        try:
+            yield scope
+        except dynamo.exc.FailOnRecompileLimitHit as e:
+            raise UserError(f"[{name}] run.compile: the block bodies needed more than {limit} compiled variants "
+                            f"(the recompile limit sized for this model's {len(block_kinds(model))} block kind(s))"
+                            f"{_last_recompile_reason()}. This is a bug to report; meanwhile set --run.compile=false "
+                            "(TORCH_LOGS=recompiles lists every cause)") from e
+        except dynamo.exc.BackendCompilerFailed as e:
+            raise UserError(f"[{name}] run.compile: torch.compile's {label} backend failed on a block body "
+                            f"({_one_line(getattr(e, 'inner_exception', None) or e)}); set "
+                            "--run.compile=false, or fix what it names") from e
