@@ -119,11 +119,30 @@ def _fit_table(rows: list[dict]) -> list[str]:
     return out
 
 
+_WHO = ("op", "case", "stage", "preset", "model", "variant", "provider", "engine", "dtype", "checkpoint", "shape")
+
+
+def _labelled(name: str, rows: list[dict]) -> list[str]:
+    """One line per failed / skipped case of a results file (none: nothing)."""
+    if not rows:
+        return []
+    out = [f"Not measured in {name}:", ""]
+    for r in rows:
+        who = ", ".join(f"{k} {r[k]}" for k in _WHO if k in r)
+        out.append(f"* {who}: {r['status']} ({r.get('reason') or r.get('error') or 'no reason recorded'})")
+    return out + [""]
+
+
 def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
     lines = []
     for path in sorted(results_dir.glob("*.json")):
-        rows = json.loads(path.read_text())
+        every = json.loads(path.read_text())
+        # A case that failed or was not attempted is a labelled row (maws_fast/bench/results.py): no numbers
+        # to tabulate, listed under the table instead.
+        rows = [r for r in every if r.get("status") not in ("failed", "skipped")]
+        labelled = [r for r in every if r.get("status") in ("failed", "skipped")]
         if not rows:
+            lines += _labelled(path.name, labelled)
             continue
         lines += [f"**{path.name}** ({len(rows)} rows; command: `{rows[-1].get('command', '?')}`)", ""]
         if path.stem == "train":
@@ -146,6 +165,7 @@ def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
             lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
         lines.append("")
+        lines += _labelled(path.name, labelled)
     if not lines:
         lines = ["No benchmark results yet.", ""]
     return "\n".join(lines)

@@ -111,3 +111,35 @@ def test_bench_dist_volumes_match_theory(tmp_path, capsys):
 def test_bench_dist_rejects_bad_arguments_before_starting_ranks(argv, needle):
     with pytest.raises(ConfigError, match=needle.replace("+", r"\+")):
         bench_dist(_args("--out", "", *argv))
+
+
+def test_an_engine_that_fails_on_every_rank_is_a_row_and_the_next_engine_runs(tmp_path, monkeypatch):
+    """One rank (as torchrun starts it): FSDP2 raises; its row says why, and the rows of the engines
+    before and after it reach the file as each is measured."""
+    import socket
+
+    import maws_fast.bench.dist as bd
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "dist.json"
+    real, seen = bd._bench_engine, []
+
+    def bench_engine(engine, stage, *a):
+        seen.append(len(json.loads(out.read_text())) if out.exists() else 0)
+        if engine == "fsdp2":
+            raise RuntimeError("fully_shard: unsupported on this build\ndetails")
+        return real(engine, stage, *a)
+
+    monkeypatch.setattr(bd, "_bench_engine", bench_engine)
+    rows = bench_dist(_args("--engines", "ours:1,fsdp2,ddp", "--preset", "tiny", "--batch-size", "4", "--steps", "1",
+                            "--warmup", "2", "--out", str(out)))
+    assert seen == [0, 1, 2]
+    assert [(r["engine"], r.get("status")) for r in rows] == [("ours-z1", None), ("fsdp2", "failed"), ("ddp", None)]
+    assert rows[1]["error"] == "RuntimeError: fully_shard: unsupported on this build"
+    assert rows[0]["speedup_vs_ddp"] is not None and rows[0]["speedup_vs_fsdp2"] is None
+    assert json.loads(out.read_text()) == rows

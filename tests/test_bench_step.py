@@ -4,6 +4,7 @@ Counted bytes are deterministic functions of the code (fake tensors, no timing),
 checked exactly here; speed is never asserted.
 """
 import argparse
+import json
 
 import pytest
 import torch
@@ -227,3 +228,85 @@ def test_packed_attention_flops_are_counted():
 
     r = per_image(build, batch=2)
     assert r.attn_flops == 3 * 4 * 2 * 10 * 10 * 16
+
+
+def _step_args(*argv):
+    p = argparse.ArgumentParser()
+    add_step_args(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.mark.slow
+def test_compile_variants_of_every_mode_and_case_compile_without_hitting_the_limit(tmp_path):
+    """MAE then WSP, ours compile in each checkpoint mode (dynamo's eager backend): six models whose
+    blocks share one code object; each variant compiles from empty caches, none hits the limit."""
+    out = tmp_path / "step.json"
+    rows = bench_step(_step_args("--cases", "mae:tiny,wsp:tiny", "--variants", "ours compile,official compile",
+                                 "--measure", "yes", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                                 "--batch-size", "2", "--checkpoint", "none,selective,full",
+                                 "--compile-backend", "eager", "--out", str(out)))
+    assert [(r["stage"], r["variant"], r["activation_checkpoint"]) for r in rows] == [
+        (s, v, m) for s in ("mae", "wsp") for v, ms in (("ours compile", ("none", "selective", "full")),
+                                                        ("official compile", ("none",))) for m in ms]
+    for r in rows:
+        assert "status" not in r, r.get("error")
+        assert r["img_s"] > 0 and r["compile_backend"] == "eager" and r["graph_breaks"] == 0
+        # ours: one graph per kind of block (MAE: encoder and decoder); official: the whole model
+        assert r["compiled_graphs"] == (2 if (r["stage"], r["variant"]) == ("mae", "ours compile") else 1), r
+    assert json.loads(out.read_text()) == rows
+
+
+def test_a_failing_variant_keeps_the_rows_before_and_after_it(tmp_path, monkeypatch):
+    """Each row is in the file (a valid JSON list) the moment it is measured; a variant that raises
+    is a labelled row and the next one runs."""
+    import maws_fast.bench.step as step
+
+    out = tmp_path / "step.json"
+    out.write_text(json.dumps([{"bench": "step", "earlier": "run"}]))
+    seen = []
+
+    def count(stage, preset, variant, num_classes, batch, mode="none"):
+        seen.append(len(json.loads(out.read_text())))  # what a kill at this moment would leave
+        if mode == "selective":
+            raise RuntimeError("out of memory\nsecond line")
+        return {"mem_mb_per_img": 1.0, "gemm_gflop_per_img": 1.0, "attn_gflop_per_img": 0.1, "saved_mb_per_img": 1.0,
+                "model_gflop_per_img": 1.0, "pred_h100_img_s": 1, "pred_h100_mfu": 0.1, "pred_h200_img_s": 1,
+                "pred_h200_mfu": 0.1, "top_ops_mb": {}}
+
+    monkeypatch.setattr(step, "count_variant", count)
+    rows = bench_step(_step_args("--cases", "mae:tiny", "--variants", "official eager,ours eager", "--measure", "no",
+                                 "--checkpoint", "none,selective,full", "--out", str(out)))
+    assert seen == [1, 2, 3, 4]  # the earlier run's row, then one more before each variant
+    assert [(r["variant"], r["activation_checkpoint"], r.get("status")) for r in rows] == [
+        ("official eager", "none", None), ("ours eager", "none", None), ("ours eager", "selective", "failed"),
+        ("ours eager", "full", None)]
+    assert rows[2]["error"] == "RuntimeError: out of memory"
+    assert rows[3]["saved_vs_none"] == 1.0 and "saved_vs_none" not in rows[2]
+    assert json.loads(out.read_text()) == [{"bench": "step", "earlier": "run"}, *rows]
+
+
+def test_peak_memory_window_opens_after_the_warm_up(monkeypatch):
+    """The peak is measured over timed steps only: the warm-up (here: the compile) is done before the
+    window opens, even with --warmup 0."""
+    import torch._dynamo
+
+    import maws_fast.bench.step as step
+    from maws_fast.bench.step import measure_variant
+
+    events = []
+
+    class Window:
+        def open(self):
+            events.append(("open", int(torch._dynamo.utils.counters["stats"]["unique_graphs"])))
+
+        def peak(self):
+            events.append(("peak", int(torch._dynamo.utils.counters["stats"]["unique_graphs"])))
+            return 3 * 2**30
+
+    monkeypatch.setattr(step, "peak_memory", lambda device: Window())
+    before = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    row = measure_variant("wsp", "tiny", "ours compile", 10, 2, torch.device("cpu"), steps=1, warmup=0,
+                          compile_backend="eager")
+    assert [e for e, _ in events] == ["open", "peak"]
+    assert events[0][1] > before  # compiled before the window opened
+    assert row["peak_mem_gb"] == 3.0 and row["compiled_graphs"] == 1

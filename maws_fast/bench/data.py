@@ -7,7 +7,9 @@ workers): ``--transform mae`` is RandomResizedCrop(224, scale (0.2, 1)) + flip +
 ``--transform finetune`` the official fine-tune's (scale (0.08, 1), then RandAugment
 ``rand-m9-mstd0.5-inc1`` and random erasing 0.25: DALI operators against PIL's). On a GPU the DALI
 row uses mixed (nvJPEG / hardware) decode; where DALI is not installed there, a torchvision
-``decode_jpeg(device="cuda")`` row measures nvJPEG instead. Rows go to benchmarks/results/data.json.
+``decode_jpeg(device="cuda")`` row measures nvJPEG instead. Rows go to benchmarks/results/data.json,
+each as soon as its provider is measured; a provider that cannot run here (no DALI, nvJPEG without a
+GPU) leaves a skipped row, one that raises a failed row, and the next provider runs.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maws_fast.bench.common import append_results, env_info
+from maws_fast.bench.common import env_info
+from maws_fast.bench.results import ResultsFile, failed, is_measured, skipped
 from maws_fast.errors import ConfigError
 
 
@@ -135,40 +138,59 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
     unknown = set(providers) - {"dali", "dali_uint8", "pil", "nvjpeg"}
     if unknown:
         raise ConfigError(f"maws-bench data: unknown providers {sorted(unknown)}; use dali, dali_uint8, pil, nvjpeg")
+    out = ResultsFile(args.out, "maws-bench data")  # each provider's row is written as soon as it is measured
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.shards) if args.shards else photo_shards(Path(tmp) / "shards", args.images)
         source = open_source("webdataset", root)
-        rows, env = [], env_info()
+        env = env_info()
         for p in providers:
-            if p.startswith("dali"):
-                from maws_fast.data.dali import dali_unavailable
-
-                if dali_unavailable():
-                    print(f"{p}: skipped, {dali_unavailable()}")
-                    continue
-            if p == "nvjpeg":
-                if device.type != "cuda":
-                    print("nvjpeg: skipped, needs --device cuda")
-                    continue
-                try:
-                    import torchvision.io  # noqa: F401
-                except Exception as e:  # not installed, or built for another torch
-                    print(f"nvjpeg: skipped, torchvision is not usable here ({type(e).__name__}: {e})")
-                    continue
-                secs, n = _time_nvjpeg(source, args, device)
-            else:
-                secs, n = _time_loader(_loader(p, source, args, device), args.epochs, device)
             decode = {"pil": "cpu (PIL)", "nvjpeg": "gpu (torchvision nvJPEG)"}.get(
                 p, "mixed (nvJPEG)" if device.type == "cuda" else "cpu (DALI)")
-            rows.append({**env, "provider": p, "decode": decode, "images": n, "seconds": round(secs, 4),
-                         "images_per_s": round(n / secs, 1), "transform": args.transform, "size": args.size,
-                         "batch_size": args.batch_size,
-                         "threads": args.threads, "source_images": len(source)})
+            row = {**env, "provider": p, "decode": decode, "transform": args.transform, "size": args.size,
+                   "batch_size": args.batch_size, "threads": args.threads, "source_images": len(source)}
+            reason = _unavailable(p, device)
+            if reason:
+                print(f"{p}: skipped, {reason}")
+                out.add(skipped(row, reason))
+                continue
+            try:
+                if p == "nvjpeg":
+                    secs, n = _time_nvjpeg(source, args, device)
+                else:
+                    secs, n = _time_loader(_loader(p, source, args, device), args.epochs, device)
+                row.update(images=n, seconds=round(secs, 4), images_per_s=round(n / secs, 1))
+            except Exception as e:  # this provider's row says why; the next provider runs
+                failed(row, e)
+                print(f"{p}: FAILED, {row['error']}")
+            out.add(row)
+            _vs_pil(out)
+    for r in out.rows:
+        if is_measured(r):
+            print(f"{r['provider']:<11} {r['decode']:<26} {r['transform']:<9} {r['images_per_s']:>9.1f} img/s  "
+                  f"x{r['vs_pil'] or float('nan'):.2f} vs PIL  ({r['images']} images, {r['threads']} threads)")
+    return out.rows
+
+
+def _unavailable(provider: str, device: torch.device) -> str | None:
+    """Why ``provider`` cannot run here (a skipped row), or None."""
+    if provider.startswith("dali"):
+        from maws_fast.data.dali import dali_unavailable
+
+        return dali_unavailable() or None
+    if provider == "nvjpeg":
+        if device.type != "cuda":
+            return "needs --device cuda"
+        try:
+            import torchvision.io  # noqa: F401
+        except Exception as e:  # not installed, or built for another torch
+            return f"torchvision is not usable here ({type(e).__name__}: {e})"
+    return None
+
+
+def _vs_pil(out: ResultsFile) -> None:
+    """Every measured row's speed against the PIL reference's (None until PIL has run), saved."""
+    rows = [r for r in out.rows if is_measured(r)]
     base = next((r["images_per_s"] for r in rows if r["provider"] == "pil"), None)
     for r in rows:
         r["vs_pil"] = round(r["images_per_s"] / base, 2) if base else None
-        print(f"{r['provider']:<11} {r['decode']:<26} {r['transform']:<9} {r['images_per_s']:>9.1f} img/s  "
-              f"x{r['vs_pil'] if base else float('nan'):.2f} vs PIL  ({r['images']} images, {r['threads']} threads)")
-    if args.out and rows:
-        append_results(args.out, rows)
-    return rows
+    out.save()

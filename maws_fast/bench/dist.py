@@ -14,7 +14,9 @@ reporting per engine:
   growth (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), and the engine's
   persistent model-state bytes (``memory_report()``) on both.
 
-Rows go to ``benchmarks/results/dist.json`` with the speed and memory ratios against FSDP2 and DDP.
+Rows go to ``benchmarks/results/dist.json`` with the speed and memory ratios against FSDP2 and DDP,
+each as soon as every rank has measured its engine; an engine that raises on every rank leaves a
+failed row and the next one runs. The peak-memory window opens after the warm-up steps.
 
 How communication is counted. Every torch.distributed collective, whether called from Python
 (ours, FSDP2) or from C++ (DDP's Reducer), enters the dispatcher as a ``c10d::`` op
@@ -50,7 +52,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from maws_fast.bench.common import append_results, env_info, sync, time_steps
+from maws_fast.bench.common import env_info, sync, time_steps
+from maws_fast.bench.results import FAILED, ResultsFile, error_summary, is_measured
 from maws_fast.config import PRESETS, OptimConfig, model_preset
 from maws_fast.errors import ConfigError, UserError
 
@@ -261,6 +264,19 @@ def _reset_memory(device: torch.device) -> int | None:
     return _proc_status_bytes("VmRSS")
 
 
+def _open_peak_window(device: torch.device) -> None:
+    """Restart the peak counters after warm-up (lazy initialisation, first-call autotuning and
+    allocator growth stay out of the peak); the baseline stays what was alive before the engine."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+    except OSError:
+        pass
+
+
 def _peak_memory(device: torch.device, base: int | None) -> int | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) - base
@@ -322,6 +338,7 @@ def _bench_engine(engine: str, stage: int | None, args, cfg, mesh, device: torch
     # lazily in its 1st: the counted step must come after both.
     for _ in range(max(args.warmup, 2)):
         step()
+    _open_peak_window(device)
     with CommCounter() as counter:  # one untimed step: the counter slows every op down
         step()
     sync(device)
@@ -340,8 +357,13 @@ def _bench_engine(engine: str, stage: int | None, args, cfg, mesh, device: torch
     return res
 
 
-def _run_rank(args) -> list[dict] | None:
-    """This process's part of the benchmark; rank 0 returns the rows' raw numbers."""
+def _run_rank(args, env: dict) -> list[dict] | None:
+    """This process's part of the benchmark. Engine by engine, the ranks exchange their numbers and
+    rank 0 writes the engine's row to ``args.out`` at once; rank 0 returns every row.
+
+    An engine that raises on every rank (out of memory, a setting it refuses) becomes a failed row
+    and the next engine runs; a rank failing alone leaves the others in a collective, which ends
+    the run at ``--timeout`` -- with the rows written so far kept."""
     from maws_fast.parallel.mesh import destroy, init_distributed
 
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -358,30 +380,44 @@ def _run_rank(args) -> list[dict] | None:
         mesh = init_distributed(tp=args.tp, device=device, timeout_s=args.timeout)
         cfg = model_preset(args.preset)
         _burn_in(args, cfg, mesh, device)
-        mine = [_bench_engine(e, s, args, cfg, mesh, device) for e, s in parse_engines(args.engines)]
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
+        main = dist.get_rank() == 0
+        out = ResultsFile(args.out if main else None, "maws-bench dist")
+        for engine, stage in parse_engines(args.engines):
+            try:
+                mine = _bench_engine(engine, stage, args, cfg, mesh, device)
+            except Exception as e:  # the engine's row says why; the next engine runs
+                mine = {"engine": engine, "zero_stage": stage, "error": error_summary(e)}
+                gc.collect()
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+            if main:
+                out.add(_row(_merge(everyone, mesh), args, env))
+                _ratios(out.rows)
+                out.save()
     finally:
         destroy()  # collects the engines first (see maws_fast.parallel.mesh.destroy)
-    if int(os.environ.get("RANK", 0)) != 0:
-        return None
-    out = []
-    for i, r in enumerate(mine):  # the slowest rank's step and the largest rank's memory
-        per_rank = [ranks[i] for ranks in everyone]
-        peaks = [p["mem_peak_bytes"] for p in per_rank]
-        out.append({**r, "step_s": max(p["step_s"] for p in per_rank),
-                    "mem_peak_bytes": None if None in peaks else max(peaks),
-                    "state_bytes": max(p["state_bytes"] for p in per_rank),
-                    "dp": mesh.dims.dp, "world": mesh.dims.world, "backend": mesh.backend})
-    return out
+    return out.rows if main else None
 
 
-def _worker(rank: int, args, world: int, port: int, result_dir: str) -> None:
+def _merge(per_rank: list[dict], mesh) -> dict:
+    """One engine's numbers over the ranks: the slowest rank's step and the largest rank's memory;
+    the first error when any rank failed."""
+    where = {"dp": mesh.dims.dp, "world": mesh.dims.world, "backend": mesh.backend}
+    errors = [p for p in per_rank if "error" in p]
+    if errors:
+        return {**errors[0], **where}
+    peaks = [p["mem_peak_bytes"] for p in per_rank]
+    return {**per_rank[0], "step_s": max(p["step_s"] for p in per_rank),
+            "mem_peak_bytes": None if None in peaks else max(peaks),
+            "state_bytes": max(p["state_bytes"] for p in per_rank), **where}
+
+
+def _worker(rank: int, args, env: dict, world: int, port: int, result_dir: str) -> None:
     """Entry point of a spawned rank (torch.multiprocessing passes ``rank`` first)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        raw = _run_rank(args)
+        raw = _run_rank(args, env)
     except UserError as e:  # the parent re-raises it as one line; the other ranks are stopped
         Path(result_dir, f"error{rank}.txt").write_text(str(e))
         raise SystemExit(2) from None
@@ -400,13 +436,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(args, world: int) -> list[dict]:
-    """Start ``world`` ranks on this machine and return rank 0's raw results."""
+def _spawn(args, env: dict, world: int) -> list[dict]:
+    """Start ``world`` ranks on this machine and return rank 0's rows."""
     import torch.multiprocessing as torch_mp
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            torch_mp.start_processes(_worker, args=(args, world, _free_port(), tmp), nprocs=world, join=True,
+            torch_mp.start_processes(_worker, args=(args, env, world, _free_port(), tmp), nprocs=world, join=True,
                                    start_method="spawn")
         except (torch_mp.ProcessExitedException, torch_mp.ProcessRaisedException):
             errors = sorted(Path(tmp).glob("error*.txt"))
@@ -452,42 +488,53 @@ def _ratio(a, b) -> float | None:
 
 
 def bench_dist(args: argparse.Namespace) -> list[dict]:
-    """Run ``maws-bench dist`` (see the module docstring); returns the rows it appended."""
+    """Run ``maws-bench dist`` (see the module docstring); returns the rows it appended (rank 0
+    appends each engine's row to ``--out`` as soon as every rank has measured it)."""
     world = _resolve(args)
+    ResultsFile(args.out, "maws-bench dist")  # an unreadable results file fails here, before any rank starts
+    env = env_info()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun: we are one rank
-        raw = _run_rank(args)
-        if raw is None:
+        rows = _run_rank(args, env)
+        if rows is None:
             return []
     else:
-        raw = _spawn(args, world)
-    env, rows = env_info(), []
-    for r in raw:
-        psi, theory = r["psi"], r["comm_theory_elems"]
-        rows.append({"bench": "dist", "engine": _label(r["engine"], r["zero_stage"]), "zero_stage": r["zero_stage"],
-                     "tp": args.tp, "dp": r["dp"], "world": r["world"], "backend": r["backend"],
-                     "preset": args.preset, "task": args.task, "batch_size": args.batch_size,
-                     "param_dtype": "fp32" if r["engine"] == "ddp" else args.param_dtype,
-                     "autocast_bf16": args.param_dtype == "bf16", "steps": args.steps,
-                     "step_ms": round(r["step_s"] * 1e3, 3),
-                     "psi": psi, "comm_elems": r["comm_elems"], "comm_bytes": r["comm_bytes"],
-                     "comm_over_psi": round(r["comm_elems"] / psi, 4) if psi else None,
-                     "comm_theory_elems": theory, "comm_matches_theory": r["comm_elems"] == theory,
-                     "comm_ops": r["comm_ops"], "uncounted_ops": r["uncounted_ops"],
-                     "tp_comm_bytes": r["tp_comm_bytes"],
-                     "mem_peak_bytes": r["mem_peak_bytes"], "state_bytes": r["state_bytes"],
-                     "mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "peak RSS growth (VmHWM)",
-                     "threads_per_rank": None if args.device == "cuda" else max(1, (os.cpu_count() or 1) // world),
-                     **env})
+        rows = _spawn(args, env, world)
+    _print_table(rows)
+    if args.out and rows:
+        print(f"appended {len(rows)} rows to {args.out}")
+    return rows
+
+
+def _row(r: dict, args, env: dict) -> dict:
+    """The results row of one engine's merged numbers (a failed row when a rank raised)."""
+    row = {"bench": "dist", "engine": _label(r["engine"], r["zero_stage"]), "zero_stage": r["zero_stage"],
+           "tp": args.tp, "dp": r["dp"], "world": r["world"], "backend": r["backend"],
+           "preset": args.preset, "task": args.task, "batch_size": args.batch_size,
+           "param_dtype": "fp32" if r["engine"] == "ddp" else args.param_dtype,
+           "autocast_bf16": args.param_dtype == "bf16", "steps": args.steps}
+    if "error" in r:
+        return {**row, "status": FAILED, "error": r["error"], **env}
+    psi, theory = r["psi"], r["comm_theory_elems"]
+    return {**row, "step_ms": round(r["step_s"] * 1e3, 3),
+            "psi": psi, "comm_elems": r["comm_elems"], "comm_bytes": r["comm_bytes"],
+            "comm_over_psi": round(r["comm_elems"] / psi, 4) if psi else None,
+            "comm_theory_elems": theory, "comm_matches_theory": r["comm_elems"] == theory,
+            "comm_ops": r["comm_ops"], "uncounted_ops": r["uncounted_ops"],
+            "tp_comm_bytes": r["tp_comm_bytes"],
+            "mem_peak_bytes": r["mem_peak_bytes"], "state_bytes": r["state_bytes"],
+            "mem_kind": "cuda max_memory_allocated" if args.device == "cuda" else "peak RSS growth (VmHWM)",
+            "threads_per_rank": None if args.device == "cuda" else max(1, (os.cpu_count() or 1) // r["world"]),
+            **env}
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Speed and memory of every measured row against FSDP2's and DDP's (None until those ran)."""
+    rows = [r for r in rows if is_measured(r)]
     for base in ("fsdp2", "ddp"):
         b = next((r for r in rows if r["engine"] == base), None)
         for r in rows:
             r[f"speedup_vs_{base}"] = _ratio(b["step_ms"], r["step_ms"]) if b else None  # > 1: faster
             r[f"mem_vs_{base}"] = _ratio(r["mem_peak_bytes"], b["mem_peak_bytes"]) if b else None  # < 1: less
-    _print_table(rows)
-    if args.out and rows:
-        append_results(args.out, rows)
-        print(f"appended {len(rows)} rows to {args.out}")
-    return rows
 
 
 def _mib(n) -> str:
@@ -499,6 +546,10 @@ def _x(v) -> str:
 
 
 def _print_table(rows: list[dict]) -> None:
+    for r in rows:
+        if not is_measured(r):
+            print(f"{r['engine']}: FAILED, {r['error']}")
+    rows = [r for r in rows if is_measured(r)]
     if not rows:
         return
     r0 = rows[0]

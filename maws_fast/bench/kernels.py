@@ -6,7 +6,11 @@ reference, "compile" = ``torch.compile`` of that reference) it times the forward
 alone and both together with :func:`maws_fast.bench.common.bench_ms` (``triton.testing.do_bench``
 median on a GPU). It prints ms, GB/s against the minimum bytes the op must move, that as a
 percentage of the measured device copy bandwidth, and the speedup over torch eager in the same
-run, then appends one row per (case, provider, mode) to ``benchmarks/results/kernels.json``.
+run, and appends one row per (case, provider, mode) to ``benchmarks/results/kernels.json`` the
+moment it is measured (:class:`~maws_fast.bench.results.ResultsFile`). A provider that raises
+leaves a failed row and the run goes on; one that cannot run a case (cuDNN SDPA on fp32) leaves a
+skipped row. Peak memory is measured after a warm-up call (compile, autotuning), never over it.
+The compile provider compiles each case afresh (its rows say how many graphs it compiled).
 
 On a CPU the same code runs with the Triton interpreter; the numbers then only prove the
 benchmark works and must not be reported as kernel speed (rows are marked ``"interpreted"``).
@@ -21,7 +25,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from maws_fast.bench.common import append_results, bench_ms, copy_bandwidth_gbps, env_info
+from maws_fast.bench.common import bench_ms, copy_bandwidth_gbps, env_info
+from maws_fast.bench.peak import peak_memory
+from maws_fast.bench.results import ResultsFile, failed, is_measured, skipped
 from maws_fast.config import model_preset
 from maws_fast.errors import ConfigError
 
@@ -70,6 +76,8 @@ class Case:
 
     ``fns`` maps provider name to a function of ``*args`` returning one tensor (the forward, or
     the whole step of an op without backward). The harness adds "compile" from ``fns["torch"]``.
+    ``skip`` names providers that cannot run this case (cuDNN SDPA on fp32): they are not
+    attempted, and their rows say why.
     ``bytes_fwd`` / ``bytes_bwd`` are the minimum bytes a fused implementation must read + write
     (``bytes_bwd == 0``: no backward); GB/s is reported against them for every provider.
     """
@@ -85,6 +93,7 @@ class Case:
     extra: dict = field(default_factory=dict)  # op-specific columns copied into every row
     flops_fwd: int = 0  # matmul FLOPs of the forward (compute-bound ops: TFLOP/s is reported)
     flops_bwd: int = 0
+    skip: dict[str, str] = field(default_factory=dict)  # provider -> why it cannot run this case (a skipped row)
 
     @property
     def grad_inputs(self) -> list[torch.Tensor]:
@@ -98,84 +107,161 @@ def load_cases(op: str) -> Callable[..., Iterator[Case]]:
     return importlib.import_module(f"maws_fast.bench.cases.{op}").cases
 
 
-def _time_modes(fn: Callable, case: Case, device: torch.device, rep_ms: int) -> dict[str, float]:
-    args, leaves = case.args, case.grad_inputs
-    out = {"fwd": bench_ms(lambda: fn(*args), device, rep_ms=rep_ms)}
-    if case.bytes_bwd and leaves:
-        y = fn(*args)
-        dy = torch.randn_like(y) if y.dim() else torch.ones_like(y)
-        out["bwd"] = bench_ms(lambda: y.backward(dy, retain_graph=True), device, grad_to_none=leaves, rep_ms=rep_ms)
-        out["both"] = bench_ms(lambda: fn(*args).backward(dy), device, grad_to_none=leaves, rep_ms=rep_ms)
-    return out
-
-
-def _peak_mb(fn: Callable, case: Case, device: torch.device) -> float | None:
-    """Peak CUDA memory one forward + backward adds on top of the inputs, in MiB (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    for a in case.grad_inputs:
-        a.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+def _forward_backward(fn: Callable, case: Case) -> None:
+    """One forward (+ backward where the op has one), gradients of the inputs cleared after."""
     y = fn(*case.args)
     if case.bytes_bwd and case.grad_inputs:
         y.backward(torch.ones_like(y))
     del y
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
     for a in case.grad_inputs:
         a.grad = None
-    return round(peak / 2**20, 2)
 
 
-def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.device, rep_ms: int = 100) -> list[dict]:
-    """Time every (case, provider, mode); returns result rows (not yet written)."""
+def _peak_mb(fn: Callable, case: Case, device: torch.device) -> float | None:
+    """Peak CUDA memory one forward + backward adds on top of the inputs, in MiB (None off CUDA).
+
+    One warm-up forward + backward runs first, outside the window: a compile, an autotuning sweep
+    or the allocator's growth on the first call is not what the op needs."""
+    window = peak_memory(device)
+    if window is None:
+        return None
+    _forward_backward(fn, case)  # warm-up: compile, autotune
+    window.open()
+    _forward_backward(fn, case)
+    return round(window.added() / 2**20, 2)
+
+
+def _timers(fn: Callable, case: Case, device: torch.device, rep_ms: int) -> list[tuple[str, Callable[[], float]]]:
+    """(mode, a function timing it in ms) for fwd, and bwd / both where the op has a backward."""
+    args, leaves = case.args, case.grad_inputs
+    timers = [("fwd", lambda: bench_ms(lambda: fn(*args), device, rep_ms=rep_ms))]
+    if not (case.bytes_bwd and leaves):
+        return timers
+    graph: dict = {}
+
+    def output_and_grad():  # one graph (retained) whose backward "bwd" times, and its output gradient
+        if not graph:
+            y = fn(*args)
+            graph.update(y=y, dy=torch.randn_like(y) if y.dim() else torch.ones_like(y))
+        return graph["y"], graph["dy"]
+
+    def bwd():
+        y, dy = output_and_grad()
+        return bench_ms(lambda: y.backward(dy, retain_graph=True), device, grad_to_none=leaves, rep_ms=rep_ms)
+
+    def both():
+        _, dy = output_and_grad()
+        return bench_ms(lambda: fn(*args).backward(dy), device, grad_to_none=leaves, rep_ms=rep_ms)
+
+    return timers + [("bwd", bwd), ("both", both)]
+
+
+def _compile_counts() -> tuple[int, int]:
+    """(graphs dynamo has compiled, graph breaks it has met) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), sum(counters["graph_break"].values())
+
+
+def _compiled(fn: Callable, backend: str) -> Callable:
+    """``torch.compile`` of one case's torch reference, from empty caches. The references of every
+    case share their code objects (one function, many shapes and dtypes), and dynamo's recompile
+    limit (8) counts per code object: without the reset the 9th shape would run eager, unlabelled.
+    ``dynamic=False``: each case is compiled for its exact shape, as a fixed-shape training step is."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    return torch.compile(fn, dynamic=False, backend=backend)
+
+
+def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.device, rep_ms: int = 100,
+              results: ResultsFile | None = None, compile_backend: str = "inductor") -> list[dict]:
+    """Time every (case, provider, mode); returns the rows, each added to ``results`` the moment it
+    is measured (and saved again when the torch baseline, measured later, adds its speed-up). A
+    provider that raises gets a failed row and the next one runs; a requested provider the case
+    cannot run (``case.skip``, or no implementation) gets a skipped row and is not attempted."""
     info = env_info()
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     copy_bw = copy_bandwidth_gbps(device)
+    results = results if results is not None else ResultsFile(None)
     rows = []
     for case in cases:
         fns = dict(case.fns)
-        if "compile" in providers and "torch" in fns:
-            fns["compile"] = torch.compile(fns["torch"], dynamic=False)
         base: dict[str, float] = {}
         # the standard providers as selected, then any op-specific ones (e.g. each SDPA backend)
-        names = [p for p in PROVIDERS if p in providers and p in fns] + [p for p in fns if p not in PROVIDERS]
-        for name in names:
-            peak = _peak_mb(fns[name], case, device)
-            for mode, ms in _time_modes(fns[name], case, device, rep_ms).items():
-                nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_bwd if mode == "bwd" else case.bytes_fwd + case.bytes_bwd
-                gbps = nbytes / (ms * 1e-3) / 1e9
-                flops = {"fwd": case.flops_fwd, "bwd": case.flops_bwd}.get(mode, case.flops_fwd + case.flops_bwd)
-                if name == "torch":
-                    base[mode] = ms
-                rows.append({
-                    "bench": "kernels", "op": case.op, "provider": name, "shape": case.shape, "dtype": case.dtype,
-                    "mode": mode, "ms": round(ms, 4), "gbps": round(gbps, 1),
-                    "pct_copy_bw": round(100 * gbps / copy_bw, 1), "copy_gbps": round(copy_bw, 1),
-                    "tflops": round(flops / (ms * 1e-3) / 1e12, 2) if flops else None,
-                    "peak_mb": peak, "note": case.note, "interpreted": interpreted, **case.extra, **info,
-                })
-        for r in rows:
-            if r["op"] == case.op and r["shape"] == case.shape and r["dtype"] == case.dtype and r["mode"] in base:
-                r["speedup_vs_torch"] = round(base[r["mode"]] / r["ms"], 3)
+        names = [p for p in PROVIDERS if p in providers] + [p for p in fns if p not in PROVIDERS] + list(case.skip)
+        label = {"bench": "kernels", "op": case.op, "shape": case.shape, "dtype": case.dtype, "note": case.note,
+                 "interpreted": interpreted, **case.extra, **info}
+        for name in dict.fromkeys(names):
+            reason = case.skip.get(name) or _missing(name, fns)
+            if reason:
+                rows.append(results.add(skipped({**label, "provider": name, "mode": None}, reason)))
+                continue
+            mode, start = None, _compile_counts()
+            try:
+                fn = _compiled(fns["torch"], compile_backend) if name == "compile" else fns[name]
+                peak = _peak_mb(fn, case, device)
+                for mode, timer in _timers(fn, case, device, rep_ms):
+                    ms = timer()
+                    nbytes = case.bytes_fwd if mode == "fwd" else case.bytes_bwd if mode == "bwd" else case.bytes_fwd + case.bytes_bwd
+                    gbps = nbytes / (ms * 1e-3) / 1e9
+                    flops = {"fwd": case.flops_fwd, "bwd": case.flops_bwd}.get(mode, case.flops_fwd + case.flops_bwd)
+                    if name == "torch":
+                        base[mode] = ms
+                    row = {**label, "provider": name, "mode": mode, "ms": round(ms, 4), "gbps": round(gbps, 1),
+                           "pct_copy_bw": round(100 * gbps / copy_bw, 1), "copy_gbps": round(copy_bw, 1),
+                           "tflops": round(flops / (ms * 1e-3) / 1e12, 2) if flops else None, "peak_mb": peak}
+                    if name == "compile":
+                        row.update(_compile_label(start, compile_backend))
+                    rows.append(results.add(row))
+            except Exception as e:  # this provider's remaining modes are lost, not the run: the next provider goes on
+                rows.append(results.add(failed({**label, "provider": name, "mode": mode}, e)))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # what the failed provider held is not the next one's
+            for r in rows:
+                if r["op"] == case.op and r["shape"] == case.shape and r["dtype"] == case.dtype and r["mode"] in base \
+                        and is_measured(r):
+                    r["speedup_vs_torch"] = round(base[r["mode"]] / r["ms"], 3)
+            results.save()  # rows written before the torch baseline now carry their speed-up
     return rows
 
 
+def _missing(name: str, fns: dict) -> str | None:
+    """Why a requested standard provider has nothing to run for this case (None: it has)."""
+    if name == "compile":
+        return None if "torch" in fns else "no torch reference to compile for this case"
+    if name in fns:
+        return None
+    if name == "cuda":
+        return "no CUDA C++ twin of this op on this device (maws_kernels._C not built, or the op has none)"
+    return f"no {name} implementation of this op on this device"
+
+
+def _compile_label(start: tuple[int, int], backend: str) -> dict:
+    """The compile provider's own evidence: graphs compiled for this case (0: it ran eager, and
+    the row says so) and graph breaks met, since its caches were reset."""
+    graphs, breaks = (now - then for now, then in zip(_compile_counts(), start))
+    return {"compile_backend": backend, "compiled_graphs": graphs, "graph_breaks": breaks, "compiled": graphs > 0}
+
+
 def print_rows(rows: list[dict]) -> None:
-    if not rows:
-        return
-    print(f"copy bandwidth: {rows[0]['copy_gbps']:.0f} GB/s on {rows[0]['device']}"
-          + ("  (Triton INTERPRETED: timings are not kernel speed)" if rows[0]["interpreted"] else ""))
-    print(f"{'op':<22}{'shape':<48}{'dtype':<9}{'provider':<15}{'mode':<5}{'ms':>10}{'GB/s':>9}{'%copy':>7}"
-          f"{'TFLOP/s':>9}{'vs torch':>9}{'peak MiB':>10}")
+    measured = [r for r in rows if is_measured(r)]
+    if measured:
+        r0 = measured[0]
+        print(f"copy bandwidth: {r0['copy_gbps']:.0f} GB/s on {r0['device']}"
+              + ("  (Triton INTERPRETED: timings are not kernel speed)" if r0["interpreted"] else ""))
+        print(f"{'op':<22}{'shape':<48}{'dtype':<9}{'provider':<15}{'mode':<5}{'ms':>10}{'GB/s':>9}{'%copy':>7}"
+              f"{'TFLOP/s':>9}{'vs torch':>9}{'peak MiB':>10}")
     for r in rows:
+        head = f"{r['op']:<22}{r['shape']:<48}{r['dtype']:<9}{str(r['provider']):<15}"
+        if not is_measured(r):
+            print(f"{head}{r['status'].upper()}: {r.get('error') or r.get('reason')}")
+            continue
         ratio = f"x{r['speedup_vs_torch']:.2f}" if "speedup_vs_torch" in r else "-"
         peak = "-" if r.get("peak_mb") is None or r["mode"] != "fwd" else f"{r['peak_mb']:.1f}"
         tf = "-" if r.get("tflops") is None else f"{r['tflops']:.1f}"
-        print(f"{r['op']:<22}{r['shape']:<48}{r['dtype']:<9}{r['provider']:<15}{r['mode']:<5}"
-              f"{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['pct_copy_bw']:>7.1f}{tf:>9}{ratio:>9}{peak:>10}")
+        flag = "" if r.get("compiled", True) else "  (NOT compiled: ran eager)"
+        print(f"{head}{r['mode']:<5}{r['ms']:>10.3f}{r['gbps']:>9.1f}{r['pct_copy_bw']:>7.1f}{tf:>9}{ratio:>9}{peak:>10}{flag}")
 
 
 def add_kernel_args(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> None:
@@ -189,6 +275,8 @@ def add_kernel_args(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> N
                    help=f"comma list from {PROVIDERS}")
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition budget per timing (GPU)")
+    p.add_argument("--compile-backend", default=None,
+                   help="dynamo backend of the compile provider (default: $MAWS_COMPILE_BACKEND, else inductor)")
     p.add_argument("--out", default="benchmarks/results/{group}.json",
                    help="JSON file to append to, relative to the current directory ('' = none); {group} is "
                         "'attention' for the attention op and 'kernels' for the memory-bound ones")
@@ -214,20 +302,44 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
                           "--providers torch,compile")
     dtypes = _split(args.dtypes, DTYPES, "dtype(s)")
     shapes = [mae_shape(m, args.batch_size) for m in args.models.split(",") if m]
+    backend = _backend(args.compile_backend) if "compile" in providers else "inductor"
+    # rows reach their file as they are measured: a case that fails, or a kill, keeps the ones before it
+    files = {g: ResultsFile(args.out.format(group=g) if args.out else None, "maws-bench kernels")
+             for g in ("kernels", "attention")}
     rows = []
     for op in ops:
+        out = files["attention" if op == "attention" else "kernels"]
         op_rows = []
         for dt in dtypes:
-            # one case at a time: an H/14 AdamW case alone holds ~11 GB of buffers
-            for case in load_cases(op)(shapes, DTYPES[dt], device):
-                op_rows += run_cases([case], providers, device, args.rep_ms)
+            cases = load_cases(op)(shapes, DTYPES[dt], device)
+            while True:  # one case at a time: an H/14 AdamW case alone holds ~11 GB of buffers
+                try:
+                    case = next(cases)
+                except StopIteration:
+                    break
+                except Exception as e:  # building the inputs failed (e.g. out of memory): this dtype's other cases are lost
+                    op_rows.append(out.add(failed({"bench": "kernels", "op": op, "shape": "(building the cases)",
+                                                   "dtype": dt, "provider": None, "mode": None, **env_info()}, e)))
+                    break
+                op_rows += run_cases([case], providers, device, args.rep_ms, out, backend)
                 del case
         print_rows(op_rows)
         rows += op_rows
-    for group in ("kernels", "attention"):
-        group_rows = [r for r in rows if (r["op"] == "attention") == (group == "attention")]
-        if args.out and group_rows:
-            path = args.out.format(group=group)
-            append_results(path, group_rows)
-            print(f"appended {len(group_rows)} rows to {path}")
+    for f in files.values():
+        if f.path is not None and f.rows:
+            print(f"appended {len(f.rows)} rows to {f.path}")
     return rows
+
+
+def _backend(name: str | None) -> str:
+    """The compile provider's dynamo backend: ``--compile-backend``, else the training's (inductor)."""
+    from maws_fast.train.regional_compile import BACKEND_ENV, compile_backend
+
+    if name is None:
+        return compile_backend()
+    import torch._dynamo as dynamo
+
+    if name not in dynamo.list_backends(exclude_tags=None):
+        raise ConfigError(f"maws-bench kernels: --compile-backend {name!r} is not a torch.compile backend (see "
+                          f"torch._dynamo.list_backends(); {BACKEND_ENV} sets the default)")
+    return name

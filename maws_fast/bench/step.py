@@ -22,12 +22,15 @@ attention FLOPs and saved-activation bytes per training image, and a labelled ro
 of images/s and MFU on an H100 and an H200 (GEMMs at 989 TFLOP/s, every other kernel at full HBM
 bandwidth, no overlap: an upper bound, not a measurement). On a GPU it adds measured images/s,
 MFU (analytic FLOPs, the official all-patch count, / 989 TFLOP/s) and peak memory of full steps
-(forward, backward, AdamW). Rows go to ``benchmarks/results/step.json``; the README table is
+(forward, backward, AdamW), its peak memory measured after the warm-up steps (compile and autotuning
+excluded). Each row goes to ``benchmarks/results/step.json`` the moment it is measured; a variant
+that raises leaves a failed row with the error and the next one runs. The README table is
 generated from it. Nothing here is asserted by a test.
 """
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from typing import Callable
 
 import torch
@@ -36,6 +39,8 @@ from maws_fast.bench.baseline import OfficialMAE, OfficialViT, soft_target_cross
 from maws_fast.bench.common import append_results, env_info, peak_tflops, time_steps
 from maws_fast.bench.fit import ENGINES as FIT_ENGINES
 from maws_fast.bench.fit import fit_rows
+from maws_fast.bench.peak import peak_memory
+from maws_fast.bench.results import ResultsFile, failed, is_measured
 from maws_fast.bench.traffic import per_image
 from maws_fast.config import CHECKPOINT_MODES, PRESETS, model_preset
 from maws_fast.errors import ConfigError
@@ -76,6 +81,8 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
                    help="also write the computed largest-batch table (every preset, MAE and WSP) to --fit-out")
     p.add_argument("--fit-out", default="benchmarks/results/fit.json", help="JSON file of the fit table ('' = none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile-backend", default=None,
+                   help="dynamo backend of the compile variants (default: $MAWS_COMPILE_BACKEND, else inductor)")
     p.add_argument("--out", default="benchmarks/results/step.json",
                    help="JSON file to append to, relative to the current directory ('' = none)")
 
@@ -155,51 +162,82 @@ def count_variant(stage: str, preset: str, variant: str, num_classes: int, batch
 
 
 def measure_variant(stage: str, preset: str, variant: str, num_classes: int, batch: int, device: torch.device,
-                    steps: int, warmup: int, checkpoint: str = "none") -> dict:
-    """Time full training steps (forward, backward, AdamW) of one variant on real tensors."""
+                    steps: int, warmup: int, checkpoint: str = "none", compile_backend: str | None = None) -> dict:
+    """Time full training steps (forward, backward, AdamW) of one variant on real tensors.
+
+    At least one warm-up step runs before the timed ones and before the peak-memory window opens:
+    compiling and autotuning are not a step's time or memory. A compile variant compiles from
+    empty dynamo caches (each variant is a new model; see :mod:`maws_fast.train.regional_compile`)
+    and its row counts the graphs it compiled."""
     from maws_fast.parallel.engine import parallelize
     from maws_fast.parallel.mesh import single_process
     from maws_fast.train.optim import param_groups
+    from maws_fast.train.regional_compile import compile_backend as default_backend
+    from maws_fast.train.regional_compile import regional_compile
 
+    backend = compile_backend or (default_backend() if variant in MEASURED_ONLY else None)
     model = _model(stage, preset, variant, num_classes, cast=False).to(device)
     if device.type != "cuda" and not variant.startswith("official"):
         model.set_kernel_backend(None)  # the interpreter is a correctness tool: CPU runs check the code path
         model.set_attn_backend("sdpa")
     imgs, target = _inputs(stage, preset, batch, num_classes, device)
-    if variant.startswith("official"):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                **({"fused": True} if device.type == "cuda" else {}))
-        fwd = torch.compile(model) if variant == "official compile" else model
-        loss_fn = _loss_fn(stage, variant, fwd, imgs, target, device.type)
+    with ExitStack() as scope:
+        if variant.startswith("official"):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                    **({"fused": True} if device.type == "cuda" else {}))
+            fwd = model
+            if variant == "official compile":
+                import torch._dynamo as dynamo
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss_fn().backward()
-            opt.step()
-    else:
-        objective = MAEObjective(model, 0.75, seed=0) if stage == "mae" else WSPObjective(model)
-        param_dtype = "fp32" if variant == "ours eager (autocast)" else "bf16"  # bf16: the engine makes the model copy
-        engine = parallelize(objective, single_process(), param_groups(model, 0.05), engine="ours", zero_stage=0,
-                             betas=(0.9, 0.95), param_dtype=param_dtype, device=device,
-                             kernel_backend=model.kernel_backend)
-        set_block_options(model, checkpoint, compile=variant == "ours compile")  # as the loop: after parallelize
-        amp = torch.autocast(device.type, dtype=torch.bfloat16)
+                dynamo.reset()  # a new model: its graphs only, within dynamo's recompile limit
+                fwd = torch.compile(model, backend=backend)
+            loss_fn = _loss_fn(stage, variant, fwd, imgs, target, device.type)
 
-        def step():
-            engine.zero_grad()
-            with amp:
-                loss = engine.model(imgs, target, 0)
-            engine.backward(loss)
-            engine.step(1e-4, None)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sec = time_steps(step, steps, warmup, device)
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss_fn().backward()
+                opt.step()
+        else:
+            objective = MAEObjective(model, 0.75, seed=0) if stage == "mae" else WSPObjective(model)
+            param_dtype = "fp32" if variant == "ours eager (autocast)" else "bf16"  # bf16: the engine makes the model copy
+            engine = parallelize(objective, single_process(), param_groups(model, 0.05), engine="ours", zero_stage=0,
+                                 betas=(0.9, 0.95), param_dtype=param_dtype, device=device,
+                                 kernel_backend=model.kernel_backend)
+            # as the loop: after parallelize, dynamo's caches and recompile limit scoped to this model
+            scope.enter_context(regional_compile(f"{stage} {preset} {variant} ckpt {checkpoint}", model, checkpoint,
+                                                 compile=variant == "ours compile", backend=backend))
+            amp = torch.autocast(device.type, dtype=torch.bfloat16)
+
+            def step():
+                engine.zero_grad()
+                with amp:
+                    loss = engine.model(imgs, target, 0)
+                engine.backward(loss)
+                engine.step(1e-4, None)
+        start = _compile_counts()
+        for _ in range(max(warmup, 1)):
+            step()
+        window = peak_memory(device)
+        if window is not None:
+            window.open()
+        sec = time_steps(step, steps, 0, device)
     ips = batch / sec
     flops = flops_per_image(model_preset(preset), stage, num_classes)
     peak = peak_tflops(env_info()["device"])
-    return {"ms_per_step": round(sec * 1e3, 3), "img_s": round(ips, 1),
-            "mfu": round(ips * flops / (peak * 1e12), 4) if peak and device.type == "cuda" else None,
-            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+    row = {"ms_per_step": round(sec * 1e3, 3), "img_s": round(ips, 1),
+           "mfu": round(ips * flops / (peak * 1e12), 4) if peak and device.type == "cuda" else None,
+           "peak_mem_gb": round(window.peak() / 2**30, 2) if window is not None else None}
+    if variant in MEASURED_ONLY:
+        graphs, breaks = (now - then for now, then in zip(_compile_counts(), start))
+        row.update(compile_backend=str(backend), compiled_graphs=graphs, graph_breaks=breaks)
+    return row
+
+
+def _compile_counts() -> tuple[int, int]:
+    """(graphs dynamo compiled, graph breaks it met) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), sum(counters["graph_break"].values())
 
 
 def _parse_cases(text: str) -> list[tuple[str, str]]:
@@ -227,6 +265,8 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
     if not modes or any(m not in CHECKPOINT_MODES for m in modes):
         raise ConfigError(f"maws-bench step: --checkpoint {args.checkpoint!r}; choose a subset of {CHECKPOINT_MODES}")
     info, rows = env_info(), []
+    # each row reaches the file the moment it is measured: a variant that fails, or a kill, keeps the rest
+    out = ResultsFile(args.out, "maws-bench step")
     for stage, preset in cases:
         base: dict = {}
         case_rows = []
@@ -237,20 +277,26 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
                 row = {"bench": "step", "stage": stage, "preset": preset, "variant": variant,
                        "activation_checkpoint": mode, "batch_size": args.batch_size, "count_batch": args.count_batch,
                        **info}
-                if variant not in MEASURED_ONLY:
-                    row.update(count_variant(stage, preset, variant, args.num_classes, args.count_batch, mode))
-                if measure:
-                    row.update(measure_variant(stage, preset, variant, args.num_classes, args.batch_size, device,
-                                               args.steps, args.warmup, mode))
-                if variant.startswith("official"):
+                try:
+                    if variant not in MEASURED_ONLY:
+                        row.update(count_variant(stage, preset, variant, args.num_classes, args.count_batch, mode))
+                    if measure:
+                        row.update(measure_variant(stage, preset, variant, args.num_classes, args.batch_size, device,
+                                                   args.steps, args.warmup, mode, args.compile_backend))
+                except Exception as e:  # this variant's row says why; the next variant runs
+                    failed(row, e)
+                    print(f"{stage} {preset} {variant} ckpt {mode}: FAILED, {row['error']}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()  # what the failed variant held is not the next one's
+                if variant.startswith("official") and is_measured(row):
                     base[variant] = row
-                case_rows.append(row)
-        _ratios(case_rows, base)
+                case_rows.append(out.add(row))
+                _ratios(case_rows, base)  # rows written before their baseline get its ratios now
+                out.save()
         rows += case_rows
     _print(rows)
-    if args.out:
-        append_results(args.out, rows)
-        print(f"appended {len(rows)} rows to {args.out}")
+    if out.path is not None:
+        print(f"appended {len(rows)} rows to {out.path}")
     if args.fit:
         fit = bench_fit(args.num_classes, args.count_batch, modes, info)
         if args.fit_out:
@@ -290,10 +336,12 @@ def bench_fit(num_classes: int, count_batch: int, modes: list[str], info: dict) 
 
 def _ratios(rows: list[dict], base: dict) -> None:
     eager, comp = base.get("official eager"), base.get("official compile")
+    rows = [r for r in rows if is_measured(r)]  # a failed variant's row gets no ratio and is no baseline
     plain = {r["variant"]: r for r in rows if r.get("activation_checkpoint", "none") == "none"}
     for r in rows:
         ref = plain.get(r["variant"])
-        if r.get("activation_checkpoint", "none") != "none" and ref is not None and "saved_mb_per_img" in ref:
+        if (r.get("activation_checkpoint", "none") != "none" and ref is not None and "saved_mb_per_img" in ref
+                and "saved_mb_per_img" in r):
             r["saved_vs_none"] = round(r["saved_mb_per_img"] / ref["saved_mb_per_img"], 3)
             r["gemm_flops_vs_none"] = round(r["gemm_gflop_per_img"] / ref["gemm_gflop_per_img"], 3)
         if eager and "mem_mb_per_img" in r and "mem_mb_per_img" in eager:
@@ -314,6 +362,10 @@ def _print(rows: list[dict]) -> None:
                          f"GEMM {r['gemm_gflop_per_img']:6.1f} GF  saved {r['saved_mb_per_img']:6.1f} MB  "
                          f"pred H100 {r['pred_h100_img_s']:6d} img/s MFU {100 * r['pred_h100_mfu']:4.1f}%  "
                          f"pred H200 {r['pred_h200_img_s']:6d} img/s")
+        if not is_measured(r):
+            parts.append(f"FAILED: {r['error']}")
+        if r.get("compiled_graphs") is not None:
+            parts.append(f"{r['compiled_graphs']} graph(s) compiled ({r['compile_backend']}), {r['graph_breaks']} break(s)")
         if r.get("img_s"):
             mfu = f" MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""
             parts.append(f"measured {r['img_s']:.1f} img/s{mfu}"

@@ -3,8 +3,9 @@
 Times full MAE and WSP training steps (forward, backward, AdamW) of a preset on synthetic
 images, for each attention backend in the same run, and reports images/s, achieved TFLOP/s
 (analytic FLOPs, see maws_fast.models.flops), MFU where the peak is known, and the ratio of
-each provider to the reference ("manual") path. Rows are appended to a JSON results file with
-the device, commit, date and command, so README tables are generated, never typed.
+each provider to the reference ("manual") path. Each row is appended to a JSON results file the
+moment it is measured (a provider that raises leaves a failed row and the next one runs), with the
+device, commit, date and command, so README tables are generated, never typed.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import argparse
 import torch
 
 import maws_kernels
-from maws_fast.bench.common import append_results, env_info, peak_tflops, time_steps
+from maws_fast.bench.common import env_info, peak_tflops, time_steps
+from maws_fast.bench.results import ResultsFile, failed, is_measured
 from maws_fast.config import ATTN_BACKENDS, PRESETS, OptimConfig, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
@@ -55,57 +57,83 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
         raise ConfigError(f"maws-bench: unknown kernel backend(s) {bad}; choose from auto, {', '.join(maws_kernels.BACKENDS)}")
     cfg = model_preset(args.preset)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    info, rows = env_info(), []
+    info = env_info()
+    out = ResultsFile(args.out, "maws-bench train")  # each row is written the moment it is measured
     peak = peak_tflops(info["device"])
     x = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
-    for stage in args.stages.split(","):
-        if stage == "mae":
-            model = build_mae(cfg, norm_pix_loss=True).to(device)
-            loss_fn = lambda: model(x)[0]  # noqa: E731
-            flops = flops_per_image(cfg, "mae")
-        elif stage == "wsp":
-            model = build_classifier(cfg, args.num_classes).to(device)
-            target = torch.softmax(torch.randn(args.batch_size, args.num_classes, device=device), -1)
-            loss_fn = lambda: wsp_loss(model, x, target)  # noqa: E731  (the loss training runs)
-            flops = flops_per_image(cfg, "wsp", args.num_classes)
-        else:
-            raise ConfigError(f"maws-bench: unknown stage {stage!r}; choose mae or wsp")
-        opt = build_optimizer(model, OptimConfig(batch_size=args.batch_size), device)
-
-        def step():
-            with amp:
-                loss = loss_fn()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+    stages = [s for s in args.stages.split(",") if s]
+    bad = [s for s in stages if s not in ("mae", "wsp")]
+    if bad:
+        raise ConfigError(f"maws-bench: unknown stage(s) {bad}; choose mae or wsp")
+    for stage in stages:
+        label = {"bench": "train", "stage": stage, "preset": args.preset, "batch_size": args.batch_size,
+                 "dtype": args.dtype, **info}
+        try:
+            step, model, flops = _stage_step(stage, cfg, x, args, amp, device)
+        except Exception as e:  # the stage's row says why; the next stage runs
+            out.add(failed({**label, "provider": None}, e))
+            continue
         # baseline: the reference path (manual attention; torch kernels where those are compared)
         base_kb = "torch" if "torch" in kernel_opts else kernel_opts[-1]
-        base, base_name = None, None
+        base_name = "attn=manual" + (f" kernels={base_kb}" if kernel_opts != ["auto"] else "")
         for kb in kernel_opts:
-            model.set_kernel_backend(None if kb == "auto" else kb)
             for backend in backends:
-                model.set_attn_backend(backend)
-                sec = time_steps(step, args.steps, args.warmup, device)
+                name = f"attn={backend}" + (f" kernels={kb}" if kernel_opts != ["auto"] else "")
+                row = {**label, "provider": name}
+                try:
+                    model.set_kernel_backend(None if kb == "auto" else kb)
+                    model.set_attn_backend(backend)
+                    sec = time_steps(step, args.steps, args.warmup, device)
+                except Exception as e:  # this provider's row says why; the next one runs
+                    out.add(failed(row, e))
+                    continue
                 ips = args.batch_size / sec
                 tflops = ips * flops / 1e12
-                name = f"attn={backend}" + (f" kernels={kb}" if kernel_opts != ["auto"] else "")
-                row = {"bench": "train", "stage": stage, "preset": args.preset, "provider": name,
-                       "batch_size": args.batch_size, "dtype": args.dtype, "ms_per_step": round(sec * 1e3, 3),
-                       "images_per_s": round(ips, 1), "tflops": round(tflops, 4),
-                       "mfu": round(tflops / peak, 4) if peak and device.type == "cuda" else None, **info}
-                if backend == "manual" and kb == base_kb:
-                    base, base_name = sec, name
-                rows.append(row)
-        for row in rows:
-            if row["stage"] == stage and base:
-                row["speedup_vs_manual"] = round(base / (row["ms_per_step"] / 1e3), 3)
-                row["baseline"] = base_name
-    for r in rows:
+                row.update(ms_per_step=round(sec * 1e3, 3), images_per_s=round(ips, 1), tflops=round(tflops, 4),
+                           mfu=round(tflops / peak, 4) if peak and device.type == "cuda" else None)
+                out.add(row)
+                _vs_manual(out.rows, stage, base_name)
+                out.save()
+    for r in out.rows:
+        if not is_measured(r):
+            print(f"{r['stage']:<4} {str(r['provider']):<28} FAILED: {r['error']}")
+            continue
         ratio = f"  x{r['speedup_vs_manual']:.2f} vs {r['baseline']}" if r.get("speedup_vs_manual") else ""
         print(f"{r['stage']:<4} {r['provider']:<28} {r['ms_per_step']:9.2f} ms/step {r['images_per_s']:9.1f} img/s "
               f"{r['tflops']:8.4f} TFLOP/s{ratio}")
-    if args.out:
-        append_results(args.out, rows)
-        print(f"appended {len(rows)} rows to {args.out}")
-    return rows
+    if out.path is not None and out.rows:
+        print(f"appended {len(out.rows)} rows to {out.path}")
+    return out.rows
+
+
+def _stage_step(stage: str, cfg, x: torch.Tensor, args, amp, device: torch.device):
+    """(one training step, the model, analytic FLOPs per image) of ``stage`` on the batch ``x``."""
+    if stage == "mae":
+        model = build_mae(cfg, norm_pix_loss=True).to(device)
+        loss_fn = lambda: model(x)[0]  # noqa: E731
+        flops = flops_per_image(cfg, "mae")
+    else:
+        model = build_classifier(cfg, args.num_classes).to(device)
+        target = torch.softmax(torch.randn(args.batch_size, args.num_classes, device=device), -1)
+        loss_fn = lambda: wsp_loss(model, x, target)  # noqa: E731  (the loss training runs)
+        flops = flops_per_image(cfg, "wsp", args.num_classes)
+    opt = build_optimizer(model, OptimConfig(batch_size=args.batch_size), device)
+
+    def step():
+        with amp:
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, model, flops
+
+
+def _vs_manual(rows: list[dict], stage: str, base_name: str) -> None:
+    """Each measured row of ``stage`` against the reference path's row (once that has run)."""
+    rows = [r for r in rows if r["stage"] == stage and is_measured(r)]
+    base = next((r for r in rows if r["provider"] == base_name), None)
+    for r in rows:
+        if base:
+            r["speedup_vs_manual"] = round(base["ms_per_step"] / r["ms_per_step"], 3)
+            r["baseline"] = base_name

@@ -2,7 +2,8 @@
 
 Providers in one run: ours (maws_kernels Triton flash attention), torch = the manual reference
 (matmul-softmax-matmul, softmax in fp32), and on a GPU each SDPA backend pinned on its own
-(flash, efficient, cuDNN) and xformers where installed. TFLOP/s counts the matmul FLOPs:
+(flash, efficient, cuDNN) and xformers; a provider without a kernel for the case's dtype (flash and
+cuDNN on fp32) or not installed (xformers) gets a skipped row saying so. TFLOP/s counts the matmul FLOPs:
 4 B H N^2 D forward, 2.5x that backward (dS, dP, dQ, dK, dV with P recomputed).
 """
 from __future__ import annotations
@@ -18,6 +19,10 @@ from maws_fast.config import model_preset
 from maws_fast.models.attention import attention_manual
 
 
+# SDPA backends that run fp16 / bf16 only: flash attention and cuDNN's fused attention.
+SDPA_HALF_ONLY = {"FLASH_ATTENTION": "SDPA's flash backend", "CUDNN_ATTENTION": "SDPA's cuDNN backend"}
+
+
 def _sdpa(backend_name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -30,23 +35,29 @@ def _sdpa(backend_name: str):
     return run
 
 
-def _providers(device, dtype) -> dict:
+def _providers(device, dtype) -> tuple[dict, dict[str, str]]:
+    """(provider -> function, provider -> why it cannot run at ``dtype``): a pinned SDPA backend
+    without a kernel for the dtype, or xformers without its op, is skipped with its reason rather
+    than attempted (a pinned backend that cannot run only raises)."""
     fns = {"ours": lambda q, k, v: mk.attention(q, k, v, backend="triton"), "torch": attention_manual}
+    skip: dict[str, str] = {}
     if torch.device(device).type == "cuda":
         names = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION"}
         for label, name in names.items():
-            if name == "FLASH_ATTENTION" and dtype == torch.float32:
-                continue  # flash has no fp32 kernel
+            if name in SDPA_HALF_ONLY and dtype == torch.float32:
+                skip[label] = f"{SDPA_HALF_ONLY[name]} has no fp32 kernel (fp16 / bf16 only)"
+                continue
             fns[label] = _sdpa(name)
         try:
             import xformers.ops as xops
 
-            fns["xformers"] = lambda q, k, v: xops.memory_efficient_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-        except ImportError:
-            pass
-    return fns
+            op = xops.memory_efficient_attention
+        except (ImportError, AttributeError) as e:  # not installed, or built without the op
+            skip["xformers"] = f"xformers.ops.memory_efficient_attention is not available ({type(e).__name__}: {e})"
+        else:
+            fns["xformers"] = lambda q, k, v: op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return fns, skip
 
 
 def _sequences(shapes: list[MaeShape]) -> list[tuple[str, int, int, int, int]]:
@@ -77,9 +88,10 @@ def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
         q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         io = 4 * B * H * N * D * es  # q, k, v in, o out
         fwd = 4 * B * H * N * N * D
-        yield Case("attention", f"{label} b{B} h{H} N={N} d{D}", dtype_name(dtype), (q, k, v), _providers(device, dtype),
+        fns, skip = _providers(device, dtype)
+        yield Case("attention", f"{label} b{B} h{H} N={N} d{D}", dtype_name(dtype), (q, k, v), fns,
                    bytes_fwd=io, bytes_bwd=2 * io, flops_fwd=fwd, flops_bwd=int(2.5 * fwd),
-                   extra={"N": N, "head_dim": D})
+                   extra={"N": N, "head_dim": D}, skip=skip)
     yield from varlen_cases(shapes, dtype, device)
 
 
