@@ -449,7 +449,8 @@ class RunConfig:
     tf32: bool = setting(True, "cuda: TF32 tensor cores for whatever matmuls and convolutions stay fp32")
     compile: bool = setting(
         False, "regional torch.compile: each transformer block's body compiled on its own (fullgraph), the engines' "
-        "hooks left eager around it; the first steps pay the compile")
+        "hooks left eager around it; dynamo's caches scoped to each stage (its graph count printed at its end); "
+        "the first steps pay the compile; MAWS_COMPILE_BACKEND names another dynamo backend (default inductor)")
     activation_checkpoint: str = setting(
         "none", "per block: none | full (keep only the block's input, recompute its forward in backward) | "
         "selective (also keep the qkv and fc1 GEMM outputs; recompute norms, attention, GELU, the attention "
