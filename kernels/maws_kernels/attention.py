@@ -2,10 +2,10 @@
 
 ``o = softmax(scale * q @ k^T) @ v`` per (batch, head), never materialising the (N, N) scores.
 
-Forward: one program per (Q tile, batch * head). The Q tile stays in registers while K/V tiles
-stream past; an online softmax in fp32 (scores pre-scaled by ``scale * log2(e)`` so ``exp2`` does
-the exponentials) rescales an fp32 accumulator. Each row's logsumexp (natural log, fp32) is
-stored for the backward.
+Forward: one program per (Q tile, batch * head), on a 1-D grid (see :func:`_program`). The Q tile
+stays in registers while K/V tiles stream past; an online softmax in fp32 (scores pre-scaled by
+``scale * log2(e)`` so ``exp2`` does the exponentials) rescales an fp32 accumulator. Each row's
+logsumexp (natural log, fp32) is stored for the backward.
 
 Backward (no atomics, deterministic): one kernel over Q tiles computes ``delta = rowsum(dO * O)``
 from the dO tile it holds, stores it, and walks every K/V tile for ``dQ = scale * dS K`` with
@@ -28,11 +28,13 @@ import torch
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
+from maws_kernels._grid import check_grid
 
 _IMPLEMENTED = ("triton", "torch")
 _MAX_D = 128  # the Q tile, accumulator and K/V tiles must stay in registers / shared memory
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
+_MIN_BLOCK = 16  # the smallest BLOCK_M / BLOCK_N of any config below: the launch grid is checked at it
 # The interpreter computes tl.dot on bf16 operands wrongly (the repository's docs/ARCHITECTURE.md): there
 # every dot operand is upcast to fp32 first. On a GPU the native fp16 / bf16 tensor-core dots are kept.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -43,54 +45,77 @@ def _configs(bm_bn_warps_stages) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in bm_bn_warps_stages]
 
 
+# Hopper (H100 / H200). Forward: a 64- or 128-row Q tile against 64-wide K/V tiles; 8 warps
+# for 128 rows keep the fp32 accumulator at <= 64 registers per thread at D = 128.
+_GPU_FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3)])
+# Backward: BLOCK_N is the resident K/V tile of the dK/dV kernel (the Q tile of the dQ kernel is
+# BLOCK_M); two fp32 accumulators plus the resident tiles make 64-wide tiles the sweet spot.
+_GPU_BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (64, 32, 4, 3)])
 if _INTERPRET:
     # The interpreter fails with several configs and costs ~1 ms per program: one small config,
     # which also puts several tiles (and a ragged tail) into the tests' tiny sequences.
     _FWD_CONFIGS = _BWD_CONFIGS = _configs([(16, 16, 4, 1)])
 else:
-    # Hopper (H100 / H200). Forward: a 64- or 128-row Q tile against 64-wide K/V tiles; 8 warps
-    # for 128 rows keep the fp32 accumulator at <= 64 registers per thread at D = 128.
-    _FWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3)])
-    # Backward: BLOCK_N is the resident K/V tile of the dK/dV kernel (the Q tile of the dQ kernel is
-    # BLOCK_M); two fp32 accumulators plus the resident tiles make 64-wide tiles the sweet spot.
-    _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (64, 32, 4, 3)])
+    _FWD_CONFIGS, _BWD_CONFIGS = _GPU_FWD_CONFIGS, _GPU_BWD_CONFIGS
 
 
-def _prune(fp32_config: triton.Config, backward: bool):
+def _prune(fp32_config: triton.Config, backward: bool, resident_kv: bool):
     """An ``early_config_prune`` for one kernel's configs.
 
     fp32 inputs take IEEE fp32 dots (no TF32, so results match an fp32 reference), which Triton
     lowers to FMA loops, not tensor cores: those hold whole tiles per thread, so fp32 gets one small
     spill-free tile instead (a correctness path, not a fast one). At a 128-wide head block, 64 x 64
     tiles on 4 warps spill in the backward (two fp32 accumulators + two resident tiles): 8 warps.
-    Compiled for sm_90 (Triton 3.7), fp16 / bf16: forward 128-183 registers, backward 95-255, no spills.
+    The dK/dV kernel (``resident_kv``) there keeps K/V tiles of at most 64 rows: at 128 rows its two
+    fp32 (128, 128) accumulators alone take 128 registers per thread of 8 warps, and with the
+    resident K and V it spills (sm_90, D = 80: 4-32 bytes at 255 registers, Triton 3.6 and 3.7).
+    Compiled for sm_90 (Triton 3.6 and 3.7, the model zoo's head dims 32, 64, 80, 128), fp16 / bf16:
+    forward 82-254 registers, backward 64-255, no spills.
     """
     def prune(configs, named_args, **kwargs):
         q = named_args.get("q_ptr")
         if q is not None and q.element_size() == 4:
             return [fp32_config]
         if backward and kwargs.get("BLOCK_D", 0) >= 128:
-            return [c for c in configs if c.num_warps == 8 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64]
+            configs = [c for c in configs if c.num_warps == 8 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 64 * 64]
+            if resident_kv:
+                configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 64]
         return configs
     return prune
 
 
-def _tune(backward: bool) -> dict:
-    fp32_config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)
-    return dict(key=["N", "BLOCK_D", "VARLEN"], prune_configs_by={"early_config_prune": _prune(fp32_config, backward)})
+_FP32_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)
+
+
+def _tune(backward: bool, resident_kv: bool = False) -> dict:
+    prune = _prune(_FP32_CONFIG, backward, resident_kv)
+    return dict(key=["N", "BLOCK_D", "VARLEN"], prune_configs_by={"early_config_prune": prune})
 
 
 # --- kernels ------------------------------------------------------------------------------------
-# Shared set-up of the four kernels: every program is (tile, batch * head) of a grid (tiles, B * H),
-# and reads whole (rows, head dim) tiles of one sequence of one head.
+# Shared set-up of the three kernels: every program is one (tile, batch * head) and reads whole
+# (rows, head dim) tiles of one sequence of one head.
 @triton.jit
-def _program(cu_ptr, H, N, VARLEN: tl.constexpr):
+def _program(cu_ptr, H, N, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
     """``(tile, b, h, start, seqlen)`` of this program: batch and head as int64 (B * H * N * D may exceed
-    2**31), and its sequence's first packed row and length (from cu_seqlens when VARLEN, else (0, N))."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    2**31), and its sequence's first packed row and length (from cu_seqlens when VARLEN, else (0, N)).
+
+    The grid is 1-D, ``(B * H * tiles,)`` with ``tiles = cdiv(N, BLOCK)`` (BLOCK: the tile's rows):
+    batch * head on grid axis y would stop at CUDA's 65535 (20472 images x 16 decoder heads is
+    327552), axis x takes 2**31 - 1. Program ``(b * H + h) * tiles + tile`` keeps the tiles of one
+    head adjacent, so they run together and share its K / V (or Q / dO) in L2, as x-fastest
+    (tiles, B * H) grids did.
+    """
+    # Unsigned divisions (every id is >= 0): compiled for sm_90 (Triton 3.6 and 3.7), the signed
+    # form made the dQ kernel spill at D = 80 (32 x 64 tile, 4 warps: 168 registers and a stack frame).
+    pid = tl.cast(tl.program_id(0), tl.uint32)
+    tiles = tl.cast(tl.cdiv(N, BLOCK), tl.uint32)
+    pid_bh = pid // tiles
+    heads = tl.cast(H, tl.uint32)
+    b = pid_bh // heads
+    h = tl.cast(pid_bh - b * heads, tl.int32)
+    b = tl.cast(b, tl.int32)
+    pid = tl.cast(pid - pid_bh * tiles, tl.int32)
     if VARLEN:
         start = tl.load(cu_ptr + b)
         seqlen = tl.load(cu_ptr + b + 1) - start
@@ -146,7 +171,7 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN)
+    pid_m, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN, BLOCK_M)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:  # varlen: this sequence is shorter than max_seqlen
         return
@@ -186,7 +211,7 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + b * slb + h * slh + start + offs_m, lse, mask=m_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, **_tune(backward=True))
+@triton.autotune(configs=_BWD_CONFIGS, **_tune(backward=True, resident_kv=True))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr,  # (B, H, N, D) strides (sqb, sqh, sqn, 1); varlen: (T, H, D) with sqb = 0
@@ -208,7 +233,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # resident K/V tile
     BLOCK_D: tl.constexpr,
 ):
-    pid_n, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN)
+    pid_n, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN, BLOCK_N)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen:
         return
@@ -271,7 +296,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # streamed K/V tile
     BLOCK_D: tl.constexpr,
 ):
-    pid_m, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN)
+    pid_m, b, h, start, seqlen = _program(cu_ptr, H, N, VARLEN, BLOCK_M)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
@@ -349,6 +374,16 @@ def _common_consts(q: torch.Tensor, varlen: bool, D: int) -> dict:
                 BLOCK_D=max(16, triton.next_power_of_2(D)))
 
 
+def _grid(kernel: str, B: int, H: int, N: int, block: str, varlen: bool):
+    """The 1-D launch grid of :func:`_program` (``block``: the meta-parameter that tiles N), checked
+    against CUDA's limit first at the smallest tile any config uses, so no config can pass it."""
+    def grid(meta):
+        return (triton.cdiv(N, meta[block]) * B * H,)
+    shape = f"{B} {'sequences' if varlen else 'batch'} x {H} heads x {'max_seqlen' if varlen else 'N'}={N}"
+    check_grid(f"attention {kernel}", grid({block: _MIN_BLOCK}), shape)
+    return grid
+
+
 def _fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale):
     varlen = cu_seqlens is not None
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
@@ -356,8 +391,7 @@ def _fwd_triton(q, k, v, cu_seqlens, max_seqlen, scale):
     B, H, N, D = _geometry(q, cu_seqlens, max_seqlen)
     if B * H == 0 or N == 0 or q.numel() == 0:
         return o, lse
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attn_fwd_kernel[grid](
+    _attn_fwd_kernel[_grid("forward", B, H, N, "BLOCK_M", varlen)](
         q, k, v, o, lse, cu_seqlens if varlen else lse,
         *_row_strides(q, varlen), *_row_strides(k, varlen), *_row_strides(v, varlen), *_row_strides(o, varlen),
         *_lse_strides(lse, varlen),
@@ -383,11 +417,11 @@ def _bwd_triton(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale, out=None):
     delta = torch.empty_like(lse)
     qs, ks, vs, dos = (_row_strides(t, varlen) for t in (q, k, v, do))
     # dQ first: it computes delta = rowsum(dO * O) from the dO tile it loads anyway, for dK / dV.
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+    _attn_bwd_dq_kernel[_grid("backward dq", B, H, N, "BLOCK_M", varlen)](
         q, k, v, do, o, lse, delta, dq, cu, *qs, *ks, *vs, *dos, *_row_strides(o, varlen), *ls,
         *_row_strides(dq, varlen), H, N, D, scale, scale * _LOG2E, **consts,
     )
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+    _attn_bwd_dkdv_kernel[_grid("backward dk/dv", B, H, N, "BLOCK_N", varlen)](
         q, k, v, do, lse, delta, dk, dv, cu, *qs, *ks, *vs, *dos, *ls,
         *_row_strides(dk, varlen), *_row_strides(dv, varlen),
         H, N, D, scale, scale * _LOG2E, **consts,

@@ -20,6 +20,7 @@ import torch
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
+from maws_kernels._grid import check_grid
 
 _IMPLEMENTED = ("triton", "torch")
 _MAX_BLOCK_V = 4096
@@ -151,7 +152,7 @@ def _launch(logits, targets, ids, wts, *, write_grad, gscale=None, grad=None):
     block_v, block_t = _blocks(V, T)
     dummy = logits  # stands in for the pointers a mode does not read; never dereferenced
     if B:
-        _soft_ce_fwd_kernel[(B,)](
+        _soft_ce_fwd_kernel[check_grid("soft-target CE forward", (B,), f"logits {B} x {V}")](
             logits, dummy if sparse else targets, ids if sparse else dummy, wts if sparse else dummy,
             loss, lse, tsum, gscale if write_grad else dummy, grad if write_grad else dummy,
             V, T, logits.stride(0), 0 if sparse else targets.stride(0), ids.stride(0) if sparse else 0,
@@ -169,7 +170,8 @@ def _launch_bwd(grad_rows, logits, lse, tsum, targets, ids, wts):
     block_v, block_t = _blocks(V, T)
     dummy = logits
     if B:
-        _soft_ce_bwd_kernel[(B, triton.cdiv(V, block_v))](
+        grid = check_grid("soft-target CE backward", (B, triton.cdiv(V, block_v)), f"logits {B} x {V}")
+        _soft_ce_bwd_kernel[grid](
             logits, dummy if sparse else targets, ids if sparse else dummy, wts if sparse else dummy,
             lse, tsum, grad_rows.float().contiguous(), grad,
             V, T, logits.stride(0), 0 if sparse else targets.stride(0), ids.stride(0) if sparse else 0,

@@ -17,6 +17,7 @@ import torch
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import extension, resolve_backend, unit_last_stride
+from maws_kernels._grid import check_grid
 from maws_kernels.patch import _check_images, _patch_pixel_offsets, patchify
 
 _IMPLEMENTED = ("triton", "cuda", "torch")
@@ -108,7 +109,8 @@ def _launch(kernel, pred, images, mask, p, norm_pix, eps, *front, out, g_stride=
     C = images.shape[1]
     tail = () if g_stride is None else (g_stride,)
     if B * L:
-        kernel[(B * L,)](
+        grid = check_grid("norm_pix_loss", (B * L,), f"pred {B} x {L} x {P}")
+        kernel[grid](
             *front, pred, images, mask, out, L, C, images.shape[3] // p, pred.stride(0), pred.stride(1),
             *images.stride(), eps, *tail, p=p, NORM_PIX=norm_pix, BLOCK_P=triton.next_power_of_2(P),
             num_warps=_NUM_WARPS,

@@ -15,6 +15,7 @@ import torch
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import extension, resolve_backend
+from maws_kernels._grid import check_grid
 
 _IMPLEMENTED = ("triton", "cuda", "torch")
 _NUM_WARPS = 4
@@ -113,7 +114,8 @@ def _fwd_triton(images: torch.Tensor, ids_keep: torch.Tensor, p: int) -> torch.T
     ids_keep = ids_keep.contiguous()
     out = torch.empty(B, K, p * p * C, device=images.device, dtype=images.dtype)
     if B * K:
-        _masked_patchify_fwd_kernel[(B * K,)](
+        grid = check_grid("masked_patchify forward", (B * K,), f"{B} images x {K} kept patches")
+        _masked_patchify_fwd_kernel[grid](
             images, ids_keep, out, K, (H // p) * (W // p), C, W // p, *images.stride(), p=p,
             BLOCK_P=_block_p(p * p * C), num_warps=_NUM_WARPS,
         )
@@ -131,7 +133,8 @@ def _bwd_triton(grad: torch.Tensor, ids_keep: torch.Tensor, p: int, C: int, H: i
     slot.scatter_(1, ids, torch.arange(K, device=grad.device).expand(B, K))  # column L: never read
     dimg = torch.empty(B, C, H, W, device=grad.device, dtype=grad.dtype)
     if B * L:
-        _masked_patchify_bwd_kernel[(B * L,)](
+        grid = check_grid("masked_patchify backward", (B * L,), f"{B} images x {L} patches")
+        _masked_patchify_bwd_kernel[grid](
             grad.contiguous(), slot, dimg, L, C, H, W, W // p, K, slot.stride(0), p=p, BLOCK_P=_block_p(p * p * C),
             num_warps=_NUM_WARPS,
         )

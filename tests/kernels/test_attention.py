@@ -17,6 +17,9 @@ from maws_kernels.attention import (
 )
 from tests.kernels.tolerance import LOWP, assert_rule
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Interpreter tiles are 16 x 16: N = 1 (one row), 17 (a one-row ragged tail), 50 / 65 (the MAE
 # encoder at B/16 and H/14), 197 (the decoder / WSP, 13 tiles with a 5-row tail).
@@ -67,6 +70,15 @@ def test_matches_reference(seeded, N, D, dtype):
     shape = (1, 1, N, D) if N > 100 else (2, 1, N, D) if D != 64 else (1, 2, N, D)
     leaves = _leaves(shape, dtype)
     _check(_ours, attention_ref, leaves, torch.randn(shape, dtype=dtype))
+
+
+def test_batches_heads_and_tiles_each_get_their_own_program(seeded):
+    """The launch grid is 1-D, (batch, head, tile) decoded from one program id: with several batches,
+    several heads and several Q and K/V tiles (the last one ragged), each lands on its own slice --
+    output and every gradient. Under the interpreter a tile is 16 rows: 3 tiles x 6 (batch, head)."""
+    shape = (2, 3, 37, 16)
+    leaves = _leaves(shape, torch.float32)
+    _check(_ours, attention_ref, leaves, torch.randn(shape))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
