@@ -16,6 +16,7 @@ COLUMNS = {"op", "provider", "shape", "dtype", "mode", "ms", "gbps", "pct_copy_b
            "command", "interpreted"}
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("op", OPS)
 def test_every_op_benchmark_runs_and_writes_rows(tmp_path, capsys, op):
     out = tmp_path / "kernels.json"

@@ -6,6 +6,9 @@ import torch
 from maws_kernels.attention import attention_ref
 from maws_kernels.nn import attend_varlen
 
+# The CPU tests here run Triton on CPU tensors (interpreted); the gpu-marked ones run compiled kernels.
+pytestmark = pytest.mark.interpreter
+
 
 def _per_sequence(q, k, v, lengths):
     outs, a = [], 0

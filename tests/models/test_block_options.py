@@ -78,6 +78,7 @@ def test_checkpointing_gives_identical_loss_and_gradients(task, mode, seeded):
         assert ckpt.blocks[-1].drop_path1.draw(x.new_zeros(64, 1, 1)).eq(0).any()
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mode", MODES)
 def test_checkpointing_the_fused_triton_blocks_matches(mode, seeded):
     """Interpreted Triton kernels: a checkpointed block adds its own MLP output (plain add, then
@@ -157,6 +158,7 @@ def test_compiled_blocks_match_eager_in_one_graph_each(task, mode, seeded):
     assert not torch._dynamo.utils.counters["graph_break"]
 
 
+@pytest.mark.interpreter
 @pytest.mark.slow
 def test_compiled_fused_triton_blocks_trace_in_one_graph(seeded):
     """The maws_kernels custom ops (interpreted Triton) inside a compiled block: no graph break."""
