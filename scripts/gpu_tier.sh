@@ -58,7 +58,8 @@ PY=${PYTHON:-python3}
 [ "$dry" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 PY=$(command -v "$PY" || echo "$PY"); case "$PY" in /*) ;; *) PY=$REPO/$PY ;; esac  # absolute: the build cds
 OUT=${OUT:-$REPO/gpu_out}
-LOGS=$OUT/gpu_$call                 # packed into $OUT/gpu_$call.tar.gz
+# The logs live OUTSIDE $OUT: a call brings back at most 8 files, so $OUT holds only the tarball and the summary.
+LOGS=${GPU_TIER_LOGS:-${TMPDIR:-/tmp}/maws_gpu_tier}/gpu_$call   # packed into $OUT/gpu_$call.tar.gz
 export PYTHONPATH=$REPO:$REPO/kernels${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1
 unset TRITON_INTERPRET              # compiled Triton: the interpreter is for machines without CUDA
@@ -71,7 +72,8 @@ pack() {  # the tarball, atomically: a call killed mid-pack keeps the previous o
     [ "$dry" = 1 ] && return 0
     printf '%s\n' "${summary[@]}" >"$LOGS/summary.txt"
     cp "$LOGS/summary.txt" "$OUT/summary.txt"
-    tar czf "$OUT/.gpu_$call.tar.gz" -C "$OUT" "gpu_$call" 2>/dev/null && mv "$OUT/.gpu_$call.tar.gz" "$OUT/gpu_$call.tar.gz"
+    tar czf "$OUT/.gpu_$call.tar.gz" -C "$(dirname "$LOGS")" "gpu_$call" 2>/dev/null \
+        && mv "$OUT/.gpu_$call.tar.gz" "$OUT/gpu_$call.tar.gz"
 }
 
 # step NAME SECONDS CMD...: run CMD under `timeout` (capped by what is left of the budget), log it to
@@ -165,7 +167,7 @@ link_fmnist() {  # the carried copy where the tests and the loader look (Debian'
 
 setup() {
     [ "$dry" = 1 ] && return 0
-    rm -rf "$LOGS"; mkdir -p "$LOGS"
+    rm -rf "$LOGS"; mkdir -p "$LOGS" "$OUT"
     trap 'pack' EXIT
     {
         date -u; nvidia-smi; echo

@@ -79,29 +79,35 @@ FAKE_PY = """#!/bin/bash
 # stands in for the GPU machine's python: every command succeeds at once, except the kernel check
 case "$*" in
   *sanitize_kernels.py*) echo "FAIL attention bf16: max err 1 (scale 1)"; exit 3 ;;
-  *"bench_main"*step*) sleep "${FAKE_STEP_SLEEP:-0}"; echo "fake bench step" ;;
   *) echo "fake: $*" ;;
 esac
 """
 
 
-def test_first_runs_its_steps_keeps_failures_and_packs_one_tarball(tmp_path):
+def _fake_first(tmp_path, **env):
+    """``first`` in a copy of the planned tree, with a stand-in python: (result, summary lines, $OUT)."""
     root = _copy_tree(tmp_path / "repo")
     fake = tmp_path / "fakepy"
     fake.write_text(FAKE_PY)
     fake.chmod(0o755)
     out = tmp_path / "out"
-    res = _run("first", cwd=root, env={"PYTHON": str(fake), "OUT": str(out)})
+    res = _run("first", cwd=root, env={"PYTHON": str(fake), "OUT": str(out), "GPU_TIER_LOGS": str(tmp_path / "logs"),
+                                       **env})
+    return res, (out / "summary.txt").read_text().splitlines(), out
+
+
+def test_first_runs_its_steps_keeps_failures_and_packs_one_tarball(tmp_path):
+    res, summary, out = _fake_first(tmp_path)
     assert res.returncode == 1, res.stdout + res.stderr  # the kernel check failed
-    summary = (out / "summary.txt").read_text()
-    lines = {line.split()[0]: line for line in summary.splitlines() if line and not line.startswith("gpu_tier")}
+    lines = {line.split()[0]: line for line in summary if line and not line.startswith("gpu_tier")}
     assert "FAILED" in lines["kernels_vs_ref"] and "rc=3" in lines["kernels_vs_ref"]
     for name in ("gpu_tests", "loop_tests", "bench_step"):
         assert " OK " in lines[name], summary
     assert "FAILED" in lines["build_ext"]  # the stand-in builds no .so ...
     assert "SKIPPED" in lines["csrc_tests"]  # ... so the csrc tests say why they did not run
-    assert summary.splitlines()[-1].startswith("gpu_tier first: FAILED")
-    assert sorted(p.name for p in out.iterdir()) == ["gpu_first", "gpu_first.tar.gz", "summary.txt"]
+    assert summary[-1].startswith("gpu_tier first: FAILED")
+    # what comes back from a device call: two files (a call returns at most 8), the logs inside the tarball
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_first.tar.gz", "summary.txt"]
     with tarfile.open(out / "gpu_first.tar.gz") as tar:
         names = set(tar.getnames())
     for f in ("env.txt", "kernels_vs_ref.log", "gpu_tests.log", "bench_step.log", "build_ext.log", "summary.txt"):
@@ -109,14 +115,8 @@ def test_first_runs_its_steps_keeps_failures_and_packs_one_tarball(tmp_path):
 
 
 def test_steps_past_the_budget_are_skipped_and_say_so(tmp_path):
-    root = _copy_tree(tmp_path / "repo")
-    fake = tmp_path / "fakepy"
-    fake.write_text(FAKE_PY)
-    fake.chmod(0o755)
-    out = tmp_path / "out"
-    res = _run("first", cwd=root, env={"PYTHON": str(fake), "OUT": str(out), "GPU_TIER_BUDGET_S": "5"})
-    summary = (out / "summary.txt").read_text()
+    res, summary, _ = _fake_first(tmp_path, GPU_TIER_BUDGET_S="5")
     for name in ("kernels_vs_ref", "gpu_tests", "loop_tests", "bench_step"):
-        line = next(x for x in summary.splitlines() if x.startswith(name))
+        line = next(x for x in summary if x.startswith(name))
         assert "SKIPPED" in line and "budget spent" in line, summary
-    assert res.returncode == 1 and summary.splitlines()[-1].startswith("gpu_tier first: FAILED")  # nothing measured
+    assert res.returncode == 1 and summary[-1].startswith("gpu_tier first: FAILED")  # nothing measured
