@@ -76,7 +76,7 @@ def test_a_pick_that_cannot_be_restored_is_one_warning(tmp_path, data, fresh):
     run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, stop_at_step=4, echo=lambda s: None)
     ckpt = list_checkpoints(tmp_path / "mae" / "ckpt")[-1]
     meta = json.loads((ckpt / "meta.json").read_text())
-    picks = meta["rank_meta"][0]["kernel_tuning"]["kernels"]["attention._attn_fwd_kernel"]
+    picks = meta["rank_meta"][0]["kernel_tuning"]["kernels"]["attention._attn_fwd_kernel"]["picks"]
     picks[0][1]["num_warps"] = 3  # a config this kernel does not have (an upgrade dropped it)
     (ckpt / "meta.json").write_text(json.dumps(meta))
     tuning.clear()
@@ -90,7 +90,9 @@ def test_a_pick_that_cannot_be_restored_is_one_warning(tmp_path, data, fresh):
 @pytest.mark.gpu
 def test_a_resumed_gpu_run_reuses_the_picks_and_matches_bit_for_bit(tmp_path, data, fresh):
     """Triton attention on the GPU (several configs, really autotuned): the run stopped at step 4 and resumed
-    in a 'fresh process' (autotuners cleared) ends with the uninterrupted run's weights, bit for bit."""
+    in a 'fresh process' (autotuners cleared) restores the saved picks and ends with the uninterrupted run's
+    weights, bit for bit. Both halves launch run A's picks, so the comparison does not hang on two sets of
+    noisy timings agreeing."""
     dev = torch.device("cuda")
     extra = ("--run.device=cuda", "--model.attn_backend=triton")
     cfg_a, cfg_b = _cfg(tmp_path / "a", *extra), _cfg(tmp_path / "b", *extra)
@@ -98,12 +100,21 @@ def test_a_resumed_gpu_run_reuses_the_picks_and_matches_bit_for_bit(tmp_path, da
     picked = tuning.choices()
     assert picked["kernels"], "the GPU run autotuned nothing: is the attention backend triton?"
     tuning.clear()
+    assert tuning.restore(picked) == []  # run B's first half launches what run A launched
     run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, stop_at_step=4, echo=lambda s: None)
-    saved = tuning.choices()
+    ckpt = list_checkpoints(tmp_path / "b" / "mae" / "ckpt")[-1]
+    saved = read_meta(ckpt)["rank_meta"][0]["kernel_tuning"]
+    assert saved["kernels"] == picked["kernels"]
     tuning.clear()  # the resumed process starts with nothing tuned
-    final_b = run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=lambda s: None)
-    for name, picks in saved["kernels"].items():
-        assert all(p in tuning.choices()["kernels"][name] for p in picks), name
+    restored = []
+    real = tuning.restore
+    tuning.restore = lambda s: (restored.append(s), real(s))[1]  # what the resume put back, before step 5
+    try:
+        final_b = run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=lambda s: None)
+    finally:
+        tuning.restore = real
+    assert restored and restored[0]["kernels"] == picked["kernels"]
+    assert tuning.choices()["kernels"] == picked["kernels"]  # and nothing was re-tuned over them
     wa, wb = load_checkpoint(final_a)[0], load_checkpoint(final_b)[0]
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
