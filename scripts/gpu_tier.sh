@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU tier: what a lent GPU (H100 / H200) runs, in two prepared calls of under 10 minutes each.
+# The GPU tier: what a lent GPU (H100 / H200) runs, in prepared calls of under 10 minutes each.
 #
-#   bash scripts/gpu_tier.sh prepare          # HERE, before the calls: copy Fashion-MNIST into .carry/ (ignored by git)
+#   bash scripts/gpu_tier.sh prepare          # HERE, before the calls: Fashion-MNIST and the commit into .carry/ (git-ignored)
 #   bash scripts/gpu_tier.sh first            # ON THE GPU, call 1 (planned for 8 min on an H100)
 #   bash scripts/gpu_tier.sh second           # ON THE GPU, call 2
 #   bash scripts/gpu_tier.sh third            # ON THE GPU, a later lease: the engines and the training-step benchmark
@@ -14,12 +14,14 @@
 # first:  the package is importable at once (PYTHONPATH, nothing installed; maws_kernels._C builds in the
 #         background); the compiled Triton kernels against their references (forward and every gradient,
 #         fp32 and bf16/fp16); the GPU-marked tests of kernels, models and the loop (per-test timeouts, JUnit
-#         XML); the csrc tests once the build ends; maws-bench step at B/16 MAE batch 256 (official eager,
-#         ours eager, ours compile); the end-to-end GPU loop test on the carried Fashion-MNIST.
-# second: compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1: out-of-bounds accesses inside the
-#         caching allocator's pooled blocks would go unseen) with the autotuned kernels pinned to one config;
-#         racecheck on the CUDA C++ twins only (Triton's own barriers can read as false hazards); the slow GPU
-#         tests; the compiled and checkpointed step at L/16 WSP; the kernel tables; the data benchmark.
+#         XML); maws-bench step at B/16 MAE batch 256 (official eager, ours eager, ours compile); the
+#         end-to-end GPU loop test on the carried Fashion-MNIST; once _C landed, the csrc tests and the twins
+#         against their references.
+# second: the compiled and checkpointed step at L/16 WSP; compute-sanitizer memcheck of the Triton kernels
+#         (PYTORCH_NO_CUDA_MEMORY_CACHING=1: out-of-bounds accesses inside the caching allocator's pooled
+#         blocks would go unseen), each autotuned kernel pinned to the first config its prune allows; once _C
+#         landed, memcheck and racecheck of the CUDA C++ twins (racecheck only there: Triton's own barriers
+#         can read as false hazards); the slow GPU tests; the kernel tables; the data benchmark.
 # third:  ours ZeRO-1/2/3 vs FSDP2 vs DDP on one GPU (world 1: step time and peak memory) at H/14 and 2B/14 MAE;
 #         maws-bench train at B/16 (Triton vs torch kernels).
 #
@@ -49,6 +51,7 @@ prepare() {  # copy the demo data into the (git-ignored) carried folder; idempot
             cp "$FMNIST_SRC/$f" "$CARRY/fashion-mnist/$f.tmp" && mv "$CARRY/fashion-mnist/$f.tmp" "$CARRY/fashion-mnist/$f"
         fi
     done
+    git rev-parse --short HEAD >"$CARRY/commit" 2>/dev/null || rm -f "$CARRY/commit"  # the rows' commit there
     echo "gpu_tier prepare: $CARRY/fashion-mnist ready ($(du -sh "$CARRY" | cut -f1)); carry [\"$CARRY\"] in the device call"
 }
 if [ "$call" = prepare ]; then prepare; exit $?; fi
@@ -60,10 +63,14 @@ PY=$(command -v "$PY" || echo "$PY"); case "$PY" in /*) ;; *) PY=$REPO/$PY ;; es
 OUT=${OUT:-$REPO/gpu_out}
 # The logs live OUTSIDE $OUT: a call brings back at most 8 files, so $OUT holds only the tarball and the summary.
 LOGS=${GPU_TIER_LOGS:-${TMPDIR:-/tmp}/maws_gpu_tier}/gpu_$call   # packed into $OUT/gpu_$call.tar.gz
+EXT=${LOGS%/*}/ext_$call            # the background build: its objects and log, beside $LOGS, never packed live
 export PYTHONPATH=$REPO:$REPO/kernels${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1
+# The commit the rows name: the device gets no .git, so `prepare` writes it into the carried folder.
+[ -z "${MAWS_COMMIT:-}" ] && [ -f "$CARRY/commit" ] && MAWS_COMMIT=$(cat "$CARRY/commit") && export MAWS_COMMIT
 unset TRITON_INTERPRET              # compiled Triton: the interpreter is for machines without CUDA
 budget=${GPU_TIER_BUDGET_S:-$([ "$call" = first ] && echo 480 || echo 500)}
+max_step=${GPU_TIER_MAX_STEP_S:-600}  # caps every step's own limit (a quick smoke run)
 status=0
 summary=()
 planned=()                          # dry run: what each step would run
@@ -72,8 +79,9 @@ pack() {  # the tarball, atomically: a call killed mid-pack keeps the previous o
     [ "$dry" = 1 ] && return 0
     printf '%s\n' "${summary[@]}" >"$LOGS/summary.txt"
     cp "$LOGS/summary.txt" "$OUT/summary.txt"
-    tar czf "$OUT/.gpu_$call.tar.gz" -C "$(dirname "$LOGS")" "gpu_$call" 2>/dev/null \
-        && mv "$OUT/.gpu_$call.tar.gz" "$OUT/gpu_$call.tar.gz"
+    # rc 1 is "a file changed as we read it" (a step's log still being written): the archive is still whole
+    tar czf "$OUT/.gpu_$call.tar.gz" --warning=no-file-changed -C "$(dirname "$LOGS")" "gpu_$call" 2>/dev/null
+    [ $? -le 1 ] && mv "$OUT/.gpu_$call.tar.gz" "$OUT/gpu_$call.tar.gz"
 }
 
 # step NAME SECONDS CMD...: run CMD under `timeout` (capped by what is left of the budget), log it to
@@ -87,6 +95,7 @@ step() {
         summary+=("$(printf '%-22s %-8s %s' "$name" SKIPPED "budget spent ($SECONDS s of $budget)")"); pack; return 0
     fi
     [ "$limit" -gt "$left" ] && limit=$left
+    [ "$limit" -gt "$max_step" ] && limit=$max_step
     echo "== $name (limit ${limit} s): $*"
     local t0=$SECONDS
     # through bash -c: a step may be one of the functions below (exported), which `timeout` cannot run itself
@@ -129,28 +138,42 @@ pytest_gpu() {  # pytest_gpu NAME MARK PATHS...
 }
 
 export -f bench pytest_gpu
-export PY LOGS
+# CI=1: a test whose data is missing fails instead of skipping (tests/conftest.py's needs_fmnist), so an
+# empty GPU run never reads as a pass
+export PY LOGS CI=1
 
-build_ext_bg() {  # maws_kernels._C in the background; the .so lands in kernels/maws_kernels only if the build succeeds
+build_ext_bg() {  # maws_kernels._C built in the background, into $EXT; wait_ext lands it (or not)
     [ "$dry" = 1 ] && { [ -f kernels/setup.py ] || dry_fail "kernels/setup.py is missing"; return 0; }
-    (
-        cd kernels && rm -rf "$LOGS/ext" && \
-        TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12} \
-            timeout 400 "$PY" setup.py build_ext --build-temp "$LOGS/ext/tmp" --build-lib "$LOGS/ext/lib" && \
-        so=$(ls "$LOGS"/ext/lib/maws_kernels/_C*.so) && cp "$so" "maws_kernels/.$(basename "$so").tmp" && \
-        mv "maws_kernels/.$(basename "$so").tmp" "maws_kernels/$(basename "$so")" && \
-        "$PY" -c "from maws_kernels import _C; print('maws_kernels._C:', _C.__file__)"
-    ) >"$LOGS/build_ext.log" 2>&1 &
+    rm -rf "$EXT"; mkdir -p "$EXT"
+    (cd kernels && TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12} \
+        "$PY" setup.py build_ext --build-temp "$EXT/tmp" --build-lib "$EXT/lib") >"$EXT/build_ext.log" 2>&1 &
     ext_pid=$!
 }
-wait_ext() {  # wait_ext: the background build's verdict as a step of its own
+# wait_ext: the build's verdict as a step of its own, waiting at most what is left of the budget. Only here
+# does the .so land in kernels/maws_kernels, so every step before ran without _C and every step after
+# with it (no test's backend depends on when the build happened to end); a failed build lands nothing.
+wait_ext() {
     [ "$dry" = 1 ] && return 0
-    local t0=$SECONDS
-    wait "$ext_pid"; local rc=$?
+    local t0=$SECONDS rc=124
+    while kill -0 "$ext_pid" 2>/dev/null && [ $((budget - SECONDS)) -gt 20 ]; do sleep 2; done
+    if kill -0 "$ext_pid" 2>/dev/null; then
+        kill "$ext_pid" 2>/dev/null; echo "gpu_tier: build stopped, budget spent" >>"$EXT/build_ext.log"
+    else
+        wait "$ext_pid"; rc=$?
+    fi
+    local so; so=$(ls "$EXT"/lib/maws_kernels/_C*.so 2>/dev/null | head -1)
+    if [ "$rc" -eq 0 ] && [ -n "$so" ]; then
+        cp "$so" "kernels/maws_kernels/.$(basename "$so").tmp" && mv "kernels/maws_kernels/.$(basename "$so").tmp" \
+            "kernels/maws_kernels/$(basename "$so")" \
+            && "$PY" -c "from maws_kernels import _C; print('maws_kernels._C:', _C.__file__)" >>"$EXT/build_ext.log" 2>&1
+        rc=$?
+    elif [ "$rc" -eq 0 ]; then
+        rc=1; echo "gpu_tier: the build wrote no _C*.so" >>"$EXT/build_ext.log"
+    fi
+    cp "$EXT/build_ext.log" "$LOGS/build_ext.log"
     [ "$rc" -eq 0 ] || status=1
     summary+=("$(printf '%-22s %-8s rc=%-3s %4s s  %s' build_ext "$([ $rc -eq 0 ] && echo OK || echo FAILED)" "$rc" \
         "$((SECONDS - t0))" "$(grep -v '^\s*$' "$LOGS/build_ext.log" | tail -n 1 | cut -c1-100)")")
-    rm -rf "$LOGS/ext"  # object files: not worth a byte of the tarball
     pack
     return "$rc"
 }
@@ -179,12 +202,17 @@ setup() {
         link_fmnist
     } >"$LOGS/env.txt" 2>&1
     tail -n 12 "$LOGS/env.txt"
+    if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)" >/dev/null 2>&1; then
+        summary+=("gpu_tier $call: FAILED: torch sees no CUDA device here (env.txt says what there is); nothing run")
+        pack; printf '%s\n' "${summary[@]}"; exit 1
+    fi
     local device; device=$(grep -m1 -o '| device [^|]*' "$LOGS/env.txt" | cut -c10-)
     summary+=("gpu_tier $call on ${device:-(no CUDA device found)}: step, verdict, rc, seconds, last log line")
     pack
 }
 
 STEP_JSON=$LOGS/step.json
+no_ext() { for n in "$@"; do summary+=("$(printf '%-22s %-8s %s' "$n" SKIPPED "maws_kernels._C did not build: see build_ext.log")"); done; }
 setup
 if [ "$call" = first ]; then
     build_ext_bg
@@ -193,8 +221,11 @@ if [ "$call" = first ]; then
     step loop_tests 70 pytest_gpu loop_tests "gpu and not slow" tests/train tests/parallel/test_gpu_engine.py
     step bench_step 110 bench step --cases mae:vit_b16 --variants "official eager,ours eager,ours compile" \
         --checkpoint none --batch-size 256 --steps 10 --warmup 3 --out "$STEP_JSON" --fit-out ""
-    if wait_ext; then step csrc_tests 40 pytest_gpu csrc_tests gpu tests/csrc
-    else summary+=("$(printf '%-22s %-8s %s' csrc_tests SKIPPED "maws_kernels._C did not build: see build_ext.log")"); fi
+    # the steps above ran without _C (it lands only in wait_ext); the CUDA C++ twins are checked here
+    if wait_ext; then
+        step csrc_tests 40 pytest_gpu csrc_tests gpu tests/csrc
+        step cuda_vs_ref 20 "$PY" benchmarks/sanitize_kernels.py --only cuda --json "$LOGS/cuda_vs_ref.json"
+    else no_ext csrc_tests cuda_vs_ref; fi
 elif [ "$call" = third ]; then
     step bench_dist_h14 200 bench dist --world 1 --preset vit_h14 --task mae --batch-size 64 --steps 10 \
         --out "$LOGS/dist.json"
@@ -206,13 +237,17 @@ else
     build_ext_bg
     step bench_step_l16 150 bench step --cases wsp:vit_l16 --variants "official eager,ours compile" \
         --checkpoint selective,full --batch-size 256 --steps 8 --warmup 3 --out "$STEP_JSON" --fit-out ""
-    wait_ext
-    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-    step memcheck 110 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-        "$PY" benchmarks/sanitize_kernels.py --pin-attention --json "$LOGS/memcheck.json"
-    step racecheck 50 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
-        "$PY" benchmarks/sanitize_kernels.py --only cuda --json "$LOGS/racecheck.json"
-    unset PYTORCH_NO_CUDA_MEMORY_CACHING
+    # The caching allocator off: an out-of-bounds access inside one of its pooled blocks is otherwise unseen.
+    # The Triton kernels first (the build may still run), then the CUDA C++ twins once _C landed.
+    step memcheck 110 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        --print-limit 20 "$PY" benchmarks/sanitize_kernels.py --pin-attention --json "$LOGS/memcheck.json"
+    if wait_ext; then
+        step memcheck_cuda 30 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+            --error-exitcode 1 --print-limit 20 "$PY" benchmarks/sanitize_kernels.py --only cuda \
+            --json "$LOGS/memcheck_cuda.json"
+        step racecheck 40 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+            "$PY" benchmarks/sanitize_kernels.py --only cuda --json "$LOGS/racecheck.json"
+    else no_ext memcheck_cuda racecheck; fi
     step slow_gpu_tests 60 pytest_gpu slow_gpu_tests "gpu and slow" tests
     step bench_kernels 90 bench kernels --models vit_b16,vit_l16 --dtypes bf16 --out "$LOGS/{group}.json"
     step bench_data 40 bench data --device cuda --providers dali,pil,nvjpeg --images 2048 --batch-size 256 \
@@ -220,14 +255,13 @@ else
 fi
 
 if [ "$dry" = 1 ]; then
-    [ -f "$CARRY/fashion-mnist/train-images-idx3-ubyte.gz" ] || prepare >/dev/null || dry_fail "prepare failed"
+    prepare >/dev/null || dry_fail "prepare failed"  # idempotent; refreshes the commit the rows will name
     link_fmnist
     # Each maws-bench command through the real parser (argument names and choices), in one process.
     benches=()
     for p in "${planned[@]}"; do
-        name=${p%%|*}; cmd=${p#*|}
+        cmd=${p#*|}
         case "$cmd" in bench\ *) benches+=("${cmd#bench }") ;; esac
-        [[ "$cmd" == pytest_gpu* ]] && for a in $cmd; do case "$a" in tests/*) [ -e "$a" ] || dry_fail "$name: $a does not exist" ;; esac; done
     done
     parse=$("$PY" - "${benches[@]}" <<'PYEOF' 2>&1
 import shlex, sys
@@ -240,9 +274,10 @@ for line in sys.argv[1:]:
         print(f"maws-bench {line!r} does not parse"); sys.exit(1)
 PYEOF
 ) || dry_fail "$parse"
-    size=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
+    size=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } 2>/dev/null | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
     size=$((size + $(du -sb "$CARRY" | cut -f1)))
-    [ "$size" -lt $((60 * 1024 * 1024)) ] || dry_fail "the call would carry $((size / 1048576)) MiB (limit 64)"
+    # 64 MiB travel at most; 4 MiB kept free for what the session adds before the call
+    [ "$size" -lt $((60 * 1024 * 1024)) ] || dry_fail "the call would carry $((size / 1048576)) MiB (keep it under 60; the limit is 64)"
     for p in "${planned[@]}"; do echo "would run: ${p%%|*}: ${p#*|}"; done
     if [ ${#dry_problems[@]} -gt 0 ]; then
         printf 'gpu_tier --dry-run %s: %s\n' "$call" "${dry_problems[@]}" >&2; exit 1

@@ -26,8 +26,9 @@ def _run(*args, cwd=REPO, env=None, timeout=120):
 
 @needs_data
 @pytest.mark.parametrize("call, steps", [
-    ("first", ["kernels_vs_ref", "gpu_tests", "loop_tests", "bench_step", "csrc_tests"]),
-    ("second", ["bench_step_l16", "memcheck", "racecheck", "slow_gpu_tests", "bench_kernels", "bench_data"]),
+    ("first", ["kernels_vs_ref", "gpu_tests", "loop_tests", "bench_step", "csrc_tests", "cuda_vs_ref"]),
+    ("second", ["bench_step_l16", "memcheck", "memcheck_cuda", "racecheck", "slow_gpu_tests", "bench_kernels",
+                "bench_data"]),
     ("third", ["bench_dist_h14", "bench_dist_2b14", "bench_train"]),
 ])
 def test_dry_run_passes(call, steps):
@@ -58,13 +59,21 @@ def _copy_tree(dst: Path, drop: str | None = None) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("drop", ["benchmarks/sanitize_kernels.py", "tests/csrc",
-                                  ".carry/fashion-mnist/t10k-labels-idx1-ubyte.gz"])
+@pytest.mark.parametrize("drop", ["benchmarks/sanitize_kernels.py", "tests/csrc", "kernels/setup.py"])
 def test_dry_run_names_what_is_missing(tmp_path, drop):
     root = _copy_tree(tmp_path / "repo", drop)
     res = _run("--dry-run", "first", cwd=root, env={"PYTHONPATH": str(REPO)})
     assert res.returncode == 1, res.stdout + res.stderr
     assert drop.rsplit("/", 1)[-1] in res.stderr
+
+
+@needs_data
+def test_the_dry_run_prepares_what_the_call_carries(tmp_path):
+    root = _copy_tree(tmp_path / "repo", ".carry/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+    res = _run("--dry-run", "first", cwd=root, env={"PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    copied = root / ".carry" / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz"
+    assert copied.read_bytes() == (FMNIST / "t10k-labels-idx1-ubyte.gz").read_bytes()
 
 
 def test_a_bench_argument_that_does_not_parse_fails_the_dry_run(tmp_path):
@@ -78,7 +87,8 @@ def test_a_bench_argument_that_does_not_parse_fails_the_dry_run(tmp_path):
 FAKE_PY = """#!/bin/bash
 # stands in for the GPU machine's python: every command succeeds at once, except the kernel check
 case "$*" in
-  *sanitize_kernels.py*) echo "FAIL attention bf16: max err 1 (scale 1)"; exit 3 ;;
+  *is_available*) [ -n "$FAKE_NO_CUDA" ] && exit 3; exit 0 ;;
+  *sanitize_kernels.py*) [ -n "$FAKE_HANG" ] && exec sleep 60; echo "FAIL attention bf16: max err 1 (scale 1)"; exit 3 ;;
   *) echo "fake: $*" ;;
 esac
 """
@@ -104,7 +114,7 @@ def test_first_runs_its_steps_keeps_failures_and_packs_one_tarball(tmp_path):
     for name in ("gpu_tests", "loop_tests", "bench_step"):
         assert " OK " in lines[name], summary
     assert "FAILED" in lines["build_ext"]  # the stand-in builds no .so ...
-    assert "SKIPPED" in lines["csrc_tests"]  # ... so the csrc tests say why they did not run
+    assert "SKIPPED" in lines["csrc_tests"] and "SKIPPED" in lines["cuda_vs_ref"]  # ... so they say why they did not run
     assert summary[-1].startswith("gpu_tier first: FAILED")
     # what comes back from a device call: two files (a call returns at most 8), the logs inside the tarball
     assert sorted(p.name for p in out.iterdir()) == ["gpu_first.tar.gz", "summary.txt"]
@@ -120,3 +130,20 @@ def test_steps_past_the_budget_are_skipped_and_say_so(tmp_path):
         line = next(x for x in summary if x.startswith(name))
         assert "SKIPPED" in line and "budget spent" in line, summary
     assert res.returncode == 1 and summary[-1].startswith("gpu_tier first: FAILED")  # nothing measured
+
+
+def test_a_step_past_its_limit_is_a_timeout_and_the_next_step_runs(tmp_path):
+    res, summary, _ = _fake_first(tmp_path, GPU_TIER_MAX_STEP_S="2", FAKE_HANG="1")
+    line = next(x for x in summary if x.startswith("kernels_vs_ref"))
+    assert "TIMEOUT" in line and "rc=124" in line, summary
+    assert " OK " in next(x for x in summary if x.startswith("gpu_tests")), summary
+    assert res.returncode == 1
+
+
+def test_no_cuda_on_the_device_is_one_line_and_nothing_runs(tmp_path):
+    res, summary, out = _fake_first(tmp_path, FAKE_NO_CUDA="1")
+    assert res.returncode == 1
+    assert any("torch sees no CUDA device" in x for x in summary), summary
+    assert not any(x.startswith(("kernels_vs_ref", "gpu_tests")) for x in summary), summary
+    with tarfile.open(out / "gpu_first.tar.gz") as tar:
+        assert "gpu_first/env.txt" in tar.getnames()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -26,11 +27,14 @@ def env_info() -> dict:
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()  # of the checkout the benchmark runs in
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    # MAWS_COMMIT: set by scripts/gpu_tier.sh on a device that gets the working tree without its .git
+    commit = os.environ.get("MAWS_COMMIT", "").strip()
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()  # of the checkout the benchmark runs in
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     return {"device": device, "commit": commit, "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
 
