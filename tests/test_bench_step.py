@@ -306,7 +306,15 @@ def test_peak_memory_window_opens_after_the_warm_up(monkeypatch):
     monkeypatch.setattr(step, "peak_memory", lambda device: Window())
     before = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     row = measure_variant("wsp", "tiny", "ours compile", 10, 2, torch.device("cpu"), steps=1, warmup=0,
-                          compile_backend="eager")
+                          backend_name="eager")
     assert [e for e, _ in events] == ["open", "peak"]
     assert events[0][1] > before  # compiled before the window opened
     assert row["peak_mem_gb"] == 3.0 and row["compiled_graphs"] == 1
+
+
+def test_a_misspelt_compile_backend_is_one_error_before_any_variant(capsys):
+    from maws_fast.cli import bench_main
+
+    assert bench_main(["step", "--cases", "mae:tiny", "--variants", "ours compile", "--measure", "yes",
+                       "--compile-backend", "warp_drive", "--out", ""]) == 2
+    assert "--compile-backend 'warp_drive' is not a torch.compile backend" in capsys.readouterr().err

@@ -159,7 +159,7 @@ def _fwd_triton(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     block_n, block_m, warps = _config(N, _FWD_TILE, _FWD_MAX_BLOCK_N, _FWD_WARPS)
     b = bias.contiguous() if bias is not None else x  # (N,): a strided bias view is copied (N values)
     # Column tiles on axis y (at most 65535): rows wider than 65535 * BLOCK_N cannot launch.
-    grid = check_grid("bias_gelu forward", (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), f"x {M} x {N}")
+    grid = check_grid("bias_gelu forward", (triton.cdiv(M, block_m), triton.cdiv(N, block_n)), f"x ({M}, {N})")
     _bias_gelu_fwd_kernel[grid](
         x, b, y, M, N, x.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,

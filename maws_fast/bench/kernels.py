@@ -30,6 +30,7 @@ from maws_fast.bench.peak import peak_memory
 from maws_fast.bench.results import ResultsFile, failed, is_measured, skipped
 from maws_fast.config import model_preset
 from maws_fast.errors import ConfigError
+from maws_fast.train.regional_compile import compile_backend, compile_counts
 
 OPS = ("masked_patchify", "norm_pix_loss", "layer_norm", "add_layer_norm", "bias_gelu", "cross_entropy", "adamw", "attention",
        "contrastive")
@@ -156,12 +157,6 @@ def _timers(fn: Callable, case: Case, device: torch.device, rep_ms: int) -> list
     return timers + [("bwd", bwd), ("both", both)]
 
 
-def _compile_counts() -> tuple[int, int]:
-    """(graphs dynamo has compiled, graph breaks it has met) in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"]), sum(counters["graph_break"].values())
-
 
 def _compiled(fn: Callable, backend: str) -> Callable:
     """``torch.compile`` of one case's torch reference, from empty caches. The references of every
@@ -197,7 +192,7 @@ def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.devic
             if reason:
                 rows.append(results.add(skipped({**label, "provider": name, "mode": None}, reason)))
                 continue
-            mode, start = None, _compile_counts()
+            mode, start = None, compile_counts()
             try:
                 fn = _compiled(fns["torch"], compile_backend) if name == "compile" else fns[name]
                 peak = _peak_mb(fn, case, device)
@@ -240,7 +235,7 @@ def _missing(name: str, fns: dict) -> str | None:
 def _compile_label(start: tuple[int, int], backend: str) -> dict:
     """The compile provider's own evidence: graphs compiled for this case (0: it ran eager, and
     the row says so) and graph breaks met, since its caches were reset."""
-    graphs, breaks = (now - then for now, then in zip(_compile_counts(), start))
+    graphs, breaks = (now - then for now, then in zip(compile_counts(), start))
     return {"compile_backend": backend, "compiled_graphs": graphs, "graph_breaks": breaks, "compiled": graphs > 0}
 
 
@@ -302,7 +297,7 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
                           "--providers torch,compile")
     dtypes = _split(args.dtypes, DTYPES, "dtype(s)")
     shapes = [mae_shape(m, args.batch_size) for m in args.models.split(",") if m]
-    backend = _backend(args.compile_backend) if "compile" in providers else "inductor"
+    backend = compile_backend(args.compile_backend) if "compile" in providers else "inductor"
     # rows reach their file as they are measured: a case that fails, or a kill, keeps the ones before it
     files = {g: ResultsFile(args.out.format(group=g) if args.out else None, "maws-bench kernels")
              for g in ("kernels", "attention")}
@@ -331,15 +326,3 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _backend(name: str | None) -> str:
-    """The compile provider's dynamo backend: ``--compile-backend``, else the training's (inductor)."""
-    from maws_fast.train.regional_compile import BACKEND_ENV, compile_backend
-
-    if name is None:
-        return compile_backend()
-    import torch._dynamo as dynamo
-
-    if name not in dynamo.list_backends(exclude_tags=None):
-        raise ConfigError(f"maws-bench kernels: --compile-backend {name!r} is not a torch.compile backend (see "
-                          f"torch._dynamo.list_backends(); {BACKEND_ENV} sets the default)")
-    return name

@@ -48,6 +48,7 @@ from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.flops import flops_per_image
 from maws_fast.models.vit import set_block_options
 from maws_fast.train.objectives import MAEObjective, WSPObjective, wsp_loss
+from maws_fast.train.regional_compile import compile_backend, compile_counts
 
 # Roofline inputs (docs/ARCHITECTURE.md, "Performance physics"): dense bf16 TFLOP/s, HBM TB/s.
 DEVICES = {"H100": (989.0, 3.35), "H200": (989.0, 4.8)}
@@ -162,7 +163,7 @@ def count_variant(stage: str, preset: str, variant: str, num_classes: int, batch
 
 
 def measure_variant(stage: str, preset: str, variant: str, num_classes: int, batch: int, device: torch.device,
-                    steps: int, warmup: int, checkpoint: str = "none", compile_backend: str | None = None) -> dict:
+                    steps: int, warmup: int, checkpoint: str = "none", backend_name: str | None = None) -> dict:
     """Time full training steps (forward, backward, AdamW) of one variant on real tensors.
 
     At least one warm-up step runs before the timed ones and before the peak-memory window opens:
@@ -172,10 +173,9 @@ def measure_variant(stage: str, preset: str, variant: str, num_classes: int, bat
     from maws_fast.parallel.engine import parallelize
     from maws_fast.parallel.mesh import single_process
     from maws_fast.train.optim import param_groups
-    from maws_fast.train.regional_compile import compile_backend as default_backend
     from maws_fast.train.regional_compile import regional_compile
 
-    backend = compile_backend or (default_backend() if variant in MEASURED_ONLY else None)
+    backend = compile_backend(backend_name) if variant in MEASURED_ONLY else None
     model = _model(stage, preset, variant, num_classes, cast=False).to(device)
     if device.type != "cuda" and not variant.startswith("official"):
         model.set_kernel_backend(None)  # the interpreter is a correctness tool: CPU runs check the code path
@@ -214,7 +214,7 @@ def measure_variant(stage: str, preset: str, variant: str, num_classes: int, bat
                     loss = engine.model(imgs, target, 0)
                 engine.backward(loss)
                 engine.step(1e-4, None)
-        start = _compile_counts()
+        start = compile_counts()
         for _ in range(max(warmup, 1)):
             step()
         window = peak_memory(device)
@@ -228,16 +228,10 @@ def measure_variant(stage: str, preset: str, variant: str, num_classes: int, bat
            "mfu": round(ips * flops / (peak * 1e12), 4) if peak and device.type == "cuda" else None,
            "peak_mem_gb": round(window.peak() / 2**30, 2) if window is not None else None}
     if variant in MEASURED_ONLY:
-        graphs, breaks = (now - then for now, then in zip(_compile_counts(), start))
+        graphs, breaks = (now - then for now, then in zip(compile_counts(), start))
         row.update(compile_backend=str(backend), compiled_graphs=graphs, graph_breaks=breaks)
     return row
 
-
-def _compile_counts() -> tuple[int, int]:
-    """(graphs dynamo compiled, graph breaks it met) in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"]), sum(counters["graph_break"].values())
 
 
 def _parse_cases(text: str) -> list[tuple[str, str]]:
@@ -264,6 +258,8 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
     modes = [m for m in args.checkpoint.split(",") if m]
     if not modes or any(m not in CHECKPOINT_MODES for m in modes):
         raise ConfigError(f"maws-bench step: --checkpoint {args.checkpoint!r}; choose a subset of {CHECKPOINT_MODES}")
+    if measure and any(v in MEASURED_ONLY for v in variants):
+        compile_backend(args.compile_backend)  # a misspelt backend is one error here, not a failed row per variant
     info, rows = env_info(), []
     # each row reaches the file the moment it is measured: a variant that fails, or a kill, keeps the rest
     out = ResultsFile(args.out, "maws-bench step")

@@ -44,13 +44,16 @@ DEFAULT_BACKEND = "inductor"
 VARIANTS_PER_KIND = 8
 
 
-def compile_backend() -> str:
-    """The dynamo backend of regional compilation: ``$MAWS_COMPILE_BACKEND`` or inductor."""
-    name = os.environ.get(BACKEND_ENV, "").strip() or DEFAULT_BACKEND
+def compile_backend(name: str | None = None) -> str:
+    """The dynamo backend of regional compilation: ``name`` (a benchmark's ``--compile-backend``), else
+    ``$MAWS_COMPILE_BACKEND``, else inductor; a name dynamo does not know is one ConfigError."""
+    given = name is not None
+    name = name if given else (os.environ.get(BACKEND_ENV, "").strip() or DEFAULT_BACKEND)
     known = _dynamo().list_backends(exclude_tags=None)
     if name not in known:
-        raise ConfigError(f"{BACKEND_ENV}={name!r} is not a torch.compile backend; unset it (inductor) or choose "
-                          f"from {sorted(known)}")
+        where = f"--compile-backend {name!r}" if given else f"{BACKEND_ENV}={name!r}"
+        raise ConfigError(f"{where} is not a torch.compile backend; choose from {sorted(known)} ({BACKEND_ENV} "
+                          "sets the default, inductor when unset)")
     return name
 
 
@@ -93,9 +96,15 @@ def _dynamo():
     return dynamo
 
 
+def compile_counts() -> tuple[int, int]:
+    """(graphs dynamo has handed to a backend, graph breaks it has met) in this process so far: dynamo's
+    own tallies, which torch._dynamo.reset() leaves alone."""
+    counters = _dynamo().utils.counters
+    return int(counters["stats"]["unique_graphs"]), sum(counters["graph_break"].values())
+
+
 def _graphs_so_far() -> int:
-    # dynamo's own tally of graphs handed to a backend; torch._dynamo.reset() leaves it alone
-    return int(_dynamo().utils.counters["stats"]["unique_graphs"])
+    return compile_counts()[0]
 
 
 def _one_line(e: BaseException) -> str:
