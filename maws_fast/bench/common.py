@@ -6,7 +6,6 @@ it, so the README tables (benchmarks/render_tables.py) are generated from files,
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -40,11 +39,13 @@ def env_info() -> dict:
 
 
 def append_results(path: str | Path, rows: list[dict]) -> None:
-    """Append rows to a JSON list file (created if missing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(old + rows, indent=1) + "\n")
+    """Append rows to a JSON list file (created if missing) in one atomic rewrite: the same writer as
+    the rows measured one at a time (:class:`maws_fast.bench.results.ResultsFile`)."""
+    from maws_fast.bench.results import ResultsFile
+
+    out = ResultsFile(path)
+    out.rows.extend(rows)
+    out.save()
 
 
 def peak_tflops(device_name: str) -> float | None:
