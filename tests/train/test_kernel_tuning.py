@@ -88,7 +88,7 @@ def test_a_pick_that_cannot_be_restored_is_one_warning(tmp_path, data, fresh):
 
 
 @pytest.mark.gpu
-def test_a_resumed_gpu_run_reuses_the_picks_and_matches_bit_for_bit(tmp_path, data, fresh):
+def test_a_resumed_gpu_run_reuses_the_picks_and_matches_bit_for_bit(tmp_path, data, fresh, monkeypatch):
     """Triton attention on the GPU (several configs, really autotuned): the run stopped at step 4 and resumed
     in a 'fresh process' (autotuners cleared) restores the saved picks and ends with the uninterrupted run's
     weights, bit for bit. Both halves launch run A's picks, so the comparison does not hang on two sets of
@@ -108,11 +108,8 @@ def test_a_resumed_gpu_run_reuses_the_picks_and_matches_bit_for_bit(tmp_path, da
     tuning.clear()  # the resumed process starts with nothing tuned
     restored = []
     real = tuning.restore
-    tuning.restore = lambda s: (restored.append(s), real(s))[1]  # what the resume put back, before step 5
-    try:
-        final_b = run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=lambda s: None)
-    finally:
-        tuning.restore = real
+    monkeypatch.setattr(tuning, "restore", lambda s: (restored.append(s), real(s))[1])  # what the resume put back
+    final_b = run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=lambda s: None)
     assert restored and restored[0]["kernels"] == picked["kernels"]
     assert tuning.choices()["kernels"] == picked["kernels"]  # and nothing was re-tuned over them
     wa, wb = load_checkpoint(final_a)[0], load_checkpoint(final_b)[0]
