@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from maws_fast.config import ModelConfig
 from maws_fast.models.mae import MaskedAutoencoderViT
-from maws_fast.models.vit import LoadReport, VisionTransformer, load_pretrained
+from maws_fast.models.vit import LoadReport, VisionTransformer, load_encoder, load_pretrained, op_backend, unwrap_state_dict
 
 _ENCODER_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "attn_backend")
 
@@ -27,4 +27,5 @@ def build_classifier(cfg: ModelConfig, num_classes: int, **kwargs) -> VisionTran
                              kernel_backend=cfg.kernel_backend, **kwargs)
 
 
-__all__ = ["MaskedAutoencoderViT", "VisionTransformer", "LoadReport", "load_pretrained", "build_mae", "build_classifier"]
+__all__ = ["MaskedAutoencoderViT", "VisionTransformer", "LoadReport", "load_pretrained", "load_encoder", "unwrap_state_dict",
+           "op_backend", "build_mae", "build_classifier"]

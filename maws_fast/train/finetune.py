@@ -15,9 +15,8 @@ from maws_fast.data.randaug import parse_rand_policy
 from maws_fast.data.reference import BatchLoader
 from maws_fast.data.sources import open_source
 from maws_fast.errors import CheckpointError, ConfigError
-from maws_fast.models import build_classifier, load_pretrained
+from maws_fast.models import build_classifier, load_encoder, load_pretrained, unwrap_state_dict
 from maws_fast.models.flops import flops_per_image
-from maws_fast.models.vit import load_encoder, unwrap_state_dict
 from maws_fast.parallel.mesh import Mesh
 from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import atomic_write_text, load_checkpoint, read_weights

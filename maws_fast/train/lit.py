@@ -35,11 +35,10 @@ from maws_fast.data.text import CaptionTokenizer, TokenizedLoader, source_captio
 from maws_fast.errors import CheckpointError, ConfigError
 from maws_fast.eval.features import extract_features
 from maws_fast.eval.zeroshot import DEFAULT_TEMPLATES, class_embeddings, zero_shot_accuracy
-from maws_fast.models import build_classifier
+from maws_fast.models import build_classifier, load_encoder, op_backend, unwrap_state_dict
 from maws_fast.models.flops import flops_per_image
 from maws_fast.models.lit import LiT
 from maws_fast.models.text import TextTransformer
-from maws_fast.models.vit import load_encoder, op_backend, unwrap_state_dict
 from maws_fast.parallel.mesh import Mesh
 from maws_fast.seeds import Stream, mix_seed
 from maws_fast.storage import list_checkpoints, load_checkpoint, read_weights

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import maws_kernels
-from maws_fast.models.vit import op_backend
+from maws_fast.models import op_backend
 from maws_fast.parallel.mesh import Mesh, gather_with_grad
 from maws_fast.seeds import Stream, mix_seed
 

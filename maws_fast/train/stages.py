@@ -21,9 +21,8 @@ from maws_fast.data.loader import check_batch, jpeg_loader
 from maws_fast.data.reference import BatchLoader
 from maws_fast.errors import CheckpointError, ConfigError, UserError
 from maws_fast.eval.evaluate import check_eval_config, feature_sets, probe_encoder, results_table
-from maws_fast.models import build_classifier, build_mae, load_pretrained
+from maws_fast.models import build_classifier, build_mae, load_encoder, load_pretrained, unwrap_state_dict
 from maws_fast.models.flops import flops_per_image
-from maws_fast.models.vit import load_encoder, unwrap_state_dict
 from maws_fast.parallel.mesh import Mesh, all_gather_objects, destroy, init_distributed
 from maws_fast.parallel.watchdog import start_watchdog, stop_watchdog
 from maws_fast.seeds import Stream, mix_seed
