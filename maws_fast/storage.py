@@ -8,7 +8,6 @@ The single-process checkpoint format, one directory::
 
     step_00000200/ or final/
         model.safetensors   # model state dict (timm / official MAE keys)
-        optim.safetensors   # torch optimizer tensors "state.<param index>.<name>" (older runs only)
         meta.json           # step, config fingerprint, file sizes, ...
 
 A checkpoint is built in a hidden temporary directory next to its final place, every file is
@@ -62,18 +61,28 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a small text file atomically (temp file in the same directory, then rename)."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """Yield a temporary path beside ``path``; once the block has written it without raising, it is
+    fsync'ed and renamed onto ``path`` (the directory fsync'ed too). On an exception the temporary
+    file goes and ``path`` is untouched: a reader sees the old file or the complete new one, never a
+    torn one. The temp name starts with a dot and ends in ``.tmp``, so listings skip it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small text file atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -217,47 +226,19 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # --- the single-process format ----------------------------------------------------------------------
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able param groups."""
-    sd = optimizer.state_dict()
-    tensors = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            tensors[f"state.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    """Inverse of :func:`optimizer_tensors`: load them into ``optimizer``."""
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state in the checkpoint does not fit this model: {e}") from None
-
-
 def save_checkpoint(
     directory: str | Path,
     name: str,
     model_state: dict[str, torch.Tensor],
     meta: dict,
-    optimizer: torch.optim.Optimizer | None = None,
-    keep: int | None = None,
 ) -> Path:
     """Write single-process checkpoint ``directory/name`` atomically and return its path.
 
     Args:
         directory: parent directory (created if needed).
-        name: checkpoint directory name, e.g. ``step_00000200`` or ``final``.
+        name: checkpoint directory name (a stage's ``final``; resumable checkpoints are sharded).
         model_state: tensors to store in model.safetensors.
         meta: JSON-able metadata (step, config fingerprint, ...).
-        optimizer: also store its state (for resuming).
-        keep: after writing, delete all but the newest ``keep`` ``step_*`` checkpoints.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -276,10 +257,6 @@ def save_checkpoint(
         tmp.mkdir()
         write_tensors(tmp / "model.safetensors", model_state)
         meta = {**meta, "format_version": FORMAT_VERSION}
-        if optimizer is not None:
-            tensors, groups = optimizer_tensors(optimizer)
-            write_tensors(tmp / "optim.safetensors", tensors)
-            meta["optimizer_param_groups"] = groups
         meta["files"] = {p.name: p.stat().st_size for p in tmp.iterdir()}
         write_json(tmp / "meta.json", meta)
         fsync_dir(tmp)
@@ -289,9 +266,6 @@ def save_checkpoint(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if keep is not None:
-        for old in list_checkpoints(directory)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -6,57 +6,61 @@ import torch
 
 from maws_fast import storage
 from maws_fast.errors import CheckpointError, UserError
-from maws_fast.train.optim import param_groups
 
 
-def _model_and_opt():
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95))
-    model(torch.randn(4, 5)).sum().backward()
-    opt.step()
-    return model, opt
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
 
 
-def test_round_trip_model_optimizer_and_meta(tmp_path):
-    model, opt = _model_and_opt()
-    path = storage.save_checkpoint(tmp_path, "step_00000001", model.state_dict(), {"step": 1}, opt)
-    tensors, meta, opt_tensors = storage.load_checkpoint(path)
+def test_round_trip_model_and_meta(tmp_path):
+    model = _model()
+    path = storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 1})
+    tensors, meta, _ = storage.load_checkpoint(path)
     assert meta["step"] == 1 and meta["format_version"] == storage.FORMAT_VERSION
+    assert sorted(meta["files"]) == ["model.safetensors"]
+    assert tensors.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
         assert torch.equal(tensors[k], v)
-    model2, opt2 = _model_and_opt()
-    storage.load_optimizer_tensors(opt2, opt_tensors, meta["optimizer_param_groups"])
-    s1, s2 = opt.state_dict(), opt2.state_dict()
-    for i in s1["state"]:
-        for name in s1["state"][i]:
-            assert torch.equal(torch.as_tensor(s1["state"][i][name]), torch.as_tensor(s2["state"][i][name]))
-    assert s2["param_groups"][0]["betas"] == (0.9, 0.95) and s2["param_groups"][1]["weight_decay"] == 0.0
 
 
-def test_keep_prunes_old_and_ignores_temp_dirs(tmp_path):
-    model, opt = _model_and_opt()
-    (tmp_path / ".tmp-step_00000009-dead").mkdir()  # leftover of a killed writer
-    for s in range(1, 5):
-        storage.save_checkpoint(tmp_path, f"step_{s:08d}", model.state_dict(), {"step": s}, opt, keep=2)
-    assert [p.name for p in storage.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+def test_list_checkpoints_ignores_temp_and_moved_aside_dirs(tmp_path):
+    for name in ("step_00000002", "step_00000010", ".tmp-step_00000011", ".old-step_00000003-dead", "damaged"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in storage.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000010"]
+
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "results.json"
+    storage.atomic_write_text(target, "old\n")
+    with pytest.raises(RuntimeError, match="killed"):
+        with storage.atomic_file(target) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
+    with storage.atomic_file(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".") and tmp.name.endswith(".tmp")
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 def test_failed_write_leaves_previous_checkpoint_and_no_temp(tmp_path, monkeypatch):
-    model, opt = _model_and_opt()
-    storage.save_checkpoint(tmp_path, "step_00000001", model.state_dict(), {"step": 1}, opt)
+    model = _model()
+    storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 1})
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(storage, "write_json", boom)
     with pytest.raises(UserError, match="No space left on device.*earlier checkpoints are untouched"):
-        storage.save_checkpoint(tmp_path, "step_00000002", model.state_dict(), {"step": 2}, opt)
-    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
-    storage.load_checkpoint(tmp_path / "step_00000001")
+        storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert storage.load_checkpoint(tmp_path / "final")[1]["step"] == 1
 
 
 def test_replacing_a_named_checkpoint_is_atomic(tmp_path):
-    model, _ = _model_and_opt()
+    model = _model()
     storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 1})
     with torch.no_grad():
         model[0].weight.add_(1)
@@ -67,8 +71,8 @@ def test_replacing_a_named_checkpoint_is_atomic(tmp_path):
 
 
 def test_truncated_or_corrupt_files_are_named(tmp_path):
-    model, opt = _model_and_opt()
-    path = storage.save_checkpoint(tmp_path, "step_00000001", model.state_dict(), {"step": 1}, opt)
+    model = _model()
+    path = storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 1})
     f = path / "model.safetensors"
     with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) - 10)
@@ -89,16 +93,16 @@ def test_safetensors_write_error_is_one_clear_error(tmp_path, monkeypatch):
     """safetensors reports I/O failures (a full disk) as SafetensorError, not OSError."""
     from safetensors import SafetensorError
 
-    model, opt = _model_and_opt()
-    storage.save_checkpoint(tmp_path, "step_00000001", model.state_dict(), {"step": 1}, opt)
+    model = _model()
+    storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 1})
 
     def full_disk(*a, **k):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(storage, "save_file", full_disk)
     with pytest.raises(UserError, match="could not write checkpoint .*No space left"):
-        storage.save_checkpoint(tmp_path, "step_00000002", model.state_dict(), {"step": 2}, opt)
-    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
+        storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
 
 
 def test_a_save_killed_mid_write_leaves_nothing_behind_on_the_next_save(tmp_path):

@@ -3,7 +3,7 @@
 A benchmark run is minutes to hours of device time; one case that raises (an out-of-memory, a
 backend pinned on a dtype it lacks) must not lose the rows measured before it. So every benchmark
 writes through a :class:`ResultsFile`: each row is added to the output JSON as soon as it exists,
-and the file is rewritten atomically (a temporary file, then ``os.replace``), so a kill at any
+and the file is rewritten atomically (``storage.atomic_write_text``), so a kill at any
 moment leaves a valid JSON list holding the rows so far. The format is the one
 ``benchmarks/render_tables.py`` and ``maws-bench plot`` read: one JSON list of row objects per file,
 earlier runs' rows first.
@@ -16,10 +16,10 @@ attempted and becomes a row with ``"status": "skipped"`` and a ``"reason"``. Mea
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from maws_fast.errors import ConfigError
+from maws_fast.storage import atomic_write_text
 
 FAILED, SKIPPED = "failed", "skipped"
 
@@ -80,9 +80,5 @@ class ResultsFile:
         if self.path is None or not self.rows:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(self._old + self.rows, indent=1) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, self.path)  # atomic: a reader sees the old list or the new one, never half of one
+        # atomic: a reader sees the old list or the new one, never half of one
+        atomic_write_text(self.path, json.dumps(self._old + self.rows, indent=1) + "\n")

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maws_fast.errors import DataError
+from maws_fast.storage import atomic_write_text
 
 MANIFEST = "manifest.json"
 # What a shard write (``maws-data shards``) leaves in its directory, finished or interrupted: the one
 # kind of non-empty directory a new write may go to (it overwrites them).
-_SHARD_OUTPUT = re.compile(r"(shard-\d{6}\.(tar|idx)|manifest\.json|rejected\.tsv|vocab\.json)(\.tmp)?")
+_SHARD_OUTPUT = re.compile(r"(shard-\d{6}\.(tar|idx)|manifest\.json|rejected\.tsv|vocab\.json)(\.tmp)?"
+                           r"|\.(manifest\.json|rejected\.tsv|vocab\.json)\.[0-9a-f]{8}\.tmp")  # storage.atomic_file's
 INDEX_VERSION = "v1.2"
 FORMAT = "maws-webdataset"
 
@@ -126,9 +128,7 @@ class ShardWriter:
         """Closes the last shard and writes the manifest (extra keys are stored in it)."""
         self._close()
         body = {"format": FORMAT, "num_samples": self.count, "shards": self.shards, **manifest}
-        tmp = self.out / f"{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, self.out / MANIFEST)
+        atomic_write_text(self.out / MANIFEST, json.dumps(body, indent=1))
         return self.out / MANIFEST
 
 

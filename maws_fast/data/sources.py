@@ -30,6 +30,7 @@ import torch
 
 from maws_fast.data.shards import ShardSet, open_shards
 from maws_fast.errors import DataError
+from maws_fast.storage import atomic_write_text
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 SOURCE_KINDS = ("folder", "filelist", "webdataset")
@@ -77,10 +78,8 @@ class Vocab:
                             '{"tags": [{"tag": "...", "count": N}, ...]}') from None
 
     def save(self, path: str | Path) -> None:
-        p = Path(path)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps({"tags": [{"tag": t, "count": c} for t, c in zip(self.tags, self.counts)]}, indent=0))
-        os.replace(tmp, p)
+        atomic_write_text(path, json.dumps({"tags": [{"tag": t, "count": c} for t, c in zip(self.tags, self.counts)]},
+                                           indent=0))
 
 
 def build_vocab(tag_lists: Iterable[Sequence[str]], min_count: int = 1) -> Vocab:

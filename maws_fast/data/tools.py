@@ -36,6 +36,7 @@ from maws_fast.data.shards import (
 )
 from maws_fast.data.sources import Vocab, build_vocab, open_source, read_file_list, resample_indices, scan_folder
 from maws_fast.errors import DataError, UserError
+from maws_fast.storage import atomic_write_text
 
 PROG = "maws-data"
 REJECTED = "rejected.tsv"
@@ -78,12 +79,6 @@ def _pmap(fn: Callable, items: Sequence, workers: int, desc: str) -> Iterator:
                     f.cancel()
     finally:
         bar.close()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _one_line(s: str) -> str:
@@ -274,7 +269,7 @@ def cmd_shards(a: argparse.Namespace) -> int:
     reasons = list(_pmap(inputs.check, range(n), a.workers, "verify")) if inputs.files else [""] * n
     bad = [i for i, r in enumerate(reasons) if r]
     rows = "".join(f"{inputs.names[i]}\t{_one_line(reasons[i])}\n" for i in bad)
-    _atomic_write(out / REJECTED, "file\treason\n" + rows)
+    atomic_write_text(out / REJECTED, "file\treason\n" + rows)
     if len(bad) > a.max_bad:
         first = ", ".join(inputs.names[i] for i in bad[:SHOW]) + (", ..." if len(bad) > SHOW else "")
         raise DataError(f"{len(bad)} of {n} inputs do not decode ({first}); each is listed with its reason in "
@@ -364,7 +359,7 @@ def _write_clean_shards(shards, reasons: list[str], dest: Path) -> Path:
         used.add(name)
         lines = [f"jpg {s.jpg_offset} {s.jpg_size} {s.key}.jpg json {s.json_offset} {s.json_size} {s.key}.json"
                  for s in keep[tar]]
-        _atomic_write(dest / name, f"{INDEX_VERSION} {len(lines)}\n" + "".join(ln + "\n" for ln in lines))
+        atomic_write_text(dest / name, f"{INDEX_VERSION} {len(lines)}\n" + "".join(ln + "\n" for ln in lines))
         entries.append({"tar": str(Path(tar).resolve()), "index": name, "samples": len(lines)})
     manifest = {k: v for k, v in shards.manifest.items() if k not in ("shards", "num_samples")}
     if manifest.get("vocab"):  # open_source looks for it next to the manifest
@@ -374,7 +369,7 @@ def _write_clean_shards(shards, reasons: list[str], dest: Path) -> Path:
         manifest["captions"] = kept if manifest["captions"] == len(shards.samples) else 0
     manifest.update(format=FORMAT, num_samples=kept, shards=entries,
                     cleaned_from=str(shards.root.resolve()), removed=sum(1 for r in reasons if r))
-    _atomic_write(dest / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=1))
     return dest / MANIFEST
 
 
@@ -399,7 +394,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
             print(f"clean copy: {_write_clean_shards(shards, reasons, dest)} ({len(names) - len(bad)} samples)")
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(dest, "".join(os.path.abspath(nm) + "\n" for nm, r in zip(names, reasons) if not r))
+            atomic_write_text(dest, "".join(os.path.abspath(nm) + "\n" for nm, r in zip(names, reasons) if not r))
             print(f"clean list: {dest} ({len(names) - len(bad)} files)")
     return 1 if bad else 0
 

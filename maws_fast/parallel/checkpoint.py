@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -51,11 +50,11 @@ from maws_fast.errors import CheckpointDamaged, CheckpointError, UserError
 from maws_fast.parallel.tensor import Piece, TPSplit, tp_full, tp_local
 from maws_fast.storage import (
     FORMAT_VERSION,
+    atomic_file,
     check_crc32,
     file_crc32,
     fsync_dir,
     list_checkpoints,
-    load_checkpoint,
     load_tensors,
     read_meta,
     replace_dir,
@@ -199,7 +198,7 @@ def _commit(directory: Path, tmp: Path, final: Path, world: int, meta: dict, kee
     write_json(tmp / "meta.json", out)
     fsync_dir(tmp)
     replace_dir(tmp, final)
-    if keep is not None:  # same rule as save_checkpoint, but never the checkpoint just written
+    if keep is not None:  # the newest ``keep``, and never the checkpoint just written
         for stale in list_checkpoints(directory)[:-keep]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -438,57 +437,14 @@ def export_safetensors(path: str | Path, out_file: str | Path) -> Path:
         raise CheckpointError(f"{path} is already consolidated (a single-process checkpoint, such as a stage's "
                               f"final/): its weights are {path / 'model.safetensors'}, timm keys; copy that file")
     tensors = consolidate(path)
-    tmp = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        write_tensors(tmp, tensors)
-        os.replace(tmp, out_file)
-        fsync_dir(out_file.parent)
+        with atomic_file(out_file) as tmp:
+            write_tensors(tmp, tensors)
     except (OSError, SafetensorError) as e:
         raise UserError(f"could not write {out_file}: {getattr(e, 'strerror', None) or e}; free disk space or "
                         f"choose another output file") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_file
-
-
-def load_single_process(path: str | Path, wanted: list[Piece], optim_order: list[str]):
-    """This rank's pieces from a checkpoint in the single-process format of earlier versions.
-
-    That format is ``model.safetensors`` (full tensors, timm keys) + ``optim.safetensors`` (torch
-    AdamW state keyed ``state.<index>.<name>``, the index counting params through the optimizer's
-    param groups). A run started before sharded checkpoints resumes from it in any layout.
-
-    Args:
-        path: the checkpoint directory.
-        wanted: this rank's pieces.
-        optim_order: parameter names in the optimizer's index order (decay group, then no-decay).
-
-    Returns:
-        ``(tensors, meta, optimizer step count)``, tensors as :func:`load_sharded` returns them.
-    """
-    path = Path(path)
-    model, meta, optim = load_checkpoint(path)
-    if optim is None:
-        raise CheckpointError(f"{path} has no optimizer state; it cannot be resumed")
-    index = {name: i for i, name in enumerate(optim_order)}
-    out, steps = {}, None
-    for p in wanted:
-        full = model.get(p.key)
-        if full is None or tuple(full.shape) != tuple(p.shape):
-            got = "missing" if full is None else tuple(full.shape)
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {p.key} is {got}, the model wants "
-                                  f"{tuple(p.shape)}; use the model config the checkpoint was trained with")
-        i = index[p.key]
-        try:
-            state = {"param": full, "exp_avg": optim[f"state.{i}.exp_avg"], "exp_avg_sq": optim[f"state.{i}.exp_avg_sq"]}
-            steps = int(optim[f"state.{i}.step"])
-        except KeyError:
-            raise CheckpointError(f"{path}/optim.safetensors has no AdamW state for {p.key}; it cannot be "
-                                  "resumed") from None
-        out[p.key] = {n: tp_local(v.float(), p.tp, p.tp_rank, p.tp_size).reshape(-1)[p.start:p.end].clone()
-                      for n, v in state.items()}
-    return out, meta, steps
 
 
 def is_sharded(path: str | Path) -> bool:

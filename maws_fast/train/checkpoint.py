@@ -16,12 +16,11 @@ from maws_kernels import tuning
 
 from maws_fast.data.loader import Loader
 from maws_fast.errors import CheckpointDamaged, CheckpointError
-from maws_fast.parallel.checkpoint import is_sharded, load_sharded, load_single_process, save_sharded
+from maws_fast.parallel.checkpoint import load_sharded, save_sharded
 from maws_fast.parallel.engine import Engine, consolidated_state_dict
 from maws_fast.parallel.mesh import Mesh, all_gather_objects
 from maws_fast.storage import read_meta, save_checkpoint
 from maws_fast.train.metrics import drop_rows_after
-from maws_fast.train.optim import param_groups
 
 
 def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -74,13 +73,6 @@ def frozen_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in trainable}
 
 
-def legacy_optim_order(model: nn.Module) -> list[str]:
-    """Parameter names in torch AdamW's state index order (decay group, then no-decay): how the
-    single-process checkpoints of earlier versions name the optimizer state."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for g in param_groups(model, 0.0) for p in g["params"]]
-
-
 class Checkpointer:
     """One stage's checkpoints: what each holds, every rank's shard of it, resume, the final export.
 
@@ -128,25 +120,25 @@ class Checkpointer:
                      extra=self.frozen if main else {}, meta=self.meta(step), rank_meta=self.rank_meta(),
                      barrier=self.mesh.barrier, keep=2)
 
-    def resume(self, path: Path, legacy_order: list[str], echo: Callable[[str], None]) -> int:
-        """Load checkpoint ``path`` (sharded, or the single-process format of earlier versions) into the
-        engine and the loader; returns the step to continue from."""
-        step, saved_world = self._load(path, legacy_order)
+    def resume(self, path: Path, echo: Callable[[str], None]) -> int:
+        """Load sharded checkpoint ``path`` into the engine and the loader; returns the step to continue from."""
+        step, saved_world = self._load(path)
         self._resumed(path, step, saved_world, echo)
         return step
 
-    def _load(self, path: Path, legacy_order: list[str]) -> tuple[int, int | None]:
+    def _load(self, path: Path) -> tuple[int, int | None]:
         """The loading half of :meth:`resume`: (step, the world that saved it)."""
+        if (path / "optim.safetensors").is_file() and not (path / "rank_00000.json").exists():
+            raise CheckpointError(
+                f"{path} is a resumable checkpoint in the single-process format of maws_fast versions before sharded "
+                f"checkpoints, which no longer resume. Its weights ({path / 'model.safetensors'}, timm keys) still "
+                f"load as an init (e.g. --wsp.init or --finetune.init); to run the stage again, delete {self.ckpt_dir}")
         check_fingerprint(read_meta(path).get("fingerprint", {}), self.fingerprint, path)
-        if is_sharded(path):
-            tensors, extra, meta, rank_metas = load_sharded(path, self.engine.load_pieces(), with_optim=True)
-            optim_steps = int(meta["optim_steps"])
-            # the frozen tensors as saved (a LiT stage's locked image tower: loaded by its init_fn, which a
-            # resumed stage does not run); the caller copies them into the model
-            self.frozen = {k: extra.get(k, v) for k, v in self.frozen.items()}
-        else:
-            tensors, meta, optim_steps = load_single_process(path, self.engine.load_pieces(), legacy_order)
-            rank_metas = [{"data_state": meta.get("data_state")}]  # it was written by one process
+        tensors, extra, meta, rank_metas = load_sharded(path, self.engine.load_pieces(), with_optim=True)
+        optim_steps = int(meta["optim_steps"])
+        # the frozen tensors as saved (a LiT stage's locked image tower: loaded by its init_fn, which a
+        # resumed stage does not run); the caller copies them into the model
+        self.frozen = {k: extra.get(k, v) for k, v in self.frozen.items()}
         self.engine.load_shard_tensors(tensors, optim_steps)
         step = int(meta["step"])
         if self.loader.state_dict() is not None:  # a JPEG loader: its reader position is one per process
@@ -181,7 +173,7 @@ class Checkpointer:
                  f"restored, so those shapes are tuned again and may round differently: {problems[0]}"
                  + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
 
-    def resume_newest(self, ckpts: list[Path], legacy_order: list[str], echo: Callable[[str], None]) -> int:
+    def resume_newest(self, ckpts: list[Path], echo: Callable[[str], None]) -> int:
         """Resume from the newest of ``ckpts`` (oldest first) that loads on every rank. A damaged one
         (:class:`CheckpointDamaged` on any rank: a file missing, truncated, unreadable or failing its
         checksum) is moved aside into ``ckpt/damaged/`` (never deleted) with a warning naming what is
@@ -189,7 +181,7 @@ class Checkpointer:
         for path in reversed(ckpts):
             why = None
             try:
-                step, saved_world = self._load(path, legacy_order)
+                step, saved_world = self._load(path)
             except CheckpointDamaged as e:
                 why = str(e)
             reasons = [r for r in all_gather_objects(why, self.mesh) if r is not None]

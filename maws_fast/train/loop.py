@@ -30,7 +30,7 @@ from maws_fast.parallel.engine import Engine, parallelize
 from maws_fast.parallel.mesh import Mesh, single_process
 from maws_fast.parallel.watchdog import progress
 from maws_fast.storage import list_checkpoints, read_meta
-from maws_fast.train.checkpoint import Checkpointer, check_fingerprint, frozen_tensors, legacy_optim_order
+from maws_fast.train.checkpoint import Checkpointer, check_fingerprint, frozen_tensors
 from maws_fast.train.metrics import StepLog
 from maws_fast.train.preempt import Preempted, Preemption, signal_name
 from maws_fast.train.optim import param_groups
@@ -154,13 +154,13 @@ def _batches(loader: Loader, step: int) -> Iterator[tuple[torch.Tensor, Any]]:
 def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, device: torch.device, total: int,
           echo: Callable[[str], None]) -> tuple[Engine, Checkpointer, int]:
     """Initialise the model (``stage.init_fn``) or find the checkpoint to resume, apply parallelism, and
-    load that checkpoint (either format, with the loader's position). Returns (engine, checkpointer, step)."""
-    ckpts = list_checkpoints(stage_dir / "ckpt")  # sharded, or the single-process format of earlier versions
+    load that checkpoint (with the loader's position). Returns (engine, checkpointer, step)."""
+    ckpts = list_checkpoints(stage_dir / "ckpt")
     if not ckpts and stage.init_fn is not None:
         msg = stage.init_fn()  # on the full model, before it is split and sharded
         if msg:
             echo(f"[{stage.name}] {msg}")
-    frozen, legacy_order = frozen_tensors(stage.model), legacy_optim_order(stage.model)
+    frozen = frozen_tensors(stage.model)
     o = stage.optim
     groups = stage.param_groups(stage.model) if stage.param_groups else param_groups(stage.model, o.weight_decay)
     engine = parallelize(stage.objective, mesh, groups, engine=parallel.engine,
@@ -169,7 +169,7 @@ def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, d
                          kernel_backend=getattr(stage.model, "kernel_backend", None))
     ckpt = Checkpointer(stage.name, stage_dir, stage.fingerprint, engine, stage.loader, mesh, parallel.zero_stage,
                         total, frozen)
-    step = ckpt.resume_newest(ckpts, legacy_order, echo) if ckpts else 0
+    step = ckpt.resume_newest(ckpts, echo) if ckpts else 0
     if ckpts:  # frozen tensors come back as saved (a LiT's locked tower), not as a fresh model has them
         live = stage.model.state_dict()
         with torch.no_grad():

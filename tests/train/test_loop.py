@@ -450,41 +450,23 @@ def test_wsp_loss_is_bitwise_the_unfused_head_and_loss():
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-def test_resumes_a_checkpoint_in_the_single_process_format_of_earlier_versions(tmp_path, data):
-    """A run begun before sharded checkpoints (step_*/model.safetensors + torch AdamW's optim.safetensors)
-    resumes from it, exactly as from the same state written as a sharded checkpoint."""
-    from maws_fast.models.vit import load_pretrained
-    from maws_fast.parallel.checkpoint import consolidate, load_sharded
-    from maws_fast.parallel.tensor import Piece
-    from maws_fast.storage import read_meta, save_checkpoint
-    from maws_fast.train.optim import build_optimizer
+def test_a_resumable_checkpoint_in_the_pre_sharded_format_is_one_clear_error(tmp_path, data):
+    """step_*/model.safetensors + optim.safetensors (maws_fast before sharded checkpoints) no longer
+    resumes: one CheckpointError names it and the fixes, and the checkpoint is left as it was."""
+    from maws_fast.errors import CheckpointError
+    from maws_fast.storage import atomic_write_text, save_checkpoint
 
     dev = torch.device("cpu")
-    cfg_a, cfg_b = small_cfg(tmp_path / "a"), small_cfg(tmp_path / "b")
-    assert run_stage(mae_stage(cfg_a, data, dev), cfg_a.run.out_dir, cfg_a.run, dev, stop_at_step=4,
-                     echo=lambda s: None) is None
-    sharded = tmp_path / "a" / "mae" / "ckpt" / "step_00000004"
-    meta = read_meta(sharded)
-    # The same state in the old format, written the way the single-process loop wrote it.
-    model = mae_stage(cfg_b, data, dev).model
-    load_pretrained(model, consolidate(sharded), strict=True)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    full, _, _, _ = load_sharded(sharded, [Piece(n, tuple(p.shape), None, 0, 1, 0, p.numel()) for n, p in trainable])
-    opt = build_optimizer(model, cfg_b.mae, dev)
-    for n, p in trainable:
-        opt.state[p] = {"step": torch.tensor(float(meta["optim_steps"])), "exp_avg": full[n]["exp_avg"].view_as(p),
-                        "exp_avg_sq": full[n]["exp_avg_sq"].view_as(p)}
-    old_meta = {k: meta[k] for k in ("stage", "step", "total_steps", "steps_per_epoch", "fingerprint")}
-    save_checkpoint(tmp_path / "b" / "mae" / "ckpt", "step_00000004", model.state_dict(), old_meta, opt)
-
-    final_a = run_stage(mae_stage(cfg_a, data, dev), cfg_a.run.out_dir, cfg_a.run, dev, echo=lambda s: None)
-    logs = []
-    final_b = run_stage(mae_stage(cfg_b, data, dev), cfg_b.run.out_dir, cfg_b.run, dev, echo=logs.append)
-    assert any("resuming from" in s and "step_00000004" in s for s in logs)
-    wa, wb = _weights(final_a), _weights(final_b)
-    assert set(wa) == set(wb)
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    cfg = small_cfg(tmp_path)
+    stage = mae_stage(cfg, data, dev)
+    old = save_checkpoint(tmp_path / "mae" / "ckpt", "step_00000004", stage.model.state_dict(),
+                          {"stage": "mae", "step": 4, "fingerprint": stage.fingerprint})
+    atomic_write_text(old / "optim.safetensors", "")  # its presence is what marks the old format
+    before = sorted(p.name for p in old.iterdir())
+    with pytest.raises(CheckpointError, match=r"single-process format .* no longer resume.*"
+                                              r"load as an init.*delete .*mae/ckpt"):
+        run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    assert sorted(p.name for p in old.iterdir()) == before and not (tmp_path / "mae" / "final").exists()
 
 
 @pytest.mark.gpu
