@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maws_fast.data.jsonl import check_caption, jsonl_rows
 from maws_fast.data.shards import ShardSet, open_shards
 from maws_fast.errors import DataError
 from maws_fast.storage import atomic_write_text
@@ -179,28 +180,20 @@ def read_file_list(list_path: str | Path, tags_path: str | Path | None, vocab: V
     tags: list[list[int]] = [[] for _ in paths]
     if tags_path is not None:
         where = {p: i for i, p in enumerate(rel)}
-        tp = Path(tags_path)
-        if not tp.exists():
-            raise DataError(f"hashtag file {tp} does not exist; give the JSONL of {{\"file\": ..., \"tags\": [...]}} lines, or none")
-        with open(tp) as f:
-            for no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    file, raw = row["file"], row["tags"]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(f"{tp}:{no}: expected {{\"file\": ..., \"tags\": [...]}} ({e})") from None
-                i = where.get(file)
-                if i is None:
-                    continue
-                if all(isinstance(t, int) for t in raw):
-                    tags[i] = sorted(set(raw))
-                elif vocab is None:
-                    raise DataError(f"{tp} holds string hashtags but no vocabulary was given; pass one (--vocab, or "
-                                    f"--data.vocab when training) (build it with `maws-data vocab --tags {tp} --out vocab.json`)")
-                else:
-                    tags[i] = sorted({j for t in raw if (j := vocab.id(str(t))) is not None})
+        for no, row in jsonl_rows(tags_path, ("file", "tags"), "hashtag file",
+                                  'give the JSONL of {"file": ..., "tags": [...]} lines, or none'):
+            file, raw = row["file"], row["tags"]
+            i = where.get(file)
+            if i is None:
+                continue
+            if all(isinstance(t, int) for t in raw):
+                tags[i] = sorted(set(raw))
+            elif vocab is None:
+                raise DataError(f"{tags_path} holds string hashtags but no vocabulary was given; pass one (--vocab, or "
+                                f"--data.vocab when training) (build it with `maws-data vocab --tags {tags_path} --out "
+                                "vocab.json`)")
+            else:
+                tags[i] = sorted({j for t in raw if (j := vocab.id(str(t))) is not None})
     captions = read_caption_jsonl(captions_path, rel) if captions_path is not None else None
     return Source("filelist", list(paths), paths, tags, None, None, vocab, captions=captions)
 
@@ -209,26 +202,14 @@ def read_caption_jsonl(path: str | Path, files: Sequence[str]) -> list[str | Non
     """The caption of each of ``files`` from a JSONL of ``{"file": path, "caption": "..."}`` lines
     (paths as the file list writes them); a file without a line has None. Lines for other files are
     ignored; a file captioned twice keeps its last line."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"caption file {p} does not exist; give the JSONL of {{\"file\": ..., \"caption\": \"...\"}} "
-                        "lines of the file list")
     where = {f: i for i, f in enumerate(files)}
     out: list[str | None] = [None] * len(files)
-    with open(p, encoding="utf-8") as f:
-        for no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                file, caption = row["file"], row["caption"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{p}:{no}: expected {{\"file\": ..., \"caption\": \"...\"}} ({e})") from None
-            if not isinstance(caption, str):
-                raise DataError(f"{p}:{no}: \"caption\" is {type(caption).__name__}, not a string")
-            i = where.get(file)
-            if i is not None:
-                out[i] = caption
+    for no, row in jsonl_rows(path, ("file", "caption"), "caption file",
+                              'give the JSONL of {"file": ..., "caption": "..."} lines of the file list'):
+        caption = check_caption(path, no, row["caption"])
+        i = where.get(row["file"])
+        if i is not None:
+            out[i] = caption
     return out
 
 

@@ -13,12 +13,12 @@ back by ``Tokenizer.from_file``; anything that reads that format reads ours.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
+from maws_fast.data.jsonl import check_caption, jsonl_rows
 from maws_fast.errors import ConfigError, DataError
 from maws_fast.storage import atomic_write_text
 
@@ -123,22 +123,14 @@ class CaptionTokenizer:
 def read_captions(path: str | Path) -> list[str]:
     """Captions of a corpus file: ``.jsonl`` rows with a ``caption`` field, or ``.txt``, one per line."""
     p = Path(path)
+    if p.suffix == ".jsonl":
+        return [check_caption(p, no, row["caption"])
+                for no, row in jsonl_rows(p, ("caption",), "caption file", 'give a .jsonl of {"caption": "..."} rows '
+                                          "or a .txt of one caption per line")]
     if not p.is_file():
-        raise DataError(f"caption file {p} does not exist")
-    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if p.suffix != ".jsonl":
-        return lines
-    out = []
-    for n, ln in enumerate(lines, 1):
-        try:
-            row = json.loads(ln)
-            caption = row["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{p}:{n}: not a JSON object with a \"caption\" string") from None
-        if not isinstance(caption, str):
-            raise DataError(f"{p}:{n}: \"caption\" is {type(caption).__name__}, not a string")
-        out.append(caption)
-    return out
+        raise DataError(f"caption file {p} does not exist; give a .jsonl of {{\"caption\": \"...\"}} rows or a .txt "
+                        "of one caption per line")
+    return [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 class TokenizedLoader:

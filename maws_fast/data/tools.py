@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from maws_fast.data.images import ImageInfo, decode_pil, encode_jpeg, inspect_image
+from maws_fast.data.jsonl import jsonl_rows
 from maws_fast.data.shards import (
     FORMAT, INDEX_VERSION, MANIFEST, ShardReader, ShardSample, ShardWriter, open_shards, parse_meta,
 )
@@ -115,23 +116,12 @@ def _check_file(path: str) -> str:
 
 def _read_tag_rows(path: str | Path) -> list[list]:
     """The ``tags`` list of every row of a hashtag JSONL (``{"file": ..., "tags": [...]}``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f'hashtag file {p} does not exist; pass a JSONL with one {{"file": ..., "tags": [...]}} '
-                        "per image")
     rows = []
-    with open(p) as f:
-        for no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                tags = json.loads(line)["tags"]
-                if not isinstance(tags, list):
-                    raise TypeError(f"tags is {type(tags).__name__}, not a list")
-            except (ValueError, KeyError, TypeError) as e:
-                why = f"{type(e).__name__}: {e}"
-                raise DataError(f'{p}:{no}: expected {{"file": ..., "tags": [...]}} ({why})') from None
-            rows.append(tags)
+    for no, row in jsonl_rows(path, ("file", "tags"), "hashtag file", 'pass a JSONL with one {"file": ..., "tags": '
+                              "[...]} per image"):
+        if not isinstance(row["tags"], list):
+            raise DataError(f'{path}:{no}: "tags" is {type(row["tags"]).__name__}, not a list')
+        rows.append(row["tags"])
     return rows
 
 
