@@ -39,6 +39,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
     One process, or one per device under ``torchrun --no-python maws-train ...``.
     """
+    from maws_fast.config import section_names  # the config imports no torch: cheap before --help
+
     parser = argparse.ArgumentParser(
         prog="maws-train",
         description="MAE pre-pretraining -> weakly supervised pretraining -> linear probe + few-shot.",
@@ -50,7 +52,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output directory (same as --run.out_dir=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
-                        help="list every config field (or one section's: run, data, model, mae, wsp, eval, parallel) "
+                        help=f"list every config field (or one section's: {', '.join(section_names())}) "
                              "with its type, default and help, and exit")
     args, rest = parser.parse_known_args(argv)
     try:

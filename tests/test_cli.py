@@ -215,9 +215,21 @@ def test_help_config_lists_fields_and_help_mentions_it(capsys):
     assert out.startswith("parallel: ") and "--parallel.zero_stage" in out and "--mae." not in out
     assert train_main(["--help-config"]) == 0
     out = capsys.readouterr().out
-    assert all(f"\n{s}: " in "\n" + out for s in ("run", "data", "model", "mae", "wsp", "eval", "parallel"))
+    sections = ("run", "data", "model", "mae", "wsp", "finetune", "lit", "eval", "parallel")
+    assert all(f"\n{s}: " in "\n" + out for s in (*sections, "data.dali", "mae.augment", "lit.augment"))
     with pytest.raises(SystemExit):
         train_main(["--help"])
-    assert "--help-config" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "--help-config" in out and f"one section's: {', '.join(sections)})" in out
     assert train_main(["--help-config", "nope"]) == 2
     assert "no section 'nope'" in _err(capsys)
+    assert train_main(["--help-config", "data.dali"]) == 0
+    assert capsys.readouterr().out.startswith("data.dali: ")
+
+
+def test_an_old_key_works_with_one_note(capsys):
+    assert train_main(["--config", DEMO, "--print-config", "--data.dali_threads=8"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["data"]["dali"]["threads"] == 8
+    assert err.strip() == ("[config] data.dali_threads is deprecated: use data.dali.threads "
+                           "(the old key goes in the next release)")

@@ -110,7 +110,7 @@ def test_mae_recipe_defaults_follow_the_official_recipe():
 
     m = MAEConfig()
     assert (m.beta1, m.beta2, m.weight_decay, m.blr, m.mask_ratio) == (0.9, 0.95, 0.05, 1.5e-4, 0.75)
-    assert m.crop_scale == (0.2, 1.0) and m.flip_p == 0.5 and m.norm_pix_loss
+    assert m.augment.crop_scale == (0.2, 1.0) and m.augment.flip_p == 0.5 and m.norm_pix_loss
     assert MAEConfig(batch_size=4096).abs_lr == pytest.approx(1.5e-4 * 4096 / 256)
 
 
@@ -139,16 +139,24 @@ def test_every_field_has_its_help_and_help_config_lists_it():
     from maws_fast.config import Config, config_help
 
     text = config_help()
-    for section in dataclasses.fields(Config):
-        assert section.metadata.get("help"), section.name
-        cls = typing.get_type_hints(Config)[section.name]
+
+    def walk(cls, prefix):  # every field of the tree, nested sections (data.dali, mae.augment) included
         for f in dataclasses.fields(cls):
             helptext = f.metadata.get("help", "")
-            assert helptext.strip(), f"{section.name}.{f.name} has no help"
-            line = next(x for x in text.splitlines() if x.split()[:1] == [f"--{section.name}.{f.name}"])
-            assert helptext in line
+            assert helptext.strip(), f"{prefix}{f.name} has no help"
+            tp = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                assert f"\n{prefix}{f.name}: {helptext}\n" in "\n" + text  # a section: its own block
+                walk(tp, f"{prefix}{f.name}.")
+            elif prefix:
+                line = next(x for x in text.splitlines() if x.split()[:1] == [f"--{prefix}{f.name}"])
+                assert helptext in line
+
+    walk(Config, "")
     mae = config_help("mae").splitlines()
-    assert mae[0] == "mae: MAE pre-pretraining" and all(x.startswith("  --mae.") for x in mae[1:])
+    assert mae[0] == "mae: MAE pre-pretraining" and all(x.startswith(("  --mae.", "mae.augment: ")) for x in mae[1:] if x)
+    assert "--mae.augment.crop_scale  [float, float]  [0.2, 1.0]" in config_help("mae.augment")
+    assert "[0.9, 1.0]" in next(x for x in text.splitlines() if x.split()[:1] == ["--lit.augment.crop_scale"])
     epochs = next(x for x in mae if x.split()[0] == "--mae.epochs").split()
     assert epochs[1:3] == ["float", "1.0"]
     assert "float | null" in next(x for x in mae if x.split()[0] == "--mae.clip_grad")
@@ -201,3 +209,113 @@ def test_resolved_sharded_fp32_weights_under_bf16_still_refused():
     cfg = Config(run=RunConfig(device="cuda"), parallel=ParallelConfig(engine="fsdp2", param_dtype="fp32"))
     with pytest.raises(ConfigError, match="autocast keeps a bf16 copy"):
         resolve_defaults(cfg, dp_world=2)
+
+
+# --- renamed keys, nested sections, section names from the tree --------------------------------
+RENAMED_VALUES = {"threads": 8, "hw_decoder_load": 0.5, "device_memory_padding": 1024, "host_memory_padding": 2048,
+                  "preallocate_width_hint": 640, "preallocate_height_hint": 480, "shuffle_buffer": 64,
+                  "output": "uint8", "crop_scale": [0.3, 0.9], "flip_p": 0.25}
+
+
+def _renamed_cases():
+    from maws_fast.config import RENAMED
+
+    return sorted(RENAMED.items())
+
+
+@pytest.mark.parametrize("old, new", _renamed_cases(), ids=lambda k: k)
+def test_an_old_key_reads_as_its_new_one_with_one_note(tmp_path, old, new):
+    value = RENAMED_VALUES[new.rsplit(".", 1)[1]]
+    text = f"[{value[0]},{value[1]}]" if isinstance(value, list) else str(value)
+    notes = []
+    want = load_config(DEMO, [f"--{new}={text}"], echo=notes.append)
+    assert notes == []
+    assert load_config(DEMO, [f"--{old}={text}"], echo=notes.append) == want
+    assert notes == [f"[config] {old} is deprecated: use {new} (the old key goes in the next release)"]
+    # the same key in a YAML file and on the command line: still one note
+    section, leaf = old.split(".")
+    (tmp_path / "old.yaml").write_text(f"{section}:\n  {leaf}: {text}\n")
+    notes.clear()
+    assert load_config(tmp_path / "old.yaml", [f"--{old}={text}"], echo=notes.append) == load_config(None, [f"--{new}={text}"])
+    assert len(notes) == 1
+
+
+def test_old_keys_note_on_stderr_by_default(capsys):
+    cfg = load_config(DEMO, ["--data.dali_threads=8", "--mae.crop_scale=[0.3,1.0]"])
+    assert cfg.data.dali.threads == 8 and cfg.mae.augment.crop_scale == (0.3, 1.0)
+    assert capsys.readouterr().err.splitlines() == [
+        "[config] data.dali_threads is deprecated: use data.dali.threads (the old key goes in the next release)",
+        "[config] mae.crop_scale is deprecated: use mae.augment.crop_scale (the old key goes in the next release)"]
+
+
+def test_an_old_key_on_the_command_line_still_beats_the_file(tmp_path):
+    (tmp_path / "new.yaml").write_text("data:\n  dali:\n    threads: 2\nlit:\n  augment:\n    flip_p: 0.5\n")
+    cfg = load_config(tmp_path / "new.yaml", ["--data.dali_threads=6", "--lit.flip_p=0.1"], echo=lambda _: None)
+    assert (cfg.data.dali.threads, cfg.lit.augment.flip_p) == (6, 0.1)
+    assert cfg.lit.augment.crop_scale == (0.9, 1.0)  # the rest of lit.augment keeps LiT's defaults
+    with pytest.raises(ConfigError, match=r"data\.dali_threads and data\.dali\.threads are both set; keep data\.dali\.threads"):
+        load_config(DEMO, ["--data.dali_threads=6", "--data.dali.threads=3"], echo=lambda _: None)
+
+
+def test_a_saved_config_with_old_keys_still_reads():
+    from maws_fast.config import config_from_dict
+
+    saved = {"data": {"shuffle_buffer": 128, "dali_output": "uint8"}, "wsp": {"flip_p": 0.0}}
+    notes = []
+    cfg = config_from_dict(saved, echo=notes.append)
+    assert (cfg.data.dali.shuffle_buffer, cfg.data.dali.output, cfg.wsp.augment.flip_p) == (128, "uint8", 0.0)
+    assert len(notes) == 3 and saved == {"data": {"shuffle_buffer": 128, "dali_output": "uint8"}, "wsp": {"flip_p": 0.0}}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--data.dali.threads=0", "data.dali.threads"),
+    ("--data.dali.prefetch=0", "data.dali.prefetch"),
+    ("--data.dali.shuffle_buffer=0", "data.dali.shuffle_buffer"),
+    ("--data.dali.hw_decoder_load=1.5", "data.dali.hw_decoder_load"),
+    ("--data.dali.output=int4", "data.dali.output"),
+    ("--data.dali_output=int4", "data.dali.output"),  # an old key: the new one is named
+])
+def test_data_dali_is_validated_once_naming_its_field(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, [override], echo=lambda _: None)
+    assert str(e.value).startswith(f"config: {key}: ") and str(e.value).count(key) == 1
+
+
+def test_data_dali_is_the_loaders_dali_settings():
+    from maws_fast.config import DaliSettings
+
+    cfg = load_config(DEMO, ["--data.dali.threads=3", "--data.dali.output=uint8"])
+    assert cfg.data.dali == DaliSettings(threads=3, output="uint8")  # what DaliLoader takes, as is
+    assert DaliSettings() == cfg.data.dali.__class__()
+    with pytest.raises(ConfigError, match=r"^config: data\.dali\.threads: must be >= 1$"):
+        DaliSettings(threads=0)  # built on its own (benchmarks, tests): the same check, the same key
+
+
+def test_every_stage_has_the_one_augment_section_with_its_own_defaults():
+    from maws_fast.config import Augment
+
+    cfg = Config()
+    assert all(type(getattr(cfg, s).augment) is Augment for s in ("mae", "wsp", "finetune", "lit"))
+    assert [(getattr(cfg, s).augment.crop_scale, getattr(cfg, s).augment.flip_p) for s in ("mae", "wsp", "finetune", "lit")] \
+        == [((0.2, 1.0), 0.5), ((0.08, 1.0), 0.5), ((0.08, 1.0), 0.5), ((0.9, 1.0), 0.0)]
+    for stage in ("mae", "wsp", "finetune", "lit"):
+        with pytest.raises(ConfigError, match=rf"^config: {stage}\.augment\.crop_scale: must satisfy 0 < lo <= hi <= 1$"):
+            load_config(DEMO, [f"--{stage}.augment.crop_scale=[0.5,0.2]"])
+        with pytest.raises(ConfigError, match=rf"^config: {stage}\.augment\.flip_p: must be in \[0, 1\]$"):
+            load_config(DEMO, [f"--{stage}.augment.flip_p=2"])
+
+
+def test_section_names_come_from_the_tree(tmp_path):
+    import dataclasses
+
+    from maws_fast.config import config_help, section_names
+
+    assert section_names() == tuple(f.name for f in dataclasses.fields(Config))
+    assert {"finetune", "lit", "parallel"} <= set(section_names())
+    assert {"data.dali", "mae.augment", "lit.augment"} <= set(section_names(nested=True))
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(ConfigError, match=r"mapping of sections \(run, data, model, mae, wsp, finetune, lit, eval, parallel\)"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match=r"'finetune'.*'lit'.*'parallel'"):
+        config_help("nope")
+    assert config_help("lit").startswith("lit: ") and "\nlit.augment: " in config_help("lit")

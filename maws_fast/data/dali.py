@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from maws_fast.config import DaliSettings  # defined once, as the config's data.dali section
 from maws_fast.data.batching import (
     BadSamples, EvalTransform, FinetuneAugment, TrainAugment, augment_batch, batches_per_epoch, real_in_batch,
 )
@@ -50,8 +51,6 @@ from maws_fast.data.sources import Source
 from maws_fast.errors import ConfigError, DataError
 from maws_fast.seeds import Stream, mix_seed
 
-OUTPUTS = ("float32", "uint8")
-
 
 def dali_unavailable() -> str | None:
     """Why DALI cannot be used here, or None when it can."""
@@ -60,42 +59,6 @@ def dali_unavailable() -> str | None:
     except ImportError as e:
         return f"NVIDIA DALI is not installed ({e}); pip install 'maws_fast[dali]' (nvidia-dali-cuda130)"
     return None
-
-
-@dataclass(frozen=True)
-class DaliSettings:
-    """Tuning knobs of the DALI pipelines (``data.dali_*`` in the config).
-
-    Attributes:
-        threads: CPU worker threads per pipeline (reader, and host-side decode work).
-        hw_decoder_load: share of JPEGs sent to the H100's hardware JPEG decoder (mixed only).
-        device_memory_padding: nvJPEG device buffer over-allocation, bytes (mixed only).
-        host_memory_padding: nvJPEG pinned host buffer over-allocation, bytes (mixed only).
-        preallocate_width_hint: expected max image width for nvJPEG's preallocation (0 = none).
-        preallocate_height_hint: expected max image height (0 = none).
-        prefetch: reader batches read ahead.
-        shuffle_buffer: samples in the reader's shuffle buffer (``initial_fill``).
-        output: "float32" (normalised by DALI) or "uint8" (normalised after the copy, on the
-            training device: a quarter of the bytes through the copy).
-    """
-
-    threads: int = 4
-    hw_decoder_load: float = 0.65
-    device_memory_padding: int = 16 << 20
-    host_memory_padding: int = 8 << 20
-    preallocate_width_hint: int = 0
-    preallocate_height_hint: int = 0
-    prefetch: int = 2
-    shuffle_buffer: int = 4096
-    output: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.threads < 1 or self.prefetch < 1 or self.shuffle_buffer < 1:
-            raise ConfigError(f"data.dali_threads, prefetch and shuffle_buffer must be >= 1; got {self}")
-        if not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise ConfigError(f"data.hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
-        if self.output not in OUTPUTS:
-            raise ConfigError(f"data.dali_output must be one of {OUTPUTS}, got {self.output!r}")
 
 
 @dataclass
@@ -193,8 +156,8 @@ class DaliLoader:
                             f"--data.loader={state.get('kind')} or start a new run directory")
         check_identity(state, self)
         if state.get("shuffle_buffer") != self.settings.shuffle_buffer:
-            raise DataError(f"the checkpoint's DALI reader used data.shuffle_buffer={state.get('shuffle_buffer')}, now "
-                            f"{self.settings.shuffle_buffer}: the sample order would change; resume with the same value")
+            raise DataError(f"the checkpoint's DALI reader used data.dali.shuffle_buffer={state.get('shuffle_buffer')}, "
+                            f"now {self.settings.shuffle_buffer}: the sample order would change; resume with the same value")
         self.close()
         self.bad.load_state_dict(state.get("bad", {}))
         self.position = (int(state["epoch"]), int(state["batch"]))

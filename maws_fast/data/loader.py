@@ -107,11 +107,6 @@ def jpeg_loader(cfg: Config, path: str | Source, batch_size: int, scale, flip_p:
         from maws_fast.data.pil_loader import PilLoader
 
         return PilLoader(source, num_workers=d.num_workers, **kw)
-    from maws_fast.data.dali import DaliLoader, DaliSettings
+    from maws_fast.data.dali import DaliLoader
 
-    settings = DaliSettings(threads=d.dali_threads, hw_decoder_load=d.hw_decoder_load,
-                            device_memory_padding=d.device_memory_padding, host_memory_padding=d.host_memory_padding,
-                            preallocate_width_hint=d.preallocate_width_hint,
-                            preallocate_height_hint=d.preallocate_height_hint, shuffle_buffer=d.shuffle_buffer,
-                            output=d.dali_output)
-    return DaliLoader(source, device=device, settings=settings, **kw)
+    return DaliLoader(source, device=device, settings=d.dali, **kw)

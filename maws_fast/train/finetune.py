@@ -48,24 +48,24 @@ def build_finetune_model(cfg: Config, num_classes: int) -> torch.nn.Module:
 def finetune_stage(cfg: Config, data: DemoData | None, device: torch.device, name: str, init: str,
                    mesh: Mesh | None = None) -> Stage:
     """Fine-tune an encoder on the labelled data (Fashion-MNIST's train split, or data.eval_train)."""
-    f = cfg.finetune
+    f, aug = cfg.finetune, cfg.finetune.augment
     rank, dp = data_shard(mesh)
     mcfg = finetune_model_config(cfg)
     rand_aug = None if f.rand_aug == "none" else f.rand_aug
     if data is not None:
         num_classes = 10  # Fashion-MNIST
         check_batch(f.batch_size, dp, cfg.parallel.grad_accum)
-        extras = TrainAugment(mcfg.img_size, f.crop_scale, flip_p=f.flip_p, rand_aug=rand_aug, reprob=f.reprob)
+        extras = TrainAugment(mcfg.img_size, aug.crop_scale, flip_p=aug.flip_p, rand_aug=rand_aug, reprob=f.reprob)
         loader = BatchLoader(
             data.train_x, data.train_y, f.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-            augment={"out_size": mcfg.img_size, "scale": f.crop_scale, "flip_p": f.flip_p},
+            augment={"out_size": mcfg.img_size, "scale": aug.crop_scale, "flip_p": aug.flip_p},
             num_workers=cfg.data.num_workers, shard=(rank, dp),
             extras=FinetuneAugment(extras, cfg.data.mean) if extras.has_extras else None,
         )
     else:
         source = _labelled_source(cfg)
         num_classes = source.num_classes
-        loader = jpeg_loader(dataclasses.replace(cfg, model=mcfg), source, f.batch_size, f.crop_scale, f.flip_p,
+        loader = jpeg_loader(dataclasses.replace(cfg, model=mcfg), source, f.batch_size, aug.crop_scale, aug.flip_p,
                              "label", device, shard=(rank, dp), log=say, rand_aug=rand_aug, reprob=f.reprob)
     torch.manual_seed(mix_seed(cfg.run.seed, Stream.FT_INIT))
     model = build_finetune_model(cfg, num_classes).to(device)

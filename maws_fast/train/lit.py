@@ -8,7 +8,8 @@ with a caption JSONL, ``data.captions``). The image tower (``lit.init``: this ru
 wsp_scratch, or a checkpoint) is locked. The demo's data is not augmented, so the tower's pooled
 features are computed once, under no_grad, and the stage trains only the text tower, the two
 projections and the temperature on that feature cache; JPEG batches are augmented
-(``lit.crop_scale``, ``lit.flip_p``) and run through the locked tower under no_grad each step. The tokenizer, a BPE trained on the captions (or ``lit.tokenizer``), is written to
+(``lit.augment``: ``crop_scale``, ``flip_p``) and run through the locked tower under no_grad each step.
+The tokenizer, a BPE trained on the captions (or ``lit.tokenizer``), is written to
 ``<out_dir>/<stage>/tokenizer.json`` next to the stage's checkpoints; its hash is part of the
 stage's fingerprint, so a checkpoint is never resumed or evaluated with another tokenizer.
 
@@ -174,8 +175,8 @@ def _jpeg_lit_stage(cfg: Config, device: torch.device, name: str, init: str, out
     source = open_source(d.format, path, d.tags, d.vocab, d.captions)
     check_captions(source)
     tok = stage_tokenizer(cfg, Path(out_dir) / name, lambda: source_captions(source), write)
-    loader = TokenizedLoader(jpeg_loader(cfg, source, lc.batch_size, lc.crop_scale, lc.flip_p, "caption", device,
-                                         shard=(rank, dp), log=say), tok)
+    loader = TokenizedLoader(jpeg_loader(cfg, source, lc.batch_size, lc.augment.crop_scale, lc.augment.flip_p, "caption",
+                                         device, shard=(rank, dp), log=say), tok)
     model, init_fn = _model_and_init(cfg, tok, device, init)
     fp = {**fingerprints(cfg)[name], "tokenizer_sha256": tokenizer_sha256(tok.to_str())}
     objective = LiTObjective(model, mesh, op_backend(cfg.model.kernel_backend, False))

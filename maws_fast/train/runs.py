@@ -16,6 +16,13 @@ from maws_fast.storage import WEIGHT_SUFFIXES
 TRAINED = ("mae", "wsp", "wsp_scratch")  # stages whose final/ weights a later stage's init can name
 
 
+def _section(section) -> dict:
+    """A stage's section as its fingerprint records it: the fields, with ``augment``'s crop and flip
+    flat among them, as they were before ``augment`` was a section (checkpoints made then still resume)."""
+    out = dataclasses.asdict(section)
+    return {**{k: v for k, v in out.items() if k != "augment"}, **out.get("augment", {})}
+
+
 def fingerprints(cfg: Config) -> dict[str, dict]:
     """The config each stage's result depends on (a changed one must not resume an old run): the
     seed, the data, the model (its kernel and attention backends too), the stage's own section, and
@@ -34,8 +41,8 @@ def fingerprints(cfg: Config) -> dict[str, dict]:
     precision = resolve_run(cfg.run).precision
     numerics = {"precision": precision, "param_dtype": resolve_parallel(cfg.parallel, precision, 1).param_dtype,
                 "grad_accum": cfg.parallel.grad_accum}
-    mae = {"seed": cfg.run.seed, "numerics": numerics, "data": data, "model": model, "mae": dataclasses.asdict(cfg.mae)}
-    wsp_cfg = {k: v for k, v in dataclasses.asdict(cfg.wsp).items() if k not in ("init", "compare_scratch")}
+    mae = {"seed": cfg.run.seed, "numerics": numerics, "data": data, "model": model, "mae": _section(cfg.mae)}
+    wsp_cfg = {k: v for k, v in _section(cfg.wsp).items() if k not in ("init", "compare_scratch")}
     wsp = {"seed": cfg.run.seed, "numerics": numerics, "data": data, "model": model, "wsp": wsp_cfg}
     init = cfg.wsp.init if cfg.wsp.init in ("mae", "scratch") else str(Path(cfg.wsp.init).resolve())
     out = {
@@ -44,14 +51,14 @@ def fingerprints(cfg: Config) -> dict[str, dict]:
         "wsp_scratch": {**wsp, "init": "scratch"},
     }
     f = cfg.finetune
-    ft_cfg = {k: v for k, v in dataclasses.asdict(f).items() if k not in ("init", "compare")}
+    ft_cfg = {k: v for k, v in _section(f).items() if k not in ("init", "compare")}
     ft_data = dict(data, eval_train=resolve(d.eval_train)) if d.loader != "reference" else data
     ft = {"seed": cfg.run.seed, "numerics": numerics, "data": ft_data, "model": dataclasses.asdict(finetune_model_config(cfg)),
           "finetune": ft_cfg}
     for name, ft_init, _ in finetune_runs(cfg):
         src = out[ft_init] if ft_init in out else str(Path(ft_init).resolve())
         out[name] = {**ft, "init": ft_init if ft_init in out else src, **({"from": src} if ft_init in out else {})}
-    lit_cfg = {k: v for k, v in dataclasses.asdict(cfg.lit).items() if k not in ("init", "compare", "tokenizer")}
+    lit_cfg = {k: v for k, v in _section(cfg.lit).items() if k not in ("init", "compare", "tokenizer")}
     lit_data = dict(data, lit_train=resolve(d.lit_train), captions=resolve(d.captions)) if d.loader != "reference" else data
     lit = {"seed": cfg.run.seed, "numerics": numerics, "data": lit_data, "model": model, "lit": lit_cfg}
     for name, lit_init, _ in lit_runs(cfg):

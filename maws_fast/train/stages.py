@@ -43,13 +43,13 @@ def mae_stage(cfg: Config, data: DemoData | None, device: torch.device, mesh: Me
     m = cfg.mae
     rank, dp = data_shard(mesh)
     if cfg.data.loader != "reference":
-        loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.crop_scale, m.flip_p, "none", device,
-                             shard=(rank, dp), log=say)
+        loader = jpeg_loader(cfg, cfg.data.train, m.batch_size, m.augment.crop_scale, m.augment.flip_p, "none",
+                             device, shard=(rank, dp), log=say)
     else:
         check_batch(m.batch_size, dp, cfg.parallel.grad_accum)
         loader = BatchLoader(
             data.train_x, None, m.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-            augment={"out_size": cfg.model.img_size, "scale": m.crop_scale, "flip_p": m.flip_p},
+            augment={"out_size": cfg.model.img_size, "scale": m.augment.crop_scale, "flip_p": m.augment.flip_p},
             num_workers=cfg.data.num_workers, shard=(rank, dp),
         )
     objective = MAEObjective(model, m.mask_ratio, cfg.run.seed, rank, dp)
@@ -62,14 +62,14 @@ def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: st
     w = cfg.wsp
     rank, dp = data_shard(mesh)
     if cfg.data.loader != "reference":
-        loader = jpeg_loader(cfg, cfg.data.wsp_train or cfg.data.train, w.batch_size, w.crop_scale, w.flip_p, "tags",
-                             device, shard=(rank, dp), log=say)
+        loader = jpeg_loader(cfg, cfg.data.wsp_train or cfg.data.train, w.batch_size, w.augment.crop_scale,
+                             w.augment.flip_p, "tags", device, shard=(rank, dp), log=say)
         num_tags = loader.source.num_classes
     else:
         check_batch(w.batch_size, dp, cfg.parallel.grad_accum)
         loader = BatchLoader(
             data.wsp_x, fmnist.tag_targets(data.wsp_tags), w.batch_size, cfg.run.seed, cfg.data.mean, cfg.data.std,
-            augment={"out_size": cfg.model.img_size, "scale": w.crop_scale, "flip_p": w.flip_p},
+            augment={"out_size": cfg.model.img_size, "scale": w.augment.crop_scale, "flip_p": w.augment.flip_p},
             num_workers=cfg.data.num_workers, shard=(rank, dp),
         )
         num_tags = len(fmnist.VOCAB)

@@ -53,7 +53,7 @@ def cfg_for(out, shards, loader, *extra):
     return load_config(None, [
         f"--run.out_dir={out}", "--run.progress=false", "--run.ckpt_every=3", "--run.log_every=2",
         f"--data.loader={loader}", f"--data.train={shards / 'mae'}", f"--data.wsp_train={shards / 'wsp'}",
-        "--data.dali_threads=1", "--data.shuffle_buffer=64",
+        "--data.dali.threads=1", "--data.dali.shuffle_buffer=64",
         "--model.embed_dim=32", "--model.depth=1", "--model.num_heads=2",
         "--model.decoder_embed_dim=16", "--model.decoder_num_heads=2", "--model.decoder_depth=1",
         "--mae.batch_size=32", "--mae.epochs=1.6", "--mae.warmup_epochs=0.5", "--mae.blr=1e-3",

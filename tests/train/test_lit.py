@@ -158,7 +158,7 @@ def test_lit_on_captioned_jpeg_shards(tmp_path, data):
     assert data_main(["shards", "--fmnist", "--weak-hashtags", "256", "--out", str(tmp_path / "sh"),
                       "--samples-per-shard", "100", "--workers", "1"]) == 0
     cfg = small_cfg(tmp_path / "run", "--data.loader=pil", f"--data.train={tmp_path / 'sh'}", f"--lit.init={tower}",
-                    "--lit.batch_size=64", "--lit.epochs=1", "--lit.crop_scale=[0.8,1.0]")
+                    "--lit.batch_size=64", "--lit.epochs=1", "--lit.augment.crop_scale=[0.8,1.0]")
     stage = lit_stage(cfg, None, CPU, "lit", str(tower), tmp_path / "run")
     x, ids = next(stage.loader.epoch(0))
     assert x.shape == (64, 1, 28, 28) and ids.shape == (64, 40) and (ids[:, 0] == 1).all()
