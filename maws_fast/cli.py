@@ -71,7 +71,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.to_json())
             return 0
-        from maws_fast.train.stages import run_recipe
+        from maws_fast.train.recipe import run_recipe
 
         run_recipe(cfg)
     except UserError as e:

@@ -3,7 +3,7 @@
 The feature sets (Fashion-MNIST's in-memory splits, or labelled JPEG folders / shards through
 the eval transform), a linear probe and k-shot classifiers on them, and the results table.
 Which encoders are evaluated, and whether their checkpoints fit the config, is the recipe's
-business (``maws_fast.train.stages``).
+business (``maws_fast.train.evaluation``).
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -131,6 +132,14 @@ def finetune_eval(cfg: Config, data: DemoData | None, device: torch.device, name
     row = {"top1": hits1 / n, "top5": hits5 / n, "num_test": n, "step": meta["step"]}
     atomic_write_text(Path(cfg.run.out_dir) / name / "eval.json", json.dumps(row, indent=2))
     return row
+
+
+def finetune_evals(cfg: Config, data: DemoData | None, device: torch.device, echo: Callable[[str], None]) -> None:
+    """Rank 0, once every fine-tune has trained: each one's held-out top-1 / top-5 (its ``eval.json``), echoed."""
+    for name, _, label in finetune_runs(cfg):
+        row = finetune_eval(cfg, data, device, name)
+        echo(f"[{name}] {label}: top-1 {100 * row['top1']:.2f}%, top-5 {100 * row['top5']:.2f}% "
+             f"on {row['num_test']} held-out images")
 
 
 def _check_finetune_inits(cfg: Config) -> None:

@@ -1,4 +1,4 @@
-"""The training loop shared by every training stage (MAE, WSP, fine-tune).
+"""The training loop shared by every training stage (MAE, WSP, fine-tune, LiT).
 
 One stage = one objective (model + loss), one loader, one parallel engine. ``run_stage`` reads
 top to bottom: skip a finished stage; initialise or resume (:func:`start`); then per step

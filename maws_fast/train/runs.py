@@ -1,6 +1,6 @@
 """What a config trains: every stage's name, init and table label, and the config each result depends on.
 
-The recipe (:mod:`maws_fast.train.stages`) and the fine-tune (:mod:`maws_fast.train.finetune`) both
+The recipe (:mod:`maws_fast.train.recipe`) and the stage modules both
 read these; nothing here builds a model or touches data.
 """
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _losses(run_dir):
 def reference(tmp_path_factory):
     from maws_fast.storage import load_checkpoint
     from maws_fast.train.loop import run_stage
-    from maws_fast.train.stages import wsp_stage
+    from maws_fast.train.wsp import wsp_stage
     from tests.train.test_lit import small_cfg
 
     root = tmp_path_factory.mktemp("lit_dist")

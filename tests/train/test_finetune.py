@@ -13,7 +13,8 @@ from maws_fast.errors import ConfigError
 from maws_fast.storage import load_checkpoint
 from maws_fast.train.loop import run_stage
 from maws_fast.train.finetune import finetune_eval, finetune_stage
-from maws_fast.train.stages import mae_stage, run_recipe
+from maws_fast.train.mae import mae_stage
+from maws_fast.train.recipe import run_recipe
 
 from conftest import needs_fmnist  # noqa: E402
 

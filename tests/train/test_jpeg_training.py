@@ -16,7 +16,9 @@ from maws_fast.data.sources import Vocab
 from maws_fast.errors import ConfigError
 from maws_fast.storage import load_checkpoint, read_meta
 from maws_fast.train.loop import run_stage
-from maws_fast.train.stages import mae_stage, run_recipe, wsp_stage
+from maws_fast.train.mae import mae_stage
+from maws_fast.train.recipe import run_recipe
+from maws_fast.train.wsp import wsp_stage
 
 from conftest import needs_fmnist  # noqa: E402
 

@@ -14,7 +14,7 @@ from maws_fast.data import fmnist
 from maws_fast.data.demo import DemoData
 from maws_fast.storage import list_checkpoints, load_checkpoint, read_meta
 from maws_fast.train.loop import run_stage
-from maws_fast.train.stages import mae_stage
+from maws_fast.train.mae import mae_stage
 
 from conftest import needs_fmnist  # noqa: E402
 

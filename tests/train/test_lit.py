@@ -15,7 +15,8 @@ from maws_fast.storage import load_checkpoint
 from maws_fast.train.lit import build_lit, lit_stage, load_lit
 from maws_fast.train.loop import run_stage
 from maws_fast.train.objectives import LiTObjective
-from maws_fast.train.stages import run_recipe, wsp_stage
+from maws_fast.train.recipe import run_recipe
+from maws_fast.train.wsp import wsp_stage
 
 from conftest import needs_fmnist  # noqa: E402
 
@@ -97,9 +98,9 @@ def test_resume_is_exact_and_the_checkpoint_holds_both_towers(tmp_path, data):
 
 
 def test_recipe_reports_zero_shot_and_refuses_a_changed_tokenizer(tmp_path, data, monkeypatch):
-    import maws_fast.train.stages as stages
+    import maws_fast.train.recipe as recipe
 
-    monkeypatch.setattr(stages, "load_data", lambda cfg: data)
+    monkeypatch.setattr(recipe, "load_data", lambda cfg: data)
     cfg = small_cfg(tmp_path, "--run.stages=[wsp,lit,linprobe]", "--lit.epochs=10", "--wsp.epochs=3")
     lines = []
     summary = run_recipe(cfg, echo=lines.append)

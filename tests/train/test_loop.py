@@ -11,7 +11,8 @@ from maws_fast.data.demo import DemoData
 from maws_fast.errors import CheckpointError, UserError
 from maws_fast.storage import list_checkpoints, load_checkpoint
 from maws_fast.train.loop import Stage, run_stage
-from maws_fast.train.stages import mae_stage, wsp_stage
+from maws_fast.train.mae import mae_stage
+from maws_fast.train.wsp import wsp_stage
 
 from conftest import needs_fmnist  # noqa: E402
 

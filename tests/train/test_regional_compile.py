@@ -19,7 +19,7 @@ from maws_fast.errors import ConfigError, UserError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.vit import Block
 from maws_fast.train.regional_compile import BACKEND_ENV, compile_backend, recompile_budget, regional_compile
-from maws_fast.train.stages import run_recipe
+from maws_fast.train.recipe import run_recipe
 
 from conftest import needs_fmnist  # noqa: E402
 
@@ -79,12 +79,12 @@ def _recipe_cfg(out, mode: str):
 @needs_fmnist
 @pytest.mark.slow
 def test_every_stage_of_three_recipes_compiles_in_one_process(tmp_path, monkeypatch):
-    import maws_fast.train.stages as stages
+    import maws_fast.train.recipe as recipe
 
     x, y = fmnist.load_fmnist(None, "train")
     tx, ty = fmnist.load_fmnist(None, "test")
     wx, wt = fmnist.make_weak_hashtags(x[:1000], y[:1000], 256, seed=0, drop_p=0.3, wrong_p=0.1)
-    monkeypatch.setattr(stages, "load_data", lambda cfg: DemoData(x[:256], y[:256], tx[:128], ty[:128], wx, wt))
+    monkeypatch.setattr(recipe, "load_data", lambda cfg: DemoData(x[:256], y[:256], tx[:128], ty[:128], wx, wt))
     monkeypatch.setenv(BACKEND_ENV, BACKEND)
     blocks = BlockCalls()
     per_stage = []  # (mode, stage, summary line, graphs, graph calls, block calls, no_grad calls, packed calls)
