@@ -52,10 +52,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "maws-train=maws_fast.cli:train_main",
-            "maws-data=maws_fast.cli:data_main",
-            "maws-bench=maws_fast.cli:bench_main",
-            "maws-ckpt=maws_fast.cli:ckpt_main",
+            "maws-train=maws_fast.cli.train:train_main",
+            "maws-data=maws_fast.cli.data:data_main",
+            "maws-bench=maws_fast.cli.bench:bench_main",
+            "maws-ckpt=maws_fast.cli.ckpt:ckpt_main",
         ]
     },
 )

@@ -124,7 +124,7 @@ check_cmd() {
 dry_problems=()
 dry_fail() { dry_problems+=("$1"); }
 
-bench() { "$PY" -c "import sys; from maws_fast.cli import bench_main; sys.exit(bench_main(sys.argv[1:]))" "$@"; }
+bench() { "$PY" -c "import sys; from maws_fast.cli.bench import bench_main; sys.exit(bench_main(sys.argv[1:]))" "$@"; }
 # the pytest options of every GPU test step: a per-test timeout, a JUnit file, no cache writes
 pytest_gpu() {  # pytest_gpu NAME MARK PATHS...
     local name=$1 mark=$2; shift 2
@@ -265,7 +265,7 @@ if [ "$dry" = 1 ]; then
     done
     parse=$("$PY" - "${benches[@]}" <<'PYEOF' 2>&1
 import shlex, sys
-from maws_fast.cli import bench_parser
+from maws_fast.cli.bench import bench_parser
 for line in sys.argv[1:]:
     words = shlex.split(line)  # the step's words as the step gets them (printf %q quoted them)
     try:

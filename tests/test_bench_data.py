@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from maws_fast.cli import bench_main
+from maws_fast.cli.bench import bench_main
 
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("sklearn")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from maws_fast.bench.kernels import OPS
-from maws_fast.cli import bench_main
+from maws_fast.cli.bench import bench_main
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = {"op", "provider", "shape", "dtype", "mode", "ms", "gbps", "pct_copy_bw", "device", "commit", "date",

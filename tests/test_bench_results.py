@@ -5,7 +5,7 @@ import json
 import pytest
 
 from maws_fast.bench.results import ResultsFile, error_summary, failed, is_measured, skipped
-from maws_fast.cli import bench_main
+from maws_fast.cli.bench import bench_main
 from maws_fast.errors import ConfigError
 
 

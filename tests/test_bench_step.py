@@ -313,7 +313,7 @@ def test_peak_memory_window_opens_after_the_warm_up(monkeypatch):
 
 
 def test_a_misspelt_compile_backend_is_one_error_before_any_variant(capsys):
-    from maws_fast.cli import bench_main
+    from maws_fast.cli.bench import bench_main
 
     assert bench_main(["step", "--cases", "mae:tiny", "--variants", "ours compile", "--measure", "yes",
                        "--compile-backend", "warp_drive", "--out", ""]) == 2

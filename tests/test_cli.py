@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from maws_fast.cli import bench_main, data_main, train_main
+from maws_fast.cli.bench import bench_main
+from maws_fast.cli.data import data_main
+from maws_fast.cli.train import train_main
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs" / "demo_fmnist.yaml")
@@ -233,3 +235,26 @@ def test_an_old_key_works_with_one_note(capsys):
     assert json.loads(out)["data"]["dali"]["threads"] == 8
     assert err.strip() == ("[config] data.dali_threads is deprecated: use data.dali.threads "
                            "(the old key goes in the next release)")
+
+
+def test_every_console_script_names_a_main_of_its_own_module():
+    """setup.py's console scripts resolve, one cli module per command."""
+    import importlib
+    import re
+
+    scripts = dict(re.findall(r'"(maws-[a-z]+)=([\w.:]+)"', (REPO / "setup.py").read_text()))
+    assert scripts == {"maws-train": "maws_fast.cli.train:train_main", "maws-data": "maws_fast.cli.data:data_main",
+                       "maws-bench": "maws_fast.cli.bench:bench_main", "maws-ckpt": "maws_fast.cli.ckpt:ckpt_main"}
+    for target in scripts.values():
+        module, name = target.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), target
+
+
+def test_python_m_maws_fast_cli_is_maws_train_and_imports_no_other_command():
+    code = ("import runpy, sys; sys.argv = ['maws_fast.cli', '--help']\n"
+            "try:\n    runpy.run_module('maws_fast.cli', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+            "print(sorted(m for m in ('maws_fast.cli.data', 'maws_fast.cli.bench') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: maws-train") and res.stdout.strip().endswith("[]"), res.stdout

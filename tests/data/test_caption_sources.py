@@ -13,7 +13,7 @@ from maws_fast.data.pil_loader import PilLoader
 from maws_fast.data.shards import ShardWriter
 from maws_fast.data.sources import open_source
 from maws_fast.data.text import CaptionTokenizer, TokenizedLoader, source_captions
-from maws_fast.data.tools import data_main
+from maws_fast.cli.data import data_main
 from maws_fast.errors import DataError
 
 MEAN, STD = [0.5], [0.25]

@@ -14,7 +14,7 @@ from maws_fast.data import fmnist
 from maws_fast.data.images import decode_pil, inspect_image
 from maws_fast.data.shards import ShardReader, ShardWriter, open_shards
 from maws_fast.data.sources import Vocab, build_vocab
-from maws_fast.data.tools import data_main
+from maws_fast.cli.data import data_main
 from tests.data.photos import decode_reference, write_folder
 
 from conftest import needs_fmnist  # noqa: E402

@@ -54,6 +54,6 @@ if os.environ.get("RANK") == "1":
     elif fault == "stop":
         at_step_3(lambda: os.kill(os.getpid(), signal.SIGSTOP))
 
-from maws_fast.cli import train_main  # noqa: E402
+from maws_fast.cli.train import train_main  # noqa: E402
 
 sys.exit(train_main(sys.argv[1:]))

@@ -31,7 +31,7 @@ def torchrun(script: list[str], args: list[str], nproc: int = 2, env: dict | Non
 
 
 def one_process(args: list[str]):
-    cmd = [sys.executable, "-c", "import sys; from maws_fast.cli import train_main; sys.exit(train_main(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from maws_fast.cli.train import train_main; sys.exit(train_main(sys.argv[1:]))",
            *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, cwd=REPO)

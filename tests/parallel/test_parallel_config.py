@@ -1,7 +1,7 @@
 """Parallel settings a user can get wrong end in one line naming the setting and the fix (exit 2)."""
 import pytest
 
-from maws_fast.cli import train_main
+from maws_fast.cli.train import train_main
 from maws_fast.errors import ConfigError
 from maws_fast.parallel.mesh import ParallelDims
 from tests.conftest import FMNIST_ROOT, needs_fmnist

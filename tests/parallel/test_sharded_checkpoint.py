@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maws_fast.cli import ckpt_main
+from maws_fast.cli.ckpt import ckpt_main
 from maws_fast.errors import CheckpointDamaged, CheckpointError, UserError
 from maws_fast.parallel import checkpoint as pc
 from maws_fast.parallel.tensor import Piece, TPSplit, tp_full, tp_local

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
-from maws_fast.cli import train_main  # noqa: E402
+from maws_fast.cli.train import train_main  # noqa: E402
 from maws_fast.data.images import encode_jpeg  # noqa: E402
 from tests.models.test_maws_clip import _release  # noqa: E402
 

@@ -152,7 +152,7 @@ def test_lit_configs_refused_before_training(tmp_path, data):
 def test_lit_on_captioned_jpeg_shards(tmp_path, data):
     """The JPEG path: shards written with captions from the weak tags, the PIL loader, augmented
     batches through the locked tower each step, a tokenizer trained on the shards' captions."""
-    from maws_fast.data.tools import data_main
+    from maws_fast.cli.data import data_main
 
     tower_cfg = small_cfg(tmp_path / "tower")
     tower = _wsp(tower_cfg, data)

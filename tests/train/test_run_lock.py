@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from maws_fast.cli import train_main
+from maws_fast.cli.train import train_main
 from maws_fast.errors import UserError
 from maws_fast.storage import LOCK_NAME, acquire_run_lock, release_run_lock
 
