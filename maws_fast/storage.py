@@ -185,7 +185,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     pickle is read with ``torch.load(weights_only=True)``: tensors, containers and plain values
     only (plus ``argparse.Namespace``, which official MAE training checkpoints carry as ``args``),
     so a payload can never run. Returns the file's top-level dict as is; see
-    ``maws_fast.models.vit.unwrap_state_dict`` for the state dict inside it.
+    ``maws_fast.models.unwrap_state_dict`` for the state dict inside it.
 
     Raises:
         CheckpointError: missing, unreadable, of an unknown format, or holding other objects.

@@ -4,26 +4,40 @@ Each keeps the parameter names (and so the ``state_dict`` keys) of the module it
 takes a ``backend`` (None = the best for the input's device: the Triton kernel on a GPU where
 Triton is installed, torch's own op on a CPU):
 
-* :class:`LayerNorm` -- ``nn.LayerNorm`` (a subclass: ``weight``, ``bias``, ``eps``).
-* :class:`AddLayerNorm` -- a LayerNorm whose ``forward(x, residual)`` returns
-  ``(norm(residual + x), residual + x)`` in one pass (the residual add of a pre-norm block and the
-  norm after it, backward fused too).
+* :class:`LayerNorm` -- ``nn.LayerNorm`` (a subclass: ``weight``, ``bias``, ``eps``). Given a
+  ``residual`` too, ``forward(x, residual, x_bias=None)`` returns ``(norm(s), s)`` for
+  ``s = residual + x + x_bias`` in one pass (:meth:`LayerNorm.forward_add`: the residual add of a
+  pre-norm block and the norm after it, backward fused too); :meth:`LayerNorm.add_backend` says
+  whether that pass is a fused kernel on a device (a block keeps torch's separate add otherwise).
+* :class:`AddLayerNorm` -- a LayerNorm whose ``forward(x, residual=None, x_bias=None)`` always
+  returns that pair (``(norm(x), x)`` without a residual, for the first block of a stack).
 * :class:`Attention` -- timm's ViT ``Attention`` (``qkv``, ``proj``), non-causal, no mask, with the
-  attention backends ``"triton"`` (ours), ``"sdpa"``, ``"xformers"``, ``"manual"``.
+  attention backends ``"triton"`` (ours), ``"sdpa"``, ``"xformers"``, ``"manual"``. ``forward(x,
+  seq=Packed(...))`` attends within each of several sequences packed into one (1, T, D) stream
+  (:class:`Packed`, :func:`attend_varlen`); ``forward_without_bias`` leaves the projection's bias
+  for a fused kernel after it to add (:func:`linear_without_bias`).
 * :class:`Mlp` -- timm's ``Mlp`` (``fc1``, ``act``, ``fc2``) with fc1's bias and the exact GELU in one
-  kernel whose backward also reduces the bias gradient.
+  kernel whose backward also reduces the bias gradient. fc1 may be an ``nn.Linear`` or a layer with
+  a ``forward_without_bias`` (a tensor-parallel one); anything else runs unfused.
 * :class:`SoftTargetCrossEntropy` -- timm's loss of that name (dense soft targets), plus sparse
   targets (``target_ids`` / ``target_weights``).
 * :class:`NormPixLoss` -- MAE's normalised-pixel loss on removed patches, targets read from the
   images.
 
 The attention backend switch is here too (:func:`attend`, :func:`attend_packed`, and
-:func:`attend_varlen` for packed sequences of different lengths, e.g. a text tower's captions), so a
-model built from these modules and the trainer's models pick backends the same way.
+:func:`attend_varlen` for packed sequences of different lengths, e.g. a text tower's captions):
+``"triton"`` is :func:`maws_kernels.attention` (any N, head dim <= 128; on a CPU only under
+Triton's interpreter, a correctness tool), ``"sdpa"`` torch's ``scaled_dot_product_attention``,
+``"xformers"`` its memory-efficient attention (GPU only), ``"manual"`` matmul-softmax-matmul with
+an fp32 softmax, the reference the others are tested against. A backend that cannot run raises
+:class:`~maws_kernels.BackendUnavailableError` naming why; none falls back.
+
+The maws_fast trainer's ViT, MAE and text tower are built from these modules.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -113,6 +127,17 @@ def attend_packed(qkv: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     return attend(q, k, v, backend).transpose(1, 2)
 
 
+class Packed(NamedTuple):
+    """Sequences of different lengths packed back to back as one (1, T, D) stream: each token
+    attends only within its sequence (a text tower's captions; no padding is computed).
+
+    ``cu_seqlens``: (S + 1,) int32 prefix sums of the S lengths; ``max_seqlen``: a bound on them
+    (a Python int, so nothing waits for the device)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
 def _padded(t: torch.Tensor, seq_id: torch.Tensor, pos: torch.Tensor, num_seqs: int, max_seqlen: int) -> torch.Tensor:
     """Packed (T, H, Dh) -> (S, H, max_seqlen, Dh), zeros past each sequence's end."""
     out = t.new_zeros(num_seqs, max_seqlen, *t.shape[1:])
@@ -173,12 +198,25 @@ def available_attention_backends(device: torch.device | str) -> list[str]:
 
 
 # --- modules --------------------------------------------------------------------------------------
+def linear_without_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``linear(x)`` without its bias, the bias) for a fused kernel to add. An ``nn.Linear`` runs
+    its GEMM alone; a layer that knows how (a tensor-parallel one) says so with a
+    ``forward_without_bias(x)``; anything else runs whole (bias None)."""
+    if type(linear) is nn.Linear:
+        return F.linear(x, linear.weight), linear.bias
+    if hasattr(linear, "forward_without_bias"):
+        return linear.forward_without_bias(x)
+    return linear(x), None
+
+
 class LayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` over the last dim that runs :func:`maws_kernels.layer_norm`.
+    """``nn.LayerNorm`` over the last dim that runs :func:`maws_kernels.layer_norm`, and with a
+    residual :func:`maws_kernels.add_layer_norm` (:meth:`forward_add`).
 
     Same constructor (plus ``backend``), same parameters and keys. A normalized_shape of more than
-    one dim runs torch's own op. Input and output keep the input's dtype (statistics in fp32) on
-    every backend, autocast or not.
+    one dim runs torch's own ops. Input and output keep the input's dtype (statistics in fp32) on
+    every backend, autocast or not: CUDA autocast would run torch's layer_norm in fp32 and hand an
+    fp32 tensor to the next layer.
     """
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
@@ -197,33 +235,58 @@ class LayerNorm(nn.LayerNorm):
         new.train(norm.training)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
+                backend: str | None = None):
+        """The norm of ``x``; with a ``residual`` (the stream ``x`` is to be added to), the pair
+        ``(norm(s), s)`` for ``s = residual + x + x_bias`` (:meth:`forward_add`). ``backend``
+        overrides ``self.backend`` for this call."""
+        if residual is not None:
+            return self.forward_add(x, residual, x_bias, backend)
         if len(self.normalized_shape) != 1:
             return super().forward(x)
         with _no_autocast(x):
-            return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+            return layer_norm(x, self.weight, self.bias, self.eps, backend=backend or self.backend)
 
+    def add_backend(self, x: torch.Tensor) -> str | None:
+        """The backend of :meth:`forward_add` on ``x``'s device when it is a fused kernel; None when
+        it would be torch's add then layer_norm (a caller then keeps its unfused code, bit for bit)."""
+        if len(self.normalized_shape) != 1:
+            return None
+        backend = resolve_backend("add_layer_norm", self.backend, ("triton", "torch"), x.device)
+        return None if backend == "torch" else backend
 
-class AddLayerNorm(LayerNorm):
-    """LayerNorm with the residual add before it fused in: ``forward(x, residual, x_bias=None)``
-    returns ``(norm(s), s)`` with ``s = residual + x + x_bias``, in one pass forward and backward.
-
-    ``residual=None`` normalises ``x`` alone (and returns ``(norm(x), x)``), so the first block of a
-    stack uses the same module.
-    """
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                x_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
+                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(s), s)`` with ``s = residual + x + x_bias`` (a None term left out) in one pass,
+        backward fused as well: a block's residual add (``x`` its branch, ``x_bias`` that branch's
+        last bias, left out of its GEMM) and the LayerNorm after it. ``backend`` overrides
+        ``self.backend`` for this call."""
         if len(self.normalized_shape) != 1:
             s = x if residual is None else residual + x
             s = s if x_bias is None else s + x_bias
             return F.layer_norm(s, self.normalized_shape, self.weight, self.bias, self.eps), s
         with _no_autocast(x):
-            return add_layer_norm(x, residual, self.weight, self.bias, self.eps, x_bias=x_bias, backend=self.backend)
+            return add_layer_norm(x, residual, self.weight, self.bias, self.eps, x_bias=x_bias,
+                                  backend=backend or self.backend)
+
+
+class AddLayerNorm(LayerNorm):
+    """LayerNorm with the residual add before it fused in: ``forward(x, residual=None, x_bias=None)``
+    is :meth:`LayerNorm.forward_add`, ``(norm(s), s)`` with ``s = residual + x + x_bias``, in one
+    pass forward and backward.
+
+    ``residual=None`` normalises ``x`` alone (and returns ``(norm(x), x)``), so the first block of a
+    stack uses the same module.
+    """
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_add(x, residual, x_bias, backend)
 
 
 class Attention(nn.Module):
-    """timm's ViT self-attention (``qkv`` -> heads -> ``proj``), non-causal and unmasked.
+    """timm's ViT self-attention (``qkv`` -> heads -> ``proj``), non-causal and unmasked; or, with
+    ``seq`` (:class:`Packed`), within each of the sequences packed into a (1, T, D) input.
 
     Args:
         dim: width D.
@@ -254,14 +317,33 @@ class Attention(nn.Module):
         new.train(attn.training)
         return new
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("maws_kernels.nn.Attention is non-causal and takes no attn_mask; keep timm's "
-                             "Attention for masked or causal attention")
+    def _mix(self, x: torch.Tensor, seq: Packed | None = None) -> torch.Tensor:
+        """(B, N, D) -> the heads' outputs (B, N, H * Dh), before the output projection; with
+        ``seq``, x is (1, T, D) of packed sequences, each attending within itself."""
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # a view of the projection
         backend = self.backend or default_attention_backend(x.device)
-        return self.proj(attend_packed(qkv, backend).reshape(B, N, -1))
+        if seq is not None:
+            if B != 1:
+                raise ValueError(f"packed sequences come as one (1, T, D) stream, got a batch of {B}")
+            q, k, v = qkv[0].unbind(1)  # each (T, H, Dh)
+            return attend_varlen(q, k, v, seq.cu_seqlens, seq.max_seqlen, backend).reshape(B, N, -1)
+        return attend_packed(qkv, backend).reshape(B, N, -1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False, *,
+                seq: Packed | None = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with ``seq``, x is (1, T, D) holding packed sequences
+        (:class:`Packed`), each attending within itself."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("maws_kernels.nn.Attention is non-causal and takes no attn_mask; keep timm's "
+                             "Attention for masked or causal attention")
+        return self.proj(self._mix(x, seq))
+
+    def forward_without_bias(self, x: torch.Tensor,
+                             seq: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the output without the projection's bias, that bias), for a fused residual add to add
+        (:meth:`LayerNorm.forward_add`'s ``x_bias``)."""
+        return linear_without_bias(self.proj, self._mix(x, seq))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, backend={self.backend or 'auto'}"
@@ -270,7 +352,9 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """timm's ``Mlp``: ``fc2(gelu(fc1(x)))`` with the exact GELU, fc1's bias and the GELU fused.
 
-    On the "torch" backend it is torch's ``fc1 -> GELU -> fc2``, bit for bit.
+    On the "torch" backend it is torch's ``fc1 -> GELU -> fc2``, bit for bit. fc1 runs without its
+    bias through :func:`linear_without_bias` (so a tensor-parallel fc1 keeps the fused path); an fc1
+    without a bias, or one that cannot leave it out, runs with torch's GELU.
     """
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
@@ -294,10 +378,11 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = resolve_backend("bias_gelu", self.backend, ("triton", "torch"), x.device)
-        if backend == "torch" or type(self.fc1) is not nn.Linear or self.fc1.bias is None:
+        if backend == "torch":  # the reference path, bit for bit the official one
             return self.fc2(self.act(self.fc1(x)))
         # fc1 without its bias; bias + GELU in one kernel whose backward also reduces the bias gradient
-        return self.fc2(bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, backend=backend))
+        h, b = linear_without_bias(self.fc1, x)
+        return self.fc2(self.act(h) if b is None else bias_gelu(h, b, backend=backend))
 
 
 class SoftTargetCrossEntropy(nn.Module):

@@ -14,12 +14,12 @@ import argparse
 import torch
 
 import maws_kernels
+from maws_kernels.nn import available_attention_backends
 from maws_fast.bench.common import env_info, peak_tflops, time_steps
 from maws_fast.bench.results import ResultsFile, failed, is_measured
 from maws_fast.config import ATTN_BACKENDS, PRESETS, OptimConfig, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
-from maws_fast.models.attention import available_attn_backends
 from maws_fast.models.flops import flops_per_image
 from maws_fast.train.objectives import wsp_loss
 from maws_fast.train.optim import build_optimizer
@@ -46,7 +46,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("maws-bench: --device cuda but torch sees no CUDA device")
-    attn = args.attn if args.attn is not None else ",".join(available_attn_backends(device))
+    attn = args.attn if args.attn is not None else ",".join(available_attention_backends(device))
     backends = [b for b in attn.split(",") if b]
     bad = [b for b in backends if b not in ATTN_BACKENDS]
     if bad:

@@ -1,9 +1,10 @@
-"""Models: the ViT encoder (timm keys), the MAE (official keys), and builders from a ModelConfig."""
+"""Models: the ViT encoder (timm keys), the MAE (official keys), weight loading, and builders from a ModelConfig."""
 from __future__ import annotations
 
 from maws_fast.config import ModelConfig
 from maws_fast.models.mae import MaskedAutoencoderViT
-from maws_fast.models.vit import LoadReport, VisionTransformer, load_encoder, load_pretrained, op_backend, unwrap_state_dict
+from maws_fast.models.vit import VisionTransformer, op_backend
+from maws_fast.models.weights import LoadReport, load_encoder, load_pretrained, unwrap_state_dict
 
 _ENCODER_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "attn_backend")
 

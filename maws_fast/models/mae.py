@@ -12,9 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import maws_kernels
-from maws_fast.models.attention import check_attn_backend
 from maws_fast.models.pos_embed import sincos_2d
-from maws_fast.models.vit import Block, LayerNorm, VisionTransformer, init_vit_weights, run_blocks
+from maws_fast.models.vit import Block, VisionTransformer, init_vit_weights, run_blocks, vit_norm
+from maws_kernels.nn import check_attention_backend
 
 
 def mask_indices(
@@ -65,9 +65,10 @@ class MaskedAutoencoderViT(VisionTransformer):
         img_size, patch_size, in_chans, embed_dim, depth, num_heads: encoder, as the official one.
         decoder_embed_dim, decoder_depth, decoder_num_heads: decoder (512 / 8 / 16 in every preset).
         mlp_ratio: MLP expansion of both.
-        norm_layer: LayerNorm factory (the official presets all pass eps=1e-6; so is the default).
+        norm_layer: LayerNorm factory (the official presets all pass eps=1e-6; so does the default,
+            :func:`~maws_fast.models.vit.vit_norm`).
         norm_pix_loss: normalise each target patch by its mean and unbiased std.
-        attn_backend: attention backend of every block (see maws_fast.models.attention).
+        attn_backend: attention backend of every block (one of ``maws_kernels.nn.ATTENTION_BACKENDS``).
         kernel_backend: maws_kernels backend of the fused ops -- patch gather, LayerNorm, loss
             (None = best available for the device).
 
@@ -89,7 +90,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         decoder_depth: int = 8,
         decoder_num_heads: int = 16,
         mlp_ratio: float = 4.0,
-        norm_layer=LayerNorm,
+        norm_layer=vit_norm,
         norm_pix_loss: bool = False,
         attn_backend: str = "sdpa",
         kernel_backend: str | None = None,
@@ -97,7 +98,7 @@ class MaskedAutoencoderViT(VisionTransformer):
         super().__init__(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, pos_embed_learnable=False,
-            attn_backend=check_attn_backend(attn_backend), norm_layer=norm_layer, kernel_backend=kernel_backend,
+            attn_backend=check_attention_backend(attn_backend), norm_layer=norm_layer, kernel_backend=kernel_backend,
         )
         L = self.patch_embed.num_patches
         self.norm_pix_loss = norm_pix_loss

@@ -41,7 +41,8 @@ import torch.nn as nn
 
 from maws_fast.errors import CheckpointError, ConfigError
 from maws_fast.models.lit import LiT
-from maws_fast.models.vit import VisionTransformer, load_pretrained, unwrap_state_dict
+from maws_fast.models.vit import VisionTransformer
+from maws_fast.models.weights import load_pretrained, unwrap_state_dict
 from maws_fast.storage import read_weights
 
 TT = "text_encoder.encoder.transformer."

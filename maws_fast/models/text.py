@@ -8,7 +8,7 @@ Choices (documented in the README's LiT section):
   ``<s>``) read text, and it lets one tokenizer and one pooling rule serve both towers.
 * **No padding is computed.** A batch arrives padded, (B, N) ids with ``pad_id`` after each
   caption's EOS; the tower packs the real tokens back to back into one (1, T, W) stream and every
-  block attends within each caption (:class:`~maws_fast.models.vit.Packed`): our Triton
+  block attends within each caption (:class:`maws_kernels.nn.Packed`): our Triton
   varlen flash attention on a GPU, masked SDPA elsewhere. Norms and MLPs are per token, so they
   run on the T real tokens only. Packing waits for the device twice per forward: to check that no
   caption is empty, and for T (the boolean-mask index).
@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maws_fast.models.vit import Block, LayerNorm, Packed, init_vit_weights, route_kernel_backend, run_blocks
+from maws_fast.models.vit import Block, init_vit_weights, route_kernel_backend, run_blocks, vit_norm
+from maws_kernels.nn import Packed
 
 
 class TextTransformer(nn.Module):
@@ -34,7 +35,7 @@ class TextTransformer(nn.Module):
         context_length: the longest caption in tokens, CLS and EOS included (position table size).
         width, depth, num_heads, mlp_ratio: the transformer's shape.
         pad_id: the padding id (never embedded: padded positions are dropped before the blocks).
-        attn_backend: attention backend of every block (:mod:`maws_fast.models.attention`).
+        attn_backend: attention backend of every block (one of ``maws_kernels.nn.ATTENTION_BACKENDS``).
         kernel_backend: maws_kernels backend of the norms and MLPs (None = best for the device).
     """
 
@@ -47,7 +48,7 @@ class TextTransformer(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
         self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio, attn_backend) for _ in range(depth)])
-        self.norm = LayerNorm(width)
+        self.norm = vit_norm(width)
         for m in self.modules():
             init_vit_weights(m)
         nn.init.normal_(self.token_embedding.weight, std=0.02)

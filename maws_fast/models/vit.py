@@ -4,81 +4,40 @@ Keys: ``cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1, attn.qkv, att
 mlp.fc1, mlp.fc2}.*, norm.*, head.*`` -- the names every MAE / MAWS / timm checkpoint uses.
 Blocks are pre-norm with qkv bias, exact GELU, LayerNorm eps 1e-6, no drop-path, no layer-scale.
 
+The norms, attention and MLP are :mod:`maws_kernels.nn`'s modules (the LayerNorm with eps 1e-6,
+:func:`vit_norm`); this file composes them into blocks that fuse their residual adds into the
+norms (:class:`Block`, :func:`run_blocks`). Weight loading is :mod:`maws_fast.models.weights`.
+
 Pure model code: no data, no torch.distributed. Parallelism is applied from outside.
 """
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import maws_kernels
 from maws_fast.config import CHECKPOINT_MODES
-from maws_fast.errors import CheckpointError
-from maws_fast.models.attention import attention_packed, attention_varlen, check_attn_backend
-from maws_fast.models.pos_embed import resample_pos_embed, sincos_2d
+from maws_fast.models.pos_embed import sincos_2d
+from maws_kernels.nn import Attention, LayerNorm, Mlp, Packed, check_attention_backend
+
+__all__ = ["Block", "DropPath", "Packed", "PatchEmbed", "VisionTransformer", "init_vit_weights", "op_backend",
+           "route_kernel_backend", "run_blocks", "set_block_options", "vit_norm"]
+
 
 def op_backend(model_backend: str | None, has_cuda_twin: bool) -> str | None:
     """The maws_kernels backend one op of a model runs with.
 
     A model-level ``"cuda"`` selects the CUDA C++ twins (patch gather and loss); ops without a
-    twin (LayerNorm, cross-entropy) then use their best backend for the device, as documented for
-    ``model.kernel_backend``. Any other choice applies to every op as given.
+    twin (LayerNorm, bias-GELU, cross-entropy) then use their best backend for the device, as
+    documented for ``model.kernel_backend``. Any other choice applies to every op as given.
     """
     return None if model_backend == "cuda" and not has_cuda_twin else model_backend
 
 
-def _no_autocast(x: torch.Tensor):
-    """Autocast off for an op that keeps its input dtype (a no-op context when autocast is off)."""
-    return torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else nullcontext()
-
-
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same keys, eps 1e-6 by default) that runs maws_kernels.layer_norm.
-
-    ``kernel_backend`` picks the maws_kernels backend (None = best for the device: the fused
-    Triton kernel on a GPU, torch's native kernel on a CPU).
-    """
-
-    def __init__(self, normalized_shape, eps: float = 1e-6, kernel_backend: str | None = None, **kwargs):
-        super().__init__(normalized_shape, eps=eps, **kwargs)
-        self.kernel_backend = kernel_backend
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, x_bias: torch.Tensor | None = None,
-                backend: str | None = None):
-        """This norm of ``x``; with a ``residual`` (the stream ``x`` is to be added to), the pair
-        (norm of s, s) for ``s = residual + x + x_bias``, in one pass (:meth:`forward_add`)."""
-        if residual is not None:
-            return self.forward_add(x, residual, x_bias, backend)
-        if len(self.normalized_shape) != 1:
-            return super().forward(x)
-        # Input and output in the compute dtype, statistics in fp32, whatever the backend: CUDA autocast
-        # would run torch's layer_norm in fp32 and hand an fp32 tensor to the next block.
-        with _no_autocast(x):
-            return maws_kernels.layer_norm(x, self.weight, self.bias, self.eps,
-                                           backend=op_backend(self.kernel_backend, has_cuda_twin=False))
-
-    def add_backend(self, x: torch.Tensor) -> str | None:
-        """The backend of :meth:`forward_add` on ``x``'s device when it is a fused kernel; None when
-        it would be torch's add then layer_norm (callers then keep the unfused code, bit for bit)."""
-        if len(self.normalized_shape) != 1:
-            return None
-        backend = maws_kernels.resolve_backend("add_layer_norm", op_backend(self.kernel_backend, has_cuda_twin=False),
-                                               ("triton", "torch"), x.device)
-        return None if backend == "torch" else backend
-
-    def forward_add(self, branch: torch.Tensor, residual: torch.Tensor, branch_bias: torch.Tensor | None = None,
-                    backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this norm of s, s) with ``s = residual + branch + branch_bias`` in one pass (maws_kernels.add_layer_norm):
-        the residual add of a block and the LayerNorm after it, backward fused as well."""
-        with _no_autocast(branch):
-            return maws_kernels.add_layer_norm(branch, residual, self.weight, self.bias, self.eps, x_bias=branch_bias,
-                                               backend=backend or op_backend(self.kernel_backend, has_cuda_twin=False))
+def vit_norm(dim: int) -> LayerNorm:
+    """The blocks' default ``norm_layer``: :class:`maws_kernels.nn.LayerNorm` with eps 1e-6, as
+    every MAE / MAWS / timm ViT."""
+    return LayerNorm(dim, eps=1e-6)
 
 
 class PatchEmbed(nn.Module):
@@ -98,74 +57,6 @@ class PatchEmbed(nn.Module):
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"expected {self.img_size[0]}x{self.img_size[1]} images, got {tuple(x.shape[-2:])}")
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D)
-
-
-class Packed(NamedTuple):
-    """Sequences of different lengths packed back to back as one (1, T, D) stream: each token
-    attends only within its sequence (the text tower's captions; no padding is computed).
-
-    ``cu_seqlens``: (S + 1,) int32 prefix sums of the S lengths; ``max_seqlen``: a bound on them
-    (a Python int, so nothing waits for the device)."""
-
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_backend: str = "sdpa"):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attn_backend = check_attn_backend(attn_backend)
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def _mix(self, x: torch.Tensor, seq: Packed | None = None) -> torch.Tensor:
-        """(B, N, D) -> the heads' outputs (B, N, H * Dh), before the output projection; with
-        ``seq``, x is (1, T, D) of packed sequences, each attending within itself."""
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # a view of the projection
-        if seq is not None:
-            q, k, v = qkv[0].unbind(1)  # each (T, H, Dh)
-            return attention_varlen(q, k, v, seq.cu_seqlens, seq.max_seqlen, self.attn_backend).reshape(B, N, -1)
-        return attention_packed(qkv, self.attn_backend).reshape(B, N, -1)
-
-    def forward(self, x: torch.Tensor, seq: Packed | None = None) -> torch.Tensor:
-        return self.proj(self._mix(x, seq))  # (B, N, D), or D / tp under tensor parallel
-
-    def forward_without_bias(self, x: torch.Tensor, seq: Packed | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the output without the projection's bias, that bias), for the residual-add kernel to add."""
-        return linear_without_bias(self.proj, self._mix(x, seq))
-
-
-def linear_without_bias(linear: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(``linear(x)`` without its bias, the bias) for a fused kernel to add; a parallel layer that
-    knows how says so with ``forward_without_bias``, anything else runs whole (bias None)."""
-    if type(linear) is nn.Linear:
-        return F.linear(x, linear.weight), linear.bias
-    if hasattr(linear, "forward_without_bias"):
-        return linear.forward_without_bias(x)
-    return linear(x), None
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, kernel_backend: str | None = None):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()  # exact (erf) GELU, as timm's default
-        self.fc2 = nn.Linear(hidden, dim)
-        self.kernel_backend = kernel_backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = maws_kernels.resolve_backend("bias_gelu", op_backend(self.kernel_backend, False),
-                                               ("triton", "torch"), x.device)
-        if backend == "torch":  # the reference path, bit for bit the official one
-            return self.fc2(self.act(self.fc1(x)))
-        # fc1 without its bias; bias + GELU in one kernel whose backward also reduces the bias gradient
-        h, b = linear_without_bias(self.fc1, x)
-        return self.fc2(maws_kernels.bias_gelu(h, b, backend=backend))
 
 
 class DropPath(nn.Module):
@@ -244,10 +135,10 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "sdpa",
-                 norm_layer=LayerNorm, drop_path: float = 0.0):
+                 norm_layer=vit_norm, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, attn_backend)
+        self.attn = Attention(dim, num_heads, backend=check_attention_backend(attn_backend))
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path1, self.drop_path2 = DropPath(drop_path), DropPath(drop_path)  # no parameters, no keys
@@ -293,7 +184,7 @@ class Block(nn.Module):
         if backend is None:
             if branch is not None:
                 x = x + branch
-            x = x + DropPath.apply(self.attn(self.norm1(x), seq), m1)
+            x = x + DropPath.apply(self.attn(self.norm1(x), seq=seq), m1)
             x = x + DropPath.apply(self.mlp(self.norm2(x)), m2)
             return (x, None) if defer else x
         if branch is None:
@@ -301,7 +192,7 @@ class Block(nn.Module):
         else:
             h, x = self.norm1(branch, x, backend=backend)
         if m1 is not None:  # the dropped branch includes the projection's bias
-            a, a_bias = self.attn(h, seq) * m1, None
+            a, a_bias = self.attn(h, seq=seq) * m1, None
         else:
             a, a_bias = self.attn.forward_without_bias(h, seq)
         h, x = self.norm2(a, x, a_bias, backend)
@@ -370,13 +261,15 @@ def run_blocks(blocks, x: torch.Tensor, norm: nn.Module | None, seq: Packed | No
 
 
 def route_kernel_backend(model: nn.Module, backend: str | None) -> None:
-    """``model.kernel_backend = backend``, and the same for each of its LayerNorms and MLPs."""
+    """``model.kernel_backend = backend`` (the model's choice, read by the ops with a CUDA twin),
+    and the ``backend`` of each of its LayerNorms and MLPs: that choice for ops without a twin
+    (:func:`op_backend`; ``"cuda"`` leaves them at their best for the device)."""
     if backend not in (None, *maws_kernels.BACKENDS):
         raise ValueError(f"kernel backend {backend!r} is not one of {maws_kernels.BACKENDS} or None")
     model.kernel_backend = backend
     for m in model.modules():
         if isinstance(m, (LayerNorm, Mlp)):
-            m.kernel_backend = backend
+            m.backend = op_backend(backend, has_cuda_twin=False)
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -398,8 +291,8 @@ class VisionTransformer(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio: width, blocks, heads, MLP expansion.
         num_classes: 0 for no head (``head`` is Identity and has no keys).
         pos_embed_learnable: False keeps the sin-cos table fixed (MAE); True trains it.
-        attn_backend: see :mod:`maws_fast.models.attention`.
-        norm_layer: LayerNorm factory (eps 1e-6 by default, as every MAE model).
+        attn_backend: one of ``maws_kernels.nn.ATTENTION_BACKENDS`` (see :func:`maws_kernels.nn.attend`).
+        norm_layer: LayerNorm factory (:func:`vit_norm`, eps 1e-6, by default, as every MAE model).
         kernel_backend: maws_kernels backend of the fused ops (LayerNorm here; patch gather and
             loss in the MAE); None = best available for the device.
         global_pool: ``"token"``: the cls token after the final ``norm`` (MAE / WSP / probes);
@@ -421,7 +314,7 @@ class VisionTransformer(nn.Module):
         num_classes: int = 0,
         pos_embed_learnable: bool = False,
         attn_backend: str = "sdpa",
-        norm_layer=LayerNorm,
+        norm_layer=vit_norm,
         kernel_backend: str | None = None,
         global_pool: str = "token",
         drop_path_rate: float = 0.0,
@@ -471,10 +364,11 @@ class VisionTransformer(nn.Module):
         route_kernel_backend(self, backend)
 
     def set_attn_backend(self, backend: str) -> None:
-        check_attn_backend(backend)
+        """Route every block's attention to ``backend`` (one of ``maws_kernels.nn.ATTENTION_BACKENDS``)."""
+        check_attention_backend(backend)
         for m in self.modules():
             if isinstance(m, Attention):
-                m.attn_backend = backend
+                m.backend = backend
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1+L, D) tokens after the final norm (``avg`` pooling: no final norm)."""
@@ -502,139 +396,3 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_pooled(x))
 
-
-@dataclass
-class LoadReport:
-    """What :func:`load_pretrained` did with a checkpoint."""
-
-    loaded: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
-    initialised: list[str] = field(default_factory=list)  # in the model, kept at its fresh init
-    resampled: list[str] = field(default_factory=list)  # learned pos-embeds resized to the model's grid ("key g0 -> g")
-    # fixed sin-cos tables of another grid ("key g0 -> g"): the model's own table is kept
-    regenerated: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        def short(keys: list[str]) -> str:
-            prefixes = sorted({k.split(".")[0] for k in keys})
-            return ", ".join(prefixes) if prefixes else "none"
-
-        out = (f"loaded {len(self.loaded)} tensors; dropped {len(self.dropped)} ({short(self.dropped)}); "
-               f"initialised {len(self.initialised)} ({short(self.initialised)})")
-        if self.resampled:
-            out += f"; resampled bicubically: {', '.join(self.resampled)}"
-        if self.regenerated:
-            out += f"; sin-cos regenerated for the model's grid: {', '.join(self.regenerated)}"
-        return out
-
-
-WRAPPER_KEYS = ("model", "state_dict", "module")  # official MAE / lightning-style / DeepSpeed-style wrappers
-PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers in saved key names
-
-
-def unwrap_state_dict(sd: dict) -> dict:
-    """The model's tensors inside a checkpoint: ``{"model": sd}`` (official MAE), ``{"state_dict": sd}``
-    or a bare state dict (ours, timm's, MAWS's), with a DDP ``module.`` or compile ``_orig_mod.``
-    prefix on every key removed. Non-tensor entries (an epoch, args) are left out."""
-    for key in WRAPPER_KEYS:
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    for prefix in PREFIXES:
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
-
-
-def _fit_pos_embeds(model: nn.Module, sd: dict, own: dict) -> tuple[dict, list[str], dict[str, str]]:
-    """``sd`` with each position embedding of another patch grid made to fit ``model``'s grid.
-
-    A learned table is resampled (:func:`resample_pos_embed`, the official rule); a fixed sin-cos
-    one is dropped from ``sd``, the model keeping the table it built for its own grid. Tables that
-    cannot be fitted (another width, not a square grid) are left for the shape check to report.
-    Returns (state dict, what was resampled, {regenerated key: what}), each "key g0xg0 -> gxg".
-    """
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if grid is None:
-        return sd, [], {}
-    params = dict(model.named_parameters())
-    sd, resampled, regenerated = dict(sd), [], {}
-    for key in POS_EMBED_KEYS:
-        if key not in sd or key not in own or sd[key].shape == own[key].shape:
-            continue
-        src, dst = sd[key], own[key]
-        extra = dst.shape[-2] - grid * grid
-        if src.ndim != 3 or dst.ndim != 3 or src.shape[-1] != dst.shape[-1] or extra < 0:
-            continue
-        try:
-            fitted = resample_pos_embed(src, grid, extra)
-        except ValueError:
-            continue
-        g0 = math.isqrt(src.shape[-2] - extra)
-        what = f"{key} {g0}x{g0} -> {grid}x{grid}"
-        if key in params and not params[key].requires_grad:
-            del sd[key]
-            regenerated[key] = what
-        else:
-            sd[key] = fitted
-            resampled.append(what)
-    return sd, resampled, regenerated
-
-
-def load_pretrained(model: nn.Module, state_dict: dict, strict: bool = False, source: str = "checkpoint") -> LoadReport:
-    """Load matching keys of ``state_dict`` into ``model`` and say what was dropped / initialised.
-
-    Every shared key must have the same shape: a mismatch raises CheckpointError naming the keys
-    (a silent partial load would train a different model than the one asked for). The one
-    exception is a position embedding of another patch grid (a checkpoint of another resolution):
-    a learned table is resampled bicubically as the official MAE does, a fixed sin-cos table is the
-    model's own for its grid; the report lists both.
-
-    Args:
-        model: the destination module.
-        state_dict: source tensors (a bare state dict or ``{"model": ...}``).
-        strict: also fail when a key is dropped or left initialised.
-        source: name of the checkpoint for messages.
-    """
-    sd = unwrap_state_dict(state_dict)
-    own = model.state_dict()
-    sd, resampled, regenerated = _fit_pos_embeds(model, sd, own)
-    # in the model's own key order, so the message starts where the model does (cls_token, ...)
-    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if bad:
-        raise CheckpointError(
-            f"{source} does not fit the model; shape mismatch in {len(bad)} key(s): " + "; ".join(bad[:8])
-            + (" ..." if len(bad) > 8 else "") + ". Use the model config the checkpoint was trained with."
-        )
-    report = LoadReport(
-        loaded=[k for k in sd if k in own],
-        dropped=[k for k in sd if k not in own],
-        initialised=[k for k in own if k not in sd and k not in regenerated],
-        resampled=resampled,
-        regenerated=list(regenerated.values()),
-    )
-    if strict and (report.dropped or report.initialised):
-        raise CheckpointError(
-            f"{source} does not match the model: unexpected keys {report.dropped[:8]}, missing keys {report.initialised[:8]}"
-        )
-    with torch.no_grad():
-        for k in report.loaded:
-            own[k].copy_(sd[k])
-    return report
-
-
-def load_encoder(model: nn.Module, state_dict: dict, source: str, new: tuple[str, ...] = (),
-                 hint: str = "") -> LoadReport:
-    """:func:`load_pretrained` that refuses a checkpoint leaving any of the model's tensors at their
-    fresh init except those in ``new`` (a head, a fine-tune's ``fc_norm``): a file that fits nothing
-    would otherwise train or probe a random encoder under another one's name. ``hint`` says what
-    to point at instead."""
-    report = load_pretrained(model, state_dict, source=source)
-    missing = [k for k in report.initialised if k not in new]
-    if missing:
-        raise CheckpointError(f"{source} lacks encoder tensors {missing[:6]} ({len(missing)} in all); {hint}")
-    return report

@@ -3,6 +3,8 @@
 Same parameters and state_dict keys; outputs and every gradient equal on the "torch" backend and
 within fp32 rounding on the Triton kernels (the interpreter here, tiny awkward shapes).
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,6 +90,68 @@ def test_add_layer_norm(seeded, backend):
     assert torch.equal(s, x) and torch.allclose(y, ref(x), **TOL)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_layer_norm_with_a_residual_is_the_fused_add(seeded, backend):
+    """``LayerNorm(x, residual, x_bias)``: the pair (norm(s), s), s = residual + x + x_bias, against
+    torch's adds then nn.LayerNorm; the same numbers as AddLayerNorm's; ``add_backend`` says fused
+    or not."""
+    ours = mnn.LayerNorm(24, eps=1e-6, backend=backend)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    ref = nn.LayerNorm(24, eps=1e-6)
+    ref.load_state_dict(ours.state_dict())
+
+    class Unfused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = ref
+
+        def forward(self, x, r, xb):
+            s = r + x + xb
+            return self.norm(s), s
+
+    x, r, xb = torch.randn(5, 3, 24), torch.randn(5, 3, 24), torch.randn(24)
+    a, b = _run(ours, x, r, xb), _run(Unfused(), x, r, xb)
+    b = (b[0], b[1], {k.removeprefix("norm."): v for k, v in b[2].items()})
+    _assert_same(a, b, exact=False)
+    add = mnn.AddLayerNorm(24, eps=1e-6, backend=backend)
+    add.load_state_dict(ours.state_dict())
+    _assert_same(_run(add, x, r, xb), a, exact=True)
+    assert ours.add_backend(x) == (None if backend == "torch" else "triton")
+    # a per-call backend overrides the module's: the fused kernel against the torch one
+    other = mnn.LayerNorm(24, eps=1e-6, backend="torch")
+    other.load_state_dict(ours.state_dict())
+    y, s = other.forward_add(x, r, xb, backend=backend)
+    assert torch.allclose(y, a[0][0], **TOL) and torch.allclose(s, a[0][1], **TOL)
+
+
+def test_layer_norm_over_two_dims_adds_with_torch():
+    ours = mnn.LayerNorm((3, 8), backend="triton")
+    x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    assert ours.add_backend(x) is None  # not a fused kernel: callers keep their own add
+    y, s = ours(x, r)
+    assert torch.equal(s, r + x) and torch.equal(y, F.layer_norm(r + x, (3, 8), ours.weight, ours.bias, ours.eps))
+
+
+def test_linear_without_bias():
+    lin = nn.Linear(6, 4)
+    x = torch.randn(3, 6)
+    y, b = mnn.linear_without_bias(lin, x)
+    assert b is lin.bias and torch.equal(y, F.linear(x, lin.weight))
+
+    class Split(nn.Linear):  # a layer that knows how to leave its bias out (a tensor-parallel one)
+        def forward_without_bias(self, x):
+            return F.linear(x, 2 * self.weight), self.bias
+
+    split = Split(6, 4)
+    y, b = mnn.linear_without_bias(split, x)
+    assert b is split.bias and torch.equal(y, F.linear(x, 2 * split.weight))
+    seq = nn.Sequential(nn.Linear(6, 4))  # anything else runs whole
+    y, b = mnn.linear_without_bias(seq, x)
+    assert b is None and torch.equal(y, seq(x))
+
+
 class _TimmLikeAttention(nn.Module):
     """timm's Attention arithmetic (qkv -> (3, B, H, N, Dh) -> SDPA -> proj), written out."""
 
@@ -110,6 +174,46 @@ def test_attention(seeded, backend):
     assert list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 13, 48)
     _assert_same(_run(ours, x), _run(ref, x), exact=backend == "sdpa")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "manual", "triton"])
+def test_attention_on_packed_sequences_is_each_sequence_alone(seeded, backend):
+    """``seq=Packed(cu_seqlens, max_seqlen)``: sequences packed into one (1, T, D) stream attend each
+    within itself; output and every gradient equal the same module on each sequence alone."""
+    attn = mnn.Attention(32, 4, backend=backend)
+    lengths = [1, 7, 20, 4]
+    x = torch.randn(1, sum(lengths), 32)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+    class EachAlone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = copy.deepcopy(attn)  # its own gradients
+
+        def forward(self, x):
+            return torch.cat([self.attn(part) for part in x.split(lengths, dim=1)], dim=1)
+
+    class PackedRun(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, x):
+            return self.attn(x, seq=mnn.Packed(cu, max(lengths) + 3))
+
+    _assert_same(_run(PackedRun(), x), _run(EachAlone(), x), exact=False)
+    with pytest.raises(ValueError, match="one \\(1, T, D\\) stream"):
+        attn(torch.randn(2, 4, 32), seq=mnn.Packed(cu, 20))
+
+
+@pytest.mark.parametrize("seq", [False, True])
+def test_attention_without_its_output_bias(seeded, seq):
+    attn = mnn.Attention(32, 4, backend="sdpa")
+    x = torch.randn(1, 9, 32)
+    packed = mnn.Packed(torch.tensor([0, 4, 9], dtype=torch.int32), 5) if seq else None
+    y, b = attn.forward_without_bias(x, seq=packed)
+    assert b is attn.proj.bias
+    assert torch.allclose(y + b, attn(x, seq=packed), **TOL)
 
 
 def test_attention_refuses_masks_and_unknown_backends():
@@ -135,6 +239,32 @@ def test_mlp(seeded, backend):
     assert list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(3, 7, 20)
     _assert_same(_run(ours, x), _run(ref, x), exact=backend == "torch")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_mlp_fuses_through_an_fc1_that_leaves_its_bias_out(seeded, backend):
+    """An fc1 with ``forward_without_bias`` (a tensor-parallel layer) keeps the fused bias-GELU;
+    an fc1 without a bias runs torch's GELU; both equal the unfused Mlp."""
+    calls = []
+
+    class Split(nn.Linear):
+        def forward_without_bias(self, x):
+            calls.append("without_bias")
+            return F.linear(x, self.weight), self.bias
+
+    ref = nn.Sequential()
+    ref.fc1, ref.act, ref.fc2 = nn.Linear(20, 52), nn.GELU(), nn.Linear(52, 20)
+    ours = mnn.Mlp(20, 52, backend=backend)
+    ours.fc1 = Split(20, 52)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, 20)
+    _assert_same(_run(ours, x), _run(ref, x), exact=backend == "torch")
+    assert calls == ([] if backend == "torch" else ["without_bias"])
+    ref.fc1, ours.fc1 = nn.Linear(20, 52, bias=False), nn.Linear(20, 52, bias=False)
+    ours.load_state_dict(ref.state_dict())
+    ours.zero_grad()
+    ref.zero_grad()
+    _assert_same(_run(ours, x), _run(ref, x), exact=True)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -7,7 +7,7 @@ import torch
 
 import maws_kernels as mk
 from maws_fast.models import MaskedAutoencoderViT, VisionTransformer
-from maws_fast.models.vit import LayerNorm, Mlp
+from maws_kernels.nn import LayerNorm, Mlp
 
 
 def _mae():
@@ -31,7 +31,7 @@ def test_mae_training_step_triton_matches_torch(seeded):
     ref = _mae()
     fused = copy.deepcopy(ref)
     fused.set_kernel_backend("triton")
-    assert all(m.kernel_backend == "triton" for m in fused.modules() if isinstance(m, (LayerNorm, Mlp)))
+    assert all(m.backend == "triton" for m in fused.modules() if isinstance(m, (LayerNorm, Mlp)))
     imgs = torch.randn(3, 3, 32, 32)
     noise = torch.rand(3, 16)
     l_ref, g_ref = _step(ref, lambda m: m(imgs, 0.75, noise=noise)[0])
@@ -63,14 +63,15 @@ def test_wsp_step_triton_matches_torch(seeded):
 
 
 def _count_norm_calls(monkeypatch):
+    """Count the norm ops maws_kernels.nn's LayerNorm calls (the names it looks up when it runs)."""
     calls = {"add_layer_norm": 0, "layer_norm": 0}
     for name in calls:
-        real = getattr(mk, name)
+        real = getattr(mk.nn, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
-        monkeypatch.setattr(mk, name, counted)
+        monkeypatch.setattr(mk.nn, name, counted)
     return calls
 
 
@@ -100,7 +101,7 @@ def test_block_alone_returns_its_stream_on_both_paths(seeded):
     fused = copy.deepcopy(ref)
     for m in fused.modules():
         if isinstance(m, (LayerNorm, Mlp)):
-            m.kernel_backend = "triton"
+            m.backend = "triton"
     x, branch = torch.randn(2, 5, 24), torch.randn(2, 5, 24)
     want = ref(x + branch)
     torch.testing.assert_close(fused(x + branch), want, rtol=1e-5, atol=1e-5)
@@ -117,6 +118,32 @@ def test_model_backend_cuda_selects_twins_only_where_they_exist():
     assert op_backend("cuda", has_cuda_twin=False) is None  # LayerNorm / CE: best for the device
     assert op_backend("triton", has_cuda_twin=False) == "triton"
     assert op_backend(None, has_cuda_twin=True) is None
+
+
+def test_model_backend_cuda_leaves_the_twinless_modules_at_their_best():
+    """``model.kernel_backend`` keeps the model's choice (the MAE's patch gather and loss read it);
+    its LayerNorms and MLPs get what that choice means for an op without a CUDA twin."""
+    model = _mae()
+    model.set_kernel_backend("cuda")
+    assert model.kernel_backend == "cuda"
+    modules = [m for m in model.modules() if isinstance(m, (LayerNorm, Mlp))]
+    assert len(modules) == 3 * 3 + 2  # 3 blocks x (norm1, norm2, mlp), norm, decoder_norm
+    assert all(m.backend is None for m in modules)
+    model.set_kernel_backend("triton")
+    assert all(m.backend == "triton" for m in modules)
+
+
+def test_the_blocks_are_maws_kernels_nn_modules():
+    """One family: the ViT's norms, attention and MLPs are maws_kernels.nn's (the norms with eps
+    1e-6); the model's backend setters route to their ``backend``."""
+    from maws_kernels.nn import Attention
+
+    model = _mae()
+    blk = model.decoder_blocks[0]
+    assert type(blk.norm1) is LayerNorm and blk.norm1.eps == 1e-6 and type(model.decoder_norm) is LayerNorm
+    assert type(blk.attn) is Attention and type(blk.mlp) is Mlp
+    model.set_attn_backend("manual")
+    assert all(m.backend == "manual" for m in model.modules() if isinstance(m, Attention))
 
 
 def test_set_kernel_backend_rejects_unknown_names():

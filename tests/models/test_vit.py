@@ -7,7 +7,8 @@ from maws_fast.errors import CheckpointError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.flops import flops_per_image, mae_flops
 from maws_fast.models.mae import MaskedAutoencoderViT
-from maws_fast.models.vit import VisionTransformer, load_pretrained
+from maws_fast.models.vit import VisionTransformer
+from maws_fast.models.weights import load_pretrained
 
 timm = pytest.importorskip("timm")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import maws_kernels as mk
 from maws_fast.bench.kernels import Case, MaeShape, dtype_name
 from maws_fast.config import model_preset
-from maws_fast.models.attention import attention_manual
+from maws_kernels.nn import attention_manual
 
 
 # SDPA backends that run fp16 / bf16 only: flash attention and cuDNN's fused attention.
