@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from maws_fast.data.images import ImageInfo
-from maws_fast.data.randaug import RandAugment, RandomErasing, parse_rand_policy
+from maws_fast.data.erasing import RandomErasing
+from maws_fast.data.randaug import RandAugment, parse_rand_policy
 from maws_fast.data.transforms import sample_crop_boxes
 from maws_fast.errors import ConfigError, DataError
 from maws_fast.seeds import Stream, mix_seed

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from maws_fast.data.erasing import RandomErasing
 from maws_fast.data.randaug import (
     IMAGENET_MEAN,
     OPS,
     RAND_INCREASING_OPS,
     RandAugment,
-    RandomErasing,
     parse_rand_policy,
 )
 from maws_fast.errors import ConfigError
