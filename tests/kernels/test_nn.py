@@ -64,28 +64,40 @@ def test_layer_norm_from_module_shares_parameters():
     assert torch.allclose(no_affine(x), F.layer_norm(x, (8,)), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_add_layer_norm(seeded, backend):
-    ours = mnn.AddLayerNorm(24, eps=1e-6, backend=backend)
+class _AddThenNorm(nn.Module):
+    """The unfused reference: s = residual + x (+ x_bias), then ``norm(s)``; returns (norm(s), s)."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, r, xb=None):
+        s = r + x if xb is None else r + x + xb
+        return self.norm(s), s
+
+
+def _random_affine(module: nn.Module) -> tuple[nn.Module, nn.LayerNorm]:
+    """``module`` with random affine parameters, and torch's LayerNorm holding the same ones."""
     with torch.no_grad():
-        ours.weight.normal_()
-        ours.bias.normal_()
+        module.weight.normal_()
+        module.bias.normal_()
     ref = nn.LayerNorm(24, eps=1e-6)
-    ref.load_state_dict(ours.state_dict())
+    ref.load_state_dict(module.state_dict())
+    return module, ref
 
-    class Unfused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = ref
 
-        def forward(self, x, r):
-            s = r + x
-            return self.norm(s), s
-
-    x, r = torch.randn(5, 3, 24), torch.randn(5, 3, 24)
-    a, b = _run(ours, x, r), _run(Unfused(), x, r)
+def _against_unfused(ours: nn.Module, ref: nn.LayerNorm, *args):
+    a, b = _run(ours, *args), _run(_AddThenNorm(ref), *args)
     b = (b[0], b[1], {k.removeprefix("norm."): v for k, v in b[2].items()})
     _assert_same(a, b, exact=False)
+    return a
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_add_layer_norm(seeded, backend):
+    ours, ref = _random_affine(mnn.AddLayerNorm(24, eps=1e-6, backend=backend))
+    x, r = torch.randn(5, 3, 24), torch.randn(5, 3, 24)
+    _against_unfused(ours, ref, x, r)
     y, s = ours(x)  # residual=None: the first block of a stack
     assert torch.equal(s, x) and torch.allclose(y, ref(x), **TOL)
 
@@ -95,26 +107,9 @@ def test_layer_norm_with_a_residual_is_the_fused_add(seeded, backend):
     """``LayerNorm(x, residual, x_bias)``: the pair (norm(s), s), s = residual + x + x_bias, against
     torch's adds then nn.LayerNorm; the same numbers as AddLayerNorm's; ``add_backend`` says fused
     or not."""
-    ours = mnn.LayerNorm(24, eps=1e-6, backend=backend)
-    with torch.no_grad():
-        ours.weight.normal_()
-        ours.bias.normal_()
-    ref = nn.LayerNorm(24, eps=1e-6)
-    ref.load_state_dict(ours.state_dict())
-
-    class Unfused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = ref
-
-        def forward(self, x, r, xb):
-            s = r + x + xb
-            return self.norm(s), s
-
+    ours, ref = _random_affine(mnn.LayerNorm(24, eps=1e-6, backend=backend))
     x, r, xb = torch.randn(5, 3, 24), torch.randn(5, 3, 24), torch.randn(24)
-    a, b = _run(ours, x, r, xb), _run(Unfused(), x, r, xb)
-    b = (b[0], b[1], {k.removeprefix("norm."): v for k, v in b[2].items()})
-    _assert_same(a, b, exact=False)
+    a = _against_unfused(ours, ref, x, r, xb)
     add = mnn.AddLayerNorm(24, eps=1e-6, backend=backend)
     add.load_state_dict(ours.state_dict())
     _assert_same(_run(add, x, r, xb), a, exact=True)
