@@ -6,7 +6,10 @@
 
 Prints one row per case: OK / SPILL / FAIL, registers, spill bytes, shared memory and the widths
 of the global loads / stores in bits. Exits 1 if any case fails to compile, a model-zoo case
-spills registers, or a kernel has no case. See maws_fast/bench/compile_check.py.
+spills registers, or a kernel has no case. The checker and the model-zoo shapes are
+kernels/maws_kernels/compile_check.py; each op declares its cases in its own module
+(``compile_scenarios``). This entry adds the trainer's environment columns (device, commit, date)
+to the JSON.
 """
 import os
 import sys
@@ -15,7 +18,8 @@ import sys
 # that cannot be compiled, and maws_kernels is imported below. This is this script's own process.
 os.environ.pop("TRITON_INTERPRET", None)
 
-from maws_fast.bench.compile_check import main  # noqa: E402
+from maws_fast.bench.common import env_info  # noqa: E402
+from maws_kernels.compile_check import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], env=env_info()))

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from maws_kernels._backend import resolve_backend
+from maws_kernels._scenarios import PRECISIONS, CompileShapes, Scenario, dt_name, empty, op_impl
 
 from maws_kernels._triton import tl, triton
 
@@ -468,3 +469,40 @@ def fused_adamw_multi_(
         return
     _fused_adamw_multi_launch(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), step, lr, beta1, beta2,
                               eps, weight_decay)
+
+
+# --- compile scenarios: what maws_kernels.compile_check compiles (see _scenarios.py) ---------------
+def _compile_flat(dev: str, n: int, grad_dtype: torch.dtype, copy_dtype: Optional[torch.dtype], beta1: float) -> None:
+    p, ea, eas = (empty((n,), torch.float32, dev) for _ in range(3))
+    copy = empty((n,), copy_dtype, dev) if copy_dtype is not None else None
+    op_impl(_fused_adamw_op)(p, empty((n,), grad_dtype, dev), ea, eas, copy, 1, 1.5e-4, beta1, 0.95, 1e-8, 0.05, None)
+
+
+def _compile_multi(dev: str, numels: tuple[int, ...], grad_dtype: torch.dtype, beta1: float, aligned: bool) -> None:
+    """FusedAdamW's multi-tensor step over tensors of these sizes (one param group), from fake tables."""
+    block, _ = _launch_config(torch.device("cuda"))
+    chunks = sum(-(-n // block) for n in numels)
+    tables = tuple(empty((len(numels),), torch.int64, dev) for _ in range(4))
+    _adamw_multi_launch_tables(tables, empty((len(numels),), torch.int64, dev), empty((chunks,), torch.int32, dev),
+                               empty((chunks,), torch.int64, dev), grad_dtype, 1, 1.5e-4, beta1, 0.95, 1e-8, 0.05,
+                               aligned)
+
+
+def compile_scenarios(shapes: CompileShapes) -> Iterator[Scenario]:
+    """One flat fp32 master shard (grads in fp32 and each activation dtype, with and without a model
+    copy) and the multi-tensor step over each parameter set; beta1 < 0.5 flips torch's lerp formula
+    (LERP_SMALL_W); a tensor off a 16-byte boundary takes the scalar-load path."""
+    grads = sorted({PRECISIONS[p][0] for p in shapes.precisions} | {torch.float32}, key=str)
+    for n in shapes.flat_numels:
+        for g in grads:
+            for copy in (None, torch.bfloat16, torch.float16) if shapes.variants else (None, torch.bfloat16):
+                for beta1 in (0.9, 0.3):
+                    yield Scenario(f"n={n} grad={dt_name(g)} copy={copy and dt_name(copy)} beta1={beta1}",
+                                   _compile_flat, (n, g, copy, beta1))
+    for name, numels in shapes.param_sets:
+        for g in grads:
+            for beta1 in (0.9, 0.3):
+                yield Scenario(f"multi {name} tensors={len(numels)} grad={dt_name(g)} beta1={beta1}", _compile_multi,
+                               (numels, g, beta1, True))
+            yield Scenario(f"multi {name} tensors={len(numels)} grad={dt_name(g)} unaligned", _compile_multi,
+                           (numels, g, 0.9, False))

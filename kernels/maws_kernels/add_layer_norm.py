@@ -20,13 +20,14 @@ fixed order. No atomics: deterministic.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
+from maws_kernels._scenarios import CompileShapes, Scenario, empty, op_impl
 # Shared policy with layer_norm (same row-in-registers limit, same reduction shape); _num_sms is
 # looked up as this module's global at launch time, so compile_check can answer it for a target.
 from maws_kernels.layer_norm import (_BWD_PROGRAMS_PER_SM, _MAX_D, _REDUCE_MAX_G, _REDUCE_TILE, _num_sms,
@@ -469,3 +470,24 @@ def add_layer_norm_ref(
         x, residual, weight, bias, x_bias = (t.float() if t is not None else None
                                              for t in (x, residual, weight, bias, x_bias))
     return _add_layer_norm_torch(x, residual, weight, bias, eps, x_bias)
+
+
+# --- compile scenarios: what maws_kernels.compile_check compiles (see _scenarios.py) ---------------
+def _compile_run(dev: str, M: int, D: int, act: torch.dtype, data: torch.dtype, residual: bool, with_ds: bool) -> None:
+    x = empty((M, D), act, dev)
+    r = empty((M, D), act, dev) if residual else None
+    w, b, xb = (empty((D,), data, dev) for _ in range(3))
+    y, s, mean, rstd = op_impl(_add_layer_norm_fwd_op)(x, r, w, b, xb, 1e-6)
+    op_impl(_add_layer_norm_bwd_op)(y, s if with_ds else None, s, w, mean, rstd, act, act if residual else None,
+                                    data, data)
+
+
+def compile_scenarios(shapes: CompileShapes) -> Iterator[Scenario]:
+    """Forward + backward at the MAE encoder's and decoder's token rows and widths: with a residual and
+    a gradient into the sum s (a block's first norm), without ds (the last), without a residual."""
+    for s in shapes.steps():
+        for where, M, D in s.blocks()[:2]:  # enc, dec
+            for residual, with_ds in ((True, True), (True, False), (False, True)):
+                flags = ("" if with_ds else " no-ds") if residual else " no-residual"
+                yield Scenario(f"{s.tag} add-ln {where} M={M} D={D} {s.prec}{flags}", _compile_run,
+                               (M, D, s.act, s.data, residual, with_ds))

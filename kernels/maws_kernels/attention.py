@@ -22,13 +22,14 @@ the same kernels with ``VARLEN`` set read each program's sequence start and leng
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
 from maws_kernels._grid import check_grid
+from maws_kernels._scenarios import CompileShapes, Scenario, dt_name, empty, op_impl
 
 _IMPLEMENTED = ("triton", "torch")
 _MAX_D = 128  # the Q tile, accumulator and K/V tiles must stay in registers / shared memory
@@ -684,3 +685,39 @@ def attention_varlen_ref(
     if not outs:
         return (q.float() if upcast else q).new_empty(q.shape)
     return torch.cat(outs, dim=0)
+
+
+# --- compile scenarios: what maws_kernels.compile_check compiles (see _scenarios.py) ---------------
+def _compile_run(dev: str, B: int, H: int, N: int, D: int, dtype: torch.dtype, varlen: bool) -> None:
+    """Forward + backward as a ViT calls them: q, k, v are (B, H, N, D) views of one packed (B, N, 3, H, D)
+    qkv; varlen packs B sequences of N tokens as (B * N, H, D) slices of (T, 3, H, D)."""
+    if varlen:
+        q, k, v = empty((B * N, 3, H, D), dtype, dev).unbind(1)
+        cu = empty((B + 1,), torch.int32, dev)
+    else:
+        q, k, v = empty((B, N, 3, H, D), dtype, dev).permute(2, 0, 3, 1, 4).unbind(0)
+        cu = None
+    o, lse = op_impl(_attention_fwd_op)(q, k, v, cu, N, D ** -0.5)
+    op_impl(_attention_bwd_op)(o, q, k, v, o, lse, cu, N, D ** -0.5)
+
+
+def compile_scenarios(shapes: CompileShapes) -> Iterator[Scenario]:
+    """Every attention of a model's steps: MAE encoder (kept patches + cls; also varlen), MAE decoder,
+    WSP / fine-tuning (every patch + cls), high-resolution fine-tuning. Without variants each (head dim,
+    dtype) compiles once, varlen once per dtype and fp32 at the encoder only (5 autotune configs x 3
+    kernels each; N and H barely change the binary)."""
+    seen: set = set()
+    for s in shapes.steps():
+        m, B = s.model, s.batch
+        enc_d, dec_d = m.width // m.heads, m.dec_width // m.dec_heads
+        # (where, heads, tokens, head dim)
+        attentions = (("enc", m.heads, m.keep + 1, enc_d), ("dec", m.dec_heads, m.num_patches + 1, dec_d),
+                      ("wsp", m.heads, m.num_patches + 1, enc_d), ("ft-hires", m.heads, shapes.hires_tokens, enc_d))
+        for where, H, N, D in attentions:
+            for varlen in (False, True) if where == "enc" else (False,):
+                key = (s.act, varlen) if varlen else (s.act, D)
+                if not shapes.variants and (key in seen or (s.act == torch.float32 and where != "enc")):
+                    continue
+                seen.add(key)
+                yield Scenario(f"{s.tag} attn {where} H={H} N={N} D={D} {dt_name(s.act)}{' varlen' if varlen else ''}",
+                               _compile_run, (B, H, N, D, s.act, varlen))

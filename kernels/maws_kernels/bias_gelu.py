@@ -18,7 +18,7 @@ instead lets torch sum the stored dx (``dx.float().sum(0)``), the path the bench
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
 from maws_kernels._grid import check_grid
+from maws_kernels._scenarios import CompileShapes, Scenario, empty, op_impl
 # _num_sms: a module global here too, so the compile check can stand in for it
 from maws_kernels.layer_norm import _num_sms, sum_partials
 
@@ -306,3 +307,23 @@ def bias_gelu_ref(x: torch.Tensor, bias: Optional[torch.Tensor] = None, upcast: 
         bias = bias.float() if bias is not None else None
     z = x + bias if bias is not None else x
     return F.gelu(z).to(x.dtype)
+
+
+# --- compile scenarios: what maws_kernels.compile_check compiles (see _scenarios.py) ---------------
+def _compile_run(dev: str, M: int, N: int, act: torch.dtype, data: torch.dtype, has_bias: bool, fuse: bool) -> None:
+    x = empty((M, N), act, dev)
+    b = empty((N,), data, dev) if has_bias else None
+    y = op_impl(_bias_gelu_fwd_op)(x, b, fuse)
+    op_impl(_bias_gelu_bwd_op)(y, x, b, has_bias, fuse)
+
+
+def compile_scenarios(shapes: CompileShapes) -> Iterator[Scenario]:
+    """Forward + backward on the MLP hidden rows of the MAE encoder, decoder and WSP encoder: dbias
+    fused, dbias by torch, no bias."""
+    for s in shapes.steps():
+        for where, M, D in s.blocks():
+            N = int(s.model.mlp_ratio * D)
+            for has_bias, fuse in ((True, True), (True, False), (False, True)):
+                flags = ("" if fuse else " torch-dbias") if has_bias else " no-bias"
+                yield Scenario(f"{s.tag} mlp {where} M={M} N={N} {s.prec}{flags}", _compile_run,
+                               (M, N, s.act, s.data, has_bias, fuse))

@@ -16,11 +16,14 @@ input, weight and bias gradients -- the (B, V) logits exist one chunk at a time.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
 from maws_kernels._grid import check_grid
+from maws_kernels._scenarios import PRECISIONS, CompileShapes, Scenario, empty, op_impl
 
 _IMPLEMENTED = ("triton", "torch")
 _MAX_BLOCK_V = 4096
@@ -435,3 +438,42 @@ def _ref_rows(logits: torch.Tensor, targets: torch.Tensor, upcast: bool) -> torc
 def soft_target_cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, upcast: bool = True) -> torch.Tensor:
     """Reference: (B, V) logits, (B, V) targets -> scalar mean loss (fp16/bf16 upcast to fp32 when upcast)."""
     return _ref_rows(logits, targets, upcast).mean()
+
+
+# --- compile scenarios: what maws_kernels.compile_check compiles (see _scenarios.py) ---------------
+def _compile_targets(dev, B, V, T, data, sparse):
+    """(targets, ids, wts): dense (B, V) targets, or T sparse tags per row."""
+    if sparse:
+        return None, empty((B, T), torch.int64, dev), empty((B, T), data, dev)
+    return empty((B, V), data, dev), None, None
+
+
+def _compile_ce(dev: str, B: int, V: int, T: int, act: torch.dtype, data: torch.dtype, sparse: bool) -> None:
+    logits = empty((B, V), act, dev)
+    tgt, ids, wts = _compile_targets(dev, B, V, T, data, sparse)
+    loss, lse, tsum = op_impl(_ce_fwd_op)(logits, tgt, ids, wts)
+    op_impl(_ce_bwd_op)(loss, logits, lse, tsum, tgt, ids, wts)
+
+
+def _compile_linear_ce(dev: str, B: int, D: int, V: int, T: int, act: torch.dtype, data: torch.dtype,
+                       sparse: bool) -> None:
+    x, w, bias = empty((B, D), act, dev), empty((V, D), act, dev), empty((V,), act, dev)
+    tgt, ids, wts = _compile_targets(dev, B, V, T, data, sparse)
+    op_impl(_linear_ce_op)(x, w, bias, tgt, ids, wts, max(1, (1 << 24) // V), True)  # the default chunk_rows
+
+
+def compile_scenarios(shapes: CompileShapes) -> Iterator[Scenario]:
+    """Soft-target CE forward + backward and the fused head + CE (with gradients), sparse and dense
+    targets, at every vocabulary and batch."""
+    for prec in shapes.precisions:
+        act, data = PRECISIONS[prec]
+        for V, T in shapes.vocabs:
+            for B in shapes.batches:
+                for sparse in (True, False):
+                    kind = f"sparse T={T}" if sparse else "dense"
+                    yield Scenario(f"b{B} V={V} {kind} {prec}", _compile_ce, (B, V, T, act, data, sparse))
+                    # linear CE slices x per chunk, which fake CUDA tensors cannot do (no CUDA device
+                    # guard in a CPU torch); its launcher makes no device-dependent choice, so meta is exact.
+                    D = shapes.head_width
+                    yield Scenario(f"linear b{B} D={D} V={V} {kind} {prec}", _compile_linear_ce,
+                                   (B, D, V, T, act, data, sparse), device="meta")

@@ -16,13 +16,14 @@ and x / dy are read once (torch's native backward reads them again for dweight /
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import resolve_backend, unit_last_stride
+from maws_kernels._scenarios import PRECISIONS, CompileShapes, Scenario, empty, op_impl
 
 _IMPLEMENTED = ("triton", "torch")
 _MAX_D = 16384  # a row must fit in registers; beyond this use backend="torch"
@@ -373,3 +374,24 @@ def layer_norm_ref(
         weight = weight.float() if weight is not None else None
         bias = bias.float() if bias is not None else None
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+# --- compile scenarios: what maws_kernels.compile_check compiles (see _scenarios.py) ---------------
+def _compile_run(dev: str, M: int, D: int, act: torch.dtype, data: torch.dtype, affine: bool) -> None:
+    x = empty((M, D), act, dev)
+    w, b = (empty((D,), data, dev), empty((D,), data, dev)) if affine else (None, None)
+    y, mean, rstd = op_impl(_layer_norm_fwd_op)(x, w, b, 1e-6)
+    op_impl(_layer_norm_bwd_op)(y, x, w, mean, rstd, data if affine else act)
+
+
+def compile_scenarios(shapes: CompileShapes) -> Iterator[Scenario]:
+    """Forward + backward (and its reduction) at the MAE encoder's and decoder's token rows and widths,
+    with and without weight and bias; variants: rows as wide as _MAX_D, and odd widths."""
+    for s in shapes.steps():
+        for where, M, D in s.blocks()[:2]:  # enc, dec
+            for affine in (True, False):
+                yield Scenario(f"{s.tag} {where} M={M} D={D} {s.prec}{'' if affine else ' no-affine'}", _compile_run,
+                               (M, D, s.act, s.data, affine))
+    for prec in shapes.precisions if shapes.variants else ():
+        for D in (8192, 16384, 1000, 100, 1):
+            yield Scenario(f"wide/odd M=50432 D={D} {prec}", _compile_run, (50432, D, *PRECISIONS[prec], True))

@@ -13,11 +13,14 @@ writes d(pred) in one pass. The images are data: no gradient flows to them.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import extension, resolve_backend, unit_last_stride
 from maws_kernels._grid import check_grid
+from maws_kernels._scenarios import CompileShapes, Scenario, Step, empty, op_impl
 from maws_kernels.patch import _check_images, _patch_pixel_offsets, patchify
 
 _IMPLEMENTED = ("triton", "cuda", "torch")
@@ -236,3 +239,25 @@ def norm_pix_loss_ref(
     loss = (pred - target) ** 2
     loss = loss.mean(dim=-1)  # (B, L) per-patch MSE
     return (loss * mask).sum() / mask.sum()
+
+
+# --- compile scenarios: what maws_kernels.compile_check compiles (see _scenarios.py) ---------------
+def _compile_run(dev: str, s: Step, norm_pix: bool, cls_view: bool) -> None:
+    m, B = s.model, s.batch
+    L, P = m.num_patches, m.patch * m.patch * m.chans
+    img = empty((B, m.chans, m.img, m.img), s.data, dev)
+    # cls_view: the official decoder's pred[:, 1:] (row stride (L + 1) * P, offset P)
+    pred = empty((B, L + 1, P), s.act, dev).narrow(1, 1, L) if cls_view else empty((B, L, P), s.act, dev)
+    mask = empty((B, L), torch.float32, dev)
+    rows = op_impl(_rows_op)(pred, img, mask, m.patch, norm_pix, 1e-6, "triton")
+    op_impl(_bwd_op)(rows, pred, img, mask, m.patch, norm_pix, 1e-6, "triton")  # gscale (B, L) fp32
+
+
+def compile_scenarios(shapes: CompileShapes) -> Iterator[Scenario]:
+    """The loss rows and their backward at each model's MAE shapes, with and without the per-patch
+    normalisation; variants: the official decoder's pred[:, 1:] view."""
+    for s in shapes.steps():
+        for norm in (True, False):
+            for view in (False, True) if shapes.variants else (False,):
+                yield Scenario(f"{s.tag} {s.prec} norm_pix={norm}{' cls-view' if view else ''}", _compile_run,
+                               (s, norm, view))

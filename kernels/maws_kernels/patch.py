@@ -11,11 +11,14 @@ code instead convolves all L patches and then gathers: 4x the patch-embed FLOPs 
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from maws_kernels._triton import tl, triton
 
 from maws_kernels._backend import extension, resolve_backend
 from maws_kernels._grid import check_grid
+from maws_kernels._scenarios import CompileShapes, Scenario, Step, dt_name, empty, op_impl
 
 _IMPLEMENTED = ("triton", "cuda", "torch")
 _NUM_WARPS = 4
@@ -242,3 +245,18 @@ def masked_patchify_ref(images: torch.Tensor, ids_keep: torch.Tensor, patch_size
     idx = ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
     return torch.gather(patches, 1, idx)
 
+
+# --- compile scenarios: what maws_kernels.compile_check compiles (see _scenarios.py) ---------------
+def _compile_run(dev: str, s: Step, channels_last: bool) -> None:
+    m = s.model
+    img = empty((s.batch, m.chans, m.img, m.img), s.data, dev, channels_last)
+    ids = empty((s.batch, m.keep), torch.int64, dev)
+    out = op_impl(_masked_patchify_op)(img, ids, m.patch, "triton")
+    op_impl(_masked_patchify_bwd_op)(out, ids, m.patch, m.chans, m.img, m.img, "triton")
+
+
+def compile_scenarios(shapes: CompileShapes) -> Iterator[Scenario]:
+    """masked_patchify forward + backward on each model's MAE images; variants: channels-last images."""
+    for s in shapes.steps():
+        for cl in (False, True) if shapes.variants else (False,):
+            yield Scenario(f"{s.tag} {dt_name(s.data)}{' nhwc' if cl else ''}", _compile_run, (s, cl))

@@ -223,7 +223,7 @@ class _LaunchRecorder:
 def _kernels() -> list[tuple[object, str, object]]:
     """(module, name, kernel) of every ``*_kernel`` of maws_kernels -- jitted, autotuned or interpreted
     (the compile check's ``find_kernels`` accepts compilable ones only)."""
-    from maws_fast.bench.compile_check import kernel_modules
+    from maws_kernels.compile_check import kernel_modules
 
     return [(mod, n, v) for mod in kernel_modules().values() for n, v in vars(mod).items()
             if n.endswith("_kernel") and hasattr(v, "fn")]

@@ -2,10 +2,11 @@
 
 The other kernel tests run under Triton's interpreter, which accepts code the GPU compiler
 rejects (layouts, shared-memory and register limits, ptxas errors) and never spills. This test
-runs ``benchmarks/compile_kernels.py`` -- each kernel as its launcher calls it at every model-zoo
-training shape, in fp32, bf16 and bf16 autocast -- and checks its JSON report. It runs in a
-subprocess without TRITON_INTERPRET: tests/conftest.py sets it for this process, and kernels
-imported under it are interpreter functions that cannot be compiled.
+runs ``benchmarks/compile_kernels.py`` (over ``maws_kernels.compile_check``) -- each kernel as its
+launcher calls it in its op's ``compile_scenarios`` at every model-zoo training shape, in fp32, bf16
+and bf16 autocast -- and checks its JSON report. It runs in a subprocess without TRITON_INTERPRET:
+tests/conftest.py sets it for this process, and kernels imported under it are interpreter functions
+that cannot be compiled.
 """
 import json
 import os
@@ -17,7 +18,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from maws_fast.bench.compile_check import check_launch  # noqa: E402
+from maws_kernels.compile_check import check_launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "compile_kernels.py"
@@ -58,8 +59,8 @@ def test_model_zoo_configs_do_not_spill_registers(report):
 @pytest.mark.slow
 def test_every_kernel_is_compiled_in_fp32_and_bf16(report):
     assert not report["kernels_without_cases"], (
-        f"kernels no scenario launches: {report['kernels_without_cases']}; add a scenario to "
-        "maws_fast/bench/compile_check.py")
+        f"kernels no scenario launches: {report['kernels_without_cases']}; add one to the compile_scenarios of "
+        "their module in kernels/maws_kernels/ (see maws_kernels/_scenarios.py)")
     seen: dict[str, set[str]] = {}
     for r in report["results"]:
         if r["status"] != "FAIL":
