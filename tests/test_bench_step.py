@@ -166,17 +166,18 @@ def test_checkpointing_modes_keep_less_and_recompute_the_counted_gemms(stage):
 def test_fit_model_state_is_what_the_engine_keeps(zero_stage):
     """At one rank the fit table's model state is exactly our engine's memory_report (bf16 weights)."""
     from maws_fast.bench.fit import state_bytes
-    from maws_fast.parallel.engine import parallelize
-    from maws_fast.parallel.mesh import single_process
+    from maws_fast.parallel.engine import AdamWSpec, build_engine
+    from maws_fast.parallel.mesh import ParallelDims, ParallelLayout, single_process
     from maws_fast.train.objectives import MAEObjective
     from maws_fast.train.optim import param_groups
 
     m = build_mae(model_preset("tiny"))
     n = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    e = parallelize(MAEObjective(m, 0.75, 0), single_process(), param_groups(m, 0.05), zero_stage=zero_stage,
-                    param_dtype="bf16")
+    e = build_engine(MAEObjective(m, 0.75, 0), single_process(),
+                     ParallelLayout(ParallelDims(1), zero_stage=zero_stage, param_dtype="bf16"),
+                     AdamWSpec.of(m, param_groups(m, 0.05)))
     e.zero_grad()
-    e.backward(e.model(torch.randn(2, 1, 28, 28), None, 0))
+    e.backward(e.objective(torch.randn(2, 1, 28, 28), None, 0))
     e.step(1e-4, None)
     assert sum(e.memory_report().values()) == state_bytes(n, zero_stage, 1) == 16 * n
     # sharded over 8: ZeRO-1 the optimizer, ZeRO-2 the gradients too, ZeRO-3 everything

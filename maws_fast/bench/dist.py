@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_leaves
 
 from maws_fast.bench.common import env_info, sync, time_steps
 from maws_fast.bench.results import FAILED, ResultsFile, error_summary, is_measured
-from maws_fast.config import PRESETS, OptimConfig, model_preset
+from maws_fast.config import PRESETS, OptimConfig, ParallelConfig, RunConfig, model_preset
 from maws_fast.errors import ConfigError, UserError
 
 ENGINES = ("ours:1", "ours:2", "ours:3", "fsdp2", "ddp")
@@ -186,18 +186,22 @@ def _objective(args, cfg, mesh) -> nn.Module:
 
 
 def build_bench_engine(engine: str, stage: int | None, objective: nn.Module, mesh, device: torch.device, args):
-    """ADAPTER: the engine under test, built exactly as the trainer builds it (maws_fast.parallel.engine).
+    """ADAPTER: the engine under test, built exactly as the trainer builds it (maws_fast.train.parallelize;
+    no activation checkpointing, no compile).
 
     DDP keeps fp32 weights (it has no bf16 model copy); with ``--param-dtype bf16`` every engine
     computes under bf16 autocast, so DDP then runs as the trainer's ``run.precision=bf16``.
     """
-    from maws_fast.parallel.engine import parallelize
+    from maws_fast.parallel.engine import AdamWSpec
     from maws_fast.train.optim import param_groups
+    from maws_fast.train.parallelize import parallelize
 
     optim = OptimConfig(batch_size=args.batch_size)
-    return parallelize(objective, mesh, param_groups(objective.model, optim.weight_decay), engine=engine,
-                       zero_stage=stage if stage is not None else 2, betas=(optim.beta1, optim.beta2), bucket_mb=args.bucket_mb,
-                       param_dtype="fp32" if engine == "ddp" else args.param_dtype, device=device)
+    parallel = ParallelConfig(engine=engine, zero_stage=stage if stage is not None else 2, tp=mesh.dims.tp,
+                              bucket_mb=args.bucket_mb, param_dtype="fp32" if engine == "ddp" else args.param_dtype)
+    adamw = AdamWSpec.of(objective.model, param_groups(objective.model, optim.weight_decay),
+                         betas=(optim.beta1, optim.beta2))
+    return parallelize(objective, mesh, parallel, RunConfig(), adamw, device)
 
 
 def psi_of(eng) -> int:
@@ -330,7 +334,7 @@ def _bench_engine(engine: str, stage: int | None, args, cfg, mesh, device: torch
     def step():
         eng.zero_grad()
         with amp:
-            loss = eng.model(imgs, targets, next(steps))
+            loss = eng.objective(imgs, targets, next(steps))
         eng.backward(loss)
         eng.step(lr, None)  # no clipping: its norm all-reduce is not part of the 2Ψ / 3Ψ accounting
 

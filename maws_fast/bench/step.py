@@ -170,10 +170,12 @@ def measure_variant(stage: str, preset: str, variant: str, num_classes: int, bat
     compiling and autotuning are not a step's time or memory. A compile variant compiles from
     empty dynamo caches (each variant is a new model; see :mod:`maws_fast.train.regional_compile`)
     and its row counts the graphs it compiled."""
-    from maws_fast.parallel.engine import parallelize
+    from maws_fast.config import ParallelConfig, RunConfig
+    from maws_fast.parallel.engine import AdamWSpec
     from maws_fast.parallel.mesh import single_process
     from maws_fast.train.optim import param_groups
-    from maws_fast.train.regional_compile import regional_compile
+    from maws_fast.train.parallelize import parallelize
+    from maws_fast.train.regional_compile import compile_scope
 
     backend = compile_backend(backend_name) if variant in MEASURED_ONLY else None
     model = _model(stage, preset, variant, num_classes, cast=False).to(device)
@@ -200,18 +202,20 @@ def measure_variant(stage: str, preset: str, variant: str, num_classes: int, bat
         else:
             objective = MAEObjective(model, 0.75, seed=0) if stage == "mae" else WSPObjective(model)
             param_dtype = "fp32" if variant == "ours eager (autocast)" else "bf16"  # bf16: the engine makes the model copy
-            engine = parallelize(objective, single_process(), param_groups(model, 0.05), engine="ours", zero_stage=0,
-                                 betas=(0.9, 0.95), param_dtype=param_dtype, device=device,
-                                 kernel_backend=model.kernel_backend)
-            # as the loop: after parallelize, dynamo's caches and recompile limit scoped to this model
-            scope.enter_context(regional_compile(f"{stage} {preset} {variant} ckpt {checkpoint}", model, checkpoint,
-                                                 compile=variant == "ours compile", backend=backend))
+            parallel = ParallelConfig(engine="ours", zero_stage=0, param_dtype=param_dtype)
+            run = RunConfig(activation_checkpoint=checkpoint, compile=variant == "ours compile")
+            # as the loop: dynamo's caches and recompile limit scoped to this model, parallelize inside the scope
+            compiled = scope.enter_context(compile_scope(f"{stage} {preset} {variant} ckpt {checkpoint}", model,
+                                                         run.compile, backend=backend))
+            engine = parallelize(objective, single_process(), parallel, run,
+                                 AdamWSpec.of(model, param_groups(model, 0.05), betas=(0.9, 0.95)), device,
+                                 compiled=compiled)
             amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
             def step():
                 engine.zero_grad()
                 with amp:
-                    loss = engine.model(imgs, target, 0)
+                    loss = engine.objective(imgs, target, 0)
                 engine.backward(loss)
                 engine.step(1e-4, None)
         start = compile_counts()

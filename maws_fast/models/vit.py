@@ -212,13 +212,18 @@ def set_block_options(model: nn.Module, activation_checkpoint: str = "none", com
     through ``torch.compile`` on its own, as torchtitan compiles per block; the module's own
     ``__call__`` stays eager, so the hooks that parallel engines put on a block (ZeRO-3 gathers,
     FSDP2) run around the compiled region, and a recomputation in backward reruns only the body,
-    with the parameters the pre-backward hook gathered. Blocks share one compiled graph per
-    distinct shape. ``backend``: the dynamo backend (a name or a callable).
+    with the parameters the pre-backward hook gathered. Compilation is lazy (at a block's first
+    call), so the options may be set before an engine shards the parameters: both are instance
+    attributes, which FSDP2's swap of the block's class leaves in place. Blocks share one compiled
+    graph per distinct shape. ``backend``: the dynamo backend (a name or a callable).
 
-    Every block of every model shares the code object dynamo caches its variants on, so a process
-    that trains several models must scope those caches per model: the training loop and the
-    benchmarks call this through :func:`maws_fast.train.regional_compile.regional_compile`, which
-    resets them and sizes dynamo's recompile limit for the stage. Returns the number of blocks set.
+    The training loop and the step benchmark call this through
+    :func:`maws_fast.train.parallelize.parallelize`, in torchtitan's order: after tensor parallelism
+    has split the blocks, before the data-parallel engine. Every block of every model shares the
+    code object dynamo caches its variants on, so a process that trains several models must scope
+    those caches per model: with ``compile`` they do it inside
+    :func:`maws_fast.train.regional_compile.compile_scope`, which resets them and sizes dynamo's
+    recompile limit for the stage. Returns the number of blocks set.
     """
     if activation_checkpoint not in CHECKPOINT_MODES:
         raise ValueError(f"activation checkpoint {activation_checkpoint!r} is not one of {CHECKPOINT_MODES}")

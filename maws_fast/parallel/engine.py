@@ -1,12 +1,16 @@
-"""Engines and the one ``parallelize()`` that applies them, in a fixed order.
+"""The data-parallel engines and :func:`build_engine`, the lower-level builder of one.
 
-``parallelize(objective, mesh, param_groups, ...)``: tensor parallel first (the model's blocks are
-split in place), then the data-parallel engine wraps the result. Three engines implement
-:class:`Engine`, the interface the training loop and the benchmarks use:
+Three engines implement :class:`Engine`, the interface the training loop and the benchmarks use:
 
 * ``ours``  -- :class:`~maws_fast.parallel.zero.ZeroEngine`, ZeRO stage 0-3 on flat buckets;
 * ``fsdp2`` -- :class:`FSDP2Engine`: PyTorch's ``fully_shard`` per block + root (our baseline);
 * ``ddp``   -- :class:`DDPEngine`: PyTorch's DistributedDataParallel.
+
+An engine is the LAST step of :func:`maws_fast.train.parallelize.parallelize`, which applies
+tensor parallelism, activation checkpointing and compile to the network first (torchtitan's
+order; that function lives in the train layer because it composes this package with the models').
+:func:`build_engine` takes what it needs as data: the validated
+:class:`~maws_fast.parallel.mesh.ParallelLayout` and the :class:`AdamWSpec` the engine owns.
 
 An objective is a module whose ``forward(imgs, targets, step, micro, accum)`` returns the loss and
 whose ``model`` attribute is the network; every engine names parameters relative to ``model``
@@ -17,16 +21,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from maws_fast.config import PARALLEL_ENGINES
-from maws_fast.errors import ConfigError
-from maws_fast.parallel.mesh import Mesh
-from maws_fast.parallel.tensor import Piece, apply_tensor_parallel, transformer_blocks
+from maws_fast.parallel.mesh import Mesh, ParallelLayout
+from maws_fast.parallel.tensor import Piece, tp_layout, transformer_blocks
 from maws_fast.parallel.zero import ZeroEngine
 
 # A parameter group by name: (its options, e.g. {"weight_decay": 0.05}, the names of its parameters).
@@ -40,8 +43,9 @@ class Engine(Protocol):
 
     Attributes:
         name: ``ours`` | ``fsdp2`` | ``ddp`` (recorded in checkpoints).
-        objective: the module handed to :func:`parallelize`; ``objective.model`` is the network.
-        model: what to call for the loss: ``model(imgs, targets, step, micro, accum)``.
+        objective: what training calls for the loss: ``objective(imgs, targets, step, micro, accum)``
+            (the objective handed to :func:`build_engine`; for DDP over several ranks, DDP's wrapper of it).
+        model: the network, ``objective.model`` of the objective handed in (TP-split, sharded in place).
         step_count: optimizer steps taken (AdamW's bias correction; saved in checkpoints).
     """
 
@@ -118,7 +122,7 @@ def named_groups(model: nn.Module, param_groups: list[dict]) -> NamedGroups:
         other = sorted(set(g) - {"params", *GROUP_OPTIONS})
         if other:
             raise ValueError(f"param group options {other} are not supported by the engines; a group sets only "
-                             f"{GROUP_OPTIONS} (lr, betas and eps are parallelize()'s and step()'s, for every group)")
+                             f"{GROUP_OPTIONS} (lr, betas and eps are the engine's: AdamWSpec and step(), for every group)")
         group_names = []
         for p in g["params"]:
             n = names.get(id(p))
@@ -134,6 +138,29 @@ def named_groups(model: nn.Module, param_groups: list[dict]) -> NamedGroups:
         raise ValueError(f"trainable parameters {missing[:4]} ({len(missing)} in all) are in no param group; every "
                          "engine trains all of them: put them in a group (weight_decay 0 for none)")
     return out
+
+
+@dataclass(frozen=True)
+class AdamWSpec:
+    """The AdamW an engine owns: its parameter groups and constants (the lr comes with each step).
+
+    The groups are held by parameter name (timm keys), not by tensor: tensor parallelism replaces
+    the split layers' parameters, names survive. Build it with :meth:`of` before parallelizing.
+
+    Attributes:
+        groups: ``[(options, parameter names)]`` (see :func:`named_groups`).
+        betas, eps: AdamW's constants, for every group.
+    """
+
+    groups: NamedGroups
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    @classmethod
+    def of(cls, model: nn.Module, param_groups: list[dict], betas=(0.9, 0.999), eps: float = 1e-8) -> AdamWSpec:
+        """From torch-style ``param_groups`` over ``model``'s trainable parameters (every one in exactly one
+        group), each with its ``weight_decay`` (default 0), e.g. :func:`maws_fast.train.optim.param_groups`."""
+        return cls(named_groups(model, param_groups), tuple(betas), eps)
 
 
 def _even_range(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -154,14 +181,14 @@ class _TorchEngine:
 
     def __init__(self, objective: nn.Module, model: nn.Module, mesh: Mesh, groups: NamedGroups, betas, eps: float,
                  device: torch.device):
+        # objective: what training calls (DDP's wrapper for DDP); model: the network, parameters named from it
         self.objective, self.model, self.mesh, self.device = objective, model, mesh, device
-        self.inner = objective.model
-        named = dict(self.inner.named_parameters())
+        named = dict(self.model.named_parameters())
         torch_groups = [{**opts, "params": [named[n] for n in names]} for opts, names in groups]
         kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
         # weight_decay=0 is what a group without one gets (torch's AdamW default would be 0.01)
         self.optimizer = torch.optim.AdamW(torch_groups, lr=0.0, betas=tuple(betas), eps=eps, weight_decay=0.0, **kwargs)
-        self.params = [p for p in self.inner.parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     # --- what DDP and FSDP2 do differently ---------------------------------------------------------
     def _range(self, p: nn.Parameter, for_load: bool) -> tuple[int, int]:
@@ -198,7 +225,7 @@ class _TorchEngine:
                 "optim": sum(nb(v) for st in self.optimizer.state.values() for k, v in st.items() if k != "step")}
 
     def _ranges(self, for_load: bool) -> Iterator[tuple[str, nn.Parameter, Piece]]:
-        for name, p in self.inner.named_parameters():
+        for name, p in self.model.named_parameters():
             if p.requires_grad:
                 s, e = self._range(p, for_load)
                 yield name, p, Piece(name, tuple(p.shape), None, 0, 1, s, e)
@@ -239,7 +266,7 @@ class _TorchEngine:
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
-        for name, p in self.inner.named_parameters():
+        for name, p in self.model.named_parameters():
             if p.requires_grad:
                 out[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p.detach()).float().clone()
         return out
@@ -249,24 +276,26 @@ class _TorchEngine:
 
 
 class DDPEngine(_TorchEngine):
-    """PyTorch's DistributedDataParallel (every rank holds everything; one all-reduce per bucket)."""
+    """PyTorch's DistributedDataParallel (every rank holds everything; one all-reduce per bucket).
+
+    ``objective`` is DDP's wrapper of the objective over several data-parallel ranks (its forward
+    arms the gradient all-reduce), the objective itself in one.
+    """
 
     name = "ddp"
 
-    def __init__(self, objective: nn.Module, mesh: Mesh, groups: NamedGroups, betas, eps: float, device: torch.device,
-                 bucket_mb: float, param_dtype: str):
+    def __init__(self, objective: nn.Module, mesh: Mesh, layout: ParallelLayout, groups: NamedGroups, betas,
+                 eps: float, device: torch.device):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        if param_dtype != "fp32":
-            raise ConfigError("config: parallel.param_dtype=bf16 is an engine=ours / fsdp2 setting; DDP keeps fp32 "
-                              "weights (use --run.precision=bf16 for bf16 compute)")
-        model = DDP(objective, process_group=mesh.dp_group, bucket_cap_mb=bucket_mb,
-                    device_ids=[device.index] if device.type == "cuda" else None) if mesh.dims.dp > 1 else objective
-        super().__init__(objective, model, mesh, groups, betas, eps, device)
+        self._wrapped = mesh.dims.dp > 1
+        call = DDP(objective, process_group=mesh.dp_group, bucket_cap_mb=layout.bucket_mb,
+                   device_ids=[device.index] if device.type == "cuda" else None) if self._wrapped else objective
+        super().__init__(call, objective.model, mesh, groups, betas, eps, device)
 
     @contextlib.contextmanager
     def no_sync(self):
-        with self.model.no_sync() if self.model is not self.objective else contextlib.nullcontext():
+        with self.objective.no_sync() if self._wrapped else contextlib.nullcontext():
             yield
 
     def _range(self, p, for_load):
@@ -278,36 +307,37 @@ class DDPEngine(_TorchEngine):
 
 
 class FSDP2Engine(_TorchEngine):
-    """PyTorch's ``fully_shard`` on every transformer block, then on the root (dim-0 shards per rank)."""
+    """PyTorch's ``fully_shard`` on every transformer block, then on the root (dim-0 shards per rank).
+
+    ``fully_shard`` swaps each block's class for an FSDP subclass in place; the block's activation
+    checkpoint mode and compiled body, set before, are instance attributes and stay.
+    """
 
     name = "fsdp2"
 
-    def __init__(self, objective: nn.Module, mesh: Mesh, groups: NamedGroups, betas, eps: float, device: torch.device,
-                 param_dtype: str):
+    def __init__(self, objective: nn.Module, mesh: Mesh, layout: ParallelLayout, groups: NamedGroups, betas,
+                 eps: float, device: torch.device):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         dmesh = mesh.device_mesh["dp"] if mesh.device_mesh is not None else None
-        if dmesh is None:
+        if dmesh is None:  # one process in a process group (the layout refuses fsdp2 without one)
             from torch.distributed.device_mesh import init_device_mesh
 
-            if not dist.is_initialized():
-                raise ConfigError("config: parallel.engine=fsdp2 needs torch.distributed: launch with torchrun "
-                                  "(one process: --nproc_per_node=1)")
             dmesh = init_device_mesh(device.type, (1,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16) \
-            if param_dtype == "bf16" else MixedPrecisionPolicy()
+            if layout.param_dtype == "bf16" else MixedPrecisionPolicy()
         for _, blk in transformer_blocks(objective.model):
             fully_shard(blk, mesh=dmesh, mp_policy=mp)
         fully_shard(objective, mesh=dmesh, mp_policy=mp)
-        super().__init__(objective, objective, mesh, groups, betas, eps, device)
+        super().__init__(objective, objective.model, mesh, groups, betas, eps, device)
 
     @contextlib.contextmanager
     def no_sync(self):
-        self.model.set_requires_gradient_sync(False)
+        self.objective.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            self.model.set_requires_gradient_sync(True)
+            self.objective.set_requires_gradient_sync(True)
 
     def _range(self, p, for_load):
         w = self.mesh.dims.dp
@@ -323,43 +353,34 @@ class FSDP2Engine(_TorchEngine):
         return _local(t).reshape(-1)
 
 
-def parallelize(objective: nn.Module, mesh: Mesh, param_groups: list[dict], *, engine: str = "ours",
-                zero_stage: int = 2, betas=(0.9, 0.999), eps: float = 1e-8, bucket_mb: float = 25.0,
-                prefetch: bool = True, param_dtype: str = "fp32", device: torch.device | str = "cpu",
-                kernel_backend: str | None = None) -> Engine:
-    """Apply parallelism to ``objective`` in the fixed order TP -> data-parallel engine; return the engine.
+def build_engine(objective: nn.Module, mesh: Mesh, layout: ParallelLayout, optimizer: AdamWSpec,
+                 device: torch.device | str = "cpu", kernel_backend: str | None = None) -> Engine:
+    """The data-parallel engine of ``layout`` over ``objective``: the last step of
+    :func:`maws_fast.train.parallelize.parallelize`, which applies TP, activation checkpointing and
+    compile to the network first.
 
     Args:
         objective: module with ``forward(imgs, targets, step, micro, accum) -> loss`` and the network as
-            ``.model``, holding the same full weights on every rank.
+            ``.model``, holding the same weights on every rank (TP-split already where ``tp > 1``).
         mesh: from :func:`~maws_fast.parallel.mesh.init_distributed`.
-        param_groups: torch-style AdamW groups over ``objective.model``'s trainable parameters (every one
-            in exactly one group), each with its ``weight_decay`` (default 0), e.g.
-            :func:`maws_fast.train.optim.param_groups` (MAE's no-decay rule).
-        engine: ``ours`` | ``fsdp2`` | ``ddp``.
-        zero_stage: 0-3 (``ours`` only).
-        betas, eps: AdamW.
-        bucket_mb: gradient bucket size (ours stages 0-2, DDP).
-        prefetch: ours stage 3: all-gather the next block during the current one.
-        param_dtype: ``fp32`` | ``bf16`` (bf16 model weights, fp32 master / optimizer state).
-        device: training device.
-        kernel_backend: maws_kernels backend of the fused AdamW.
+        layout: the validated engine, ZeRO stage, weight dtype and buckets on ``mesh``'s degrees.
+        optimizer: the AdamW the engine owns (groups by name, betas, eps).
+        device: training device (where the engines' buffers live).
+        kernel_backend: maws_kernels backend of ours' fused AdamW (None = best).
     """
-    if engine not in PARALLEL_ENGINES:
-        raise ConfigError(f"config: parallel.engine: {engine!r} is not one of {PARALLEL_ENGINES}")
     device = torch.device(device)
-    tp = mesh.dims.tp
-    if tp > 1 and engine != "ours":
-        raise ConfigError(f"config: parallel.tp={tp} needs parallel.engine=ours (our column/row-parallel layers compose "
-                          f"with our ZeRO); engine={engine} runs data parallel only: set --parallel.tp=1")
-    groups = named_groups(objective.model, param_groups)  # before TP replaces the split parameters
-    apply_tensor_parallel(objective.model, mesh.tp_rank, tp, mesh.tp_group)
-    if engine == "ours":
-        return ZeroEngine(objective, mesh, zero_stage, groups, betas, eps, bucket_mb, prefetch, param_dtype,
-                          device, kernel_backend)
-    if engine == "ddp":
-        return DDPEngine(objective, mesh, groups, betas, eps, device, bucket_mb, param_dtype)
-    return FSDP2Engine(objective, mesh, groups, betas, eps, device, param_dtype)
+    if layout.dims != mesh.dims:
+        raise ValueError(f"the layout's degrees {layout.dims} are not the mesh's {mesh.dims}: build the layout "
+                         "from the mesh (ParallelLayout.of(parallel, mesh.dims))")
+    if mesh.dims.tp > 1 and not tp_layout(objective.model):
+        raise ValueError(f"tp={mesh.dims.tp} but objective.model has no tensor-parallel layer: apply "
+                         "maws_fast.parallel.tensor.apply_tensor_parallel first (train.parallelize.parallelize does)")
+    groups, betas, eps = optimizer.groups, optimizer.betas, optimizer.eps
+    if layout.engine == "ours":
+        return ZeroEngine(objective, mesh, layout, groups, betas, eps, device, kernel_backend)
+    if layout.engine == "ddp":
+        return DDPEngine(objective, mesh, layout, groups, betas, eps, device)
+    return FSDP2Engine(objective, mesh, layout, groups, betas, eps, device)
 
 
 @torch.no_grad()
@@ -368,12 +389,12 @@ def consolidated_state_dict(engine: Engine, mesh: Mesh) -> dict[str, torch.Tenso
 
     Frozen tensors (the sin-cos pos-embeds) are not included: every rank has them whole.
     """
-    from maws_fast.parallel.tensor import tp_full, tp_layout
+    from maws_fast.parallel.tensor import tp_full
 
     local = engine.full_state_dict()
     if mesh.dims.tp == 1:
         return local
-    splits = tp_layout(engine.objective.model)
+    splits = tp_layout(engine.model)
     out = {}
     for name, t in local.items():
         split = splits.get(name)

@@ -7,6 +7,10 @@ run is one process and no process group is created.
 
 Rank layout: ``rank = dp_rank * tp + tp_rank``. TP ranks are adjacent, so a TP group stays inside
 a node (its all-reduces run on NVLink) while DP groups span nodes.
+
+What runs on the mesh is a :class:`ParallelLayout`: the degrees (:class:`ParallelDims`) and the
+engine, ZeRO stage and weight dtype over them. It is the one place a parallel layout is checked
+at run time; every check names the setting and the fix.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from maws_fast.config import PARALLEL_ENGINES, ParallelConfig
+from maws_fast.config.fields import check
 from maws_fast.errors import ConfigError
 
 
@@ -44,6 +50,62 @@ class ParallelDims:
     @property
     def dp(self) -> int:
         return self.world // self.tp
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """What runs on a mesh of ``dims``: the engine, its ZeRO stage, weight dtype and buckets, validated.
+
+    The one place a parallel layout is checked when a stage is parallelized: the degrees (by
+    :class:`ParallelDims`), the engine's name, the ZeRO stage, tp > 1 only with our engine, DDP only
+    with fp32 weights, FSDP2 only with a process group. The config checks the same settings as it
+    reads them, with the same words, so that a bad file fails before any process starts; this
+    checks the resolved values against the world the run has (and the callers that build no
+    config file: benchmarks, tests).
+
+    Args:
+        dims: the data-parallel x tensor-parallel degrees.
+        engine: ``ours`` | ``fsdp2`` | ``ddp``.
+        zero_stage: 0-3 (engine=ours; the others ignore it).
+        param_dtype: ``fp32`` | ``bf16`` (bf16 model weights, fp32 master and AdamW state).
+        bucket_mb: gradient bucket size in MiB (ours stages 0-2, DDP).
+        prefetch: ours stage 3: all-gather the next block while the current one runs.
+    """
+
+    dims: ParallelDims
+    engine: str = "ours"
+    zero_stage: int = 0
+    param_dtype: str = "fp32"
+    bucket_mb: float = 25.0
+    prefetch: bool = True
+
+    def __post_init__(self):
+        if self.zero_stage is None or self.param_dtype == "auto":
+            raise ValueError("a ParallelLayout holds resolved settings: make parallel.zero_stage and "
+                             "parallel.param_dtype concrete first (maws_fast.config.resolve_parallel)")
+        # the words of maws_fast.config.ParallelConfig's checks: one message per mistake, wherever it is caught
+        check(self.engine in PARALLEL_ENGINES, "parallel.engine", f"{self.engine!r}: choose from {PARALLEL_ENGINES}")
+        check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage",
+              f"{self.zero_stage}: use 0, 1, 2, 3 or null (auto)")
+        check(self.engine == "ours" or self.dims.tp == 1, "parallel.tp",
+              f"tensor parallel runs with engine=ours; engine={self.engine} is data parallel only (set --parallel.tp=1)")
+        check(self.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", f"{self.param_dtype!r}: use auto, fp32 or bf16")
+        check(self.engine != "ddp" or self.param_dtype == "fp32", "parallel.param_dtype",
+              "ddp keeps fp32 weights; use engine=ours or fsdp2 for a bf16 model copy (or run.precision=bf16)")
+        check(self.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
+        # FSDP2 shards over a torch DeviceMesh, which needs a process group even for one rank
+        if self.engine == "fsdp2" and not dist.is_initialized():
+            raise ConfigError("config: parallel.engine=fsdp2 needs torch.distributed: launch with torchrun "
+                              "(one process: --nproc_per_node=1)")
+
+    @classmethod
+    def of(cls, parallel: ParallelConfig, dims: ParallelDims) -> ParallelLayout:
+        """The layout of a resolved ``parallel`` config on a mesh of ``dims`` (whose tp it must have)."""
+        if parallel.tp != dims.tp:
+            raise ConfigError(f"config: parallel.tp={parallel.tp} but the process mesh was built with tp={dims.tp}; "
+                              "build the mesh from the same config (init_distributed(tp=parallel.tp))")
+        return cls(dims, parallel.engine, parallel.zero_stage, parallel.param_dtype, parallel.bucket_mb,
+                   parallel.prefetch)
 
 
 @dataclass

@@ -160,8 +160,8 @@ BLOCK_PLAN = {
 def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, block)`` of every transformer block of the model: the encoder's and, for an MAE, the decoder's.
 
-    The unit that tensor parallelism splits, FSDP2 and ZeRO-3 shard, and (later) compile and
-    activation checkpointing wrap.
+    The unit that tensor parallelism splits, activation checkpointing and compile then wrap (per block,
+    between TP and the engine: maws_fast.train.parallelize), and FSDP2 and ZeRO-3 shard last.
     """
     out = []
     for list_name in ("blocks", "decoder_blocks"):

@@ -46,7 +46,7 @@ import torch.nn as nn
 
 import maws_kernels
 from maws_fast.parallel.buckets import Bucket, GatheredParams, Run, all_gather, reduce_scatter
-from maws_fast.parallel.mesh import Mesh
+from maws_fast.parallel.mesh import Mesh, ParallelLayout
 from maws_fast.parallel.tensor import Piece, TPSplit, tp_layout, transformer_blocks
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,39 +58,47 @@ MAX_IN_FLIGHT = 2
 class ZeroEngine:
     """Our data-parallel engine: ZeRO stage 0-3 over ``mesh.dp_group`` (see the module docstring).
 
+    Built by :func:`maws_fast.parallel.engine.build_engine`, after tensor parallelism, activation
+    checkpointing and compile are applied to the network (the stage-3 hooks it puts on each block
+    run around the block's compiled body).
+
     Args:
-        objective: module whose ``forward(imgs, targets, step)`` returns the loss; its ``model``
-            attribute is the network (parameter names are taken relative to it: timm keys).
-        mesh: process mesh (TP must already be applied to the model).
-        stage: ZeRO stage 0-3.
+        objective: module whose ``forward(imgs, targets, step, micro, accum)`` returns the loss; its
+            ``model`` attribute is the network (parameter names are taken relative to it: timm keys).
+        mesh: process mesh (TP must already be applied to the network).
+        layout: the validated layout: ``zero_stage`` 0-3, ``bucket_mb`` (MiB of model-dtype elements,
+            stages 0-2; stage 3 uses one bucket per transformer block plus one for the rest),
+            ``prefetch`` (stage 3: all-gather the next block while the current one runs),
+            ``param_dtype`` ("fp32" or "bf16": bf16 model copy, fp32 master in the optimizer).
         groups: the AdamW param groups by name, ``[(options, names)]`` (see
             :func:`maws_fast.parallel.engine.named_groups`); a group's ``weight_decay`` defaults to 0,
             its ``lr_scale`` (the step's lr multiplier: layer-wise decay) to 1.
         betas, eps: AdamW constants.
-        bucket_mb: bucket size in MiB of model-dtype elements (stages 0-2; stage 3 uses one bucket
-            per transformer block plus one for the rest).
-        prefetch: stage 3: all-gather the next block while the current one runs.
-        param_dtype: "fp32" or "bf16" (bf16 model copy, fp32 master in the optimizer).
         device: where the buffers live.
         kernel_backend: maws_kernels backend of the fused AdamW (None = best).
+
+    Attributes:
+        objective: what training calls for the loss (the objective itself: this engine wraps nothing).
+        model: the network, ``objective.model``.
     """
 
     name = "ours"
 
-    def __init__(self, objective: nn.Module, mesh: Mesh, stage: int, groups: list[tuple[dict, list[str]]],
-                 betas=(0.9, 0.999), eps: float = 1e-8, bucket_mb: float = 25.0, prefetch: bool = True,
-                 param_dtype: str = "fp32", device: torch.device | str = "cpu", kernel_backend: str | None = None):
-        self.objective, self.model, self.inner, self.mesh = objective, objective, objective.model, mesh
-        self.stage, self.prefetch = stage, prefetch
+    def __init__(self, objective: nn.Module, mesh: Mesh, layout: ParallelLayout, groups: list[tuple[dict, list[str]]],
+                 betas=(0.9, 0.999), eps: float = 1e-8, device: torch.device | str = "cpu",
+                 kernel_backend: str | None = None):
+        self.objective, self.model, self.mesh = objective, objective.model, mesh
+        self.stage, self.prefetch = layout.zero_stage, layout.prefetch
         self.betas, self.eps = tuple(betas), eps
         self.group_decay = [float(opts.get("weight_decay", 0.0)) for opts, _ in groups]
         self.group_lr_scale = [float(opts.get("lr_scale", 1.0)) for opts, _ in groups]
         self._group_of = {n: i for i, (_, names) in enumerate(groups) for n in names}
-        self.dtype = _DTYPES[param_dtype]
+        self.dtype = _DTYPES[layout.param_dtype]
         self.device = torch.device(device)
         self.kernel_backend = kernel_backend
         self.dp = mesh.dims.dp
         self.group = mesh.dp_group
+        stage = self.stage
         # Stage 0 replicates the optimizer: every rank "owns" the whole bucket.
         self.shard_world = self.dp if stage >= 1 else 1
         self.shard_rank = mesh.dp_rank if stage >= 1 else 0
@@ -98,16 +106,16 @@ class ZeroEngine:
         self._sync = True
         self._next_launch = 0
         self._in_flight: list[Bucket] = []  # launched reductions not yet waited for, oldest first
-        self.tp_splits: dict[str, TPSplit] = tp_layout(self.inner)
-        self.buckets = self._build_buckets(bucket_mb)
+        self.tp_splits: dict[str, TPSplit] = tp_layout(self.model)
+        self.buckets = self._build_buckets(layout.bucket_mb)
         self._hooks = []
         self._init_buffers()
         if self.dtype != torch.float32:
             self._run_in_model_dtype()
         self.gathering: GatheredParams | None = None
         if stage == 3:
-            self.gathering = GatheredParams(self.buckets, transformer_blocks(self.inner), [self.objective, self.inner],
-                                             self.group, self.shard_world, prefetch, self._hooks)
+            self.gathering = GatheredParams(self.buckets, transformer_blocks(self.model), [self.objective, self.model],
+                                             self.group, self.shard_world, self.prefetch, self._hooks)
         for b in self.buckets:
             for i, p in enumerate(b.params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(b, i)))
@@ -118,7 +126,7 @@ class ZeroEngine:
 
     # --- layout -------------------------------------------------------------------------------
     def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.inner.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def _build_buckets(self, bucket_mb: float) -> list[Bucket]:
         named = self._named_trainable()
@@ -126,7 +134,7 @@ class ZeroEngine:
         if self.stage == 3:
             # One bucket per block, in backward order (decoder last block first), the rest last.
             in_block = set()
-            for prefix, blk in reversed(transformer_blocks(self.inner)):
+            for prefix, blk in reversed(transformer_blocks(self.model)):
                 members = [(f"{prefix}.{n}", p) for n, p in blk.named_parameters() if p.requires_grad]
                 in_block.update(n for n, _ in members)
                 if members:
@@ -212,7 +220,7 @@ class ZeroEngine:
         tensors (sin-cos pos-embeds) and the images are cast too, or they would promote activations
         back to fp32 against bf16 weights."""
         with torch.no_grad():
-            for p in self.inner.parameters():
+            for p in self.model.parameters():
                 if not p.requires_grad and p.is_floating_point():
                     p.data = p.data.to(self.dtype)
 

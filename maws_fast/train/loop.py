@@ -1,10 +1,13 @@
 """The training loop shared by every training stage (MAE, WSP, fine-tune, LiT).
 
 One stage = one objective (model + loss), one loader, one parallel engine. ``run_stage`` reads
-top to bottom: skip a finished stage; initialise or resume (:func:`start`); then per step
-lr -> :func:`train_step` (micro-batches, backward, the engine's reduce + clip + AdamW) -> the
-step log (metrics, divergence checks) -> a sharded checkpoint every ``run.ckpt_every`` steps;
-finally the consolidated ``final/`` checkpoint. Every rank of a torchrun job runs the same loop.
+top to bottom: skip a finished stage; open the stage's compile scope (dynamo's caches reset for
+this model, its recompile limit and errors held until training ends: :mod:`maws_fast.train.regional_compile`);
+initialise or resume (:func:`start`: ``init_fn``, then :func:`~maws_fast.train.parallelize.parallelize`
+applies TP -> activation checkpointing -> compile -> the engine, then the checkpoint is loaded);
+then per step lr -> :func:`train_step` (micro-batches, backward, the engine's reduce + clip + AdamW)
+-> the step log (metrics, divergence checks) -> a sharded checkpoint every ``run.ckpt_every``
+steps; finally the consolidated ``final/`` checkpoint. Every rank of a torchrun job runs the same loop.
 
 Exact resume: data order and augmentation are functions of (seed, epoch, batch) and masking of
 (seed, step), so a resumed run sees the same batches and masks as an uninterrupted one and ends
@@ -26,7 +29,7 @@ import torch.nn as nn
 from maws_fast.config import OptimConfig, ParallelConfig, RunConfig, resolve_parallel, resolve_run
 from maws_fast.data.loader import Loader
 from maws_fast.errors import UserError
-from maws_fast.parallel.engine import Engine, parallelize
+from maws_fast.parallel.engine import AdamWSpec, Engine
 from maws_fast.parallel.mesh import Mesh, single_process
 from maws_fast.parallel.watchdog import progress
 from maws_fast.storage import list_checkpoints, read_meta
@@ -34,7 +37,8 @@ from maws_fast.train.checkpoint import Checkpointer, check_fingerprint, frozen_t
 from maws_fast.train.metrics import StepLog
 from maws_fast.train.preempt import Preempted, Preemption, signal_name
 from maws_fast.train.optim import param_groups
-from maws_fast.train.regional_compile import regional_compile
+from maws_fast.train.parallelize import parallelize
+from maws_fast.train.regional_compile import CompileScope, compile_scope
 from maws_fast.train.schedule import lr_at
 
 
@@ -127,7 +131,7 @@ def train_step(engine: Engine, imgs: torch.Tensor, targets: Any, step: int, lr: 
     for m, (x, t) in enumerate(_micro_batches(imgs, targets, accum)):
         with engine.no_sync() if m < accum - 1 else nullcontext():  # communicate on the last micro-batch only
             with autocast:
-                loss = engine.model(x, t, step, m, accum)
+                loss = engine.objective(x, t, step, m, accum)
             engine.backward(loss / accum if accum > 1 else loss)
         total += loss.detach()
     norm = engine.step(lr, clip_grad)
@@ -151,10 +155,13 @@ def _batches(loader: Loader, step: int) -> Iterator[tuple[torch.Tensor, Any]]:
         epoch, batch = epoch + 1, 0
 
 
-def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, device: torch.device, total: int,
-          echo: Callable[[str], None]) -> tuple[Engine, Checkpointer, int]:
-    """Initialise the model (``stage.init_fn``) or find the checkpoint to resume, apply parallelism, and
-    load that checkpoint (with the loader's position). Returns (engine, checkpointer, step)."""
+def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, run: RunConfig, mesh: Mesh, device: torch.device,
+          total: int, echo: Callable[[str], None], compiled: CompileScope | None = None
+          ) -> tuple[Engine, Checkpointer, int]:
+    """Initialise the model (``stage.init_fn``) or find the checkpoint to resume, apply parallelism
+    (:func:`~maws_fast.train.parallelize.parallelize`: TP, activation checkpointing, compile in
+    ``compiled``, the engine), and load that checkpoint (with the loader's position). Returns
+    (engine, checkpointer, step)."""
     ckpts = list_checkpoints(stage_dir / "ckpt")
     if not ckpts and stage.init_fn is not None:
         msg = stage.init_fn()  # on the full model, before it is split and sharded
@@ -163,10 +170,8 @@ def start(stage: Stage, stage_dir: Path, parallel: ParallelConfig, mesh: Mesh, d
     frozen = frozen_tensors(stage.model)
     o = stage.optim
     groups = stage.param_groups(stage.model) if stage.param_groups else param_groups(stage.model, o.weight_decay)
-    engine = parallelize(stage.objective, mesh, groups, engine=parallel.engine,
-                         zero_stage=parallel.zero_stage, betas=(o.beta1, o.beta2), bucket_mb=parallel.bucket_mb,
-                         prefetch=parallel.prefetch, param_dtype=parallel.param_dtype, device=device,
-                         kernel_backend=getattr(stage.model, "kernel_backend", None))
+    optimizer = AdamWSpec.of(stage.model, groups, betas=(o.beta1, o.beta2))  # by name: before TP splits the model
+    engine = parallelize(stage.objective, mesh, parallel, run, optimizer, device, compiled=compiled)
     ckpt = Checkpointer(stage.name, stage_dir, stage.fingerprint, engine, stage.loader, mesh, parallel.zero_stage,
                         total, frozen)
     step = ckpt.resume_newest(ckpts, echo) if ckpts else 0
@@ -193,7 +198,7 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
     Args:
         stage: what to train.
         out_dir: the run's output directory; the stage writes under ``out_dir/<stage.name>``.
-        run: run settings (checkpoint / log intervals, progress bar, precision).
+        run: run settings (checkpoint / log intervals, progress bar, precision, activation checkpointing, compile).
         device: training device.
         stop_at_step: checkpoint and return None after this step (simulates an interruption).
         echo: where one-line status messages go (rank 0 only).
@@ -216,21 +221,21 @@ def run_stage(stage: Stage, out_dir: str | Path, run: RunConfig, device: torch.d
 
     o, spe = stage.optim, stage.loader.num_batches
     total = stage_total_steps(o, spe)
-    engine, ckpt, step = start(stage, stage_dir, parallel, mesh, device, total, echo)
-    stage.objective.train()
-    log = StepLog(stage.name, stage_dir, stage.flops_per_image, stage.loader, run, mesh, total, step, device, echo)
-    preempt = Preemption(mesh, device)  # SIGTERM / SIGUSR1 / SIGINT: checkpoint this step and stop
-    try:
-        # after parallelize: TP has swapped its layers in and the engines' block hooks are in place. The
-        # scope resets dynamo's caches for this stage's model and sizes its recompile limit (regional_compile).
-        with regional_compile(stage.name, stage.model, run.activation_checkpoint, run.compile) as compiled:
+    # One compile scope for the whole stage, opened before parallelize compiles the blocks in it and
+    # closed when training ends: dynamo's caches reset for this model, its recompile limit, one error.
+    with compile_scope(stage.name, stage.model, run.compile) as compiled:
+        engine, ckpt, step = start(stage, stage_dir, parallel, run, mesh, device, total, echo, compiled)
+        stage.objective.train()
+        log = StepLog(stage.name, stage_dir, stage.flops_per_image, stage.loader, run, mesh, total, step, device, echo)
+        preempt = Preemption(mesh, device)  # SIGTERM / SIGUSR1 / SIGINT: checkpoint this step and stop
+        try:
             final = _train(stage, engine, ckpt, log, preempt, step, total, run, parallel, mesh, device, stop_at_step,
                            echo)
-        if compiled is not None:
-            echo(compiled.summary())
-        stop = preempt.agree_now() if final is not None else 0
-    finally:
-        preempt.close()
+            stop = preempt.agree_now() if final is not None else 0
+        finally:
+            preempt.close()
+    if compiled is not None:
+        echo(compiled.summary())
     if stop:  # it came during the last steps: the stage is done, the next one is not started
         raise Preempted(f"[{stage.name}] stopped by {signal_name(stop)} at the end of the stage ({final} written): "
                         "run the same command to go on with the next stage")

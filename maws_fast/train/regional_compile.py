@@ -1,4 +1,4 @@
-"""Regional compilation (``run.compile``) scoped to one training stage or one benchmark variant.
+"""Regional compilation (``run.compile``): dynamo's scope for one training stage or benchmark variant.
 
 :func:`~maws_fast.models.vit.set_block_options` compiles each block's body with
 ``torch.compile(fullgraph=True)``. Every block of every model shares one code object
@@ -9,7 +9,7 @@ the step benchmark's models and checkpoint modes -- add up in one process until 
 ``torch._dynamo.config.recompile_limit`` (8): under ``fullgraph=True`` a hard error
 (FailOnRecompileLimitHit), without it a silent fall back to eager.
 
-:func:`regional_compile` scopes dynamo's caches instead. Where a stage (a new model) starts it
+:func:`compile_scope` scopes dynamo's caches instead. Where a stage (a new model) starts it
 resets them (``torch._dynamo.reset()``: the previous stage's model is gone, its graphs can never run
 again), and for the length of the stage it sets the limit to what this model's blocks can
 legitimately need (:func:`recompile_budget`), so a runaway recompile -- a guard that changes every
@@ -17,6 +17,12 @@ step -- still stops the run, with one line naming the cause. Nothing falls back 
 stays on and dynamo's ``suppress_errors`` is off inside the scope. Resetting per stage, not raising
 one global limit, keeps each stage's compile cost and its failure threshold independent of how
 many stages ran before it.
+
+The split of the work: the training loop (and the step benchmark) opens the scope where a stage
+starts, before anything is parallelized, and keeps it open until the stage's training ends;
+:func:`maws_fast.train.parallelize.parallelize` compiles the blocks inside it
+(:meth:`CompileScope.compile_blocks`), after tensor parallelism and before the data-parallel
+engine, in torchtitan's order.
 
 The backend is inductor; ``MAWS_COMPILE_BACKEND`` names another registered dynamo backend
 (``eager`` / ``aot_eager`` to debug, or a test's counting backend). It is an environment hook, not
@@ -72,20 +78,36 @@ def recompile_budget(model: nn.Module) -> int:
 
 @dataclass
 class CompileScope:
-    """What one scope compiled; ``graphs`` counts dynamo graphs made since the scope opened."""
+    """One stage's (or variant's) compile scope; ``graphs`` counts dynamo graphs made since it opened.
+
+    Attributes:
+        name: the stage (or variant) for messages.
+        backend: what ``torch.compile`` gets (a backend name or a callable).
+        label: the backend's name for the summary line.
+        limit: dynamo's recompile limit inside the scope.
+        start_graphs: dynamo's graph count when the scope opened.
+        blocks: blocks compiled in it (:meth:`compile_blocks`).
+    """
 
     name: str
-    backend: str
-    blocks: int
+    backend: str | Callable
+    label: str
     limit: int
     start_graphs: int
+    blocks: int = 0
 
     @property
     def graphs(self) -> int:
         return _graphs_so_far() - self.start_graphs
 
+    def compile_blocks(self, model: nn.Module, activation_checkpoint: str = "none") -> int:
+        """:func:`set_block_options` with compile on, under this scope's backend; returns the blocks set."""
+        n = set_block_options(model, activation_checkpoint, compile=True, backend=self.backend)
+        self.blocks += n
+        return n
+
     def summary(self) -> str:
-        return (f"[{self.name}] regional compile ({self.backend}): {self.graphs} graph(s) for {self.blocks} blocks "
+        return (f"[{self.name}] regional compile ({self.label}): {self.graphs} graph(s) for {self.blocks} blocks "
                 f"(recompile limit {self.limit} for this stage)")
 
 
@@ -123,23 +145,24 @@ def _last_recompile_reason() -> str:
 
 
 @contextmanager
-def regional_compile(name: str, model: nn.Module, activation_checkpoint: str = "none", compile: bool = False,
-                     backend: str | Callable | None = None) -> Iterator[CompileScope | None]:
-    """:func:`set_block_options` for one stage or benchmark variant, dynamo's caches scoped to it.
+def compile_scope(name: str, model: nn.Module, compile: bool = False,
+                  backend: str | Callable | None = None) -> Iterator[CompileScope | None]:
+    """Dynamo's caches, recompile limit and errors scoped to one stage or benchmark variant.
 
-    Without ``compile`` it only sets the checkpoint mode (and yields None). With it: dynamo's caches
-    are reset, the recompile limit is :func:`recompile_budget` until the scope closes, and a
-    compile failure inside it is one :class:`~maws_fast.errors.UserError` naming the cause.
+    Without ``compile`` it does nothing and yields None. With it: dynamo's caches are reset, the
+    recompile limit is :func:`recompile_budget` of ``model`` until the scope closes, and a compile
+    failure inside it is one :class:`~maws_fast.errors.UserError` naming the cause. Open it before
+    :func:`maws_fast.train.parallelize.parallelize` (which compiles the blocks in it, given the
+    scope) and keep it open for the whole of the training.
 
     Args:
         name: the stage (or variant) for messages.
-        model: the model whose blocks to set (after parallelize: hooks and TP layers in place).
-        activation_checkpoint: ``none`` / ``full`` / ``selective``.
-        compile: compile each block's body.
+        model: the network whose blocks will be compiled (its block kinds size the limit; tensor
+            parallelism, applied later, splits every block alike and leaves the kinds as they are).
+        compile: ``run.compile``.
         backend: dynamo backend; None = :func:`compile_backend`.
     """
     if not compile:
-        set_block_options(model, activation_checkpoint)
         yield None
         return
     dynamo = _dynamo()
@@ -150,14 +173,14 @@ def regional_compile(name: str, model: nn.Module, activation_checkpoint: str = "
     label = backend if isinstance(backend, str) else getattr(backend, "__name__", type(backend).__name__)
     dynamo.reset()  # a new model: the previous stage's graphs can never run again
     limit = recompile_budget(model)
+    kinds = len(block_kinds(model))
     with dynamo.config.patch(recompile_limit=limit, suppress_errors=False):
-        scope = CompileScope(name, label, set_block_options(model, activation_checkpoint, compile=True,
-                                                            backend=backend), limit, _graphs_so_far())
+        scope = CompileScope(name, backend, label, limit, _graphs_so_far())
         try:
             yield scope
         except dynamo.exc.FailOnRecompileLimitHit as e:
             raise UserError(f"[{name}] run.compile: the block bodies needed more than {limit} compiled variants "
-                            f"(the recompile limit sized for this model's {len(block_kinds(model))} block kind(s))"
+                            f"(the recompile limit sized for this model's {kinds} block kind(s))"
                             f"{_last_recompile_reason()}. This is a bug to report; meanwhile set --run.compile=false "
                             "(TORCH_LOGS=recompiles lists every cause)") from e
         except dynamo.exc.BackendCompilerFailed as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def _train_steps(engine, mesh, layout: Layout, imgs, targets, steps) -> list[flo
             x, t = _rows(imgs[s], mesh.dp_rank, dp, layout.accum, m), _rows(targets[s], mesh.dp_rank, dp, layout.accum, m)
             ctx = engine.no_sync() if m < layout.accum - 1 else torch.enable_grad()
             with ctx:
-                loss = engine.model(x, t, s, m, layout.accum)
+                loss = engine.objective(x, t, s, m, layout.accum)
                 engine.backward(loss / layout.accum)
             total += loss.detach() / layout.accum
         norms.append(float(engine.step(LR, CLIP)))  # the global grad norm before clipping
@@ -152,9 +153,16 @@ def _train_steps(engine, mesh, layout: Layout, imgs, targets, steps) -> list[flo
     return losses, norms
 
 
+@contextmanager
 def _engine(task: str, layout: Layout, perturb: bool = False):
-    from maws_fast.parallel.engine import parallelize
+    """(mesh, engine, imgs, targets) of ``layout``, parallelized as the training loop does it
+    (maws_fast.train.parallelize: TP -> activation checkpointing -> compile -> the engine), inside
+    the compile scope the loop opens around parallelize and training."""
+    from maws_fast.config import ParallelConfig, RunConfig
+    from maws_fast.parallel.engine import AdamWSpec
     from maws_fast.parallel.mesh import init_distributed
+    from maws_fast.train.parallelize import parallelize
+    from maws_fast.train.regional_compile import compile_scope
 
     mesh = init_distributed(tp=layout.tp, timeout_s=120)
     model, make, imgs, targets = build(task, layout.kernels)
@@ -164,14 +172,13 @@ def _engine(task: str, layout: Layout, perturb: bool = False):
                 if p.requires_grad:
                     p.add_(1.0)
     obj = make(model, mesh.dp_rank, mesh.dims.dp)
-    engine = parallelize(obj, mesh, groups_for(model, layout.layer_decay), engine=layout.engine, zero_stage=layout.stage, betas=BETAS,
-                         bucket_mb=layout.bucket_mb, prefetch=layout.prefetch, param_dtype=layout.param_dtype,
-                         kernel_backend="torch")
-    if layout.ckpt != "none" or layout.compile:  # as the loop applies them: after parallelize
-        from maws_fast.models.vit import set_block_options
-
-        set_block_options(model, layout.ckpt, layout.compile)
-    return mesh, engine, imgs, targets
+    parallel = ParallelConfig(engine=layout.engine, zero_stage=layout.stage, tp=layout.tp, bucket_mb=layout.bucket_mb,
+                              prefetch=layout.prefetch, param_dtype=layout.param_dtype)
+    run = RunConfig(activation_checkpoint=layout.ckpt, compile=layout.compile)
+    adamw = AdamWSpec.of(model, groups_for(model, layout.layer_decay), BETAS)
+    with compile_scope(layout.key, model, run.compile) as compiled:
+        engine = parallelize(obj, mesh, parallel, run, adamw, "cpu", compiled=compiled)
+        yield mesh, engine, imgs, targets
 
 
 def run_layout(task: str, layout: Layout, kind: str = "train", path: str | None = None) -> dict:
@@ -180,18 +187,22 @@ def run_layout(task: str, layout: Layout, kind: str = "train", path: str | None 
     kind "train": STEPS steps. "save": STEPS steps, a sharded checkpoint at ``path``, then one more
     step. "load": a perturbed model loads ``path`` and takes that one more step.
     """
+    with _engine(task, layout, perturb=kind == "load") as (mesh, engine, imgs, targets):
+        return _run_job(mesh, engine, layout, imgs, targets, kind, path)
+
+
+def _run_job(mesh, engine, layout: Layout, imgs, targets, kind: str, path: str | None) -> dict:
     import torch.distributed as dist
 
     from maws_fast.parallel.checkpoint import load_sharded, save_sharded
     from maws_fast.parallel.engine import consolidated_state_dict
 
-    mesh, engine, imgs, targets = _engine(task, layout, perturb=kind == "load")
     out = {"dp": mesh.dims.dp, "padded": sum(b.padded for b in getattr(engine, "buckets", [])),
            "n_buckets": len(getattr(engine, "buckets", []))}
     if kind == "eval":  # a forward of the bare network right after step(), before the next zero_grad()
         _train_steps(engine, mesh, layout, imgs, targets, range(1))
         with torch.no_grad():
-            out["eval"] = engine.objective.model(imgs[0][:2]).clone()
+            out["eval"] = engine.model(imgs[0][:2]).clone()
         out["params"] = consolidated_state_dict(engine, mesh)
         engine.close()
         mesh.barrier()

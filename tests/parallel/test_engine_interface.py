@@ -3,8 +3,8 @@ with one process is tests/parallel/test_engines.py)."""
 import pytest
 import torch
 
-from maws_fast.parallel.engine import DDPEngine, Engine, FSDP2Engine, named_groups, parallelize
-from maws_fast.parallel.mesh import single_process
+from maws_fast.parallel.engine import AdamWSpec, DDPEngine, Engine, FSDP2Engine, build_engine, named_groups
+from maws_fast.parallel.mesh import ParallelDims, ParallelLayout, single_process
 from maws_fast.parallel.zero import ZeroEngine
 from tests.parallel.dist_harness import build
 
@@ -16,10 +16,12 @@ def _protocol_members() -> set[str]:
 @pytest.mark.parametrize("engine, stage", [("ours", 0), ("ours", 2), ("ours", 3), ("ddp", 0)])
 def test_engines_implement_the_protocol(engine, stage):
     model, make, _, _ = build("mae")
-    eng = parallelize(make(model, 0, 1), single_process(), [{"params": list(model.parameters())[:0]}]
-                      + [{"params": [p for p in model.parameters() if p.requires_grad]}],
-                      engine=engine, zero_stage=stage, kernel_backend="torch")
+    groups = [{"params": list(model.parameters())[:0]}] + [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    obj = make(model, 0, 1)
+    eng = build_engine(obj, single_process(), ParallelLayout(ParallelDims(1), engine, stage), AdamWSpec.of(model, groups),
+                       kernel_backend="torch")
     assert isinstance(eng, Engine) and isinstance(eng, ZeroEngine if engine == "ours" else DDPEngine)
+    assert eng.model is model and eng.objective is obj  # one process: DDP wraps nothing
     eng.close()
 
 
@@ -40,13 +42,13 @@ def test_engines_apply_the_param_groups_they_are_given(engine, stage):
 
     model, make, imgs, _ = build("mae")
     ref_model, ref_make, _, _ = build("mae")  # the same init (seeded)
-    eng = parallelize(make(model, 0, 1), single_process(), groups_of(model), engine=engine, zero_stage=stage,
-                      betas=(0.9, 0.95), kernel_backend="torch")
+    eng = build_engine(make(model, 0, 1), single_process(), ParallelLayout(ParallelDims(1), engine, stage),
+                       AdamWSpec.of(model, groups_of(model), betas=(0.9, 0.95)), kernel_backend="torch")
     ref_obj = ref_make(ref_model, 0, 1)
     opt = torch.optim.AdamW(groups_of(ref_model), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
     for step in range(2):
         eng.zero_grad()
-        eng.backward(eng.model(imgs[step], None, step))
+        eng.backward(eng.objective(imgs[step], None, step))
         eng.step(1e-2)
         opt.zero_grad()
         ref_obj(imgs[step], None, step).backward()

@@ -15,20 +15,21 @@ if not torch.cuda.is_available():
 
 
 def _run(task: str, stage: int, param_dtype: str, backend: str):
-    from maws_fast.parallel.engine import parallelize
-    from maws_fast.parallel.mesh import single_process
+    from maws_fast.parallel.engine import AdamWSpec, build_engine
+    from maws_fast.parallel.mesh import ParallelDims, ParallelLayout, single_process
     from maws_fast.train.optim import param_groups
 
     model, make, imgs, targets = build(task)
     model.cuda()
-    engine = parallelize(make(model, 0, 1), single_process(), param_groups(model, WD), engine="ours", zero_stage=stage,
-                         betas=BETAS, bucket_mb=0.05, param_dtype=param_dtype, device="cuda", kernel_backend=backend)
+    layout = ParallelLayout(ParallelDims(1), "ours", stage, param_dtype, bucket_mb=0.05)
+    engine = build_engine(make(model, 0, 1), single_process(), layout, AdamWSpec.of(model, param_groups(model, WD), BETAS),
+                          device="cuda", kernel_backend=backend)
     losses = []
     for s in range(STEPS):
         engine.zero_grad()
         t = None if targets[s] is None else targets[s].cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=param_dtype == "bf16"):
-            loss = engine.model(imgs[s].cuda(), t, s)
+            loss = engine.objective(imgs[s].cuda(), t, s)
         engine.backward(loss)
         engine.step(LR, CLIP)
         losses.append(loss.item())

@@ -56,8 +56,8 @@ def test_frozen_parameters_are_in_no_group():
 @pytest.mark.parametrize("engine", ["ours", "ddp"])
 def test_a_one_process_engine_scales_each_groups_lr(engine, seeded):
     """One step at lr with layer decay = torch AdamW with lr * lr_scale per group."""
-    from maws_fast.parallel.engine import parallelize
-    from maws_fast.parallel.mesh import single_process
+    from maws_fast.parallel.engine import AdamWSpec, build_engine
+    from maws_fast.parallel.mesh import ParallelDims, ParallelLayout, single_process
 
     class Obj(torch.nn.Module):
         def __init__(self, m):
@@ -75,9 +75,10 @@ def test_a_one_process_engine_scales_each_groups_lr(engine, seeded):
     opt = torch.optim.AdamW([{**g, "lr": 1e-2 * g["lr_scale"]} for g in groups], lr=1e-2, foreach=False)
     Obj(ref)(x, None, 0).backward()
     opt.step()
-    eng = parallelize(Obj(ours), single_process(), layer_decay_groups(ours, 0.05, D), engine=engine, zero_stage=0)
+    eng = build_engine(Obj(ours), single_process(), ParallelLayout(ParallelDims(1), engine, 0),
+                       AdamWSpec.of(ours, layer_decay_groups(ours, 0.05, D)))
     eng.zero_grad()
-    eng.backward(eng.model(x, None, 0))
+    eng.backward(eng.objective(x, None, 0))
     eng.step(1e-2)
     for (n, a), b in zip(ours.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-7, msg=n)

@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch._dynamo
 
-from maws_fast.config import load_config, model_preset
+from maws_fast.config import RunConfig, load_config, model_preset
 from maws_fast.data import fmnist
 from maws_fast.data.demo import DemoData
 from maws_fast.errors import ConfigError, UserError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.vit import Block
-from maws_fast.train.regional_compile import BACKEND_ENV, compile_backend, recompile_budget, regional_compile
+from maws_fast.train.parallelize import apply_block_options
+from maws_fast.train.regional_compile import BACKEND_ENV, compile_backend, compile_scope, recompile_budget
 from maws_fast.train.recipe import run_recipe
 
 from conftest import needs_fmnist  # noqa: E402
@@ -125,7 +126,8 @@ def test_runaway_recompiles_end_in_one_clear_error():
     blk = model.blocks[0]
     with pytest.raises(UserError, match=r"\[probe\] run.compile: the block bodies needed more than 8 compiled "
                                         r"variants .*--run.compile=false"):
-        with regional_compile("probe", model, compile=True, backend="eager"):
+        with compile_scope("probe", model, compile=True, backend="eager") as scope:
+            scope.compile_blocks(model)
             for dtype in (torch.float32, torch.float64):
                 blk.to(dtype)
                 x = torch.randn(2, 5, model.embed_dim, dtype=dtype)
@@ -144,19 +146,28 @@ def test_budget_is_sized_to_the_block_kinds():
     assert recompile_budget(build_classifier(cfg, 3)) == 8
 
 
-def test_without_compile_only_the_checkpoint_mode_is_set():
+def test_without_compile_there_is_no_scope_and_only_the_checkpoint_mode_is_set():
     model = build_classifier(model_preset("tiny"), 3)
-    with regional_compile("wsp", model, "selective") as scope:
+    with compile_scope("wsp", model) as scope:
         assert scope is None
+        assert apply_block_options(model, RunConfig(activation_checkpoint="selective"), scope) == 4
     assert all(b.activation_checkpoint == "selective" and b._compiled is None for b in model.blocks)
+
+
+def test_compile_outside_a_scope_is_refused():
+    model = build_classifier(model_preset("tiny"), 3)
+    with pytest.raises(ValueError, match="open the stage's compile_scope"):
+        apply_block_options(model, RunConfig(compile=True), None)
+    assert all(b._compiled is None for b in model.blocks)
 
 
 def test_the_scope_starts_from_empty_caches_and_restores_the_limit():
     model = build_classifier(model_preset("tiny"), 3)
     default = torch._dynamo.config.recompile_limit
     for _ in range(2):  # the second scope compiles again: the first one's graphs were dropped
-        with regional_compile("wsp", model, compile=True, backend="eager") as scope:
+        with compile_scope("wsp", model, compile=True, backend="eager") as scope:
             assert torch._dynamo.config.recompile_limit == 8
+            apply_block_options(model, RunConfig(compile=True), scope)
             model(torch.randn(2, 1, 28, 28))
             assert scope.graphs == 1 and "1 graph(s) for 4 blocks" in scope.summary()
     assert torch._dynamo.config.recompile_limit == default
