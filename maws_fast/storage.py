@@ -269,13 +269,11 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor] | None]:
-    """Returns (model tensors, meta, optimizer tensors or None) of single-process checkpoint ``path``."""
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Returns (model tensors, meta) of single-process checkpoint ``path``."""
     path = Path(path)
     meta = read_meta(path)
-    model = load_tensors(path / "model.safetensors")
-    optim = load_tensors(path / "optim.safetensors") if (path / "optim.safetensors").exists() else None
-    return model, meta, optim
+    return load_tensors(path / "model.safetensors"), meta
 
 
 # --- one job per output directory --------------------------------------------------------------

@@ -16,7 +16,7 @@ def _model():
 def test_round_trip_model_and_meta(tmp_path):
     model = _model()
     path = storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 1})
-    tensors, meta, _ = storage.load_checkpoint(path)
+    tensors, meta = storage.load_checkpoint(path)
     assert meta["step"] == 1 and meta["format_version"] == storage.FORMAT_VERSION
     assert sorted(meta["files"]) == ["model.safetensors"]
     assert tensors.keys() == model.state_dict().keys()
@@ -65,7 +65,7 @@ def test_replacing_a_named_checkpoint_is_atomic(tmp_path):
     with torch.no_grad():
         model[0].weight.add_(1)
     storage.save_checkpoint(tmp_path, "final", model.state_dict(), {"step": 2})
-    tensors, meta, _ = storage.load_checkpoint(tmp_path / "final")
+    tensors, meta = storage.load_checkpoint(tmp_path / "final")
     assert meta["step"] == 2 and torch.equal(tensors["0.weight"], model[0].weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 

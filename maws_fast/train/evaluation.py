@@ -105,7 +105,7 @@ def evaluate(cfg: Config, data: DemoData | None, device: torch.device, echo: Ech
         final = out / name / "final"
         if not final.exists():
             continue
-        tensors, meta, _ = load_checkpoint(final)
+        tensors, meta = load_checkpoint(final)
         check_fingerprint(meta.get("fingerprint", {}), prints[name], final)
         model = build_classifier(cfg.model, num_classes=0).to(device)
         report = load_pretrained(model, tensors, source=str(final))

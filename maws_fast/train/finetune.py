@@ -100,7 +100,7 @@ def finetune_eval(cfg: Config, data: DemoData | None, device: torch.device, name
     data.eval_val through the eval transform: resize to size / crop_frac, centre crop; crop
     fraction 1 above 224 px, as the official). Written to ``<out>/<name>/eval.json``."""
     final = Path(cfg.run.out_dir) / name / "final"
-    tensors, meta, _ = load_checkpoint(final)
+    tensors, meta = load_checkpoint(final)
     check_fingerprint(meta.get("fingerprint", {}), fingerprints(cfg)[name], final)
     num_classes = int(tensors["head.weight"].shape[0])  # the classes it was trained on
     model = build_finetune_model(cfg, num_classes).to(device)

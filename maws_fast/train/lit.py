@@ -213,7 +213,7 @@ def load_lit(cfg: Config, name: str, device: torch.device) -> tuple[LiT, Caption
     if not tok_path.is_file():
         raise CheckpointError(f"{tok_path} is missing: the LiT checkpoint {final} cannot be read without the tokenizer "
                               f"it was trained with; delete {stage_dir} and rerun the lit stage")
-    tensors, meta, _ = load_checkpoint(final)
+    tensors, meta = load_checkpoint(final)
     text = tok_path.read_text()
     check_fingerprint(meta.get("fingerprint", {}), {**fingerprints(cfg)[name], "tokenizer_sha256": tokenizer_sha256(text)},
                       final)

@@ -83,8 +83,8 @@ def test_resume_is_exact_and_the_checkpoint_holds_both_towers(tmp_path, data):
     assert stop is None
     again = run_stage(lit_stage(cfg_b, data, CPU, "lit", "wsp", tmp_path / "b"), tmp_path / "b", cfg_b.run, CPU,
                       echo=lambda s: None)
-    a, meta, _ = load_checkpoint(done)
-    b, _, _ = load_checkpoint(again)
+    a, meta = load_checkpoint(done)
+    b, _ = load_checkpoint(again)
     assert meta["step"] == 12 and a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
@@ -164,7 +164,7 @@ def test_lit_on_captioned_jpeg_shards(tmp_path, data):
     x, ids = next(stage.loader.epoch(0))
     assert x.shape == (64, 1, 28, 28) and ids.shape == (64, 40) and (ids[:, 0] == 1).all()
     final = run_stage(stage, tmp_path / "run", cfg.run, CPU, echo=lambda s: None)
-    t, meta, _ = load_checkpoint(final)
+    t, meta = load_checkpoint(final)
     assert meta["step"] == 4 and torch.isfinite(t["logit_scale"])
     from maws_fast.data.text import CaptionTokenizer
 
@@ -185,7 +185,7 @@ def test_bf16_weights_and_a_kept_tokenizer(tmp_path, data):
     cfg = small_cfg(tmp_path, "--run.precision=bf16", "--parallel.param_dtype=bf16", "--lit.epochs=0.5")
     _wsp(cfg, data)
     final = run_stage(lit_stage(cfg, data, CPU, "lit", "wsp", tmp_path), tmp_path, cfg.run, CPU, echo=lambda s: None)
-    t, meta, _ = load_checkpoint(final)
+    t, meta = load_checkpoint(final)
     assert meta["step"] == 4 and torch.isfinite(t["logit_scale"])
     path = tmp_path / "lit" / "tokenizer.json"
     before = path.read_text()
