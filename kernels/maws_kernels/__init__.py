@@ -24,7 +24,7 @@ attention and MLP for ours in place).
 Triton is optional: where it cannot be imported every op runs its torch path and asking for the
 "triton" backend raises BackendUnavailableError naming the missing package.
 """
-from maws_kernels._backend import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
+from maws_kernels._backend import BACKENDS, BackendUnavailableError, available_backends, backend_problem, resolve_backend
 from maws_kernels.patch import masked_patchify, masked_patchify_ref, patchify, unpatchify
 from maws_kernels.norm_pix_loss import norm_pix_loss, norm_pix_loss_ref
 from maws_kernels.cross_entropy import (
@@ -53,6 +53,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "available_backends",
+    "backend_problem",
     "resolve_backend",
     "patchify",
     "unpatchify",

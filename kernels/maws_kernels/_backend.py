@@ -90,6 +90,30 @@ def available_backends(op: str, implemented: tuple[str, ...], device: torch.devi
     return out
 
 
+def backend_problem(backend: str, device: torch.device | str) -> str | None:
+    """Why ``backend`` cannot run ops on ``device`` in this process, or None if it can: a check a
+    trainer makes once, before any work, instead of meeting the error at its first forward.
+
+    ``torch`` runs anywhere; ``triton`` needs Triton and a CUDA device (or ``TRITON_INTERPRET=1``,
+    the interpreter); ``cuda`` needs a CUDA device and the built ``maws_kernels._C``.
+    """
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+    if backend == "triton":
+        if TRITON_ERROR is not None:
+            return f"Triton cannot be imported here ({TRITON_ERROR})"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1, the interpreter), not {device.type}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA twins need a CUDA device, not {device.type}"
+        if _EXT_ERROR is not None:
+            return (f"the CUDA extension maws_kernels._C cannot be loaded ({_EXT_ERROR}); build it on a CUDA "
+                    "machine with: pip install --no-build-isolation -e ./kernels")
+    return None
+
+
 def resolve_backend(
     op: str, backend: str | None, implemented: tuple[str, ...], device: torch.device | str
 ) -> str:

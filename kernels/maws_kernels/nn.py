@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maws_kernels._backend import BACKENDS, TRITON_ERROR, BackendUnavailableError, resolve_backend
+from maws_kernels._backend import BACKENDS, TRITON_ERROR, BackendUnavailableError, backend_problem, resolve_backend
 from maws_kernels.add_layer_norm import add_layer_norm
 from maws_kernels.attention import attention, attention_qkvpacked, attention_varlen
 from maws_kernels.bias_gelu import bias_gelu
@@ -92,6 +92,23 @@ def check_attention_backend(backend: str) -> str:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
     return backend
+
+
+def attention_backend_problem(backend: str, device: torch.device | str) -> str | None:
+    """Why attention backend ``backend`` cannot run on ``device`` in this process, or None if it can
+    (``sdpa`` and ``manual`` run anywhere); for a check before any work, not at the first forward."""
+    check_attention_backend(backend)
+    device = torch.device(device)
+    if backend == "triton":
+        return backend_problem("triton", device)
+    if backend == "xformers":
+        try:
+            import xformers.ops  # noqa: F401
+        except ImportError as e:
+            return f"xformers is not installed ({e}); pip install xformers (built for your torch)"
+        if device.type != "cuda":
+            return f"xformers has no attention operator for {device.type} tensors"
+    return None
 
 
 def default_attention_backend(device: torch.device | str) -> str:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from maws_kernels import backend_problem
+from maws_kernels.nn import attention_backend_problem
 
 from maws_fast.config import Config, resolve_defaults
 from maws_fast.data.demo import DemoData, load_data
@@ -105,6 +107,23 @@ RECIPE: tuple[StageKind, ...] = (
 )
 
 
+def check_device(cfg: Config, device: torch.device) -> None:
+    """The device exists and runs the model's attention and kernel backends: one ConfigError naming
+    the option and the fix, before anything is written, instead of a traceback at the first forward."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config: run.device: cuda requested but torch sees no CUDA device; use --run.device=cpu")
+    m = cfg.model
+    why = attention_backend_problem(m.attn_backend, device)
+    if why is not None:
+        raise ConfigError(f"config: model.attn_backend: {m.attn_backend} cannot run on {device.type} here: {why}; "
+                          f"use --model.attn_backend=sdpa" + (" (or --run.device=cuda on a GPU machine)"
+                                                             if device.type != "cuda" else ""))
+    why = backend_problem(m.kernel_backend, device) if m.kernel_backend is not None else None
+    if why is not None:
+        raise ConfigError(f"config: model.kernel_backend: {m.kernel_backend} cannot run on {device.type} here: {why}; "
+                          "use --model.kernel_backend=null (the best available) or torch")
+
+
 def check_out_dir(path: str | Path) -> Path:
     """Create the output directory and prove it is writable, before any work is done."""
     p = Path(path)
@@ -125,10 +144,9 @@ def run_recipe(cfg: Config, echo: Echo = say) -> dict:
     Under torchrun every process runs this; they train together (cfg.parallel), rank 0 logs,
     writes the final weights and runs the evaluation.
     """
-    out = check_out_dir(cfg.run.out_dir)
     device = torch.device(cfg.run.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config: run.device: cuda requested but torch sees no CUDA device; use --run.device=cpu")
+    check_device(cfg, device)  # before any file is written
+    out = check_out_dir(cfg.run.out_dir)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     mesh = init_distributed(tp=cfg.parallel.tp, device=device, backend=cfg.parallel.backend,

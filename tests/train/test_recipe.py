@@ -1,4 +1,6 @@
 """The recipe is a table: one row per stage kind, in config.STAGES's order."""
+import re
+
 import pytest
 
 from maws_fast.config import STAGES, load_config
@@ -33,3 +35,28 @@ def test_every_kind_is_checked_before_any_stage_trains(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="wsp.init: .*missing.safetensors does not exist"):
         recipe.run_recipe(cfg, echo=lambda s: None)
     assert built == []
+
+
+@pytest.mark.parametrize("option, names", [
+    ("--model.kernel_backend=cuda", "model.kernel_backend: cuda cannot run on cpu here: the CUDA twins need a CUDA device"),
+    ("--model.kernel_backend=triton", "model.kernel_backend: triton cannot run on cpu here: Triton kernels need a CUDA"),
+    ("--model.attn_backend=triton", "model.attn_backend: triton cannot run on cpu here: Triton kernels need a CUDA"),
+    ("--model.attn_backend=xformers", "model.attn_backend: xformers cannot run on cpu here: xformers"),
+])
+def test_a_backend_the_device_cannot_run_is_one_error_before_anything_is_written(tmp_path, monkeypatch, option,
+                                                                                   names):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a real CPU run: Triton's interpreter is not on
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"--run.out_dir={out}", "--run.device=cpu", option])
+    with pytest.raises(ConfigError, match=re.escape(names)):
+        recipe.run_recipe(cfg, echo=lambda s: None)
+    assert not out.exists()
+
+
+def test_triton_under_the_interpreter_and_the_torch_paths_pass_the_device_check():
+    import torch
+
+    recipe.check_device(load_config(None, ["--model.kernel_backend=triton", "--model.attn_backend=triton"]),
+                        torch.device("cpu"))  # conftest set TRITON_INTERPRET=1
+    recipe.check_device(load_config(None, ["--model.kernel_backend=torch", "--model.attn_backend=sdpa"]),
+                        torch.device("cpu"))
