@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")  # what an image folder or file list may hold
+
 # Start-of-frame markers carry the image size: SOF0-3, 5-7, 9-11, 13-15 (C4 = DHT, C8 = JPG,
 # CC = DAC are not frames).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

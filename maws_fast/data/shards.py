@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from maws_fast.data.images import IMAGE_EXTS
 from maws_fast.errors import DataError
 from maws_fast.storage import atomic_write_text
 
@@ -174,6 +175,14 @@ class ShardSet:
         return len(self.samples)
 
 
+def _image_folder(root: Path) -> bool:
+    """Whether ``root`` looks like DIR/<class>/<image>: a sub-directory holding an image (a few looked at)."""
+    for sub in sorted(p for p in root.iterdir() if p.is_dir())[:8]:
+        if any(f.suffix.lower() in IMAGE_EXTS for f in list(sub.iterdir())[:64]):
+            return True
+    return False
+
+
 def open_shards(root: str | Path) -> ShardSet:
     """Lists a shard directory: from its manifest, or every ``*.tar`` with a matching ``*.idx``.
 
@@ -182,7 +191,8 @@ def open_shards(root: str | Path) -> ShardSet:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"shard directory {root} does not exist; write one with `maws-data shards --out {root} ...`")
+        raise DataError(f"shard directory {root} does not exist; pass the directory `maws-data shards --out DIR` "
+                        "wrote, or write one there")
     manifest_path = root / MANIFEST
     if manifest_path.exists():
         try:
@@ -196,7 +206,11 @@ def open_shards(root: str | Path) -> ShardSet:
         tars = sorted(str(p) for p in root.glob("*.tar"))
         indexes = [t[: -len(".tar")] + ".idx" for t in tars]
     if not tars:
-        raise DataError(f"{root} holds no .tar shards; write them with `maws-data shards --out {root} ...`")
+        if _image_folder(root):
+            raise DataError(f"{root} holds no .tar shards but looks like an image folder (class sub-folders of "
+                            f"images): read it as one with --data.format=folder, or write shards from it into another "
+                            f"directory with `maws-data shards --folder {root} --out DIR`")
+        raise DataError(f"{root} holds no .tar shards; pass the directory `maws-data shards --out DIR` wrote")
     per_shard = [read_index(i, t) for t, i in zip(tars, indexes)]
     # A shard without samples (e.g. all of it rejected by `maws-data verify`) is left out: DALI's
     # reader cannot open an empty tar.

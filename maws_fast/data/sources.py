@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maws_fast.data.images import IMAGE_EXTS
 from maws_fast.data.jsonl import check_caption, jsonl_rows
 from maws_fast.data.shards import ShardSet, open_shards
 from maws_fast.errors import DataError
 from maws_fast.storage import atomic_write_text
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 SOURCE_KINDS = ("folder", "filelist", "webdataset")
 
 

@@ -148,8 +148,21 @@ def test_index_errors_name_the_file(tmp_path, real_images):
     with pytest.raises(DataError, match="does not exist"):
         open_shards(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="holds no .tar shards"):
+    with pytest.raises(DataError, match="holds no .tar shards; pass the directory `maws-data shards --out DIR` wrote"):
         open_shards(tmp_path / "empty")
+
+
+def test_an_image_folder_where_shards_are_expected_names_data_format_folder(tmp_path):
+    """ImageNet's train/ given as shards: the error says how to read it as it is, and never suggests
+    writing shards into the source dataset."""
+    (tmp_path / "in1k" / "n01440764").mkdir(parents=True)
+    (tmp_path / "in1k" / "n01440764" / "a.JPEG").write_bytes(b"\xff\xd8")
+    with pytest.raises(DataError, match="looks like an image folder .*--data.format=folder") as e:
+        open_shards(tmp_path / "in1k")
+    assert f"--out {tmp_path / 'in1k'}" not in str(e.value) and "--out DIR" in str(e.value)
+    with pytest.raises(DataError) as e:
+        open_shards(tmp_path / "nope")
+    assert "--out DIR" in str(e.value) and f"--out {tmp_path / 'nope'}" not in str(e.value)
 
 
 def test_reader_names_a_truncated_tar(tmp_path, real_images):
