@@ -258,3 +258,70 @@ def test_python_m_maws_fast_cli_is_maws_train_and_imports_no_other_command():
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: maws-train") and res.stdout.strip().endswith("[]"), res.stdout
+
+
+def test_train_help_describes_every_stage_of_the_recipe(capsys):
+    """The description comes from maws_fast.config.STAGES: fine-tuning and LiT included."""
+    from maws_fast.cli.train import _STAGE_WORDS
+    from maws_fast.config import STAGES
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert set(STAGES) <= set(_STAGE_WORDS), "a stage without words in --help"
+    assert "fine-tuning" in out and "LiT (zero-shot)" in out
+    assert all(_STAGE_WORDS[s] in out for s in STAGES)
+
+
+def test_help_config_into_head_exits_quietly():
+    """`maws-train --help-config lit | head -2`: two lines, no BrokenPipeError traceback."""
+    res = subprocess.run(["sh", "-c", f'"{sys.executable}" -m maws_fast.cli --help-config lit | head -2'],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert len(res.stdout.splitlines()) == 2 and res.stdout.startswith("lit:")
+
+
+@pytest.mark.parametrize("args", [["--help-config", "lit"], ["--print-config"]])
+def test_a_reader_gone_before_any_output_ends_in_141_and_no_traceback(args):
+    """The reader closes before the first write, so the broken pipe is certain (head -2 races the writer)."""
+    proc = subprocess.Popen([sys.executable, "-m", "maws_fast.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_raised():
+    from maws_fast.cli.common import quiet_broken_pipe
+
+    @quiet_broken_pipe
+    def main() -> int:
+        raise BrokenPipeError("a worker's pipe")
+
+    with pytest.raises(BrokenPipeError, match="worker"):
+        main()
+
+
+def test_every_maws_data_flag_has_help_and_shows_its_default():
+    import argparse
+
+    from maws_fast.cli.data import COMMANDS, _parser
+
+    (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == set(COMMANDS)
+    for cmd, parser in sub.choices.items():
+        text = " ".join(parser.format_help().split())  # undo argparse's line wrapping
+        for action in parser._actions:
+            flag = f"maws-data {cmd} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{flag} has no help"
+            if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS:
+                assert f"(default: {action.default})" in text, f"{flag} does not show its default {action.default}"
+
+
+def test_data_dir_on_a_jpeg_run_names_data_train_instead(capsys):
+    """``--data DIR`` is the Fashion-MNIST root: on a JPEG config it is refused with the flag that reads JPEGs."""
+    code = train_main(["--config", str(REPO / "configs" / "mae_vit_b16.yaml"), "--data", "in1k/train"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "--data in1k/train sets data.root, the Fashion-MNIST directory" in err and "--data.train=in1k/train" in err

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from maws_fast.cli.common import fail
+from maws_fast.cli.common import fail, quiet_broken_pipe
 from maws_fast.errors import UserError
 
 
@@ -27,6 +27,7 @@ def bench_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_broken_pipe
 def bench_main(argv: list[str] | None = None) -> int:
     """maws-bench train|step|kernels|data|dist|plot [...]: see benchmarks/bench_train.py, bench_step.py,
     bench_<op>.py, bench_data.py, bench_dist.py, and maws_fast/bench/plot.py."""

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from maws_fast.cli.common import fail
+from maws_fast.cli.common import fail, quiet_broken_pipe
 from maws_fast.errors import UserError
 
 
+@quiet_broken_pipe
 def ckpt_main(argv: list[str] | None = None) -> int:
     """maws-ckpt consolidate CKPT_DIR OUT.safetensors"""
     parser = argparse.ArgumentParser(prog="maws-ckpt", description="Sharded checkpoint tools.")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maws_fast.cli.common import quiet_broken_pipe
 from maws_fast.cli.data_shards import (
     VOCAB_FILE, check_file, pmap, read_tag_rows, shard_inputs, short_name, tag_counts, verify_shards, vocab_for_list,
     write_clean_shards,
@@ -280,8 +281,19 @@ def cmd_tokenizer(a: argparse.Namespace) -> int:
 
 
 # --- command line --------------------------------------------------------------------------------
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to a flag's help, except where there is none (None, a store_true's False) or the
+    help says its own default already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Dataset tools: write, verify and describe image datasets.")
+    p = argparse.ArgumentParser(prog=PROG, description="Dataset tools: write, verify and describe image datasets.",
+                                formatter_class=_DefaultsFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     workers = min(8, os.cpu_count() or 1)
 
@@ -298,7 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     sh.add_argument("--data", help="--fmnist: Fashion-MNIST directory (default: Debian's package location)")
     sh.add_argument("--split", choices=("train", "test"), default="train", help="--fmnist: split to write")
     sh.add_argument("--weak-hashtags", type=int, help="--fmnist: write N weak-hashtag mosaics instead of the split")
-    sh.add_argument("--samples-per-shard", type=int, default=1000)
+    sh.add_argument("--samples-per-shard", type=int, default=1000,
+                    help="samples per .tar shard (the last may hold fewer)")
     sh.add_argument("--seed", type=int, default=0, help="seeds the shuffle, the resampling and the weak hashtags")
     sh.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded inputs")
     sh.add_argument("--resample", choices=("none", "inv_sqrt"), default="none",
@@ -326,7 +339,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--vocab", help="--list: vocabulary for string tags (default: built from --tags)")
     st.add_argument("--data", help="--fmnist: Fashion-MNIST directory (default: Debian's package location)")
     st.add_argument("--num", type=int, default=60000, help="--fmnist: weak-hashtag mosaics to generate")
-    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--seed", type=int, default=0, help="--fmnist: seeds the weak hashtags")
     st.add_argument("--workers", type=int, default=workers, help="reader threads")
 
     vo = sub.add_parser("vocab", help="build a hashtag vocabulary from a JSONL of string tags")
@@ -342,6 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     tk.add_argument("--out", required=True, help="tokenizer.json to write")
     tk.add_argument("--vocab-size", type=int, default=1000, help="tokens, the 256 bytes and 3 specials included")
     tk.add_argument("--context-length", type=int, default=40, help="tokens per caption, [CLS] and [EOS] included")
+    for cmd in sub.choices.values():  # add_parser does not pass the formatter on
+        cmd.formatter_class = _DefaultsFormatter
     return p
 
 
@@ -349,6 +364,7 @@ COMMANDS = {"shards": cmd_shards, "verify": cmd_verify, "stats": cmd_stats, "voc
             "tokenizer": cmd_tokenizer}
 
 
+@quiet_broken_pipe
 def data_main(argv: list[str] | None = None) -> int:
     """``maws-data shards|verify|stats|vocab|tokenizer [...]``; returns the exit status (2 for a user error).
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from maws_fast.cli.common import fail
-from maws_fast.errors import UserError
+from maws_fast.cli.common import fail, quiet_broken_pipe
+from maws_fast.errors import ConfigError, UserError
 
 
 def _record(fn):
@@ -27,6 +27,21 @@ def _record(fn):
     return wrapper
 
 
+# What each stage of maws_fast.config.STAGES is called in --help; a stage missing here shows its own name.
+_STAGE_WORDS = {"mae": "MAE pre-pretraining", "wsp": "weakly supervised pretraining (WSP)", "finetune": "fine-tuning",
+                "lit": "LiT (zero-shot)", "linprobe": "linear probe + few-shot"}
+
+
+def recipe_description() -> str:
+    """The recipe in --help, from the stage list: the pretraining chain, then the stages that each start from WSP."""
+    from maws_fast.config import STAGES
+
+    words = [_STAGE_WORDS.get(s, s) for s in STAGES]
+    k = STAGES.index("wsp") + 1
+    return " -> ".join(words[:k] + [", ".join(words[k:])]) + "."
+
+
+@quiet_broken_pipe
 @_record
 def train_main(argv: list[str] | None = None) -> int:
     """maws-train --config FILE [--data DIR] [--out DIR] [--section.key=value ...]
@@ -37,12 +52,13 @@ def train_main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="maws-train",
-        description="MAE pre-pretraining -> weakly supervised pretraining -> linear probe + few-shot.",
+        description=recipe_description(),
         epilog="Any config field can be overridden: --mae.epochs=2 --run.stages=[mae,wsp] --model.attn_backend=manual. "
                "--help-config lists every field with its type, default and help (--help-config SECTION: one section).",
     )
     parser.add_argument("--config", help="YAML config (e.g. configs/demo_fmnist.yaml); defaults apply without one")
-    parser.add_argument("--data", help="dataset directory (same as --data.root=DIR)")
+    parser.add_argument("--data", metavar="DIR", help="the Fashion-MNIST directory of the demo data (same as "
+                        "--data.root=DIR); JPEG data is --data.train=DIR (and --data.eval_train / --data.eval_val)")
     parser.add_argument("--out", help="output directory (same as --run.out_dir=DIR)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
@@ -62,6 +78,10 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.out:
             overrides.append(f"--run.out_dir={args.out}")
         cfg = load_config(args.config, overrides)
+        if args.data and cfg.data.dataset != "fmnist":
+            raise ConfigError(f"--data {args.data} sets data.root, the Fashion-MNIST directory, which a "
+                              f"data.dataset={cfg.data.dataset} run does not read; give the JPEGs as "
+                              f"--data.train={args.data} (and the labelled sets as --data.eval_train / --data.eval_val)")
         if args.print_config:
             print(cfg.to_json())
             return 0
