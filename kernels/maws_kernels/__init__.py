@@ -47,7 +47,7 @@ from maws_kernels.attention import (
 )
 from maws_kernels import nn, optim  # noqa: E402  (after the ops they wrap)
 from maws_kernels.optim import FusedAdamW
-from maws_kernels.patching import patch_timm
+from maws_kernels.patching import PatchReport, patch_timm
 
 __all__ = [
     "BACKENDS",
@@ -80,6 +80,7 @@ __all__ = [
     "nn",
     "optim",
     "patch_timm",
+    "PatchReport",
     "attention",
     "attention_ref",
     "attention_qkvpacked",

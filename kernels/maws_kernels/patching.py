@@ -17,8 +17,15 @@ replaced module are not carried over: patch before wrapping the model (DDP, FSDP
 timm itself is never imported here: modules are recognised by class name, defining module and
 attributes, and one that holds any parameter or sub-module ours lacks is kept, so this file works
 with whatever timm the user has, or none.
+
+Nothing is left alone silently: the returned :class:`PatchReport` names every candidate it kept and
+why, and one line summarising it goes to the ``maws_kernels`` logger (WARNING when something was
+kept, INFO otherwise). Logging, not ``warnings``, so a trainer's own logging config decides.
 """
 from __future__ import annotations
+
+import logging
+from collections import Counter
 
 import torch.nn as nn
 
@@ -33,6 +40,42 @@ _TIMM_MLP = ("Mlp", ("timm.layers.mlp",))
 _TIMM_LAYER_NORM = ("LayerNorm", ("timm.layers.norm",))
 _ATTENTION_CHILDREN = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"}
 _MLP_CHILDREN = {"fc1", "act", "drop1", "norm", "fc2", "drop2"}
+
+
+logger = logging.getLogger("maws_kernels")
+
+
+class PatchReport(dict):
+    """What :func:`patch_timm` did: ``{qualified name: the module that was replaced}`` (a plain dict
+    as before, so ``len()`` and indexing still work), plus what it left alone.
+
+    Attributes:
+        kept: ``{qualified name: why it was left alone}`` for every LayerNorm / timm Attention / timm
+            Mlp of a kind asked for that could not be swapped exactly.
+        counts: ``{"swapped": {kind: n}, "kept": {kind: n}}``, kind one of LayerNorm, Attention, Mlp.
+    """
+
+    def __init__(self, replaced: dict[str, nn.Module], kept: dict[str, str], kinds: dict[str, str]):
+        super().__init__(replaced)
+        self.kept = dict(kept)
+        self.counts = {"swapped": dict(Counter(kinds[n] for n in replaced)),
+                       "kept": dict(Counter(kinds[n] for n in kept))}
+
+    def summary(self) -> str:
+        """One line: the counts, then the modules kept for each reason, with the reason."""
+        def by_kind(c: dict[str, int]) -> str:
+            return ", ".join(f"{n} {k}" for k, n in c.items()) or "none"
+
+        line = f"patch_timm: swapped {len(self)} modules ({by_kind(self.counts['swapped'])})"
+        if not self.kept:
+            return line + "; left none alone"
+        groups: dict[str, list[str]] = {}
+        for name, why in self.kept.items():
+            groups.setdefault(why, []).append(name)
+        # a ViT-B has 12 of each: name the first two and the count, not all twelve
+        said = "; ".join(f"{', '.join(ns[:2])}{f' and {len(ns) - 2} more' if len(ns) > 2 else ''} ({why})"
+                         for why, ns in groups.items())
+        return line + f"; left {len(self.kept)} alone ({by_kind(self.counts['kept'])}): {said}"
 
 
 def _is(m: nn.Module, kind: tuple[str, tuple[str, ...]]) -> bool:
@@ -67,10 +110,10 @@ def _is_timm_attention(m: nn.Module) -> str | None:
         return "it is gated"
     drop = getattr(m, "attn_drop", None)
     if drop is not None and getattr(drop, "p", 0.0) > 0:
-        return f"it has attention dropout {drop.p}"
+        return f"attn_drop={drop.p} > 0: maws_kernels.nn.Attention has no attention dropout"
     proj_drop = getattr(m, "proj_drop", None)
     if proj_drop is not None and getattr(proj_drop, "p", 0.0) > 0:
-        return f"it has projection dropout {proj_drop.p}"
+        return f"proj_drop={proj_drop.p} > 0: maws_kernels.nn.Attention has no projection dropout"
     return _only(m, _ATTENTION_CHILDREN, {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"})
 
 
@@ -86,12 +129,12 @@ def _is_timm_mlp(m: nn.Module) -> str | None:
     for name in ("drop1", "drop2"):
         d = getattr(m, name, None)
         if d is not None and getattr(d, "p", 0.0) > 0:
-            return f"it has dropout {d.p}"
+            return f"{name}={d.p} > 0: maws_kernels.nn.Mlp has no dropout"
     return _only(m, _MLP_CHILDREN, {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"})
 
 
 def patch_timm(model: nn.Module, *, norms: bool = True, attention: bool = True, mlp: bool = True,
-               backend: str | None = None, attn_backend: str | None = None) -> dict[str, nn.Module]:
+               backend: str | None = None, attn_backend: str | None = None) -> PatchReport:
     """Swap a timm ViT's norms, attention and MLP for maws_kernels modules, in place.
 
     Args:
@@ -102,7 +145,9 @@ def patch_timm(model: nn.Module, *, norms: bool = True, attention: bool = True, 
             where Triton is installed, torch's SDPA elsewhere).
 
     Returns:
-        ``{qualified name: the module that was replaced}`` (so a caller can count, log or undo).
+        A :class:`PatchReport`: ``{qualified name: the module that was replaced}`` (so a caller can
+        count, log or undo), with ``.kept`` (``{name: why it was left alone}``), ``.counts`` and
+        ``.summary()``, the line also logged to the ``maws_kernels`` logger.
 
     Raises:
         ValueError: nothing in ``model`` could be swapped (not a timm ViT?); the message says what
@@ -110,7 +155,7 @@ def patch_timm(model: nn.Module, *, norms: bool = True, attention: bool = True, 
     """
     if attn_backend is not None and attn_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"patch_timm: unknown attn_backend {attn_backend!r}; choose one of {ATTENTION_BACKENDS}")
-    replaced, kept = {}, {}
+    replaced, kept, kinds = {}, {}, {}
     for name, module in list(model.named_modules()):
         if not name:
             continue
@@ -122,14 +167,17 @@ def patch_timm(model: nn.Module, *, norms: bool = True, attention: bool = True, 
                 why = "it normalises over more than one dim"
             else:
                 new = LayerNorm.from_module(module, backend=backend)
+            kinds[name] = "LayerNorm"
         elif attention and not isinstance(module, Attention):
             why = _is_timm_attention(module)
             if why is None:
                 new = Attention.from_module(module, backend=attn_backend)
+            kinds[name] = "Attention"
         if new is None and mlp and not isinstance(module, Mlp) and not why:
             why = _is_timm_mlp(module)
             if why is None:
                 new = Mlp.from_module(module, backend=backend)
+            kinds[name] = "Mlp"
         if new is not None:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -140,4 +188,6 @@ def patch_timm(model: nn.Module, *, norms: bool = True, attention: bool = True, 
         found = "; ".join(f"{n}: {w}" for n, w in list(kept.items())[:4]) or "no LayerNorm, Attention or Mlp"
         raise ValueError(f"patch_timm: nothing in this {type(model).__name__} could be swapped ({found}); "
                          "it expects a timm VisionTransformer")
-    return replaced
+    report = PatchReport(replaced, kept, kinds)
+    logger.log(logging.WARNING if kept else logging.INFO, report.summary())
+    return report

@@ -5,6 +5,7 @@ on the Triton kernels under the interpreter, for a ViT-B/16 at 224 and a one-blo
 state_dict keys and the parameters an optimizer holds are untouched.
 """
 import copy
+import logging
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ timm = pytest.importorskip("timm")
 
 def _tiny(**kw):
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=7, **kw)
+        **{"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3, "num_classes": 7, **kw})
 
 
 def _fwd_bwd(model, x):
@@ -83,6 +84,8 @@ def test_keeps_what_it_cannot_replace():
     # q/k norms and dropout: attention and MLP are kept; the norms (q_norm / k_norm too) are swapped
     assert not any(isinstance(m, (mnn.Attention, mnn.Mlp)) for m in model.modules())
     assert all(isinstance(replaced[n], torch.nn.LayerNorm) for n in replaced)
+    assert replaced.kept == {"blocks.0.attn": "it has a q_norm",
+                             "blocks.0.mlp": "drop1=0.1 > 0: maws_kernels.nn.Mlp has no dropout"}
     with pytest.raises(ValueError, match="nothing in this Linear could be swapped"):
         maws_kernels.patch_timm(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="attn_backend"):
@@ -113,3 +116,30 @@ def test_leaves_lookalikes_alone():
     seq = torch.nn.Sequential(LayerNorm2d(8), torch.nn.LayerNorm(8))
     replaced = maws_kernels.patch_timm(seq)
     assert list(replaced) == ["1"] and type(seq[0]) is LayerNorm2d
+
+
+def test_reports_what_it_left_alone(caplog):
+    """attn_drop > 0: every attention is kept, each named with its reason, counted and logged in one line."""
+    model = _tiny(depth=2, attn_drop_rate=0.1)
+    with caplog.at_level(logging.INFO, logger="maws_kernels"):
+        report = maws_kernels.patch_timm(model)
+    want_kept = {f"blocks.{i}.attn" for i in range(2)}
+    assert set(report.kept) == want_kept
+    assert all(why.startswith("attn_drop=0.1 > 0") for why in report.kept.values())
+    assert report.counts == {"swapped": {"LayerNorm": 5, "Mlp": 2}, "kept": {"Attention": 2}}
+    assert len(report) == 7 and all(isinstance(model.get_submodule(n), timm.layers.Attention) for n in want_kept)
+    records = [r for r in caplog.records if r.name == "maws_kernels"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert records[0].getMessage() == report.summary()
+    assert "swapped 7 modules" in report.summary() and "left 2 alone (2 Attention)" in report.summary()
+    assert "blocks.0.attn" in report.summary()
+
+
+def test_reports_nothing_left_alone_for_a_plain_vit(caplog):
+    with caplog.at_level(logging.INFO, logger="maws_kernels"):
+        report = maws_kernels.patch_timm(_tiny())
+    assert report.kept == {}
+    assert report.counts == {"swapped": {"LayerNorm": 3, "Attention": 1, "Mlp": 1}, "kept": {}}
+    records = [r for r in caplog.records if r.name == "maws_kernels"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO
+    assert records[0].getMessage() == "patch_timm: swapped 5 modules (3 LayerNorm, 1 Attention, 1 Mlp); left none alone"
