@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_the_recipe_configs_are_there():
     names = {p.stem for p in CONFIGS}
     assert {"demo_fmnist", "mae_vit_b16", "mae_vit_l16", "mae_vit_h14", "finetune_vit_b16_224",
-            "finetune_vit_h14_518", "linprobe_vit_b16", "wsp_vit_b16", "wsp_vit_l16"} <= names
+            "finetune_vit_h14_518", "finetune_vit_l16_512", "linprobe_vit_b16", "wsp_vit_b16", "wsp_vit_l16"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -42,6 +42,9 @@ def test_config_loads_and_builds_its_models(path):
         assert cfg.data.loader != "dali" or (cfg.finetune.rand_aug == "none" and cfg.finetune.reprob == 0)
     if path.stem == "finetune_vit_h14_518":
         assert finetune_model_config(cfg).img_size == 518 and cfg.finetune.layer_decay == 0.75
+    if path.stem == "finetune_vit_l16_512":  # MAE FINETUNE.md's ViT-Large, at MAWS's 512 px
+        assert finetune_model_config(cfg).img_size == 512 and cfg.finetune.drop_path == 0.2
+        assert cfg.model.embed_dim == 1024 and cfg.model.depth == 24
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
