@@ -17,6 +17,20 @@ from typing import Callable
 import torch
 
 # Dense bf16 peak of the devices we report MFU for (docs/ARCHITECTURE.md: H100 SXM 989 TFLOP/s).
+# Where maws-bench writes when no --out is given: a folder of the current directory that no checkout
+# tracks (.gitignore), so a benchmark run never rewrites the repository's own tables
+# (benchmarks/results/*.json, docs/plots/) unless they are named with --out. MAWS_BENCH_OUT moves it.
+OUT_DIR = os.environ.get("MAWS_BENCH_OUT", "maws-bench-out")
+REPO_RESULTS = "benchmarks/results"  # the repository's tables: README's are rendered from them
+OUT_HELP = (f"JSON file to append to ('' = none; default under ${{MAWS_BENCH_OUT}} = {OUT_DIR}; the repository's "
+            f"tables: {REPO_RESULTS}/<name>.json)")
+
+
+def default_out(name: str) -> str:
+    """The default ``--out`` of a benchmark writing ``name`` (e.g. ``step.json``): under :data:`OUT_DIR`."""
+    return f"{OUT_DIR}/{name}"
+
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maws_fast.bench.common import env_info
+from maws_fast.bench.common import OUT_HELP, default_out, env_info
 from maws_fast.bench.results import ResultsFile, failed, is_measured, skipped
 from maws_fast.errors import ConfigError
 
@@ -39,7 +39,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="mae: crop + flip; finetune: + RandAugment rand-m9-mstd0.5-inc1 + random erasing 0.25")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shards", default=None, help="existing shard dir to read instead of the generated photos")
-    p.add_argument("--out", default="benchmarks/results/data.json", help="JSON file to append to ('' = none)")
+    p.add_argument("--out", default=default_out("data.json"), help=OUT_HELP)
 
 
 def photo_shards(root: Path, n: int, seed: int = 0) -> Path:

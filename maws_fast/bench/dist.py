@@ -52,7 +52,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from maws_fast.bench.common import env_info, sync, time_steps
+from maws_fast.bench.common import OUT_HELP, default_out, env_info, sync, time_steps
 from maws_fast.bench.results import FAILED, ResultsFile, error_summary, is_measured
 from maws_fast.config import PRESETS, OptimConfig, ParallelConfig, RunConfig, model_preset
 from maws_fast.errors import ConfigError, UserError
@@ -149,7 +149,7 @@ def add_dist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: NCCL on GPUs when there is one per rank, else gloo on CPU")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a collective may wait for a rank")
-    p.add_argument("--out", default="benchmarks/results/dist.json", help="JSON file to append to ('' = none)")
+    p.add_argument("--out", default=default_out("dist.json"), help=OUT_HELP)
 
 
 def parse_engines(spec: str) -> list[tuple[str, int | None]]:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from maws_fast.bench.common import bench_ms, copy_bandwidth_gbps, env_info
+from maws_fast.bench.common import bench_ms, copy_bandwidth_gbps, default_out, env_info
 from maws_fast.bench.peak import peak_memory
 from maws_fast.bench.results import ResultsFile, failed, is_measured, skipped
 from maws_fast.config import model_preset
@@ -272,7 +272,7 @@ def add_kernel_args(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> N
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition budget per timing (GPU)")
     p.add_argument("--compile-backend", default=None,
                    help="dynamo backend of the compile provider (default: $MAWS_COMPILE_BACKEND, else inductor)")
-    p.add_argument("--out", default="benchmarks/results/{group}.json",
+    p.add_argument("--out", default=default_out("{group}.json"),
                    help="JSON file to append to, relative to the current directory ('' = none); {group} is "
                         "'attention' for the attention op and 'kernels' for the memory-bound ones")
 

@@ -16,15 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
+from maws_fast.bench.common import REPO_RESULTS, default_out
 from maws_fast.errors import ConfigError, UserError
 from maws_fast.train.metrics import read_metrics
 
 
 def add_plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", default="", help="a run's out_dir (its <stage>/metrics.jsonl files); '' = none")
-    p.add_argument("--results", default="benchmarks/results", help="folder of the benchmark JSON files; '' = none")
+    p.add_argument("--results", default=REPO_RESULTS, help="folder of the benchmark JSON files; '' = none")
     p.add_argument("--fit-engine", default="ours:3", help="the engine whose rows fit.png shows")
-    p.add_argument("--out", default="docs/plots", help="folder the PNGs are written to")
+    p.add_argument("--out", default=default_out("plots"), help="folder the PNGs are written to (the README's: docs/plots)")
 
 
 def _pyplot():

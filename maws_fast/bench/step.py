@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from maws_fast.bench.baseline import OfficialMAE, OfficialViT, soft_target_cross_entropy
-from maws_fast.bench.common import append_results, env_info, peak_tflops, time_steps
+from maws_fast.bench.common import append_results, default_out, env_info, peak_tflops, time_steps
 from maws_fast.bench.fit import ENGINES as FIT_ENGINES
 from maws_fast.bench.fit import fit_rows
 from maws_fast.bench.peak import peak_memory
@@ -80,11 +80,11 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
                    help=f"activation-checkpoint modes of the ours variants (from {CHECKPOINT_MODES}); official: none")
     p.add_argument("--fit", action="store_true",
                    help="also write the computed largest-batch table (every preset, MAE and WSP) to --fit-out")
-    p.add_argument("--fit-out", default="benchmarks/results/fit.json", help="JSON file of the fit table ('' = none)")
+    p.add_argument("--fit-out", default=default_out("fit.json"), help="JSON file of the fit table ('' = none; the repository's: benchmarks/results/fit.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile-backend", default=None,
                    help="dynamo backend of the compile variants (default: $MAWS_COMPILE_BACKEND, else inductor)")
-    p.add_argument("--out", default="benchmarks/results/step.json",
+    p.add_argument("--out", default=default_out("step.json"),
                    help="JSON file to append to, relative to the current directory ('' = none)")
 
 

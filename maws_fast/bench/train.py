@@ -15,7 +15,7 @@ import torch
 
 import maws_kernels
 from maws_kernels.nn import available_attention_backends
-from maws_fast.bench.common import env_info, peak_tflops, time_steps
+from maws_fast.bench.common import default_out, env_info, peak_tflops, time_steps
 from maws_fast.bench.results import ResultsFile, failed, is_measured
 from maws_fast.config import ATTN_BACKENDS, PRESETS, OptimConfig, model_preset
 from maws_fast.errors import ConfigError
@@ -38,7 +38,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
     p.add_argument("--num-classes", type=int, default=14, help="WSP head size")
-    p.add_argument("--out", default="benchmarks/results/train.json",
+    p.add_argument("--out", default=default_out("train.json"),
                    help="JSON file to append to, relative to the current directory ('' = none)")
 
 
