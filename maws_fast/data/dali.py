@@ -57,7 +57,7 @@ def dali_unavailable() -> str | None:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as e:
-        return f"NVIDIA DALI is not installed ({e}); pip install 'maws_fast[dali]' (nvidia-dali-cuda130)"
+        return f"NVIDIA DALI is not installed ({e}); run `bash scripts/setup.sh --cuda` (it picks the DALI wheel for the driver), or pip install nvidia-dali-cuda130 (a CUDA 13 driver) / nvidia-dali-cuda120 (CUDA 12)"
     return None
 
 
