@@ -57,7 +57,8 @@ def dali_unavailable() -> str | None:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as e:
-        return f"NVIDIA DALI is not installed ({e}); run `bash scripts/setup.sh --cuda` (it picks the DALI wheel for the driver), or pip install nvidia-dali-cuda130 (a CUDA 13 driver) / nvidia-dali-cuda120 (CUDA 12)"
+        return (f"NVIDIA DALI is not installed ({e}); run `bash scripts/setup.sh --cuda` (it picks the DALI wheel "
+                "for the driver), or pip install nvidia-dali-cuda130 (a CUDA 13 driver) / nvidia-dali-cuda120 (CUDA 12)")
     return None
 
 
