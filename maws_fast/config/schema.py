@@ -167,6 +167,20 @@ class DataConfig:
 
 
 # --- parallel and run ------------------------------------------------------------------------
+def check_layout(engine: str, zero_stage: int | None, tp: int, param_dtype: str, bucket_mb: float) -> None:
+    """The parallel layout's rules, in the words of its config keys: run as a config is read
+    (automatic values allowed) and again by ``maws_fast.parallel.mesh.ParallelLayout`` on the resolved
+    values a stage runs with, so a mistake reads the same wherever it is caught."""
+    check(engine in PARALLEL_ENGINES, "parallel.engine", f"{engine!r}: choose from {PARALLEL_ENGINES}")
+    check(zero_stage in (None, 0, 1, 2, 3), "parallel.zero_stage", f"{zero_stage}: use 0, 1, 2, 3 or null (auto)")
+    check(engine == "ours" or tp == 1, "parallel.tp",
+          f"tensor parallel runs with engine=ours; engine={engine} is data parallel only (set --parallel.tp=1)")
+    check(bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
+    check(param_dtype in ("auto", "fp32", "bf16"), "parallel.param_dtype", f"{param_dtype!r}: use auto, fp32 or bf16")
+    check(engine != "ddp" or param_dtype in ("auto", "fp32"), "parallel.param_dtype",
+          "ddp keeps fp32 weights; use engine=ours or fsdp2 for a bf16 model copy (or run.precision=bf16)")
+
+
 @dataclass
 class ParallelConfig:
     engine: str = setting("ours", "ours (ZeRO + TP on our collectives) | fsdp2 (torch fully_shard) | ddp (torch DDP)")
@@ -187,16 +201,8 @@ class ParallelConfig:
         "many seconds (SIGSTOP, a frozen host); 0 = off. Under torchrun only")
 
     def __post_init__(self):
-        check(self.engine in PARALLEL_ENGINES, "parallel.engine", f"{self.engine!r}: choose from {PARALLEL_ENGINES}")
-        check(self.zero_stage in (None, 0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage}: use 0, 1, 2, 3 or null (auto)")
         check(self.tp >= 1, "parallel.tp", "must be >= 1")
-        check(self.engine == "ours" or self.tp == 1, "parallel.tp",
-              f"tensor parallel runs with engine=ours; engine={self.engine} is data parallel only (set --parallel.tp=1)")
-        check(self.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
-        check(self.param_dtype in ("auto", "fp32", "bf16"), "parallel.param_dtype",
-              f"{self.param_dtype!r}: use auto, fp32 or bf16")
-        check(self.engine != "ddp" or self.param_dtype in ("auto", "fp32"), "parallel.param_dtype",
-              "ddp keeps fp32 weights; use engine=ours or fsdp2 for a bf16 model copy (or run.precision=bf16)")
+        check_layout(self.engine, self.zero_stage, self.tp, self.param_dtype, self.bucket_mb)
         check(self.grad_accum >= 1, "parallel.grad_accum", "must be >= 1")
         check(self.timeout_s > 0, "parallel.timeout_s", "must be > 0 seconds")
         check(self.stall_timeout_s >= 0, "parallel.stall_timeout_s", "must be >= 0 seconds (0 = off)")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from maws_fast.config import PARALLEL_ENGINES, ParallelConfig
-from maws_fast.config.fields import check
+from maws_fast.config import ParallelConfig
+from maws_fast.config.schema import check_layout
 from maws_fast.errors import ConfigError
 
 
@@ -83,16 +83,7 @@ class ParallelLayout:
         if self.zero_stage is None or self.param_dtype == "auto":
             raise ValueError("a ParallelLayout holds resolved settings: make parallel.zero_stage and "
                              "parallel.param_dtype concrete first (maws_fast.config.resolve_parallel)")
-        # the words of maws_fast.config.ParallelConfig's checks: one message per mistake, wherever it is caught
-        check(self.engine in PARALLEL_ENGINES, "parallel.engine", f"{self.engine!r}: choose from {PARALLEL_ENGINES}")
-        check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage",
-              f"{self.zero_stage}: use 0, 1, 2, 3 or null (auto)")
-        check(self.engine == "ours" or self.dims.tp == 1, "parallel.tp",
-              f"tensor parallel runs with engine=ours; engine={self.engine} is data parallel only (set --parallel.tp=1)")
-        check(self.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", f"{self.param_dtype!r}: use auto, fp32 or bf16")
-        check(self.engine != "ddp" or self.param_dtype == "fp32", "parallel.param_dtype",
-              "ddp keeps fp32 weights; use engine=ours or fsdp2 for a bf16 model copy (or run.precision=bf16)")
-        check(self.bucket_mb > 0, "parallel.bucket_mb", "must be > 0")
+        check_layout(self.engine, self.zero_stage, self.dims.tp, self.param_dtype, self.bucket_mb)  # the config's rules
         # FSDP2 shards over a torch DeviceMesh, which needs a process group even for one rank
         if self.engine == "fsdp2" and not dist.is_initialized():
             raise ConfigError("config: parallel.engine=fsdp2 needs torch.distributed: launch with torchrun "
