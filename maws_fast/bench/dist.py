@@ -182,7 +182,7 @@ def _objective(args, cfg, mesh) -> nn.Module:
     torch.manual_seed(0)
     if args.task == "mae":
         return MAEObjective(build_mae(cfg), 0.75, seed=0, data_rank=mesh.dp_rank, data_world=mesh.dims.dp)
-    return WSPObjective(build_classifier(cfg, args.num_classes))
+    return WSPObjective(build_classifier(cfg, args.num_classes, pos_embed_learnable=True))  # as wsp.pos_embed=learned
 
 
 def build_bench_engine(engine: str, stage: int | None, objective: nn.Module, mesh, device: torch.device, args):

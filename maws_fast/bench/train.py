@@ -113,7 +113,7 @@ def _stage_step(stage: str, cfg, x: torch.Tensor, args, amp, device: torch.devic
         loss_fn = lambda: model(x)[0]  # noqa: E731
         flops = flops_per_image(cfg, "mae")
     else:
-        model = build_classifier(cfg, args.num_classes).to(device)
+        model = build_classifier(cfg, args.num_classes, pos_embed_learnable=True).to(device)  # as wsp.pos_embed=learned
         target = torch.softmax(torch.randn(args.batch_size, args.num_classes, device=device), -1)
         loss_fn = lambda: wsp_loss(model, x, target)  # noqa: E731  (the loss training runs)
         flops = flops_per_image(cfg, "wsp", args.num_classes)

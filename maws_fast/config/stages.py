@@ -85,9 +85,12 @@ class WSPConfig(OptimConfig):
     drop_p: float = setting(0.3, "probability a true tag is dropped")
     wrong_p: float = setting(0.1, "probability a wrong tag is added")
     augment: Augment = setting(Augment, "crop and flip of the training images (scale 0.08-1, flip 0.5)")
+    pos_embed: str = setting("learned", "position table: learned (starts as the MAE's sin-cos table and trains, without "
+                             "weight decay, as in SWAG / MAWS's released encoders) | fixed (the sin-cos table frozen)")
 
     def __post_init__(self):
         super().__post_init__()
+        check(self.pos_embed in ("learned", "fixed"), "wsp.pos_embed", f"{self.pos_embed!r}: use learned or fixed")
         check(self.num_samples >= 1, "wsp.num_samples", "must be >= 1")
         check(0 <= self.drop_p < 1 and 0 <= self.wrong_p <= 1, "wsp.drop_p", "probabilities must be in [0, 1)")
 

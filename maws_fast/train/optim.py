@@ -1,6 +1,7 @@
 """AdamW parameter groups: MAE's weight-decay exclusions, and the fine-tune's layer-wise lr decay.
 
-No decay on 1-D parameters (norm weights, biases) and on anything named ``*.bias``; the
+No decay on 1-D parameters (norm weights, biases), on anything named ``*.bias`` and on a learned
+``pos_embed`` (WSP's: timm's ViT lists it in ``no_weight_decay``, as the fine-tune rule does); the
 (1, 1, D) cls / mask tokens ARE decayed (they are 3-D), as in the official recipe. Frozen
 parameters (the fixed sin-cos pos-embeds) are left out of the optimizer entirely.
 """
@@ -13,12 +14,13 @@ from maws_fast.config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: ``decay`` (>= 2-D weights and tokens) and ``no_decay`` (1-D params, biases)."""
+    """Two groups: ``decay`` (>= 2-D weights and tokens) and ``no_decay`` (1-D params, biases, a learned
+    ``pos_embed``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name == "pos_embed" else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},

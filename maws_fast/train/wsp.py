@@ -45,7 +45,8 @@ def wsp_stage(cfg: Config, data: DemoData | None, device: torch.device, name: st
         )
         num_tags = len(fmnist.VOCAB)
     torch.manual_seed(mix_seed(cfg.run.seed, Stream.WSP_INIT))  # same head / encoder init for every WSP variant
-    model = build_classifier(cfg.model, num_classes=num_tags).to(device)
+    # SWAG / MAWS train a timm ViT's learned pos_embed in WSP; here it starts as the MAE's sin-cos table
+    model = build_classifier(cfg.model, num_classes=num_tags, pos_embed_learnable=w.pos_embed == "learned").to(device)
 
     def init_fn() -> str | None:
         if init == "scratch":

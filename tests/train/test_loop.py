@@ -159,6 +159,41 @@ def test_wsp_starts_from_the_mae_encoder(tmp_path, data):
     assert not torch.equal(scratch.model.blocks[0].attn.qkv.weight, mae_w["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.parametrize("mode", ["learned", "fixed"])
+def test_wsp_trains_a_learned_pos_embed_from_the_mae_table_without_decay(tmp_path, data, mode):
+    """SWAG / MAWS train a learned pos_embed in WSP: it starts as the MAE's sin-cos table, sits in the
+    no-decay group, and moves; wsp.pos_embed=fixed keeps the table frozen (and out of the optimizer)."""
+    from maws_fast.models.pos_embed import sincos_2d
+    from maws_fast.train.optim import param_groups
+
+    dev = torch.device("cpu")
+    cfg = small_cfg(tmp_path, f"--wsp.pos_embed={mode}")
+    mae_final = run_stage(mae_stage(cfg, data, dev), cfg.run.out_dir, cfg.run, dev, echo=lambda s: None)
+    stage = wsp_stage(cfg, data, dev, "wsp", "mae")
+    stage.init_fn()
+    start = stage.model.pos_embed.detach().clone()
+    g = stage.model.patch_embed.grid_size
+    assert torch.equal(start, _weights(mae_final)["pos_embed"])
+    torch.testing.assert_close(start[0], sincos_2d(cfg.model.embed_dim, g, g, cls_token=True).float())
+    assert stage.model.pos_embed.requires_grad == (mode == "learned")
+    groups = {g_["name"]: {id(p) for p in g_["params"]} for g_ in param_groups(stage.model, 0.1)}
+    assert (id(stage.model.pos_embed) in groups["no_decay"]) == (mode == "learned")
+    assert id(stage.model.pos_embed) not in groups["decay"]
+    final = _weights(run_stage(stage, cfg.run.out_dir, cfg.run, dev, echo=lambda s: None))
+    moved = (final["pos_embed"] - start).abs().max().item()
+    assert (moved > 0) == (mode == "learned"), moved
+
+
+def test_wsp_pos_embed_choice_is_validated_and_fingerprinted(tmp_path):
+    from maws_fast.errors import ConfigError
+    from maws_fast.train.runs import fingerprints
+
+    with pytest.raises(ConfigError, match="wsp.pos_embed.*use learned or fixed"):
+        small_cfg(tmp_path, "--wsp.pos_embed=sincos")
+    a, b = (fingerprints(small_cfg(tmp_path, f"--wsp.pos_embed={m}")) for m in ("learned", "fixed"))
+    assert a["wsp"] != b["wsp"] and a["mae"] == b["mae"]
+
+
 @pytest.mark.parametrize("override, named", [
     ("--run.precision=bf16", "numerics.precision: 'fp32' -> 'bf16'"),
     ("--parallel.param_dtype=bf16", "numerics.param_dtype: 'fp32' -> 'bf16'"),
