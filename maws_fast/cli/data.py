@@ -35,7 +35,8 @@ from maws_fast.cli.data_shards import (
 )
 from maws_fast.data.images import ImageInfo, inspect_image
 from maws_fast.data.shards import ShardReader, ShardSample, ShardWriter, open_shards, parse_meta
-from maws_fast.data.sources import Vocab, build_vocab, open_source, read_file_list, resample_indices, scan_folder
+from maws_fast.data.sources import (Vocab, build_vocab, open_source, read_file_list, resample_indices, scan_folder,
+                                    vocab_coverage)
 from maws_fast.errors import DataError, UserError
 from maws_fast.storage import atomic_write_text
 
@@ -250,11 +251,15 @@ def cmd_vocab(a: argparse.Namespace) -> int:
     if any(not isinstance(t, str) for row in rows for t in row):
         raise DataError(f"{a.tags} holds tag ids, not tag strings; a vocabulary maps strings to ids, so this file "
                         "needs none")
-    vocab = build_vocab(rows, a.min_count)
+    if a.min_count < 1 or (a.max_size is not None and a.max_size < 1):
+        raise UserError("--min-count and --max-size must be >= 1")
+    vocab = build_vocab(rows, a.min_count, a.max_size)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     vocab.save(out)
-    print(f"{len(vocab)} tags seen at least {a.min_count} times in {len(rows)} rows -> {out}")
+    rule = f"seen on >= {a.min_count} images" + (f", the {a.max_size} most frequent" if a.max_size else "")
+    print(f"vocabulary of {len(vocab)} tags ({rule}; least frequent kept: {vocab.counts[-1]} images) -> {out}")
+    print(vocab_coverage(rows, vocab).summary())
     return 0
 
 
@@ -346,6 +351,9 @@ def _parser() -> argparse.ArgumentParser:
     vo.add_argument("--tags", required=True, help='JSONL with one {"file": path, "tags": ["tag", ...]} per image')
     vo.add_argument("--out", required=True, help="vocabulary JSON to write")
     vo.add_argument("--min-count", type=int, default=1, help="keep tags seen on at least this many images")
+    vo.add_argument("--max-size", type=int, default=None,
+                    help="then keep at most this many, the most frequent (MAWS / SWAG: ~28K canonical hashtags; "
+                         "default: no cap)")
 
     tk = sub.add_parser("tokenizer", help="train the LiT caption tokenizer (a byte-level BPE, tokenizer.json)")
     src = tk.add_mutually_exclusive_group(required=True)

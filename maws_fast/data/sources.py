@@ -83,13 +83,46 @@ class Vocab:
                                            indent=0))
 
 
-def build_vocab(tag_lists: Iterable[Sequence[str]], min_count: int = 1) -> Vocab:
-    """Vocabulary of every tag seen at least ``min_count`` times, most frequent first (ties by name)."""
+def build_vocab(tag_lists: Iterable[Sequence[str]], min_count: int = 1, max_size: int | None = None) -> Vocab:
+    """Vocabulary of the tags seen on at least ``min_count`` images, most frequent first (ties by
+    name), cut to the ``max_size`` most frequent when given."""
     counts = Counter(t for tags in tag_lists for t in set(tags))
     kept = sorted(((t, c) for t, c in counts.items() if c >= min_count), key=lambda tc: (-tc[1], tc[0]))
     if not kept:
         raise DataError(f"no tag occurs at least {min_count} times; lower the minimum count")
+    kept = kept[:max_size] if max_size is not None else kept
     return Vocab([t for t, _ in kept], [c for _, c in kept])
+
+
+@dataclass(frozen=True)
+class VocabCoverage:
+    """What a vocabulary keeps of a tagged set: distinct tags, images with at least one kept tag, and
+    tag occurrences (one per image and distinct tag)."""
+
+    tags_kept: int
+    tags_seen: int
+    rows_kept: int
+    rows: int
+    occurrences_kept: int
+    occurrences: int
+
+    def summary(self) -> str:
+        pct = lambda a, b: f"{100 * a / b:.2f}%" if b else "-"  # noqa: E731
+        return (f"{self.tags_kept} of {self.tags_seen} distinct tags kept; {self.rows_kept} of {self.rows} images "
+                f"({pct(self.rows_kept, self.rows)}) keep at least one tag, {self.rows - self.rows_kept} keep none; "
+                f"{self.occurrences_kept} of {self.occurrences} tag occurrences ({pct(self.occurrences_kept, self.occurrences)})")
+
+
+def vocab_coverage(tag_lists: Sequence[Sequence[str]], vocab: Vocab) -> VocabCoverage:
+    """How much of ``tag_lists`` (string tags per image) ``vocab`` keeps."""
+    seen: set[str] = set()
+    rows_kept = occ = occ_kept = 0
+    for tags in tag_lists:
+        distinct = set(tags)
+        seen |= distinct
+        kept = sum(vocab.id(t) is not None for t in distinct)
+        occ, occ_kept, rows_kept = occ + len(distinct), occ_kept + kept, rows_kept + (kept > 0)
+    return VocabCoverage(len(vocab), len(seen), rows_kept, len(tag_lists), occ_kept, occ)
 
 
 # --- sources -------------------------------------------------------------------------------------

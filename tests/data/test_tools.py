@@ -326,6 +326,25 @@ def test_vocab_command(tmp_path, capsys):
     assert rc == 2 and "holds tag ids, not tag strings" in err and not (tmp_path / "v3.json").exists()
 
 
+def test_vocab_min_count_and_max_size_say_what_they_keep(tmp_path, capsys):
+    """The vocabulary rule (a minimum count, then the most frequent up to a size) and its effect: how many
+    distinct tags, images and tag occurrences the vocabulary keeps, counted by hand here."""
+    jsonl = tmp_path / "t.jsonl"
+    # counts: a 4, b 3, c 2, d 1, e 1; the last image has only rare tags
+    rows = [["a", "b"], ["a", "b", "c"], ["a", "c"], ["a", "b", "a"], ["d", "e"]]
+    jsonl.write_text("".join(json.dumps({"file": f"{i}.jpg", "tags": t}) + "\n" for i, t in enumerate(rows)))
+    rc, out, _ = _run(capsys, "vocab", "--tags", jsonl, "--out", tmp_path / "v.json", "--min-count", 2)
+    assert rc == 0 and Vocab.load(tmp_path / "v.json").tags == ["a", "b", "c"]
+    assert "vocabulary of 3 tags (seen on >= 2 images; least frequent kept: 2 images)" in out
+    assert "3 of 5 distinct tags kept; 4 of 5 images (80.00%) keep at least one tag, 1 keep none; " \
+           "9 of 11 tag occurrences (81.82%)" in out
+    rc, out, _ = _run(capsys, "vocab", "--tags", jsonl, "--out", tmp_path / "v2.json", "--max-size", 2)
+    assert rc == 0 and Vocab.load(tmp_path / "v2.json").tags == ["a", "b"]
+    assert "the 2 most frequent" in out and "2 of 5 distinct tags kept; 4 of 5 images" in out
+    rc, _, err = _run(capsys, "vocab", "--tags", jsonl, "--out", tmp_path / "v3.json", "--max-size", 0)
+    assert rc == 2 and "--max-size must be >= 1" in err and not (tmp_path / "v3.json").exists()
+
+
 # --- user errors ---------------------------------------------------------------------------------
 def _setup_errors(tmp_path: Path, real_images) -> None:
     (tmp_path / "empty").mkdir()
