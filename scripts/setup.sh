@@ -91,6 +91,14 @@ if [ "$cuda" = 0 ]; then
   run "${pip_install[@]}" -c requirements/cpu.txt -e ./kernels
   run "${pip_install[@]}" -c requirements/cpu.txt -e ".${extras}"
   run .venv/bin/python -c "import torch, maws_fast, maws_kernels; print('setup: ok, torch', torch.__version__)"
+  # timm ([dev]) imports torchvision. The torchvision wheel for torch 2.13.0 that the default index
+  # serves is linked against the CUDA torch (libtorch_cuda.so), and no CPU build or source release of
+  # it is there; it fails to import beside CPU torch ("operator torchvision::nms does not exist").
+  # The tests define its two missing op schemas (tests/conftest.py); a timm script of one's own needs
+  # the CPU build, so say how to get it.
+  if [ -n "$extras" ] && [ "$dry_run" = 0 ] && ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
+    echo "setup: note: torchvision from this index is the CUDA build and cannot load beside CPU torch, so timm outside the tests fails with 'operator torchvision::nms does not exist'; the tests do not need it. To run timm here: .venv/bin/pip install --no-deps --force-reinstall torchvision==0.28.0+cpu --extra-index-url URL, with URL PyTorch's CPU wheel index (the one its install selector names for 'CPU')" >&2
+  fi
   exit 0
 fi
 
