@@ -43,10 +43,12 @@ setup(
         "plot": ["matplotlib"],
         # MAWS's released CLIP checkpoints: their XLM-R text tower as HF transformers' XLMRobertaModel.
         "xlmr": ["transformers>=4.40"],
+        # maws-bench kernels --providers liger: Liger-Kernel timed beside ours (its own deps: torch and triton).
+        "liger": ["liger-kernel>=0.8.5"],
         # test-only: timm is the parity reference for the ViT (it imports torchvision); the
         # scikit-learn / scikit-image wheels ship the real photographs the data tests decode.
         "dev": ["pytest>=8", "pytest-timeout>=2", "timm>=1.0", "scikit-learn", "scikit-image", "pillow",
-                "nvidia-dali-cuda130", "tensorboard", "matplotlib", "transformers>=4.40"],
+                "nvidia-dali-cuda130", "tensorboard", "matplotlib", "transformers>=4.40", "liger-kernel>=0.8.5"],
         # GPU-only: not installable or not useful on a CPU machine.
         "gpu": ["xformers", "nvidia-dali-cuda130"],
     },

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cross_entropy.py                          # GPU: B/16, L/16, H/14 MAE shapes, batch 256
     python benchmarks/bench_cross_entropy.py --models tiny --batch-size 2 --out ''   # CPU smoke run (interpreter)
+    python benchmarks/bench_cross_entropy.py --providers ours,torch,liger   # GPU: + Liger (hard-label CE, linear CE)
 
 Same as ``maws-bench kernels --ops cross_entropy``; rows are appended to benchmarks/results/kernels.json.
 See maws_fast/bench/cases/cross_entropy.py for the shapes and the bytes each case must move.

@@ -12,6 +12,13 @@ leaves a failed row and the run goes on; one that cannot run a case (cuDNN SDPA 
 skipped row. Peak memory is measured after a warm-up call (compile, autotuning), never over it.
 The compile provider compiles each case afresh (its rows say how many graphs it compiled).
 
+"liger" is Liger-Kernel (the ``liger-kernel`` package, through its public functional API) where it
+is installed, timed in the same harness: each case module gives it Liger's function of the same math,
+or a skipped row saying why Liger has no equivalent (soft targets, attention, AdamW, ...). Before it
+is timed, its output and every input gradient are checked against the torch reference
+(:func:`check_against_torch`), so a wrapping that computes something else is a failed row, not a
+number. It is a default provider on a GPU where ``liger_kernel`` is importable.
+
 On a CPU the same code runs with the Triton interpreter; the numbers then only prove the
 benchmark works and must not be reported as kernel speed (rows are marked ``"interpreted"``).
 """
@@ -19,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -34,7 +43,11 @@ from maws_fast.train.regional_compile import compile_backend, compile_counts
 
 OPS = ("masked_patchify", "norm_pix_loss", "layer_norm", "add_layer_norm", "bias_gelu", "cross_entropy", "adamw", "attention",
        "contrastive")
-PROVIDERS = ("ours", "cuda", "torch", "compile")
+# "liger" last: Liger's cross-entropy writes its gradient into the logits it is given (its memory
+# trick), so on a case it shares inputs with the others it runs after them.
+PROVIDERS = ("ours", "cuda", "torch", "compile", "liger")
+LIGER_PACKAGE = "liger-kernel"  # the pip package of the "liger" provider; it imports as liger_kernel
+LIGER_MISSING = f"{LIGER_PACKAGE} is not installed (pip install {LIGER_PACKAGE})"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -99,6 +112,18 @@ class Case:
     @property
     def grad_inputs(self) -> list[torch.Tensor]:
         return [a for a in self.args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+def liger_installed() -> bool:
+    """True where ``liger_kernel`` can be imported (found on the path; nothing is imported)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def liger_functional():
+    """``liger_kernel.transformers.functional``, Liger's public functional API, imported on first use:
+    the case modules call it inside their liger functions, so nothing of Liger loads unless the
+    provider runs (its first call is the check before timing, never a timed one)."""
+    return importlib.import_module("liger_kernel.transformers.functional")
 
 
 def load_cases(op: str) -> Callable[..., Iterator[Case]]:
@@ -169,6 +194,73 @@ def _compiled(fn: Callable, backend: str) -> Callable:
     return torch.compile(fn, dynamic=False, backend=backend)
 
 
+# Providers checked against the torch reference before they are timed: a third party's kernel is
+# wrapped by us, and a wrapping that passes the wrong eps, reduction or bias must not become a number.
+CHECKED_PROVIDERS = ("liger",)
+CHECK_ATOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}  # times the reference's largest magnitude
+
+
+class ProviderMismatch(RuntimeError):
+    """A checked provider's output or gradient is further from the fp32 reference than torch's own."""
+
+
+def _fresh_args(args: tuple, dtype: torch.dtype | None = None) -> list:
+    """Copies of the case inputs (floating tensors cast to ``dtype`` if given), so no provider's
+    in-place writes (Liger's cross-entropy overwrites its logits) reach the inputs timed later."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            t = a.detach().clone()
+            t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            a = t.requires_grad_(a.requires_grad)
+        out.append(a)
+    return out
+
+
+def _results(fn: Callable, case: Case, dtype: torch.dtype | None = None) -> list[torch.Tensor | None]:
+    """fp32 copies of ``fn``'s output and of the gradients of the case's grad inputs (for one fixed
+    output gradient, seeded, the same for every provider), computed on fresh input copies."""
+    args = _fresh_args(case.args, dtype)
+    y = fn(*args)
+    out: list[torch.Tensor | None] = [y.detach().float()]
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if case.bytes_bwd and leaves:
+        dy = torch.ones_like(y) if y.dim() == 0 else \
+            torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y)
+        out += [None if g is None else g.float() for g in torch.autograd.grad(y, leaves, dy, allow_unused=True)]
+    return out
+
+
+def check_against_torch(name: str, fn: Callable, case: Case) -> None:
+    """Raise :class:`ProviderMismatch` unless ``fn`` computes what ``case.fns["torch"]`` does.
+
+    The flash-attention test rule (house style): against the torch reference run in fp32, the
+    provider's error may be at most twice that of the torch reference run in the case dtype, plus
+    ``CHECK_ATOL[dtype]`` times the largest magnitude of the fp32 result; for the output and for
+    each input gradient. Rounding differences pass; a wrong eps, a sum for a mean or a lost bias do not."""
+    ref = _results(case.fns["torch"], case, torch.float32)
+    same = _results(case.fns["torch"], case) if case.dtype != "fp32" else ref
+    got = _results(fn, case)
+    what = ["output"] + [f"grad of input {i}" for i, a in enumerate(case.args)
+                         if isinstance(a, torch.Tensor) and a.requires_grad]
+    for label, r, t, g in zip(what, ref, same, got):
+        if r is None or g is None:
+            if (r is None) != (g is None):
+                raise ProviderMismatch(f"{name}: the {label} is {'missing' if g is None else 'unexpected'} "
+                                       "against the torch reference")
+            continue
+        if g.shape != r.shape:
+            raise ProviderMismatch(f"{name}: the {label} has shape {tuple(g.shape)}, the torch reference "
+                                   f"{tuple(r.shape)}")
+        scale = max(r.abs().max().item(), 1e-30)
+        err, err_torch = (g - r).abs().max().item(), (t - r).abs().max().item()
+        tol = 2 * err_torch + CHECK_ATOL[case.dtype] * scale
+        if not err <= tol:  # also catches NaN
+            raise ProviderMismatch(f"{name}: the {label} differs from the torch reference by {err:.3g} (allowed "
+                                   f"{tol:.3g}: 2 x torch {case.dtype}'s {err_torch:.3g} + {CHECK_ATOL[case.dtype]:g} "
+                                   f"x its magnitude {scale:.3g})")
+
+
 def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.device, rep_ms: int = 100,
               results: ResultsFile | None = None, compile_backend: str = "inductor") -> list[dict]:
     """Time every (case, provider, mode); returns the rows, each added to ``results`` the moment it
@@ -184,17 +276,22 @@ def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.devic
         fns = dict(case.fns)
         base: dict[str, float] = {}
         # the standard providers as selected, then any op-specific ones (e.g. each SDPA backend)
-        names = [p for p in PROVIDERS if p in providers] + [p for p in fns if p not in PROVIDERS] + list(case.skip)
+        # skip reasons of a standard provider only where it was selected (Liger's n/a rows with liger)
+        names = [p for p in PROVIDERS if p in providers] + [p for p in fns if p not in PROVIDERS] \
+            + [p for p in case.skip if p not in PROVIDERS or p in providers]
         label = {"bench": "kernels", "op": case.op, "shape": case.shape, "dtype": case.dtype, "note": case.note,
                  "interpreted": interpreted, **case.extra, **info}
         for name in dict.fromkeys(names):
+            who = {**label, "provider": name, **_provider_label(name)}
             reason = case.skip.get(name) or _missing(name, fns)
             if reason:
-                rows.append(results.add(skipped({**label, "provider": name, "mode": None}, reason)))
+                rows.append(results.add(skipped({**who, "mode": None}, reason)))
                 continue
             mode, start = None, compile_counts()
             try:
                 fn = _compiled(fns["torch"], compile_backend) if name == "compile" else fns[name]
+                if name in CHECKED_PROVIDERS:
+                    check_against_torch(name, fn, case)
                 peak = _peak_mb(fn, case, device)
                 for mode, timer in _timers(fn, case, device, rep_ms):
                     ms = timer()
@@ -203,14 +300,14 @@ def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.devic
                     flops = {"fwd": case.flops_fwd, "bwd": case.flops_bwd}.get(mode, case.flops_fwd + case.flops_bwd)
                     if name == "torch":
                         base[mode] = ms
-                    row = {**label, "provider": name, "mode": mode, "ms": round(ms, 4), "gbps": round(gbps, 1),
+                    row = {**who, "mode": mode, "ms": round(ms, 4), "gbps": round(gbps, 1),
                            "pct_copy_bw": round(100 * gbps / copy_bw, 1), "copy_gbps": round(copy_bw, 1),
                            "tflops": round(flops / (ms * 1e-3) / 1e12, 2) if flops else None, "peak_mb": peak}
                     if name == "compile":
                         row.update(_compile_label(start, compile_backend))
                     rows.append(results.add(row))
             except Exception as e:  # this provider's remaining modes are lost, not the run: the next provider goes on
-                rows.append(results.add(failed({**label, "provider": name, "mode": mode}, e)))
+                rows.append(results.add(failed({**who, "mode": mode}, e)))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # what the failed provider held is not the next one's
             for r in rows:
@@ -221,14 +318,28 @@ def run_cases(cases: list[Case], providers: tuple[str, ...], device: torch.devic
     return rows
 
 
+def _provider_label(name: str) -> dict:
+    """Columns a provider adds to each of its rows: the liger-kernel version Liger's rows measured."""
+    if name != "liger" or not liger_installed():
+        return {}
+    try:
+        return {"liger_kernel": importlib.metadata.version(LIGER_PACKAGE)}
+    except importlib.metadata.PackageNotFoundError:  # importable from a path but not pip-installed
+        return {"liger_kernel": "unknown"}
+
+
 def _missing(name: str, fns: dict) -> str | None:
     """Why a requested standard provider has nothing to run for this case (None: it has)."""
     if name == "compile":
         return None if "torch" in fns else "no torch reference to compile for this case"
+    if name == "liger" and not liger_installed():  # after the case's own n/a reason, if it has one
+        return LIGER_MISSING
     if name in fns:
         return None
     if name == "cuda":
         return "no CUDA C++ twin of this op on this device (maws_kernels._C not built, or the op has none)"
+    if name == "liger":  # each case module names Liger's function or says why it has none
+        return "Liger has no kernel for this op"
     return f"no {name} implementation of this op on this device"
 
 
@@ -266,8 +377,11 @@ def add_kernel_args(p: argparse.ArgumentParser, ops: tuple[str, ...] = OPS) -> N
                    help="presets whose MAE/WSP shapes to use")
     p.add_argument("--batch-size", type=int, default=256 if gpu else 2)
     p.add_argument("--dtypes", default="bf16,fp32" if gpu else "fp32", help=f"comma list from {tuple(DTYPES)}")
-    p.add_argument("--providers", default="ours,cuda,torch,compile" if gpu else "ours,torch",
-                   help=f"comma list from {PROVIDERS}")
+    # liger joins the GPU default where it is installed; on a CPU Triton is interpreted, and
+    # Liger's LayerNorm does not run under Triton 3.7's interpreter, so it is asked for by name there
+    gpu_default = "ours,cuda,torch,compile" + (",liger" if liger_installed() else "")
+    p.add_argument("--providers", default=gpu_default if gpu else "ours,torch",
+                   help=f"comma list from {PROVIDERS} (liger: Liger-Kernel, where {LIGER_PACKAGE} is installed)")
     p.add_argument("--device", default="cuda" if gpu else "cpu")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition budget per timing (GPU)")
     p.add_argument("--compile-backend", default=None,
@@ -291,10 +405,14 @@ def bench_kernels(args: argparse.Namespace) -> list[dict]:
         raise ConfigError("maws-bench kernels: --device cuda but torch sees no CUDA device")
     ops = _split(args.ops, OPS, "op(s)")
     providers = _split(args.providers, PROVIDERS, "provider(s)")
-    if device.type == "cpu" and "ours" in providers and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("maws-bench kernels: Triton runs on a CPU only under its interpreter; set TRITON_INTERPRET=1 "
-                          "before starting (the timings then prove the benchmark runs, not kernel speed), or pass "
-                          "--providers torch,compile")
+    if "liger" in providers and not liger_installed():
+        raise ConfigError(f"maws-bench kernels: --providers liger times Liger-Kernel, but {LIGER_MISSING}; install "
+                          "it or drop liger from --providers")
+    triton = [p for p in ("ours", "liger") if p in providers]
+    if device.type == "cpu" and triton and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"maws-bench kernels: {' and '.join(triton)} run Triton kernels, which run on a CPU only "
+                          "under Triton's interpreter; set TRITON_INTERPRET=1 before starting (the timings then prove "
+                          "the benchmark runs, not kernel speed), or pass --providers torch,compile")
     dtypes = _split(args.dtypes, DTYPES, "dtype(s)")
     shapes = [mae_shape(m, args.batch_size) for m in args.models.split(",") if m]
     backend = compile_backend(args.compile_backend) if "compile" in providers else "inductor"

@@ -21,6 +21,7 @@ from maws_kernels.nn import attention_manual
 
 # SDPA backends that run fp16 / bf16 only: flash attention and cuDNN's fused attention.
 SDPA_HALF_ONLY = {"FLASH_ATTENTION": "SDPA's flash backend", "CUDNN_ATTENTION": "SDPA's cuDNN backend"}
+LIGER_NA = "Liger has no dense attention kernel (its attention ops are neighbourhood and multi-token attention)"
 
 
 def _sdpa(backend_name: str):
@@ -91,7 +92,7 @@ def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
         fns, skip = _providers(device, dtype)
         yield Case("attention", f"{label} b{B} h{H} N={N} d{D}", dtype_name(dtype), (q, k, v), fns,
                    bytes_fwd=io, bytes_bwd=2 * io, flops_fwd=fwd, flops_bwd=int(2.5 * fwd),
-                   extra={"N": N, "head_dim": D}, skip=skip)
+                   extra={"N": N, "head_dim": D}, skip={**skip, "liger": LIGER_NA})
     yield from varlen_cases(shapes, dtype, device)
 
 
@@ -131,4 +132,5 @@ def varlen_cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator
                     "torch": lambda q, k, v: mk.attention_varlen_ref(q, k, v, cu),
                     "sdpa-padded": padded_sdpa},
                    bytes_fwd=4 * T * H * D * es, bytes_bwd=8 * T * H * D * es, flops_fwd=fwd, flops_bwd=int(2.5 * fwd),
-                   note="FLOPs count only the real (block-diagonal) tokens", extra={"N": n_max, "head_dim": D})
+                   note="FLOPs count only the real (block-diagonal) tokens", extra={"N": n_max, "head_dim": D},
+                   skip={"liger": LIGER_NA})

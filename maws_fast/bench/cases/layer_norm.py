@@ -4,6 +4,9 @@ LayerNorm (all patches + cls, decoder width) of each model's MAE step.
 Minimum bytes (e = element size of x, the parameters in the same dtype):
 forward  = read x + write y + read weight, bias + write mean, rstd (fp32, saved for the backward);
 backward = read dy, x, mean, rstd, weight + write dx, dweight, dbias.
+
+"liger" (where liger-kernel is installed) is Liger's LayerNorm, ``liger_layer_norm(x, w, b, eps)``:
+the same math, fwd + bwd.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from maws_fast.bench.kernels import Case, MaeShape, dtype_name
+from maws_fast.bench.kernels import Case, MaeShape, dtype_name, liger_functional
 from maws_kernels.layer_norm import layer_norm
 
 EPS = 1e-6
@@ -26,6 +29,10 @@ def _torch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), w, b, EPS)
 
 
+def _liger(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return liger_functional().liger_layer_norm(x, w, b, EPS)
+
+
 def _case(label: str, where: str, M: int, D: int, dtype: torch.dtype, device) -> Case:
     x = torch.randn(M, D, device=device, dtype=dtype, requires_grad=True)
     w = (1 + 0.1 * torch.randn(D, device=device)).to(dtype).requires_grad_(True)
@@ -37,7 +44,7 @@ def _case(label: str, where: str, M: int, D: int, dtype: torch.dtype, device) ->
         shape=f"{label} {where} {M}x{D}",
         dtype=dtype_name(dtype),
         args=(x, w, b),
-        fns={"ours": _ours, "torch": _torch},
+        fns={"ours": _ours, "torch": _torch, "liger": _liger},
         bytes_fwd=2 * M * D * e + 2 * D * e + stats,
         bytes_bwd=3 * M * D * e + stats + 3 * D * e,
         extra={"M": M, "D": D, "where": where},

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import maws_kernels as mk
 from maws_fast.bench.kernels import Case, MaeShape, dtype_name
 
+LIGER_NA = "Liger has no patchify or patch-gather kernel"
+
 
 def _ids_keep(s: MaeShape, device) -> torch.Tensor:
     return torch.argsort(torch.rand(s.batch, s.num_patches, device=device), dim=1)[:, : s.keep]
@@ -44,7 +46,7 @@ def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
         fns["torch"] = lambda x, i: mk.masked_patchify_ref(x, i, p)
         yield Case("masked_patchify", f"{s.model} b{s.batch} {s.img}px p{p} K={s.keep}/{s.num_patches}", dt,
                    (images, ids), fns, bytes_fwd=2 * kept + ids.numel() * 8,
-                   bytes_bwd=kept + images.numel() * es + ids.numel() * 8)
+                   bytes_bwd=kept + images.numel() * es + ids.numel() * 8, skip={"liger": LIGER_NA})
 
         # patch-embed of the kept patches (ours) vs conv over all patches + gather (official)
         D = s.width
@@ -68,4 +70,4 @@ def cases(shapes: list[MaeShape], dtype: torch.dtype, device) -> Iterator[Case]:
                    (images, ids, w, b), fns, bytes_fwd=2 * kept, bytes_bwd=kept,
                    note="ours: embed K kept patches; torch: official conv on all L + gather",
                    extra={"gemm_flops_ours": 2 * s.batch * s.keep * P * D,
-                          "gemm_flops_official": 2 * s.batch * s.num_patches * P * D})
+                          "gemm_flops_official": 2 * s.batch * s.num_patches * P * D}, skip={"liger": LIGER_NA})
