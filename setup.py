@@ -58,6 +58,7 @@ setup(
             "maws-data=maws_fast.cli.data:data_main",
             "maws-bench=maws_fast.cli.bench:bench_main",
             "maws-ckpt=maws_fast.cli.ckpt:ckpt_main",
+            "maws-doctor=maws_fast.cli.doctor:doctor_main",
         ]
     },
 )

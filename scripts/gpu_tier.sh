@@ -12,7 +12,8 @@
 # exit (a call killed at its limit still returns what ran), plus $OUT/summary.txt (the table printed last).
 #
 # first:  the package is importable at once (PYTHONPATH, nothing installed; maws_kernels._C builds in the
-#         background); the compiled Triton kernels against their references (forward and every gradient,
+#         background); maws-doctor (versions, device, driver, backends, every kernel once at small shapes:
+#         doctor.json); the compiled Triton kernels against their references (forward and every gradient,
 #         fp32 and bf16/fp16); the GPU-marked tests of kernels, models and the loop (per-test timeouts, JUnit
 #         XML); maws-bench step at B/16 MAE batch 256 (official eager, ours eager, ours compile); the
 #         end-to-end GPU loop test on the carried Fashion-MNIST; once _C landed, the csrc tests and the twins
@@ -114,11 +115,16 @@ step() {
 # --- the dry run: every script, test path and carried file exists, every maws-bench command parses ----------
 check_cmd() {
     local name=$1; shift
-    local a
+    local a prev=""
     for a in "$@"; do
         case "$a" in
             benchmarks/*.py | scripts/*.sh | tests/*) [ -e "$a" ] || dry_fail "$name: $a does not exist" ;;
         esac
+        if [ "$prev" = -m ]; then  # python -m MODULE: the module is found where the call will look
+            "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)" "$a" \
+                2>/dev/null || dry_fail "$name: python module $a does not exist"
+        fi
+        prev=$a
     done
 }
 dry_problems=()
@@ -216,6 +222,8 @@ no_ext() { for n in "$@"; do summary+=("$(printf '%-22s %-8s %s' "$n" SKIPPED "m
 setup
 if [ "$call" = first ]; then
     build_ext_bg
+    # what this machine is and whether every kernel runs at all, first: its JSON lands even if a later step hangs
+    step doctor 60 "$PY" -m maws_fast.cli.doctor --json "$LOGS/doctor.json"
     step kernels_vs_ref 90 "$PY" benchmarks/sanitize_kernels.py --json "$LOGS/kernels_vs_ref.json"
     step gpu_tests 170 pytest_gpu gpu_tests "gpu and not slow" tests/kernels tests/models
     step loop_tests 70 pytest_gpu loop_tests "gpu and not slow" tests/train tests/parallel/test_gpu_engine.py

@@ -26,7 +26,7 @@ def _run(*args, cwd=REPO, env=None, timeout=120):
 
 @needs_data
 @pytest.mark.parametrize("call, steps", [
-    ("first", ["kernels_vs_ref", "gpu_tests", "loop_tests", "bench_step", "csrc_tests", "cuda_vs_ref"]),
+    ("first", ["doctor", "kernels_vs_ref", "gpu_tests", "loop_tests", "bench_step", "csrc_tests", "cuda_vs_ref"]),
     ("second", ["bench_step_l16", "memcheck", "memcheck_cuda", "racecheck", "slow_gpu_tests", "bench_kernels",
                 "bench_data"]),
     ("third", ["bench_dist_h14", "bench_dist_2b14", "bench_train"]),
@@ -82,6 +82,15 @@ def test_a_bench_argument_that_does_not_parse_fails_the_dry_run(tmp_path):
     script.write_text(script.read_text().replace("--cases mae:vit_b16", "--casez mae:vit_b16"))
     res = _run("--dry-run", "first", cwd=root, env={"PYTHONPATH": str(REPO)})
     assert res.returncode == 1 and "does not parse" in res.stderr, res.stdout + res.stderr
+
+
+def test_a_python_module_that_does_not_exist_fails_the_dry_run(tmp_path):
+    root = _copy_tree(tmp_path / "repo")
+    script = root / "scripts" / "gpu_tier.sh"
+    script.write_text(script.read_text().replace("-m maws_fast.cli.doctor", "-m maws_fast.cli.doctorz"))
+    res = _run("--dry-run", "first", cwd=root, env={"PYTHONPATH": str(REPO)})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "doctor: python module maws_fast.cli.doctorz does not exist" in res.stderr, res.stderr
 
 
 FAKE_PY = """#!/bin/bash
