@@ -98,23 +98,65 @@ def _step_table(rows: list[dict]) -> list[str]:
 
 
 def _fit_table(rows: list[dict]) -> list[str]:
-    """One line per (preset, stage, engine) of the newest run: the largest batch per mode and GPU."""
+    """The newest run, in three tables (pretraining, fine-tune by resolution, LiT): one line per
+    (stage, preset, resolution, engine), the largest batch per mode and GPU."""
     newest = [r for r in rows if (r["commit"], r["date"]) == (rows[-1]["commit"], rows[-1]["date"])]
     modes = list(dict.fromkeys(r["activation_checkpoint"] for r in newest))
-    head = " | ".join(f"{m}: 80 / 141 GB" for m in modes)
-    out = [f"| stage | preset | engine | world | params (M) | state GB/rank | act. MB/img incl. one block's recompute ({' / '.join(modes)}) | {head} |",
-           "|" + "---|" * (7 + len(modes))]
     groups: dict = {}
     for r in newest:
-        groups.setdefault((r["stage"], r["preset"], r["engine"]), {})[r["activation_checkpoint"]] = r
-    for (stage, preset, engine), by_mode in groups.items():
-        first = next(iter(by_mode.values()))
+        key = (r["stage"], r["preset"], r.get("resolution"), r["engine"])
+        groups.setdefault(key, {})[r["activation_checkpoint"]] = r
+    acts_head = f"act. MB/img incl. one block's recompute ({' / '.join(modes)})"
+    cells_head = " | ".join(f"{m}: 80 / 141 GB" for m in modes)
+
+    def cells(by_mode: dict) -> str:
         acts = " / ".join(f"{by_mode[m]['act_mb_per_img']:.1f}" for m in modes if m in by_mode)
-        cells = " | ".join(f"{by_mode[m]['max_batch_h100_80gb']} / {by_mode[m]['max_batch_h200_141gb']}"
-                           if m in by_mode else "-" for m in modes)
-        out.append(f"| {stage} | {preset} | {engine} | {first['world']} | {first['params_m']:.0f} | "
-                   f"{first['state_gb_per_rank']:.1f} | {acts} | {cells} |")
-    out += ["", f"COMPUTED, not measured (commit {newest[-1]['commit']}, {newest[-1]['date']}): activations counted per "
+        fits = " | ".join(f"{by_mode[m]['max_batch_h100_80gb']} / {by_mode[m]['max_batch_h200_141gb']}"
+                          if m in by_mode else "-" for m in modes)
+        return f"{acts} | {fits}"
+
+    out = []
+    pre = [(k, v) for k, v in groups.items() if k[0] in ("mae", "wsp")]
+    if pre:
+        out += ["Pretraining (MAE, WSP) at 224 px:", "",
+                f"| stage | preset | engine | world | params (M) | state GB/rank | {acts_head} | {cells_head} |",
+                "|" + "---|" * (7 + len(modes))]
+        for (stage, preset, _, engine), by_mode in pre:
+            r = next(iter(by_mode.values()))
+            out.append(f"| {stage} | {preset} | {engine} | {r['world']} | {r['params_m']:.0f} | "
+                       f"{r['state_gb_per_rank']:.1f} | {cells(by_mode)} |")
+        out.append("")
+    ft = [(k, v) for k, v in groups.items() if k[0] == "finetune"]
+    if ft:
+        classes = next(iter(ft[0][1].values())).get("num_classes", "?")
+        out += [f"Fine-tune (the full classifier as the fine-tune stage builds it, {classes} classes, Mixup / CutMix, "
+                "drop path), at each resolution the patch divides:", "",
+                f"| preset | resolution | engine | world | params (M) | state GB/rank | {acts_head} | {cells_head} |",
+                "|" + "---|" * (7 + len(modes))]
+        for (_, preset, res, engine), by_mode in ft:
+            r = next(iter(by_mode.values()))
+            out.append(f"| {preset} | {res} | {engine} | {r['world']} | {r['params_m']:.0f} | "
+                       f"{r['state_gb_per_rank']:.1f} | {cells(by_mode)} |")
+        out.append("")
+    lit = [(k, v) for k, v in groups.items() if k[0] == "lit"]
+    if lit:
+        r0 = next(iter(lit[0][1].values()))
+        out += [f"LiT (the locked image tower's forward under no_grad every step at {r0['resolution']} px; a text tower of "
+                f"width {r0['text_width']}, depth {r0['text_depth']}, {r0['context_length']}-token captions; "
+                "state: 16 B per trainable parameter, sharded, plus the locked tower's bf16 copy on every rank; "
+                "act.: the larger of the forward's peak (the locked tower's working set) and what backward keeps plus one text "
+                "block's recompute):", "",
+                f"| preset | engine | world | trainable / locked params (M) | state GB/rank | forward peak MB/img "
+                f"({' / '.join(modes)}) | kept MB/img ({' / '.join(modes)}) | {acts_head} | {cells_head} |",
+                "|" + "---|" * (8 + len(modes))]
+        for (_, preset, _, engine), by_mode in lit:
+            r = next(iter(by_mode.values()))
+            peak = " / ".join(f"{by_mode[m].get('peak_mb_per_img', 0):.1f}" for m in modes if m in by_mode)
+            kept = " / ".join(f"{by_mode[m]['saved_mb_per_img']:.2f}" for m in modes if m in by_mode)
+            out.append(f"| {preset} | {engine} | {r['world']} | {r['params_m']:.1f} / {r.get('locked_params_m', 0):.0f} | "
+                       f"{r['state_gb_per_rank']:.1f} | {peak} | {kept} | {cells(by_mode)} |")
+        out.append("")
+    out += [f"COMPUTED, not measured (commit {newest[-1]['commit']}, {newest[-1]['date']}): activations counted per "
             "image on fake tensors, model state per rank from the engines' layouts, 10% of the GPU left as headroom."]
     return out
 

@@ -190,8 +190,9 @@ def test_fit_rows_follow_their_formula():
     from maws_fast.bench.step import _model
 
     acts = {"none": 40e6, "selective": 21e6, "full": 4e6}
-    rows = fit.fit_rows(["vit_b16"], ["mae"], ["ours:2", "ours:3"], list(acts), {"vit_b16": 8}, 2,
-                        lambda stage, preset: _model(stage, preset, "ours eager", 10), lambda s, p, mode: acts[mode])
+    rows = fit.fit_rows([("mae", "vit_b16", 224)], ["ours:2", "ours:3"], list(acts), {"vit_b16": 8}, 2,
+                        lambda stage, preset, res: _model(stage, preset, "ours eager", 10),
+                        lambda s, p, res, mode: acts[mode])
     assert len(rows) == 6 and all(r["computed"] for r in rows)
     n = rows[0]["params_m"] * 1e6
     for r in rows:

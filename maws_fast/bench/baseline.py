@@ -69,15 +69,16 @@ class _PatchEmbed(nn.Module):
 
 
 class OfficialViT(nn.Module):
-    """A timm-structured ViT classifier (cls token, learned-shape pos-embed, token pooling, head)."""
+    """A timm-structured ViT classifier (cls token, a learned pos-embed started from the sin-cos table as
+    WSP trains it, token pooling, head)."""
 
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
-        p, D, L = cfg.patch_size, cfg.embed_dim, cfg.num_patches
+        p, D = cfg.patch_size, cfg.embed_dim
         self.patch_size, self.in_chans = p, cfg.in_chans
         self.patch_embed = _PatchEmbed(p, cfg.in_chans, D)
         self.cls_token = nn.Parameter(torch.randn(1, 1, D) * 0.02)
-        self.pos_embed = nn.Parameter(sincos_2d(D, cfg.img_size // p).unsqueeze(0), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_2d(D, cfg.img_size // p).unsqueeze(0))
         self.blocks = nn.ModuleList([_Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, num_classes) if num_classes else nn.Identity()

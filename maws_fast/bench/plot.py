@@ -101,15 +101,18 @@ def plot_fit(plt, rows: list[dict], engine: str, path: Path) -> Path:
     if not rows:
         raise ConfigError(f"maws-bench plot: fit.json has no rows of engine {engine!r} in its newest run; "
                           f"choose --fit-engine from {sorted({r['engine'] for r in newest})}")
-    cases = list(dict.fromkeys((r["stage"], r["preset"]) for r in rows))
+    # a fine-tune has a row group per resolution; older files' rows have no resolution (their preset's own)
+    cases = list(dict.fromkeys((r["stage"], r["preset"], r.get("resolution")) for r in rows))
     modes = list(dict.fromkeys(r["activation_checkpoint"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(8.0, 0.9 * len(cases) * len(modes) / 2), 4.2))
     width = 0.8 / len(modes)
     for i, mode in enumerate(modes):
-        by_case = {(r["stage"], r["preset"]): r["max_batch_h100_80gb"] for r in rows if r["activation_checkpoint"] == mode}
+        by_case = {(r["stage"], r["preset"], r.get("resolution")): r["max_batch_h100_80gb"] for r in rows
+                   if r["activation_checkpoint"] == mode}
         ax.bar([c + i * width for c in range(len(cases))], [max(by_case.get(c, 0), 1) for c in cases], width,
                label=f"checkpoint {mode}")
-    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], [f"{s}\n{p}" for s, p in cases], fontsize=7)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))],
+                  [f"{s}\n{p}" + (f"\n{res}" if s == "finetune" else "") for s, p, res in cases], fontsize=7)
     ax.set_yscale("log")
     ax.set_title(f"largest per-GPU batch on 80 GB, {engine} (COMPUTED)")
     ax.grid(axis="y", alpha=0.3)

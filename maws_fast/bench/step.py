@@ -15,7 +15,8 @@ Compares, in one run, at ViT-B/16 MAE and ViT-L/16 WSP:
 counted saved-activation bytes per image (what a forward leaves alive for backward, checkpoint
 inputs and the selective cache included) and GEMM FLOPs with the recomputation, against the same
 variant without checkpointing. ``--fit`` writes :mod:`maws_fast.bench.fit`'s COMPUTED table of the
-largest per-GPU batch at 80 / 141 GB per preset, stage, engine and mode (``fit.json``).
+largest per-GPU batch at 80 / 141 GB per preset, stage (MAE, WSP, the fine-tune at each resolution,
+LiT; ``--fit-stages``), engine and mode (``fit.json``).
 
 Per variant, counted (:mod:`maws_fast.bench.traffic`, no GPU needed): memory-bound bytes, GEMM and
 attention FLOPs and saved-activation bytes per training image, and a labelled roofline PREDICTION
@@ -38,16 +39,18 @@ import torch
 from maws_fast.bench.baseline import OfficialMAE, OfficialViT, soft_target_cross_entropy
 from maws_fast.bench.common import append_results, default_out, env_info, peak_tflops, time_steps
 from maws_fast.bench.fit import ENGINES as FIT_ENGINES
-from maws_fast.bench.fit import fit_rows
+from maws_fast.bench.fit import STAGES as FIT_STAGES
+from maws_fast.bench.fit import fit_cases, fit_rows, forward_peak
 from maws_fast.bench.peak import peak_memory
 from maws_fast.bench.results import ResultsFile, failed, is_measured
 from maws_fast.bench.traffic import per_image
-from maws_fast.config import CHECKPOINT_MODES, PRESETS, model_preset
+from maws_fast.config import CHECKPOINT_MODES, PRESETS, Config, DataConfig, FinetuneConfig, LiTConfig, model_preset
 from maws_fast.errors import ConfigError
 from maws_fast.models import build_classifier, build_mae
 from maws_fast.models.flops import flops_per_image
 from maws_fast.models.vit import set_block_options
-from maws_fast.train.objectives import MAEObjective, WSPObjective, wsp_loss
+from maws_fast.train.mixup import Mixup
+from maws_fast.train.objectives import FinetuneObjective, LiTObjective, MAEObjective, WSPObjective, wsp_loss
 from maws_fast.train.regional_compile import compile_backend, compile_counts
 
 # Roofline inputs (docs/ARCHITECTURE.md, "Performance physics"): dense bf16 TFLOP/s, HBM TB/s.
@@ -79,7 +82,13 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="none,selective,full",
                    help=f"activation-checkpoint modes of the ours variants (from {CHECKPOINT_MODES}); official: none")
     p.add_argument("--fit", action="store_true",
-                   help="also write the computed largest-batch table (every preset, MAE and WSP) to --fit-out")
+                   help="also write the computed largest-batch table (every preset and --fit-stages) to --fit-out")
+    p.add_argument("--fit-stages", default=",".join(FIT_STAGES),
+                   help=f"stages of the fit table, from {FIT_STAGES} (finetune: at 224, 448 and 512 / 518 px)")
+    p.add_argument("--fit-presets", default=",".join(FIT_PRESETS),
+                   help="presets of the fit table, each at its DP world ("
+                   + ", ".join(f"{k}: {v}" for k, v in FIT_PRESETS.items()) + " GPUs)")
+    p.add_argument("--fit-finetune-classes", type=int, default=1000, help="fine-tune head size of the fit table")
     p.add_argument("--fit-out", default=default_out("fit.json"), help="JSON file of the fit table ('' = none; the repository's: benchmarks/results/fit.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile-backend", default=None,
@@ -100,7 +109,9 @@ def _model(stage: str, preset: str, variant: str, num_classes: int, cast: bool =
     cfg = model_preset(preset)
     if variant.startswith("official"):
         return OfficialMAE(cfg) if stage == "mae" else OfficialViT(cfg, num_classes)
-    model = build_mae(cfg, norm_pix_loss=True) if stage == "mae" else build_classifier(cfg, num_classes)
+    # WSP as trained: a learned pos_embed (wsp.pos_embed's default)
+    model = (build_mae(cfg, norm_pix_loss=True) if stage == "mae"
+             else build_classifier(cfg, num_classes, pos_embed_learnable=True))
     model.set_kernel_backend("triton")  # the GPU path (counted by its launches on a CPU)
     model.set_attn_backend("triton")
     if variant == "ours eager" and cast:
@@ -262,6 +273,7 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
     modes = [m for m in args.checkpoint.split(",") if m]
     if not modes or any(m not in CHECKPOINT_MODES for m in modes):
         raise ConfigError(f"maws-bench step: --checkpoint {args.checkpoint!r}; choose a subset of {CHECKPOINT_MODES}")
+    fit_stages, fit_presets = _fit_args(args) if args.fit else ([], {})
     if measure and any(v in MEASURED_ONLY for v in variants):
         compile_backend(args.compile_backend)  # a misspelt backend is one error here, not a failed row per variant
     info, rows = env_info(), []
@@ -298,38 +310,161 @@ def bench_step(args: argparse.Namespace) -> list[dict]:
     if out.path is not None:
         print(f"appended {len(rows)} rows to {out.path}")
     if args.fit:
-        fit = bench_fit(args.num_classes, args.count_batch, modes, info)
+        fit = bench_fit(args.num_classes, args.count_batch, modes, info, fit_stages, fit_presets,
+                        args.fit_finetune_classes)
         if args.fit_out:
             append_results(args.fit_out, fit)
             print(f"appended {len(fit)} rows to {args.fit_out}")
     return rows
 
 
-def bench_fit(num_classes: int, count_batch: int, modes: list[str], info: dict) -> list[dict]:
-    """:func:`maws_fast.bench.fit.fit_rows` over every preset (at :data:`FIT_PRESETS`' worlds), MAE
-    and WSP, our ZeRO-2 / ZeRO-3 and FSDP2, with activations counted as the step rows count them."""
+def _fit_args(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
+    """(stages, {preset: DP world}) of ``--fit-stages`` / ``--fit-presets``; a bad one is one error
+    before anything is counted."""
+    stages = [x for x in args.fit_stages.split(",") if x]
+    if not stages or any(x not in FIT_STAGES for x in stages):
+        raise ConfigError(f"maws-bench step: --fit-stages {args.fit_stages!r}; choose a subset of {FIT_STAGES}")
+    presets = [x for x in args.fit_presets.split(",") if x]
+    if not presets or any(x not in FIT_PRESETS for x in presets):
+        raise ConfigError(f"maws-bench step: --fit-presets {args.fit_presets!r}; choose a subset of "
+                          f"{list(FIT_PRESETS)}")
+    if args.fit_finetune_classes < 1:
+        raise ConfigError(f"maws-bench step: --fit-finetune-classes {args.fit_finetune_classes}; it must be >= 1")
+    return stages, {p: FIT_PRESETS[p] for p in presets}
+
+
+def _stage_config(preset: str, resolution: int) -> Config:
+    """A config whose fine-tune / LiT builders make the GPU path's model of ``preset`` (Triton
+    kernels and attention) with the stages' default sections, fine-tuning at ``resolution``."""
+    model = model_preset(preset, attn_backend="triton", kernel_backend="triton")
+    c = model.in_chans
+    return Config(model=model, data=DataConfig(mean=(0.5,) * c, std=(0.5,) * c),
+                  finetune=FinetuneConfig(img_size=resolution))
+
+
+class _FullCaptions(torch.nn.Module):
+    """:class:`~maws_fast.models.text.TextTransformer`'s forward for captions that fill the context
+    (every caption ``context_length`` tokens: the count's worst case), without its two host reads
+    (the empty-caption check and the packed length), which fake tensors hold no values for: the same
+    embedding, packing copy, blocks and CLS pooling over the B * N packed tokens."""
+
+    def __init__(self, tower: torch.nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from maws_fast.models.vit import run_blocks
+        from maws_kernels.nn import Packed
+
+        t = self.tower
+        B, N = ids.shape
+        cu = torch.arange(0, B * N + 1, N, dtype=torch.int32, device=ids.device)  # (B + 1,)
+        x = t.token_embedding(ids) + t.pos_embed[:, :N]  # (B, N, W)
+        dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else x.dtype
+        x = x.flatten(0, 1)[torch.arange(B * N, device=ids.device)].to(dtype).unsqueeze(0)  # (1, T, W), as x[real]
+        x = run_blocks(t.blocks, x, t.norm, seq=Packed(cu, N))
+        return x[0, cu[:-1].long()]
+
+
+def _fit_model(stage: str, preset: str, resolution: int, num_classes: int, finetune_classes: int,
+               checkpoint: str = "none") -> torch.nn.Module:
+    """The network a stage of the fit table trains, as its stage builds it, on the GPU path (bf16)."""
+    if stage in ("mae", "wsp"):
+        return _model(stage, preset, "ours eager", num_classes, checkpoint=checkpoint)
+    from maws_fast.train.finetune import build_finetune_model
+    from maws_fast.train.lit import build_lit
+
+    cfg = _stage_config(preset, resolution)
+    if stage == "finetune":
+        model = build_finetune_model(cfg, finetune_classes)
+    else:
+        model = build_lit(cfg, cfg.lit.vocab_size)
+        model.text_encoder = _FullCaptions(model.text_encoder)
+    _bf16_weights(model)  # an engine's bf16 copy; the locked tower cast by it too
+    set_block_options(model, checkpoint)  # LiT: the text tower's blocks (the locked tower runs under no_grad)
+    return model
+
+
+def _fit_count_build(stage: str, preset: str, resolution: int, num_classes: int, finetune_classes: int,
+                     checkpoint: str):
+    """What :func:`~maws_fast.bench.traffic.per_image` counts for a row of the fit table: MAE and WSP as
+    the step rows count them; the fine-tune's objective (Mixup / CutMix, drop path, the fused head and
+    loss) at ``resolution``; LiT's objective on images (the locked tower's no_grad forward every step,
+    as on JPEGs) and full-context captions. Images arrive in bf16, as the engine's input hook casts them."""
+    if stage in ("mae", "wsp"):
+        return _count_build(stage, preset, "ours eager", num_classes, checkpoint)
+
+    def build():
+        model = _fit_model(stage, preset, resolution, num_classes, finetune_classes, checkpoint)
+        cfg = _stage_config(preset, resolution)
+        f, lc, c = cfg.finetune, cfg.lit, cfg.model.in_chans
+        if stage == "finetune":  # the stage's Mixup / CutMix, as finetune_stage builds it
+            mixup = Mixup(finetune_classes, mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob,
+                          switch_prob=f.mixup_switch_prob, label_smoothing=f.smoothing)
+            objective = FinetuneObjective(model, mixup, seed=0)
+        else:
+            objective = LiTObjective(model, None, "triton")
+
+        def make(b):
+            imgs = torch.randn(b, c, resolution, resolution).to(torch.bfloat16)
+            if stage == "finetune":
+                target = torch.randint(0, finetune_classes, (b,))
+            else:
+                target = torch.randint(1, lc.vocab_size, (b, lc.context_length))  # no pad_id (0): full captions
+            amp = torch.autocast("cpu", dtype=torch.bfloat16)
+
+            def loss():
+                with amp:
+                    return objective(imgs, target, 0)
+            return loss
+        return make
+    return build
+
+
+def bench_fit(num_classes: int, count_batch: int, modes: list[str], info: dict, stages: list[str] = FIT_STAGES,
+              presets: dict[str, int] | None = None, finetune_classes: int = 1000) -> list[dict]:
+    """:func:`maws_fast.bench.fit.fit_rows` over ``presets`` (preset -> DP world; default
+    :data:`FIT_PRESETS`) and ``stages`` at their resolutions (:func:`maws_fast.bench.fit.fit_cases`),
+    our ZeRO-2 / ZeRO-3 and FSDP2, with activations counted as the step rows count them; LiT also
+    with its forward's peak (:func:`maws_fast.bench.fit.forward_peak`)."""
+    presets = FIT_PRESETS if presets is None else presets
     memo: dict = {}
 
-    def acts(stage: str, preset: str, mode: str) -> float:
-        if (stage, preset, mode) not in memo:
-            build = _count_build(stage, preset, "ours eager", num_classes, mode)
-            memo[stage, preset, mode] = per_image(build, count_batch).live_bytes
-        return memo[stage, preset, mode]
+    def build(stage: str, preset: str, resolution: int, mode: str):
+        return _fit_count_build(stage, preset, resolution, num_classes, finetune_classes, mode)
 
-    rows = fit_rows(list(FIT_PRESETS), ["mae", "wsp"], list(FIT_ENGINES), modes, FIT_PRESETS, count_batch,
-                    lambda stage, preset: _model(stage, preset, "ours eager", num_classes), acts)
+    def acts(stage: str, preset: str, resolution: int, mode: str) -> float:
+        key = (stage, preset, resolution, mode)
+        if key not in memo:
+            memo[key] = per_image(build(*key), count_batch).live_bytes
+        return memo[key]
+
+    def peak(stage: str, preset: str, resolution: int, mode: str) -> float | None:
+        return forward_peak(build(stage, preset, resolution, mode), count_batch) if stage == "lit" else None
+
+    rows = fit_rows(fit_cases(list(presets), stages), list(FIT_ENGINES), modes, presets, count_batch,
+                    lambda stage, preset, res: _fit_model(stage, preset, res, num_classes, finetune_classes),
+                    acts, peak)
+    lit = LiTConfig()
     for r in rows:
+        if r["stage"] == "lit":  # the text tower counted: the lit section's defaults
+            r.update(text_width=lit.width, text_depth=lit.depth, context_length=lit.context_length)
+        if r["stage"] == "finetune":
+            r["num_classes"] = finetune_classes
         r.update(info)
     print("largest per-GPU batch, COMPUTED (counted activations + model state per rank; 10% headroom):")
     for r in rows:
-        print(f"  {r['stage']} {r['preset']:<10} {r['engine']:<6} N={r['world']:<3} ckpt {r['activation_checkpoint']:<9} "
-              f"state {r['state_gb_per_rank']:6.1f} GB  act {r['act_mb_per_img']:7.1f} MB/img  "
+        print(f"  {r['stage']:<8} {r['preset']:<10} {r['resolution']:>3} px {r['engine']:<6} N={r['world']:<3} "
+              f"ckpt {r['activation_checkpoint']:<9} state {r['state_gb_per_rank']:6.1f} GB  "
+              f"act {r['act_mb_per_img']:7.1f} MB/img  "
               f"80 GB: {r['max_batch_h100_80gb']:5d}  141 GB: {r['max_batch_h200_141gb']:5d}")
     for stage, preset, engine, need in FIT_GOALS:
         got = {r["activation_checkpoint"]: r["max_batch_h100_80gb"] for r in rows
                if (r["stage"], r["preset"], r["engine"]) == (stage, preset, engine)}
+        if not got:
+            continue  # a stage or preset left out of this table
         ok = [m for m in modes if got.get(m, 0) >= need]
-        print(f"goal {stage} {preset} {engine} at N={FIT_PRESETS[preset]}: batch {need} per 80 GB GPU "
+        print(f"goal {stage} {preset} {engine} at N={presets[preset]}: batch {need} per 80 GB GPU "
               f"(computed max {got}): {'met with ' + ok[0] if ok else 'NOT met'}")
     return rows
 

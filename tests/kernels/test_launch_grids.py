@@ -1,11 +1,12 @@
 """Every Triton launch in maws_kernels keeps CUDA's grid limits (x < 2**31, y and z <= 65535) at the
 largest shapes the project runs -- without running a kernel or allocating a full-size tensor.
 
-The shapes: for each model preset and stage of ``benchmarks/results/fit.json`` the largest per-GPU
-batch on an H200 (e.g. MAE ViT-B/16 with full activation checkpointing: 20472 images, so the
-16-head decoder's attention has batch * heads = 327552, five times axis y's limit); tokens, widths,
-heads, head dims from the presets; the 512-wide, 16-head MAE decoder; the WSP classifier's 30000
-classes; and LiT's text tower, locked image tower and contrastive loss at a 32768 batch.
+The shapes: for each model preset, stage and resolution of ``benchmarks/results/fit.json`` the
+largest per-GPU batch on an H200 (e.g. MAE ViT-B/16 with full activation checkpointing: 20472 images,
+so the 16-head decoder's attention has batch * heads = 327552, five times axis y's limit); tokens,
+widths, heads, head dims from the presets; the 512-wide, 16-head MAE decoder; the WSP classifier's
+30000 classes; the fine-tune's classifier at 224 to 518 px with 1000 classes; and LiT's text tower,
+locked image tower and contrastive loss at a 32768 batch (above every LiT batch of the fit table).
 
 How: every Triton kernel object of the package gets an instance-level ``run`` that records the launch
 (``kernel[grid](...)`` calls ``run(*args, grid=grid, warmup=False, **kwargs)`` on a JITFunction,
@@ -43,6 +44,7 @@ FIT = REPO / "benchmarks" / "results" / "fit.json"
 PKG_DIR = str(Path(maws_kernels.__file__).parent)
 SMS = 132  # H100 / H200 SXM: the persistent backward kernels launch 2 programs per SM
 WSP_CLASSES = 30000  # the WSP head the fit table was computed with (bench_step.py --num-classes)
+FINETUNE_CLASSES = 1000  # the fine-tune head it was computed with (--fit-finetune-classes)
 LIT_BATCH = 32768  # LiT / contrastive batch (the Inf-CL-style loss is built for batches this large)
 BF16, F32, I64 = torch.bfloat16, torch.float32, torch.int64
 
@@ -133,11 +135,12 @@ class Recorder:
 
 
 # --- the shapes -------------------------------------------------------------------------------
-def fit_batches() -> dict[tuple[str, str], int]:
-    """(preset, stage) -> the largest per-GPU batch of the fit table on an H200."""
-    out: dict[tuple[str, str], int] = {}
+def fit_batches() -> dict[tuple[str, str, int], int]:
+    """(preset, stage, resolution) -> the largest per-GPU batch of the fit table on an H200 (a row
+    without a resolution, from before the table had fine-tunes, is at its preset's own)."""
+    out: dict[tuple[str, str, int], int] = {}
     for r in json.loads(FIT.read_text()):
-        key = (r["preset"], r["stage"])
+        key = (r["preset"], r["stage"], r.get("resolution", model_preset(r["preset"]).img_size))
         out[key] = max(out.get(key, 0), int(r["max_batch_h200_141gb"]))
     return out
 
@@ -231,18 +234,19 @@ def mae_stage(preset: str, B: int) -> None:
     _adamw(enc + dec)
 
 
-def wsp_stage(preset: str, B: int) -> None:
-    cfg = model_preset(preset)
+def wsp_stage(preset: str, B: int, img_size: int | None = None, classes: int = WSP_CLASSES) -> None:
+    """The WSP classifier; at ``img_size`` with ``classes`` outputs, the fine-tune's (same kernels)."""
+    cfg = model_preset(preset, **({"img_size": img_size} if img_size else {}))
     C, p, D, L = cfg.in_chans, cfg.patch_size, cfg.embed_dim, cfg.num_patches
     hid = int(cfg.mlp_ratio * D)
     img, ids = _e(B, C, cfg.img_size, cfg.img_size, dtype=F32), _e(B, L, dtype=I64)
     patch._bwd_triton(patch._fwd_triton(img, ids, p), ids, p, C, cfg.img_size, cfg.img_size)  # every patch kept
     _blocks(B * (L + 1), D, hid)
     _attention(B, cfg.num_heads, L + 1, D // cfg.num_heads)
-    _linear_ce(B, D, WSP_CLASSES)  # the fused head + loss the trainer runs
-    _soft_ce(B, WSP_CLASSES)  # the plain soft-target CE on the same logits
+    _linear_ce(B, D, classes)  # the fused head + loss the trainer runs
+    _soft_ce(B, classes)  # the plain soft-target CE on the same logits
     _adamw([D * C * p * p, D, D, (L + 1) * D] + _block_numels(D, hid) * cfg.depth
-           + [D, D, WSP_CLASSES * D, WSP_CLASSES])
+           + [D, D, classes * D, classes])
 
 
 def lit_stage(preset: str, B: int) -> None:
@@ -270,9 +274,16 @@ def recorded() -> list[Launch]:
         for m in saved:  # a CUDA query otherwise; module globals the launchers look up at call time
             m._num_sms = lambda index: SMS
         with rec, FakeTensorMode():
-            for (preset, stage), B in sorted(fit_batches().items()):
-                rec.scenario = f"{stage} {preset} b{B}"
-                {"mae": mae_stage, "wsp": wsp_stage}[stage](preset, B)
+            for (preset, stage, res), B in sorted(fit_batches().items()):
+                if stage == "lit":
+                    assert B <= LIT_BATCH, f"the fit table's LiT {preset} batch {B} is above LIT_BATCH: raise it"
+                    continue  # run below, at LIT_BATCH
+                if stage == "finetune":
+                    rec.scenario = f"finetune {preset} {res}px b{B}"
+                    wsp_stage(preset, B, res, FINETUNE_CLASSES)
+                else:
+                    rec.scenario = f"{stage} {preset} b{B}"
+                    {"mae": mae_stage, "wsp": wsp_stage}[stage](preset, B)
             for preset in ("vit_b16", "vit_h14", "vit_6.5b14"):
                 rec.scenario = f"lit {preset} b{LIT_BATCH}"
                 lit_stage(preset, LIT_BATCH)
@@ -290,7 +301,7 @@ def test_every_launch_keeps_cuda_grid_limits_at_the_largest_batches(recorded):
 
 def test_the_mae_decoder_attention_at_20k_images_is_one_grid_axis(recorded):
     # the known failure: B/16 MAE at 20472 images, 16 heads x 197 tokens: batch * heads = 327552
-    B = fit_batches()[("vit_b16", "mae")]
+    B = fit_batches()[("vit_b16", "mae", 224)]
     assert B * 16 > GRID_LIMITS[1]
     fwd = [ln for ln in recorded if ln.kernel == "attention._attn_fwd_kernel" and ln.scenario.startswith(
         f"mae vit_b16 b{B}")]
