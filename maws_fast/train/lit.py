@@ -21,6 +21,7 @@ micro-batch's images as negatives. Tensor parallelism is not supported for this 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from maws_fast.data.demo import DemoData
 from maws_fast.data.loader import check_batch, eval_format, jpeg_loader
 from maws_fast.data.pil_loader import check_captions
 from maws_fast.data.reference import BatchLoader, PairLoader
+from maws_fast.data.shards import MANIFEST
 from maws_fast.data.sources import open_source
 from maws_fast.data.text import CaptionTokenizer, TokenizedLoader, source_captions
 from maws_fast.errors import CheckpointError, ConfigError
@@ -63,12 +65,32 @@ def check_lit_config(cfg: Config, data: DemoData | None) -> None:
     if d.loader != "reference" and d.format == "filelist" and d.captions is None:
         raise ConfigError("config: data.captions: LiT on a file list needs its caption JSONL ({\"file\": ..., "
                           "\"caption\": \"...\"} per image): set --data.captions=FILE")
+    if d.loader != "reference" and d.format == "webdataset":
+        _check_shard_captions(d.lit_train or d.train)
     if cfg.parallel.tp != 1:
         raise ConfigError(f"config: parallel.tp: the lit stage is data parallel only; run it with --parallel.tp=1 "
                           f"(got {cfg.parallel.tp})")
     if cfg.parallel.engine == "fsdp2":
         raise ConfigError("config: parallel.engine: fsdp2 would shard the locked image tower, which the lit stage runs "
                           "outside the sharded forward (its feature cache); use --parallel.engine=ours or ddp")
+
+
+def _check_shard_captions(path: str | None) -> None:
+    """Before any stage trains: shards the lit stage would read say in their manifest how many captions
+    they hold; too few is the error the stage itself would raise, hours later. (Without a manifest, or
+    with no path yet, the stage's own check runs when it starts.)"""
+    if not path:
+        return
+    manifest = Path(path) / MANIFEST
+    try:
+        m = json.loads(manifest.read_text())
+        n, total = int(m.get("captions", 0)), int(m["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if n != total:
+        raise ConfigError(f"config: data.lit_train: the lit stage reads {path}, whose shards hold {n} captions for {total} "
+                          "samples; point --data.lit_train at captioned shards (`maws-data shards --list L --captions "
+                          "C.jsonl`, or --fmnist --weak-hashtags N) or leave lit out of --run.stages")
 
 
 def demo_captions(cfg: Config, data: DemoData) -> tuple[torch.Tensor, list[str]]:

@@ -60,3 +60,23 @@ def test_triton_under_the_interpreter_and_the_torch_paths_pass_the_device_check(
                         torch.device("cpu"))  # conftest set TRITON_INTERPRET=1
     recipe.check_device(load_config(None, ["--model.kernel_backend=torch", "--model.attn_backend=sdpa"]),
                         torch.device("cpu"))
+
+
+def test_lit_on_shards_without_captions_is_refused_before_any_stage_trains(tmp_path, monkeypatch):
+    """The lit stage's shards are checked at pre-flight from their manifest: MAE is never built when the
+    shards LiT would read hold no captions (the DALI demo without --data.lit_train)."""
+    from maws_fast.data.shards import MANIFEST
+
+    built = []
+    monkeypatch.setattr(recipe, "load_data", lambda cfg: None)
+    monkeypatch.setattr(recipe, "RECIPE", tuple(
+        recipe.StageKind(k.name, k.runs, (lambda i, n, init: built.append(n)), k.check, None, None)
+        if k.name == "mae" else k for k in RECIPE))
+    shards = tmp_path / "plain"
+    shards.mkdir()
+    (shards / MANIFEST).write_text('{"format": "maws-shards", "num_samples": 256, "shards": []}')
+    cfg = load_config(None, [f"--run.out_dir={tmp_path / 'run'}", "--run.stages=[mae,lit]", "--data.dataset=jpeg",
+                             "--data.loader=pil", f"--data.train={shards}", "--lit.init=scratch"])
+    with pytest.raises(ConfigError, match=r"data.lit_train: .* hold 0 captions for 256 samples; point --data.lit_train"):
+        recipe.run_recipe(cfg, echo=lambda s: None)
+    assert built == []
