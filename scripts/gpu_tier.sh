@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tier: what a lent GPU (H100 / H200) runs, in prepared calls of under 10 minutes each.
 #
-#   bash scripts/gpu_tier.sh prepare          # HERE, before the calls: Fashion-MNIST and the commit into .carry/ (git-ignored)
+#   bash scripts/gpu_tier.sh prepare          # HERE, before the calls: Fashion-MNIST, the commit and Liger-Kernel into .carry/
 #   bash scripts/gpu_tier.sh first            # ON THE GPU, call 1 (planned for 8 min on an H100)
 #   bash scripts/gpu_tier.sh second           # ON THE GPU, call 2
 #   bash scripts/gpu_tier.sh third            # ON THE GPU, a later lease: the engines and the training-step benchmark
@@ -53,6 +53,15 @@ prepare() {  # copy the demo data into the (git-ignored) carried folder; idempot
         fi
     done
     git rev-parse --short HEAD >"$CARRY/commit" 2>/dev/null || rm -f "$CARRY/commit"  # the rows' commit there
+    # Liger-Kernel (pure Python) for maws-bench kernels' liger rows: the device reaches no index, so the venv's
+    # copy travels in .carry/pylib (on PYTHONPATH there), without its bytecode
+    local site; site=$(ls -d .venv/lib/python3*/site-packages 2>/dev/null | head -1)
+    if [ -n "$site" ] && [ -d "$site/liger_kernel" ] && [ ! -d "$CARRY/pylib/liger_kernel" ]; then
+        mkdir -p "$CARRY/pylib" && rm -rf "$CARRY/pylib.tmp" && mkdir -p "$CARRY/pylib.tmp" \
+            && cp -r "$site/liger_kernel" "$site"/liger_kernel-*.dist-info "$CARRY/pylib.tmp/" \
+            && find "$CARRY/pylib.tmp" -name __pycache__ -prune -exec rm -rf {} + \
+            && mv "$CARRY/pylib.tmp"/* "$CARRY/pylib/" && rmdir "$CARRY/pylib.tmp"
+    fi
     echo "gpu_tier prepare: $CARRY/fashion-mnist ready ($(du -sh "$CARRY" | cut -f1)); carry [\"$CARRY\"] in the device call"
 }
 if [ "$call" = prepare ]; then prepare; exit $?; fi
@@ -66,6 +75,7 @@ OUT=${OUT:-$REPO/gpu_out}
 LOGS=${GPU_TIER_LOGS:-${TMPDIR:-/tmp}/maws_gpu_tier}/gpu_$call   # packed into $OUT/gpu_$call.tar.gz
 EXT=${LOGS%/*}/ext_$call            # the background build: its objects and log, beside $LOGS, never packed live
 export PYTHONPATH=$REPO:$REPO/kernels${PYTHONPATH:+:$PYTHONPATH}
+[ -d "$REPO/$CARRY/pylib" ] && PYTHONPATH=$PYTHONPATH:$REPO/$CARRY/pylib  # after the machine's own packages
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1
 # The commit the rows name: the device gets no .git, so `prepare` writes it into the carried folder.
 [ -z "${MAWS_COMMIT:-}" ] && [ -f "$CARRY/commit" ] && MAWS_COMMIT=$(cat "$CARRY/commit") && export MAWS_COMMIT
