@@ -53,6 +53,22 @@ def _data_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _sampler_table(rows: list[dict]) -> list[str]:
+    out = ["| samples | shards | window | state MB | start-up s | us / random position | us / position (batches) | device | commit | date |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["what"] == "scale"):
+        out.append(f"| {r['samples']:,} | {r['shards']:,} | {r['window']} | {r['state_mb']} | {r['start_s']} | "
+                   f"{r['us_per_position_random']} | {r['us_per_position_batches']} | {r['device']} | {r['commit']} | {r['date']} |")
+    out += ["", "| window | batch | shards per batch (mean / min) | class-ordered data: same class next (i.i.d.) | "
+                "classes per batch (i.i.d.) | shards open per node | samples | commit |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in (r for r in rows if r["what"] == "quality"):
+        out.append(f"| {r['window']} | {r['batch']} | {r['shards_per_batch_mean']} / {r['shards_per_batch_min']} | "
+                   f"{r['same_class_neighbours']} ({r['same_class_neighbours_iid']}) | {r['classes_per_batch']} "
+                   f"({r['classes_per_batch_iid']}) | {r['shards_open_per_node']} | {r['samples']:,} | {r['commit']} |")
+    return out
+
+
 def _dist_table(rows: list[dict]) -> list[str]:
     out = ["| engine | preset | task | world (dp x tp) | backend | batch | dtype | ms/step | comm MiB/step | comm / Ψ | "
            "= theory | peak MiB/rank | state MiB/rank | speed vs FSDP2 | mem vs FSDP2 | speed vs DDP | mem vs DDP | "
@@ -200,6 +216,8 @@ def render(results_dir: Path = REPO / "benchmarks" / "results") -> str:
             lines += _fit_table(rows)
         elif path.stem == "dist":
             lines += _dist_table(rows)
+        elif path.stem == "sampler":
+            lines += _sampler_table(rows)
         elif path.stem in ("kernels", "attention"):
             lines += _kernels_table(rows)
         else:

@@ -15,6 +15,7 @@ def bench_parser() -> argparse.ArgumentParser:
     from maws_fast.bench.dist import add_dist_args
     from maws_fast.bench.kernels import add_kernel_args
     from maws_fast.bench.plot import add_plot_args
+    from maws_fast.bench.sampler import add_sampler_args
     from maws_fast.bench.step import add_step_args
     from maws_fast.bench.train import add_train_args
 
@@ -23,18 +24,21 @@ def bench_parser() -> argparse.ArgumentParser:
     add_kernel_args(sub.add_parser("kernels", help="fused kernels vs torch eager and torch.compile"))
     add_data_args(sub.add_parser("data", help="DALI input pipeline vs the PIL / DataLoader reference"))
     add_dist_args(sub.add_parser("dist", help="ours (ZeRO 1/2/3) vs FSDP2 vs DDP: step time, bytes per step, memory"))
+    add_sampler_args(sub.add_parser("sampler", help="the epoch order at a billion samples: memory, start-up, "
+                                     "us per position, shuffle quality"))
     add_plot_args(sub.add_parser("plot", help="PNG charts: a run's loss / images/s curves, the step and fit tables"))
     return parser
 
 
 @quiet_broken_pipe
 def bench_main(argv: list[str] | None = None) -> int:
-    """maws-bench train|step|kernels|data|dist|plot [...]: see benchmarks/bench_train.py, bench_step.py,
+    """maws-bench train|step|kernels|data|dist|sampler|plot [...]: see benchmarks/bench_train.py, bench_step.py,
     bench_<op>.py, bench_data.py, bench_dist.py, and maws_fast/bench/plot.py."""
     from maws_fast.bench.data import bench_data
     from maws_fast.bench.dist import bench_dist
     from maws_fast.bench.kernels import bench_kernels
     from maws_fast.bench.plot import bench_plot
+    from maws_fast.bench.sampler import bench_sampler
     from maws_fast.bench.step import bench_step
     from maws_fast.bench.train import bench_train
 
@@ -42,7 +46,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         {"train": bench_train, "step": bench_step, "kernels": bench_kernels, "data": bench_data, "dist": bench_dist,
-         "plot": bench_plot}[args.cmd](args)
+         "plot": bench_plot, "sampler": bench_sampler}[args.cmd](args)
     except UserError as e:
         return fail("maws-bench", e)
     return 0
