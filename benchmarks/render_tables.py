@@ -131,29 +131,26 @@ def _fit_table(rows: list[dict]) -> list[str]:
                           if m in by_mode else "-" for m in modes)
         return f"{acts} | {fits}"
 
-    out = []
-    pre = [(k, v) for k, v in groups.items() if k[0] in ("mae", "wsp")]
-    if pre:
-        out += ["Pretraining (MAE, WSP) at 224 px:", "",
-                f"| stage | preset | engine | world | params (M) | state GB/rank | {acts_head} | {cells_head} |",
-                "|" + "---|" * (7 + len(modes))]
-        for (stage, preset, _, engine), by_mode in pre:
+    def section(title: str, first_cols: list[str], keys, first_cells) -> list[str]:
+        """One table of the fit rows whose (stage, preset, resolution, engine) key passes ``keys``."""
+        chosen = [(k, v) for k, v in groups.items() if keys(k)]
+        if not chosen:
+            return []
+        lines = [title, "", "| " + " | ".join(first_cols) + f" | engine | world | params (M) | state GB/rank | {acts_head} | "
+                 f"{cells_head} |", "|" + "---|" * (len(first_cols) + 5 + len(modes))]
+        for key, by_mode in chosen:
             r = next(iter(by_mode.values()))
-            out.append(f"| {stage} | {preset} | {engine} | {r['world']} | {r['params_m']:.0f} | "
-                       f"{r['state_gb_per_rank']:.1f} | {cells(by_mode)} |")
-        out.append("")
-    ft = [(k, v) for k, v in groups.items() if k[0] == "finetune"]
-    if ft:
-        classes = next(iter(ft[0][1].values())).get("num_classes", "?")
-        out += [f"Fine-tune (the full classifier as the fine-tune stage builds it, {classes} classes, Mixup / CutMix, "
-                "drop path), at each resolution the patch divides:", "",
-                f"| preset | resolution | engine | world | params (M) | state GB/rank | {acts_head} | {cells_head} |",
-                "|" + "---|" * (7 + len(modes))]
-        for (_, preset, res, engine), by_mode in ft:
-            r = next(iter(by_mode.values()))
-            out.append(f"| {preset} | {res} | {engine} | {r['world']} | {r['params_m']:.0f} | "
-                       f"{r['state_gb_per_rank']:.1f} | {cells(by_mode)} |")
-        out.append("")
+            lines.append("| " + " | ".join(first_cells(key)) + f" | {key[3]} | {r['world']} | {r['params_m']:.0f} | "
+                         f"{r['state_gb_per_rank']:.1f} | {cells(by_mode)} |")
+        return lines + [""]
+
+    out = section("Pretraining (MAE, WSP) at 224 px:", ["stage", "preset"], lambda k: k[0] in ("mae", "wsp"),
+                  lambda k: [k[0], k[1]])
+    ft_rows = [v for k, v in groups.items() if k[0] == "finetune"]
+    classes = next(iter(ft_rows[0].values())).get("num_classes", "?") if ft_rows else "?"
+    out += section(f"Fine-tune (the full classifier as the fine-tune stage builds it, {classes} classes, Mixup / CutMix, "
+                   "drop path), at each resolution the patch divides:", ["preset", "resolution"],
+                   lambda k: k[0] == "finetune", lambda k: [k[1], str(k[2])])
     lit = [(k, v) for k, v in groups.items() if k[0] == "lit"]
     if lit:
         r0 = next(iter(lit[0][1].values()))

@@ -31,25 +31,26 @@ def _cli(*args, interpret: bool):
     return subprocess.run([sys.executable, "-c", _CLI, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_the_command_runs_without_the_trainer(tmp_path):
+def _cli_rows(tmp_path, section: str, interpret: bool):
+    """Runs one section through the CLI; (its result, its JSON rows), after the checks every run passes."""
     rows_path = tmp_path / "rows.json"
-    r = _cli("cpu", "--sections", "adamw", "--json", str(rows_path), interpret=True)
+    r = _cli("cpu", "--sections", section, "--json", str(rows_path), interpret=interpret)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "trainer modules: []" in r.stdout
+    return r, json.loads(rows_path.read_text())
+
+
+def test_the_command_runs_without_the_trainer(tmp_path):
+    r, rows = _cli_rows(tmp_path, "adamw", interpret=True)
     assert "all kernels match their references" in r.stdout
-    rows = json.loads(rows_path.read_text())
     assert {(row["op"], row["backend"]) for row in rows} == {
         (op, be) for op in ("fused_adamw_", "fused_adamw_multi_") for be in ("triton", "torch")}
     assert all(row["ok"] for row in rows)
 
 
 def test_on_a_cpu_the_triton_kernels_run_interpreted_in_a_python_of_their_own(tmp_path):
-    rows_path = tmp_path / "rows.json"
-    r = _cli("cpu", "--sections", "norms", "--json", str(rows_path), interpret=False)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r, rows = _cli_rows(tmp_path, "norms", interpret=False)
     assert "Triton kernels checked under the interpreter on CPU — this checks the code, not the GPU compile" in r.stdout
-    assert "trainer modules: []" in r.stdout
-    rows = json.loads(rows_path.read_text())
     assert {row["backend"] for row in rows} == {"triton", "torch"} and all(row["ok"] for row in rows)
     assert sum(line.startswith("ok   layer_norm") for line in r.stdout.splitlines()) == len(
         [row for row in rows if row["op"] == "layer_norm"])  # the child's lines come through
