@@ -244,7 +244,8 @@ def test_every_console_script_names_a_main_of_its_own_module():
 
     scripts = dict(re.findall(r'"(maws-[a-z]+)=([\w.:]+)"', (REPO / "setup.py").read_text()))
     assert scripts == {"maws-train": "maws_fast.cli.train:train_main", "maws-data": "maws_fast.cli.data:data_main",
-                       "maws-bench": "maws_fast.cli.bench:bench_main", "maws-ckpt": "maws_fast.cli.ckpt:ckpt_main"}
+                       "maws-bench": "maws_fast.cli.bench:bench_main", "maws-ckpt": "maws_fast.cli.ckpt:ckpt_main",
+                       "maws-doctor": "maws_fast.cli.doctor:doctor_main"}
     for target in scripts.values():
         module, name = target.split(":")
         assert callable(getattr(importlib.import_module(module), name)), target
