@@ -75,10 +75,9 @@ def _quality_row(shards: int, mean: int, window: int, batch: int, classes: int, 
     per_class = -(-int(sizes.sum()) // classes)
     rng = np.random.default_rng(2)
     shards_per, same_next, classes_per = [], [], []
-    starts = np.concatenate([[0], np.cumsum(sizes)])
     for s in rng.choice(n // batch, size=min(batches, n // batch), replace=False):
-        ids = order.sample_ids(np.arange(s * batch, (s + 1) * batch))
-        shard = np.searchsorted(starts, ids, side="right") - 1
+        shard, slot = order.locate(np.arange(s * batch, (s + 1) * batch))
+        ids = order.starts[shard] + slot  # what sample_ids() returns, from the one lookup
         label = ids // per_class
         shards_per.append(len(np.unique(shard)))
         same_next.append(float((label[1:] == label[:-1]).mean()))
