@@ -29,8 +29,8 @@ For each preset, stage (MAE, WSP, fine-tune, LiT), resolution, engine and activa
   the gradients too, ZeRO-3 and FSDP2 everything (the layouts in :mod:`maws_fast.parallel.zero`).
   A LOCKED tower's parameters (LiT's image tower) are no model state of the engine: their bf16 copy
   (2 bytes each, cast by the engine, replicated on every rank, no gradient, no optimizer state) is
-  added as they are (:data:`LOCKED`). The fixed sin-cos pos-embeds of MAE / WSP (requires_grad
-  False too, but not a tower) are left out as before: a few hundred KB;
+  added as they are (:data:`LOCKED`). MAE's fixed sin-cos pos-embeds (requires_grad False too,
+  but not a tower) are left out as before: a few hundred KB;
 * working set: ZeRO-3 / FSDP2 hold two blocks gathered (the one running and the prefetched one)
   with their full gradients, and the root bucket (embeddings, norms, head) with its gradients;
   both of trainable parameters only (a locked tower has no bucket);

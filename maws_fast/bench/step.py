@@ -345,25 +345,19 @@ def _stage_config(preset: str, resolution: int) -> Config:
 class _FullCaptions(torch.nn.Module):
     """:class:`~maws_fast.models.text.TextTransformer`'s forward for captions that fill the context
     (every caption ``context_length`` tokens: the count's worst case), without its two host reads
-    (the empty-caption check and the packed length), which fake tensors hold no values for: the same
-    embedding, packing copy, blocks and CLS pooling over the B * N packed tokens."""
+    (the empty-caption check and the packed length), which fake tensors hold no values for: the tower's
+    own ``embed`` and ``encode_packed`` around the same packing copy, over the B * N packed tokens."""
 
     def __init__(self, tower: torch.nn.Module):
         super().__init__()
         self.tower = tower
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        from maws_fast.models.vit import run_blocks
-        from maws_kernels.nn import Packed
-
-        t = self.tower
         B, N = ids.shape
         cu = torch.arange(0, B * N + 1, N, dtype=torch.int32, device=ids.device)  # (B + 1,)
-        x = t.token_embedding(ids) + t.pos_embed[:, :N]  # (B, N, W)
-        dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else x.dtype
+        x, dtype = self.tower.embed(ids)
         x = x.flatten(0, 1)[torch.arange(B * N, device=ids.device)].to(dtype).unsqueeze(0)  # (1, T, W), as x[real]
-        x = run_blocks(t.blocks, x, t.norm, seq=Packed(cu, N))
-        return x[0, cu[:-1].long()]
+        return self.tower.encode_packed(x, cu, N)
 
 
 def _fit_model(stage: str, preset: str, resolution: int, num_classes: int, finetune_classes: int,

@@ -72,10 +72,19 @@ class TextTransformer(nn.Module):
             raise ValueError(f"caption {int((lengths == 0).nonzero()[0])} has no token that is not pad_id "
                              f"{self.pad_id}; every caption needs at least [CLS]")
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        # Embedded padded, then packed: the position table's gradient is then a sum over the batch, not an
-        # accumulation into repeated rows (whose order a CPU index_put does not fix: runs would differ).
-        x = self.token_embedding(ids) + self.pos_embed[:, :N]  # (B, N, W)
+        x, dtype = self.embed(ids)
+        return self.encode_packed(x[real].to(dtype).unsqueeze(0), cu, N)  # (1, T, W): the real tokens only
+
+    def embed(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """(B, N, W) token + position embeddings of the padded batch, and the dtype the blocks run in.
+        Embedded padded, then packed: the position table's gradient is then a sum over the batch, not an
+        accumulation into repeated rows (whose order a CPU index_put does not fix: runs would differ)."""
+        x = self.token_embedding(ids) + self.pos_embed[:, :ids.shape[1]]
         dtype = torch.get_autocast_dtype(ids.device.type) if torch.is_autocast_enabled(ids.device.type) else x.dtype
-        x = x[real].to(dtype).unsqueeze(0)  # (1, T, W): the real tokens only, caption after caption
-        x = run_blocks(self.blocks, x, self.norm, seq=Packed(cu, N))
-        return x[0, cu[:-1].long()]  # each caption's first token, CLS
+        return x, dtype
+
+    def encode_packed(self, x: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+        """(1, T, W) packed tokens, caption after caption (``cu``: their (B + 1,) int32 offsets) -> (B, W),
+        each caption's first token (CLS) after the blocks and the final norm."""
+        x = run_blocks(self.blocks, x, self.norm, seq=Packed(cu, max_len))
+        return x[0, cu[:-1].long()]
